@@ -1,0 +1,26 @@
+# Two commands on a fresh machine with Python 3 and make: `make demo` and `make test`.
+# Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DATA := data/demo
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/python tools/make_demo_data.py $(DEMO_DATA)
+	$(BIN)/extract-features $(DEMO_DATA) --cache cache/demo.h5 --input-size 64 --pooling avg --weights $${WEIGHTS:-imagenet}
+
+clean:
+	rm -rf $(VENV) cache/*.h5 cache/*.journal cache/*.lock $(DEMO_DATA)

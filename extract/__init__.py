@@ -1,0 +1,33 @@
+"""Stage 1: run every image once through the frozen VGG16 base and cache the features.
+
+    from extract import extract_features, FeatureCache
+    summary = extract_features("data/", weights="imagenet", pooling="avg")
+    with FeatureCache("cache/features.h5") as cache:
+        X, y = cache.features("train"), cache.label_indices("train")
+
+The pipeline, one module each: `layout` (folder -> images with labels and splits),
+`reader` (file -> hash and pixels), `backbone` (pixels -> features), `journal` and
+`store` (features -> HDF5 cache), `runner` (joins them), `cli` (the command).
+"""
+
+__version__ = "0.1.0"
+
+from extract.backbone import FeatureConfig, fingerprint
+from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
+from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
+from extract.store import FeatureCache, list_configs
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "CacheBusyError",
+    "CacheError",
+    "ExtractError",
+    "ExtractSummary",
+    "FeatureCache",
+    "FeatureConfig",
+    "UsageError",
+    "WeightsUnavailableError",
+    "extract_features",
+    "fingerprint",
+    "list_configs",
+]

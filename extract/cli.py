@@ -1,0 +1,141 @@
+"""The `extract-features` command: parse, call `extract.extract_features`, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from extract.backbone import DTYPES, POOLINGS, PRECISIONS
+from extract.errors import ExtractError, UsageError
+from extract.layout import LAYOUTS
+from extract.reader import INTERPOLATIONS
+from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
+
+SHOWN_FAILURES = 10
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="extract-features",
+        description=(
+            "Run every image of DATA_DIR once through the frozen VGG16 convolutional base "
+            "and cache the features in HDF5. Re-runs compute only new or changed images."
+        ),
+        epilog=(
+            "example: extract-features data/ --pooling avg    "
+            "(data/train/<class>/*.jpg, data/validation/<class>/*.jpg)"
+        ),
+    )
+    add = parser.add_argument
+    add("data_dir", metavar="DATA_DIR", help="folder of images: train/ + validation/ (+ test/), <class>/ folders, or unlabeled")
+    add("--cache", default=DEFAULT_CACHE, metavar="PATH", help=f"HDF5 feature cache (default {DEFAULT_CACHE})")
+    add("--layout", choices=LAYOUTS, default="auto", help="how DATA_DIR is organised (default: detected)")
+    add("--validation-percent", type=float, default=20.0, metavar="P",
+        help="with <class>/ folders: share of images for validation, drawn by path hash (default 20)")
+    add("--input-size", type=int, default=224, metavar="S", help="images are resized to S x S (default 224, at least 32)")
+    add("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
+        help="resize filter (default bilinear; nearest is what the seed's ImageDataGenerator used)")
+    add("--pooling", choices=POOLINGS, default="none",
+        help="none keeps the full map (7x7x512 at 224 px); avg or max give 512 numbers (default none)")
+    add("--weights", default="imagenet", metavar="imagenet|random|PATH",
+        help="ImageNet weights through Keras's cache (default), seeded random ones, or a local weights file")
+    add("--seed", type=int, default=0, help="seed for --weights random (default 0)")
+    add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
+    add("--workers", type=int, default=None, metavar="N", help="threads reading and decoding images (default: by CPU count)")
+    add("--precision", choices=PRECISIONS, default="float32", help="compute precision of the network (default float32)")
+    add("--dtype", choices=DTYPES, default="float32", help="storage type of the features (float16 halves the cache)")
+    add("--save-every", type=float, default=60.0, metavar="SECONDS",
+        help="while running, also save the cache every SECONDS (default 60; batches are journaled at once)")
+    add("--rebuild", action="store_true", help="move the existing cache aside (kept as *.replaced-TIME) and start anew")
+    add("--strict", action="store_true", help="exit with status 1 if any image failed")
+    add("--quiet", action="store_true", help="no progress bar and no summary")
+    add("--json", action="store_true", help="print the summary as JSON on stdout")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = extract_features(
+            args.data_dir,
+            args.cache,
+            input_size=args.input_size,
+            interpolation=args.interpolation,
+            pooling=args.pooling,
+            weights=args.weights,
+            seed=args.seed,
+            precision=args.precision,
+            dtype=args.dtype,
+            layout=args.layout,
+            validation_percent=args.validation_percent,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            save_every=args.save_every,
+            rebuild=args.rebuild,
+            progress=not (args.quiet or args.json),
+        )
+    except UsageError as error:
+        return _fail(error, 2)
+    except ExtractError as error:
+        return _fail(error, 1)
+    except KeyboardInterrupt:
+        print(
+            "extract-features: interrupted; every finished batch is saved. "
+            "Run the same command again to finish.",
+            file=sys.stderr,
+        )
+        return 130
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    elif not args.quiet:
+        print(format_summary(summary))
+    if summary.failed and not summary.rows:
+        return _fail(f"no image could be extracted; {summary.failed} failed (first: {summary.failures[0][1]}).", 1)
+    if summary.failed and args.strict:
+        return _fail(f"{summary.failed} images failed (--strict); their reasons are in the cache's failure table.", 1)
+    return 0
+
+
+def format_summary(summary: ExtractSummary) -> str:
+    shape = "x".join(map(str, summary.feature_shape))
+    splits = ", ".join(f"{name} {count}" for name, count in summary.split_sizes.items())
+    computed = f"{summary.computed} computed"
+    if summary.computed:
+        computed += f" on {summary.device} at {summary.images_per_second} images/s"
+    lines = [
+        f"Data:   {summary.data_dir} (layout: {summary.layout})",
+        f"Cache:  {summary.cache} [configuration {summary.fingerprint}, features {shape}]",
+        f"Images: {summary.rows} cached ({splits or 'none'}); {len(summary.class_names)} classes",
+        f"Run:    {summary.new} new, {summary.changed} changed, {summary.unchanged} unchanged, "
+        f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped (not images); "
+        f"{computed}, {summary.reused} reused; {summary.seconds:.1f} s",
+    ]
+    for path, reason in summary.failures[:SHOWN_FAILURES]:
+        lines.append(f"  failed: {path}: {reason}")
+    if summary.failed > SHOWN_FAILURES:
+        lines.append(f"  ... and {summary.failed - SHOWN_FAILURES} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def _fail(error, status: int) -> int:
+    print(f"extract-features: error: {error}", file=sys.stderr)
+    return status
+
+
+def run() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

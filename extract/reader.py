@@ -1,0 +1,127 @@
+"""Read image files: bytes -> SHA-256 -> decoded, resized RGB pixels.
+
+A file that cannot be read or decoded becomes a `Loaded` with an `error`, never an
+exception: one broken image must not stop a run over a folder nobody curated.
+
+For an image without EXIF rotation, `decode` returns exactly
+``keras.utils.img_to_array(keras.utils.load_img(path, target_size=(S, S),
+interpolation=I))`` (as uint8), so anyone can reproduce a cached feature with plain
+Keras. Two deliberate differences, both where Keras's result is wrong: EXIF orientation
+is applied, and 16-bit images are scaled to 8 bits instead of saturating at 255.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Container, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from extract.layout import ImageFile
+
+# The names keras.utils.load_img accepts, mapped to the same Pillow filters.
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass
+class Loaded:
+    """One image after reading: pixels to compute, or only its hash when its features
+    are already known, or an error."""
+
+    image: ImageFile
+    sha256: str | None = None
+    pixels: np.ndarray | None = None  # uint8 (size, size, 3)
+    error: str | None = None
+
+
+def decode(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode image bytes (any format Pillow reads, recognised by content) into a uint8
+    array of shape (size, size, 3). Raises on anything that is not a readable image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. palette transparency notes; bombs still raise
+        image = Image.open(io.BytesIO(data))
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+            image = _to_8_bit(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), INTERPOLATIONS[interpolation])
+        return np.asarray(image, dtype=np.uint8)
+
+
+def load(root: Path, image: ImageFile, size: int, interpolation: str, known: Container[str] = ()) -> Loaded:
+    """Read, hash and (unless its hash is in `known`) decode one image file."""
+    try:
+        data = (root / image.path).read_bytes()
+    except OSError as error:
+        return Loaded(image, error=f"cannot read file: {error.strerror or error}")
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 in known:
+        return Loaded(image, sha256)
+    try:
+        return Loaded(image, sha256, pixels=decode(data, size, interpolation))
+    except Exception as error:  # any decoder failure is a failure of this file only
+        return Loaded(image, sha256, error=describe_failure(error, data))
+
+
+def load_all(
+    root: Path,
+    images: Iterable[ImageFile],
+    size: int,
+    interpolation: str,
+    known: Container[str] = (),
+    workers: int = 4,
+    prefetch: int = 64,
+) -> Iterator[Loaded]:
+    """`load` every image on a pool of threads (Pillow and hashlib release the GIL),
+    yielding results in input order with at most `prefetch` images in flight."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
+    pending: deque = deque()
+    todo = iter(images)
+    try:
+        for image in todo:
+            pending.append(pool.submit(load, root, image, size, interpolation, known))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def describe_failure(error: Exception, data: bytes) -> str:
+    """A short, plain reason for a file that could not be decoded."""
+    if not data:
+        return "empty file"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"refused as a possible decompression bomb: {error}"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image Pillow can read (unknown format or corrupt header)"
+    message = str(error) or type(error).__name__
+    if "truncated" in message:
+        return f"truncated image: {message}"
+    return f"cannot decode image: {message}"
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale to 8 bits by scaling, not clipping."""
+    values = np.asarray(image)
+    if image.mode in _SIXTEEN_BIT_MODES or values.max(initial=0) > 255:
+        values = values.astype(np.uint32) >> 8
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))

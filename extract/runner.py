@@ -1,0 +1,322 @@
+"""Stage 1 end to end: list the folder, decide what needs computing, compute each new
+image once, journal every batch, then write the cache.
+
+What is computed is decided by content: an image whose path, size and modification time
+match its cached row is not even read; any other image is read and hashed, and goes
+through VGG16 only if no cached row or journaled batch has its SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from extract.backbone import PREPROCESSING, Backbone, FeatureConfig, fingerprint
+from extract.errors import CacheError, UsageError
+from extract.journal import Journal, WriterLock
+from extract.layout import Scan, scan_folder
+from extract.reader import load_all
+from extract.store import FeatureCache, Rows, list_configs, now, open_cache, write_cache
+
+DEFAULT_CACHE = "cache/features.h5"
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did. Counts are of images; `computed` went through VGG16 in this run."""
+
+    cache: str
+    fingerprint: str
+    data_dir: str
+    layout: str
+    feature_shape: list[int]
+    rows: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    computed: int = 0
+    reused: int = 0  # features found by content (a moved or copied file, an interrupted run)
+    seconds: float = 0.0
+    images_per_second: float = 0.0  # computed images over the reading-and-computing time
+    device: str | None = None  # None when nothing needed VGG16
+    class_names: list[str] = field(default_factory=list)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    row: int
+    sha256: str
+    label: str
+    split: str
+    size: int
+    mtime_ns: int
+
+
+def extract_features(
+    data_dir,
+    cache=DEFAULT_CACHE,
+    *,
+    input_size: int = 224,
+    interpolation: str = "bilinear",
+    pooling: str = "none",
+    weights: str = "imagenet",
+    seed: int = 0,
+    precision: str = "float32",
+    dtype: str = "float32",
+    layout: str = "auto",
+    validation_percent: float = 20.0,
+    batch_size: int = 32,
+    workers: int | None = None,
+    save_every: float = 60.0,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Run every new or changed image of `data_dir` once through the frozen VGG16 base and
+    cache its features in the HDF5 file `cache`. The keyword arguments mirror the
+    `extract-features` options. The cache is saved every `save_every` seconds and at the
+    end; Ctrl-C saves every finished batch, then re-raises KeyboardInterrupt."""
+    started = time.perf_counter()
+    config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype)
+    config.validate()
+    for name, value in (("--batch-size", batch_size), ("--workers", workers or 1)):
+        if value < 1:
+            raise UsageError(f"Expected {name} >= 1; received {value}.")
+    scan = scan_folder(data_dir, layout, validation_percent)
+    identity = config.identity()
+    cache = Path(cache)
+    with WriterLock(cache):
+        _clean_leftovers(cache, rebuild)
+        run = _Run(scan, config, identity, cache, validation_percent)
+        run.batch_size, run.save_every, run.progress = batch_size, save_every, progress
+        run.workers = workers or max(2, min(8, os.cpu_count() or 1))
+        try:
+            run.compute()
+        except KeyboardInterrupt:
+            run.save()
+            raise  # the journal stays: it may hold batches for images this run did not reach
+        run.finish()
+    run.summary.seconds = round(time.perf_counter() - started, 3)
+    return run.summary
+
+
+class _Run:
+    """One run's decisions, row by row, and the saving of them.
+
+    `original` is the cache group as the run found it (for the counts); `cached` is the
+    group as last saved, which checkpoints move forward; `decided` holds what this run
+    learned since then: path -> (sha256, source of its features)."""
+
+    batch_size, workers, save_every, progress = 32, 2, 60.0, True
+
+    def __init__(self, scan: Scan, config: FeatureConfig, identity: dict, cache: Path, validation_percent):
+        self.scan, self.config, self.identity, self.cache = scan, config, identity, cache
+        self.key = fingerprint(identity)
+        self.validation_percent = validation_percent
+        self.original, self.stored_failures, self.attrs = _read_cached(cache, self.key)
+        data_root = str(scan.root.resolve())
+        if self.attrs and self.attrs.get("data_dir") != data_root:
+            raise UsageError(
+                f"The cache {str(cache)!r} holds these features for {self.attrs.get('data_dir')!r}, "
+                f"not {data_root!r}; use another --cache for another data set."
+            )
+        self.summary = ExtractSummary(
+            str(cache), self.key, data_root, scan.layout, list(config.feature_shape), skipped=len(scan.skipped)
+        )
+        self.journal = Journal(cache, self.key).open()
+        self.failures: list[tuple[str, str]] = list(scan.failures)
+        self.backbone: Backbone | None = None
+        self._now_cached(self.original)
+        self.reading = [
+            image for image in scan.images
+            if not ((entry := self.cached.get(image.path)) and (entry.size, entry.mtime_ns) == (image.size, image.mtime_ns))
+        ]
+        if not cache.exists():
+            self.save()  # from the first moment on, there is a cache that opens
+        self.last_save = time.monotonic()
+
+    def compute(self) -> None:
+        """Read every image that may have changed; run the unknown ones through VGG16."""
+        known = self.by_sha.keys() | self.journal.index.keys()
+        waiting: list = []
+        started = time.perf_counter()
+        bar = tqdm(total=len(self.reading), unit="img", desc="extracting", disable=None if self.progress else True)
+        with bar:
+            for loaded in load_all(
+                self.scan.root, self.reading, self.config.input_size, self.config.interpolation,
+                known, self.workers, prefetch=2 * self.batch_size,
+            ):
+                if loaded.error:
+                    self.failures.append((loaded.image.path, loaded.error))
+                elif loaded.pixels is None:
+                    self._decide(loaded.image.path, loaded.sha256)
+                else:
+                    waiting.append(loaded)
+                    if len(waiting) == self.batch_size:
+                        self._run_batch(waiting)
+                        waiting = []
+                        if time.monotonic() - self.last_save >= self.save_every:
+                            self.save()
+                bar.update()
+            if waiting:
+                self._run_batch(waiting)
+        elapsed = time.perf_counter() - started
+        if self.summary.computed and elapsed > 0:
+            self.summary.images_per_second = round(self.summary.computed / elapsed, 2)
+
+    def _run_batch(self, batch: list) -> None:
+        if self.backbone is None:
+            self.backbone = Backbone(self.config)
+            self.summary.device = self.backbone.device
+        features = self.backbone(np.stack([loaded.pixels for loaded in batch]))
+        self.journal.append([loaded.sha256 for loaded in batch], features)
+        self.summary.computed += len(batch)
+        for loaded in batch:
+            self.decided[loaded.image.path] = (loaded.sha256, -1)
+
+    def _decide(self, path: str, sha256: str) -> None:
+        """An image whose features exist already: in its own row, the journal, or another row."""
+        entry = self.cached.get(path)
+        if entry and entry.sha256 == sha256:
+            self.decided[path] = (sha256, entry.row)
+            return
+        self.summary.reused += 1
+        self.decided[path] = (sha256, -1 if sha256 in self.journal.index else self.by_sha[sha256])
+
+    def rows(self) -> Rows:
+        """The rows to store. Cached rows that keep their features come first, in their old
+        order (so an unchanged cache is only appended to). An image not read because the
+        run was interrupted keeps its old row, and its old size and time, to be re-checked."""
+        kept, moved = [], []
+        failed = {path for path, _ in self.failures}
+        for image in self.scan.images:
+            entry = self.cached.get(image.path)
+            if image.path in self.decided:
+                sha256, source = self.decided[image.path]
+                row = (image.path, sha256, image.label, image.split, image.size, image.mtime_ns, source)
+            elif entry and image.path not in failed:
+                row = (image.path, entry.sha256, image.label, image.split, entry.size, entry.mtime_ns, entry.row)
+            else:
+                continue
+            (kept if entry and row[-1] == entry.row else moved).append(row)
+        rows = Rows()
+        for row in sorted(kept, key=lambda row: row[-1]) + moved:
+            rows.add(*row)
+        return rows
+
+    def save(self, rows: Rows | None = None) -> None:
+        """Write the cache as this run knows it now (atomically; see store.write_cache)."""
+        rows = self.rows() if rows is None else rows
+        attrs = dict(
+            self.identity,
+            fingerprint=self.key,
+            identity=json.dumps(self.identity, sort_keys=True),
+            preprocessing=PREPROCESSING,
+            weights_file=None if self.config.weights in ("imagenet", "random") else os.path.basename(self.config.weights),
+            data_dir=self.summary.data_dir,
+            layout=self.scan.layout,
+            validation_percent=self.validation_percent if self.scan.layout == "classes" else None,
+            created=self.attrs.get("created") or now(),
+            updated=now(),
+            **_versions(),
+        )
+        failures = sorted(self.failures)
+        write_cache(self.cache, self.key, attrs, rows, failures, self.journal)
+        self.attrs, self.stored_failures = attrs, failures
+        self._now_cached({
+            path: _Cached(row, *values)
+            for row, (path, *values) in enumerate(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns))
+        })
+        self.last_save = time.monotonic()
+
+    def finish(self) -> None:
+        """Save unless the cache already holds exactly this; then drop the journal."""
+        rows = self.rows()
+        stored = [(path, e.sha256, e.label, e.split, e.size, e.mtime_ns, e.row) for path, e in self.cached.items()]
+        current = list(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns, rows.source))
+        if current != stored or sorted(self.failures) != self.stored_failures or _last_config(self.cache) != self.key:
+            self.save(rows)
+        self._count(rows)
+        self.journal.clear()
+
+    def _now_cached(self, cached: dict) -> None:
+        self.cached = cached
+        self.by_sha = {entry.sha256: entry.row for entry in cached.values()}
+        self.decided: dict[str, tuple[str, int]] = {}
+
+    def _count(self, rows: Rows) -> None:
+        summary, original = self.summary, self.original
+        stored = dict(zip(rows.path, rows.sha256))
+        summary.new = sum(path not in original for path in stored)
+        summary.changed = sum(path in original and original[path].sha256 != sha for path, sha in stored.items())
+        summary.unchanged = len(stored) - summary.new - summary.changed
+        summary.removed = sum(path not in stored for path in original)
+        summary.failures = sorted(self.failures)
+        summary.failed = len(self.failures)
+        summary.rows = len(rows)
+        summary.class_names = sorted(set(rows.label) - {""})
+        summary.split_sizes = {split: rows.split.count(split) for split in sorted(set(rows.split))}
+
+
+def _read_cached(cache: Path, key: str):
+    """The rows (by path, in row order), failures and attributes cached for this configuration."""
+    if not cache.exists() or key not in {config["fingerprint"] for config in list_configs(cache)}:
+        return {}, [], {}
+    try:
+        with FeatureCache(cache, key) as stored:
+            columns = zip(*(stored.column(name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")))
+            cached = {
+                path: _Cached(row, sha256.decode(), label, split, int(size), int(mtime_ns))
+                for row, (path, sha256, label, split, size, mtime_ns) in enumerate(columns)
+            }
+            return cached, sorted(stored.failures()), stored.config
+    except (OSError, KeyError, ValueError) as error:
+        raise CacheError(
+            f"The cache {str(cache)!r} is damaged ({error}); run again with --rebuild to move it "
+            f"aside and start a new one."
+        ) from error
+
+
+def _last_config(cache: Path) -> str | None:
+    if not cache.exists():
+        return None
+    with open_cache(cache) as file:
+        return file.attrs.get("last_config")
+
+
+def _clean_leftovers(cache: Path, rebuild: bool) -> None:
+    """Remove temporary files of a writer that was killed; with `rebuild`, move the cache
+    aside (never delete it) so the run starts a new one."""
+    for leftover in cache.parent.glob(f"{cache.name}.tmp-*"):
+        leftover.unlink()
+    if rebuild and cache.exists():
+        aside = cache.with_name(f"{cache.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(cache, aside)  # the journal stays: its batches are valid for any cache
+    elif cache.exists():
+        list_configs(cache)  # refuses a damaged or foreign file before any work is done
+
+
+def _versions() -> dict:
+    from extract import __version__
+
+    versions = {"extract_version": __version__}
+    for package in ("keras", "tensorflow", "h5py", "pillow", "numpy"):
+        try:
+            versions[f"{package}_version"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[f"{package}_version"] = "unknown"
+    return versions

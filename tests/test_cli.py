@@ -1,0 +1,193 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import SIZE, make_dataset, make_image
+from extract import FeatureCache
+from extract.cli import main
+from extract.journal import WriterLock
+
+
+def cli(capsys, *args):
+    """main() in this process: (exit status, stdout, stderr)."""
+    try:
+        status = main([str(arg) for arg in args])
+    except SystemExit as exit:  # argparse's usage errors
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def options(weights_file, tmp_path):
+    return ["--cache", tmp_path / "c.h5", "--weights", weights_file, "--input-size", SIZE, "--quiet"]
+
+
+def test_json_summary_on_stdout(capsys, dataset, options):
+    status, out, err = cli(capsys, dataset, *options[:-1], "--json")
+    summary = json.loads(out)
+    assert status == 0 and err == ""
+    assert (summary["new"], summary["computed"], summary["rows"]) == (6, 6, 6)
+    assert summary["layout"] == "splits" and summary["feature_shape"] == [1, 1, 512]
+
+
+def test_human_summary_reports_counts(capsys, dataset, weights_file, tmp_path):
+    status, out, _ = cli(capsys, dataset, "--cache", tmp_path / "c.h5", "--weights", weights_file, "--input-size", SIZE)
+    assert status == 0
+    assert "layout: splits" in out and "6 new, 0 changed, 0 unchanged, 0 removed, 0 failed" in out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["{missing}"], "is not a folder"),
+        (["{empty}"], "Found no images"),
+        (["{data}", "--input-size", "16"], "Expected --input-size >= 32"),
+        (["{data}", "--pooling", "mean"], "argument --pooling: invalid choice"),
+        (["{data}", "--batch-size", "0"], "Expected --batch-size >= 1; received 0."),
+        (["{data}", "--weights", "{missing}/w.h5"], "is not a file"),
+        (["{data}", "--weights", "{data}/train/cat/0.png"], "not a weights file for VGG16"),
+        (["{data}", "--input-size", "big"], "invalid int value"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_status_2(capsys, dataset, tmp_path, arguments, message):
+    (tmp_path / "empty").mkdir()
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "data": dataset}
+    arguments = [argument.format(**places) for argument in arguments]
+    status, _, err = cli(capsys, *arguments, "--cache", tmp_path / "c.h5", "--quiet")
+    assert status == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_nothing_extractable_is_status_1(capsys, tmp_path, options):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_text("not a picture")
+    status, _, err = cli(capsys, tmp_path / "bad", *options)
+    assert status == 1 and "no image could be extracted" in err
+
+
+def test_strict_makes_a_failure_an_error_but_keeps_the_rest(capsys, dataset, options):
+    (dataset / "train/cat/bad.jpg").write_bytes(b"")
+    status, _, err = cli(capsys, dataset, *options, "--strict")
+    assert status == 1 and "--strict" in err
+    with FeatureCache(options[1]) as cache:
+        assert len(cache) == 6
+    assert cli(capsys, dataset, *options)[0] == 0
+
+
+def test_a_busy_cache_is_refused(capsys, dataset, options):
+    with WriterLock(Path(options[1])):
+        status, _, err = cli(capsys, dataset, *options)
+    assert status == 1 and "is being written by process" in err
+
+
+def test_a_damaged_cache_is_refused_then_rebuilt(capsys, dataset, options):
+    Path(options[1]).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    status, _, err = cli(capsys, dataset, *options)
+    assert status == 1 and "--rebuild" in err and err.count("\n") == 1
+    assert cli(capsys, dataset, *options, "--rebuild")[0] == 0
+    assert len(list(Path(options[1]).parent.glob("c.h5.replaced-*"))) == 1
+
+
+def test_offline_imagenet_is_one_clear_line(capsys, dataset, tmp_path, monkeypatch):
+    import socket
+
+    import keras
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror(-2, "offline")))
+    monkeypatch.setattr(keras.src.backend.config, "_KERAS_DIR", str(tmp_path / "keras"))
+    status, _, err = cli(capsys, dataset, "--cache", tmp_path / "c.h5", "--input-size", SIZE, "--quiet")
+    assert status == 1 and "--weights" in err and err.count("\n") == 1
+
+
+# A run stopped from outside: the real command in a subprocess.
+
+
+def many_images(root: Path, count: int) -> None:
+    for i in range(count):
+        make_image(root / "train" / f"c{i % 3}" / f"{i}.png", seed=i, size=(12, 12))
+
+
+def start(data, cache, weights_file, *extra):
+    command = [sys.executable, "-m", "extract.cli", str(data), "--cache", str(cache), "--weights", str(weights_file),
+               "--input-size", str(SIZE), "--batch-size", "8", "--quiet", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_batches(cache: Path, count: int, process, timeout=120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(Path(f"{cache}.journal").glob("*/batch-*.npz"))) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.02)
+
+
+def features(cache: Path) -> dict:
+    with FeatureCache(cache) as opened:
+        return dict(zip(opened.paths(), opened.features()))
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory, weights_file):
+    """300 tiny images and the features of one uninterrupted run over them."""
+    root = tmp_path_factory.mktemp("big")
+    many_images(root / "data", 300)
+    process = start(root / "data", root / "reference.h5", weights_file)
+    assert process.wait(timeout=300) == 0, process.communicate()
+    return root / "data", features(root / "reference.h5")
+
+
+@pytest.mark.parametrize("batches_before_kill", [1, 4, 9])
+def test_sigkill_loses_nothing_and_a_rerun_finishes(big_folder, weights_file, tmp_path, batches_before_kill):
+    data, reference = big_folder
+    cache = tmp_path / "c.h5"
+    process = start(data, cache, weights_file, "--save-every", "0")  # save after every batch
+    wait_for_batches(cache, batches_before_kill, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = features(cache)  # the cache opens, and every row in it is right
+    assert len(saved) >= 8 * (batches_before_kill - 1)
+    for path, feature in saved.items():
+        np.testing.assert_array_equal(feature, reference[path])
+    rerun = start(data, cache, weights_file, "--json")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert json.loads(out)["computed"] <= 300 - 8 * batches_before_kill
+    final = features(cache)
+    assert final.keys() == reference.keys()
+    for path, feature in final.items():
+        np.testing.assert_array_equal(feature, reference[path])
+    assert not Path(f"{cache}.journal").exists() and not list(tmp_path.glob("c.h5.tmp-*"))
+
+
+def test_ctrl_c_saves_and_exits_with_a_short_message(big_folder, weights_file, tmp_path):
+    data, reference = big_folder
+    cache = tmp_path / "c.h5"
+    process = start(data, cache, weights_file)
+    wait_for_batches(cache, 3, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted; every finished batch is saved" in err and "Traceback" not in err
+    saved = features(cache)
+    assert len(saved) >= 24
+    for path, feature in saved.items():
+        np.testing.assert_array_equal(feature, reference[path])
+
+
+def test_the_cache_reads_with_plain_h5py_after_a_cli_run(big_folder, tmp_path):
+    with h5py.File(big_folder[0].parent / "reference.h5", "r") as file:
+        group = file["configs"][file.attrs["last_config"]]
+        assert group["features"].shape == (300, 1, 1, 512)
+        assert sorted(group["class_names"].asstr()[:]) == ["c0", "c1", "c2"]
+        for key in ("backbone", "weights", "weights_sha256", "input_size", "interpolation", "preprocessing",
+                    "pooling", "feature_shape", "dtype", "keras_version", "tensorflow_version", "h5py_version",
+                    "created", "updated"):
+            assert key in group.attrs, key
