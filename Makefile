@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_DATA := data/demo
 
 .PHONY: install test demo bench clean
 
@@ -19,8 +18,7 @@ test: install
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/python tools/make_demo_data.py $(DEMO_DATA)
-	$(BIN)/extract-features $(DEMO_DATA) --cache cache/demo.h5 --input-size 64 --pooling avg --weights $${WEIGHTS:-imagenet}
+	$(BIN)/python -m demo.run
 
 clean:
-	rm -rf $(VENV) cache/*.h5 cache/*.journal cache/*.lock $(DEMO_DATA)
+	rm -rf $(VENV) cache/demo.h5* data/demo

@@ -106,16 +106,18 @@ class Backbone:
 
     def __init__(self, config: FeatureConfig):
         self.config = config
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         with _quiet_native_stderr():
-            os.environ.setdefault("KERAS_BACKEND", "tensorflow")
             import keras
             import tensorflow as tf
 
-            for gpu in tf.config.list_physical_devices("GPU"):
+            gpus = tf.config.list_physical_devices("GPU")
+            for gpu in gpus:
                 with contextlib.suppress(RuntimeError):  # already initialised
                     tf.config.experimental.set_memory_growth(gpu, True)
-            self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-            self._preprocess = keras.applications.vgg16.preprocess_input
+        self.device = "GPU" if gpus else "CPU"
+        self._preprocess = keras.applications.vgg16.preprocess_input
+        with contextlib.redirect_stdout(sys.stderr):  # Keras reports downloads on stdout, which is for results
             self.model = _build_vgg16(keras, config)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -173,7 +175,7 @@ def _file_digests(path: Path) -> tuple[str, str]:
 @contextlib.contextmanager
 def _quiet_native_stderr():
     """TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) goes straight to file
-    descriptor 2. Hold it back; show it only if something unexpected fails."""
+    descriptor 2. Hold it back while TensorFlow starts; show it only if that fails."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved = os.dup(2)
@@ -181,8 +183,6 @@ def _quiet_native_stderr():
         os.dup2(held.fileno(), 2)
         try:
             yield
-        except ExtractError:
-            raise
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)

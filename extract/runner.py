@@ -145,8 +145,6 @@ class _Run:
             image for image in scan.images
             if not ((entry := self.cached.get(image.path)) and (entry.size, entry.mtime_ns) == (image.size, image.mtime_ns))
         ]
-        if not cache.exists():
-            self.save()  # from the first moment on, there is a cache that opens
         self.last_save = time.monotonic()
 
     def compute(self) -> None:
@@ -169,8 +167,8 @@ class _Run:
                     if len(waiting) == self.batch_size:
                         self._run_batch(waiting)
                         waiting = []
-                        if time.monotonic() - self.last_save >= self.save_every:
-                            self.save()
+                        if not self.cache.exists() or time.monotonic() - self.last_save >= self.save_every:
+                            self.save()  # the first batch, then every `save_every` seconds
                 bar.update()
             if waiting:
                 self._run_batch(waiting)
