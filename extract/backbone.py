@@ -183,7 +183,7 @@ def _quiet_native_stderr():
         os.dup2(held.fileno(), 2)
         try:
             yield
-        except BaseException:
+        except Exception:
             os.dup2(saved, 2)
             held.seek(0)
             sys.stderr.write(held.read().decode(errors="replace"))

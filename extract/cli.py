@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from extract.backbone import DTYPES, POOLINGS, PRECISIONS
@@ -132,9 +133,14 @@ def _fail(error, status: int) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM (a batch scheduler's stop) is handled like Ctrl-C."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

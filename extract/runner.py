@@ -93,8 +93,8 @@ def extract_features(
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype)
     config.validate()
-    for name, value in (("--batch-size", batch_size), ("--workers", workers or 1)):
-        if value < 1:
+    for name, value in (("--batch-size", batch_size), ("--workers", workers)):
+        if value is not None and value < 1:
             raise UsageError(f"Expected {name} >= 1; received {value}.")
     scan = scan_folder(data_dir, layout, validation_percent)
     identity = config.identity()
@@ -167,8 +167,8 @@ class _Run:
                     if len(waiting) == self.batch_size:
                         self._run_batch(waiting)
                         waiting = []
-                        if not self.cache.exists() or time.monotonic() - self.last_save >= self.save_every:
-                            self.save()  # the first batch, then every `save_every` seconds
+                        if time.monotonic() - self.last_save >= self.save_every:
+                            self.save()
                 bar.update()
             if waiting:
                 self._run_batch(waiting)
@@ -180,6 +180,8 @@ class _Run:
         if self.backbone is None:
             self.backbone = Backbone(self.config)
             self.summary.device = self.backbone.device
+            if not self.cache.exists():
+                self.save()  # from now on there is a cache that opens, whatever happens
         features = self.backbone(np.stack([loaded.pixels for loaded in batch]))
         self.journal.append([loaded.sha256 for loaded in batch], features)
         self.summary.computed += len(batch)

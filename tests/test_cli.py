@@ -52,6 +52,7 @@ def test_human_summary_reports_counts(capsys, dataset, weights_file, tmp_path):
         (["{data}", "--input-size", "16"], "Expected --input-size >= 32"),
         (["{data}", "--pooling", "mean"], "argument --pooling: invalid choice"),
         (["{data}", "--batch-size", "0"], "Expected --batch-size >= 1; received 0."),
+        (["{data}", "--workers", "0"], "Expected --workers >= 1; received 0."),
         (["{data}", "--weights", "{missing}/w.h5"], "is not a file"),
         (["{data}", "--weights", "{data}/train/cat/0.png"], "not a weights file for VGG16"),
         (["{data}", "--input-size", "big"], "invalid int value"),
@@ -169,12 +170,13 @@ def test_sigkill_loses_nothing_and_a_rerun_finishes(big_folder, weights_file, tm
     assert not Path(f"{cache}.journal").exists() and not list(tmp_path.glob("c.h5.tmp-*"))
 
 
-def test_ctrl_c_saves_and_exits_with_a_short_message(big_folder, weights_file, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_and_exits_with_a_short_message(big_folder, weights_file, tmp_path, stop):
     data, reference = big_folder
     cache = tmp_path / "c.h5"
     process = start(data, cache, weights_file)
     wait_for_batches(cache, 3, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "interrupted; every finished batch is saved" in err and "Traceback" not in err
