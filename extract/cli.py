@@ -117,7 +117,7 @@ def format_summary(summary: ExtractSummary) -> str:
         f"Cache:  {summary.cache} [configuration {summary.fingerprint}, features {shape}]",
         f"Images: {summary.rows} cached ({splits or 'none'}); {len(summary.class_names)} classes",
         f"Run:    {summary.new} new, {summary.changed} changed, {summary.unchanged} unchanged, "
-        f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped (not images); "
+        f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped; "
         f"{computed}, {summary.reused} reused; {summary.seconds:.1f} s",
     ]
     for path, reason in summary.failures[:SHOWN_FAILURES]:

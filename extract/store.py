@@ -246,7 +246,7 @@ def _write_rows(configs, fingerprint, previous, rows: Rows, journal, attrs: dict
         chunk_rows = max(1, min(_TEXT_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
         group.create_dataset(
             "features", shape=(len(rows), *shape), maxshape=(None, *shape), dtype=dtype,
-            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=4, shuffle=True,
+            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, shuffle=True,
         )
         for column in COLUMNS:
             group.create_dataset(
@@ -260,7 +260,11 @@ def _write_rows(configs, fingerprint, previous, rows: Rows, journal, attrs: dict
     for start in range(kept, len(rows), step):
         stop = min(start + step, len(rows))
         features[start:stop] = _gather(rows, start, stop, previous, journal, shape, dtype)
-    group.attrs.update({key: value for key, value in attrs.items() if value is not None})
+    for key, value in attrs.items():
+        if value is None:
+            group.attrs.pop(key, None)  # e.g. validation_percent, for another layout
+        else:
+            group.attrs[key] = value
     return group
 
 

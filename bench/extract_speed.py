@@ -1,0 +1,97 @@
+"""Where extraction time goes, and what a re-run costs.
+
+    python bench/extract_speed.py --images 2000 --input-size 224
+
+Makes N photo-like JPEGs (500x375, ~30-60 KB) under bench/data/ (git-ignored) and measures,
+on this machine, each with the same images and settings:
+  read     reading + SHA-256 + decode + resize alone (the reader's threads, no network)
+  model    the frozen VGG16 alone on pixels already in memory (preprocess + forward)
+  cold     extract-features from scratch (all of the above, overlapped, plus the cache write)
+  rerun    extract-features again on the unchanged folder
+Weights are seeded random ones: speed does not depend on the weight values.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extract import extract_features  # noqa: E402
+from extract.backbone import Backbone, FeatureConfig  # noqa: E402
+from extract.layout import scan_folder  # noqa: E402
+from extract.reader import load_all  # noqa: E402
+
+
+def make_photos(folder: Path, count: int) -> None:
+    """Smooth colour fields with fine noise: JPEG sizes like real photos at 500x375."""
+    existing = len(list(folder.glob("train/*/*.jpg")))
+    rng = np.random.default_rng(existing)
+    for i in range(existing, count):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC), dtype=np.int16)
+        noisy = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+        path = folder / "train" / f"class{i % 4}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy).save(path, quality=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--model-images", type=int, default=256, help="images for the model-only timing")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--pooling", default="none")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="float32")
+    parser.add_argument("--data", default="bench/data")
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    make_photos(data, args.images)
+    images = scan_folder(data).images[: args.images]
+    size = args.input_size
+    results = {"images": len(images), "input_size": size, "batch_size": args.batch_size, "precision": args.precision}
+
+    start = time.perf_counter()
+    loaded = list(load_all(data, images, size, "bilinear", workers=2, prefetch=64))
+    results["read_images_per_s"] = round(len(loaded) / (time.perf_counter() - start), 1)
+    results["mean_jpeg_kb"] = round(sum(image.size for image in images) / len(images) / 1024, 1)
+
+    config = FeatureConfig(input_size=size, pooling=args.pooling, weights="random", precision=args.precision)
+    backbone = Backbone(config)
+    pixels = np.stack([item.pixels for item in loaded[: args.model_images]])
+    backbone(pixels[: args.batch_size])  # warm-up: graph tracing
+    start = time.perf_counter()
+    for begin in range(0, len(pixels), args.batch_size):
+        backbone(pixels[begin : begin + args.batch_size])
+    results["model_images_per_s"] = round(len(pixels) / (time.perf_counter() - start), 2)
+    del backbone
+
+    cache = Path(tempfile.mkdtemp()) / "bench.h5"
+    options = dict(input_size=size, pooling=args.pooling, weights="random", precision=args.precision,
+                   batch_size=args.batch_size, progress=False)
+    start = time.perf_counter()
+    cold = extract_features(data, cache, **options)
+    results["cold_seconds"] = round(time.perf_counter() - start, 2)
+    results["cold_images_per_s"] = round(cold.rows / results["cold_seconds"], 2)
+    results["cold_vs_model"] = round(results["cold_images_per_s"] / results["model_images_per_s"], 3)
+    start = time.perf_counter()
+    rerun = extract_features(data, cache, **options)
+    results["rerun_seconds"] = round(time.perf_counter() - start, 3)
+    results["rerun_computed"] = rerun.computed
+    results["rerun_share_of_cold"] = round(results["rerun_seconds"] / results["cold_seconds"], 4)
+    results["cache_mb"] = round(cache.stat().st_size / 2**20, 1)
+    shutil.rmtree(cache.parent)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
