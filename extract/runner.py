@@ -102,10 +102,8 @@ def extract_features(
     with WriterLock(cache):
         _clean_leftovers(cache, rebuild)
         run = _Run(scan, config, identity, cache, validation_percent)
-        run.batch_size, run.save_every, run.progress = batch_size, save_every, progress
-        run.workers = workers or max(2, min(8, os.cpu_count() or 1))
         try:
-            run.compute()
+            run.compute(batch_size, workers or max(2, min(8, os.cpu_count() or 1)), save_every, progress)
         except KeyboardInterrupt:
             run.save()
             raise  # the journal stays: it may hold batches for images this run did not reach
@@ -120,8 +118,6 @@ class _Run:
     `original` is the cache group as the run found it (for the counts); `cached` is the
     group as last saved, which checkpoints move forward; `decided` holds what this run
     learned since then: path -> (sha256, source of its features)."""
-
-    batch_size, workers, save_every, progress = 32, 2, 60.0, True
 
     def __init__(self, scan: Scan, config: FeatureConfig, identity: dict, cache: Path, validation_percent):
         self.scan, self.config, self.identity, self.cache = scan, config, identity, cache
@@ -147,16 +143,17 @@ class _Run:
         ]
         self.last_save = time.monotonic()
 
-    def compute(self) -> None:
-        """Read every image that may have changed; run the unknown ones through VGG16."""
+    def compute(self, batch_size: int, workers: int, save_every: float, progress: bool) -> None:
+        """Read every image that may have changed; run the unknown ones through VGG16,
+        saving the cache every `save_every` seconds."""
         known = self.by_sha.keys() | self.journal.index.keys()
         waiting: list = []
         started = time.perf_counter()
-        bar = tqdm(total=len(self.reading), unit="img", desc="extracting", disable=None if self.progress else True)
+        bar = tqdm(total=len(self.reading), unit="img", desc="extracting", disable=None if progress else True)
         with bar:
             for loaded in load_all(
                 self.scan.root, self.reading, self.config.input_size, self.config.interpolation,
-                known, self.workers, prefetch=2 * self.batch_size,
+                known, workers, prefetch=2 * batch_size,
             ):
                 if loaded.error:
                     self.failures.append((loaded.image.path, loaded.error))
@@ -164,10 +161,10 @@ class _Run:
                     self._decide(loaded.image.path, loaded.sha256)
                 else:
                     waiting.append(loaded)
-                    if len(waiting) == self.batch_size:
+                    if len(waiting) == batch_size:
                         self._run_batch(waiting)
                         waiting = []
-                        if time.monotonic() - self.last_save >= self.save_every:
+                        if time.monotonic() - self.last_save >= save_every:
                             self.save()
                 bar.update()
             if waiting:
