@@ -1,2 +1,19 @@
 """Stage 2: heads trained on the features cached by `extract` (classify imports extract,
-never the reverse)."""
+never the reverse).
+
+    from classify import train_head, load_head
+    training = train_head("cache/features.h5", head="logreg")
+    head = load_head(training.folder)
+
+Modules: `heads` (the registry of scikit-learn estimators), `keras_head` (the seed's
+dense head as one of them), `training` (splits, fitting, search, cross-validation),
+`evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
+loading), `cli` (the train-head command).
+"""
+
+from classify.artifacts import LoadedHead, load_head
+from classify.heads import HEADS
+from classify.keras_head import KerasMLPClassifier
+from classify.training import HeadResult, HeadWarning, Training, train_head
+
+__all__ = ["HEADS", "HeadResult", "HeadWarning", "KerasMLPClassifier", "LoadedHead", "Training", "load_head", "train_head"]

@@ -106,16 +106,10 @@ class Backbone:
 
     def __init__(self, config: FeatureConfig):
         self.config = config
-        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-        with _quiet_native_stderr():
-            import keras
-            import tensorflow as tf
+        keras = import_keras()
+        import tensorflow as tf
 
-            gpus = tf.config.list_physical_devices("GPU")
-            for gpu in gpus:
-                with contextlib.suppress(RuntimeError):  # already initialised
-                    tf.config.experimental.set_memory_growth(gpu, True)
-        self.device = "GPU" if gpus else "CPU"
+        self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         self._preprocess = keras.applications.vgg16.preprocess_input
         with contextlib.redirect_stdout(sys.stderr):  # Keras reports downloads on stdout, which is for results
             self.model = _build_vgg16(keras, config)
@@ -124,6 +118,20 @@ class Backbone:
         batch = self._preprocess(pixels.astype(np.float32))
         features = self.model.predict_on_batch(batch)
         return np.asarray(features, dtype=self.config.dtype)
+
+
+def import_keras():
+    """Keras on TensorFlow, imported without TensorFlow's C++ start-up chatter (oneDNN,
+    CUDA probing), with GPU memory growth on so that TensorFlow takes GPU memory as needed."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    with _quiet_native_stderr():
+        import keras
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            with contextlib.suppress(RuntimeError):  # devices already initialised
+                tf.config.experimental.set_memory_growth(gpu, True)
+    return keras
 
 
 def _build_vgg16(keras, config: FeatureConfig):

@@ -1,0 +1,129 @@
+"""The `train-head` command: parse, call `classify.train_head`, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+from classify.evaluation import format_scores
+from classify.heads import HEADS
+from classify.training import HeadWarning, Training, train_head
+from extract import DEFAULT_CACHE, CacheError, ExtractError, UsageError
+from extract.cli import OneLineParser
+
+MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping")
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="train-head",
+        description="Train a classifier head on cached VGG16 features, score it, and save it.",
+        epilog="example: train-head --head all    (uses what the last extract-features wrote)",
+    )
+    add = parser.add_argument
+    add("--cache", default=DEFAULT_CACHE, metavar="PATH", help=f"feature cache (default {DEFAULT_CACHE})")
+    add("--config", metavar="FINGERPRINT", help="feature configuration in the cache (default: the last written)")
+    add("--head", default="mlp", metavar="NAME", help=f"{', '.join(HEADS)}, or all (default mlp)")
+    add("--search", action="store_true", help="try a small grid of each head's key hyperparameter, chosen on validation")
+    add("--cv", type=int, metavar="K", help="also report stratified K-fold accuracy on the training split")
+    add("--class-weight", choices=("balanced",), help="weight classes inversely to their frequency")
+    add("--seed", type=int, default=0, help="makes every head reproducible (default 0)")
+    add("--validation-fraction", type=float, default=0.2, metavar="F",
+        help="with no validation split in the cache: stratified share of training images held out (default 0.2)")
+    mlp = parser.add_argument_group("mlp head (defaults are the seed's)")
+    mlp.add_argument("--hidden-units", type=int, help="units of the hidden layer (256)")
+    mlp.add_argument("--dropout-rate", type=float, help="dropout after the hidden layer (0)")
+    mlp.add_argument("--epochs", type=int, help="training epochs (10)")
+    mlp.add_argument("--learning-rate", type=float, help="Adam's learning rate (0.001)")
+    mlp.add_argument("--early-stopping", action="store_true", default=None,
+                     help="stop when the validation loss stops improving; keep the best weights")
+    add("--out", metavar="DIR", help="folder for the artifacts (default: a new folder under heads/)")
+    add("--json", action="store_true", help="print the results as JSON on stdout")
+    add("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    options = {name: getattr(args, name) for name in MLP_OPTIONS if getattr(args, name) is not None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HeadWarning)
+        try:
+            training = train_head(
+                args.cache, args.head, config=args.config, out=args.out, search=args.search, cv=args.cv,
+                class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
+                **options,
+            )
+        except (UsageError, CacheError) as error:
+            return _fail(error, 2)
+        except ExtractError as error:
+            return _fail(error, 1)
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, HeadWarning) and not args.quiet:
+                    print(f"train-head: warning: {warning.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(to_dict(training), indent=2))
+    elif not args.quiet:
+        print(format_training(training))
+    return 0
+
+
+def to_dict(training: Training) -> dict:
+    return {
+        "folder": str(training.folder),
+        "fingerprint": training.fingerprint,
+        "validation_source": training.validation_source,
+        "leaderboard": training.leaderboard(),
+        "results": {result.head: {"scores": result.scores, "params": result.params, "search": result.search,
+                                  "cross_validation": result.cross_validation} for result in training.results},
+    }
+
+
+def format_training(training: Training) -> str:
+    lines = []
+    if training.validation_source == "drawn":
+        lines.append("(no validation split in the cache: a stratified share of the training images was held out)")
+    if len(training.results) == 1:
+        result = training.results[0]
+        for split, scores in result.scores.items():
+            lines.append(format_scores(result.head, split, scores))
+        if result.search:
+            best = max(result.search, key=lambda row: row["validation_accuracy"])
+            lines.append(f"search: best {best['params']} (validation accuracy {best['validation_accuracy']:.4f})")
+        if result.cross_validation:
+            lines.append(f"cross-validation ({result.cross_validation['folds']} folds): accuracy {_cv_line(result.summary())}")
+        lines.append(f"fit: {result.fit_seconds:.2f} s; saved to {result.folder}")
+    else:
+        lines.append(f"{'rank':<5}{'head':<15}{'val acc':>9}{'macro-F1':>10}{'log loss':>10}{'fit s':>9}  cv accuracy")
+        for rank, row in enumerate(training.leaderboard(), 1):
+            loss = "n/a" if row["log_loss"] is None else f"{row['log_loss']:.4f}"
+            lines.append(f"{rank:<5}{row['head']:<15}{row['validation_accuracy']:>9.4f}{row['macro_f1']:>10.4f}"
+                         f"{loss:>10}{row['fit_seconds']:>9.2f}  {_cv_line(row)}")
+        lines.append(f"saved to {training.folder}/<head>/ (and leaderboard.json)")
+    return "\n".join(line for line in lines if line)
+
+
+def _cv_line(row: dict) -> str:
+    if "cv_accuracy_mean" not in row:
+        return ""
+    return f"{row['cv_accuracy_mean']:.4f} ± {row['cv_accuracy_std']:.4f}"
+
+
+def _fail(error, status: int) -> int:
+    print(f"train-head: error: {error}", file=sys.stderr)
+    return status
+
+
+def run() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # e.g. retracing notes when a search refits
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,154 @@
+"""The seed's dense head, in Keras, as a scikit-learn classifier.
+
+Flatten -> Dense(256, relu) -> Dense(n, softmax), Adam, categorical cross-entropy,
+10 epochs, batch 32: the defaults are the seed's. It composes with `Pipeline`,
+`GridSearchCV`, `clone` and joblib like any scikit-learn estimator; pickling stores the
+Keras model in Keras's own `.keras` format, and unpickling loads it with `safe_mode=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+
+from extract.backbone import import_keras
+
+
+class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
+    """A one-hidden-layer dense network on feature vectors.
+
+    early_stopping: stop when the validation loss has not improved for `patience` epochs
+        and restore the best weights. The validation data is what `fit` is given as
+        `validation_data`, else a stratified `validation_fraction` of the training data.
+    class_weight: None or "balanced".
+    """
+
+    def __init__(
+        self,
+        hidden_units=256,
+        dropout_rate=0.0,
+        epochs=10,
+        batch_size=32,
+        learning_rate=0.001,
+        early_stopping=False,
+        patience=3,
+        validation_fraction=0.1,
+        class_weight=None,
+        random_state=None,
+        verbose=0,
+    ):
+        self.hidden_units = hidden_units
+        self.dropout_rate = dropout_rate
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.early_stopping = early_stopping
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.class_weight = class_weight
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y, validation_data=None):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"Expected dropout_rate in [0, 1); received {self.dropout_rate}.")
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        keras = import_keras()
+        keras.utils.set_random_seed(int(check_random_state(self.random_state).randint(2**31 - 1)))
+        if self.early_stopping and validation_data is None:
+            X, X_val, y_index, y_val = train_test_split(
+                X, y_index, test_size=self.validation_fraction, stratify=y_index,
+                random_state=int(check_random_state(self.random_state).randint(2**31 - 1)),
+            )
+            validation_data = (X_val, self.classes_[y_val])
+        self.model_ = self._build(keras, X.shape[1], len(self.classes_))
+        callbacks = []
+        if self.early_stopping:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.patience, restore_best_weights=True
+            ))
+        history = self.model_.fit(
+            X,
+            keras.utils.to_categorical(y_index, len(self.classes_)),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            validation_data=self._encode(keras, validation_data),
+            class_weight=self._class_weights(y_index),
+            callbacks=callbacks,
+            verbose=self.verbose,
+        )
+        self.history_ = {name: [float(v) for v in values] for name, values in history.history.items()}
+        return self
+
+    def predict_proba(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return np.asarray(self.model_.predict(X, batch_size=1024, verbose=0), dtype=np.float64)
+
+    def predict(self, X):
+        probabilities = self.predict_proba(X)  # checks that the head is fitted
+        return self.classes_[np.argmax(probabilities, axis=1)]
+
+    def _build(self, keras, n_features: int, n_classes: int):
+        layers = [keras.Input((n_features,)), keras.layers.Flatten(), keras.layers.Dense(self.hidden_units, activation="relu")]
+        if self.dropout_rate:
+            layers.append(keras.layers.Dropout(self.dropout_rate))
+        layers.append(keras.layers.Dense(n_classes, activation="softmax"))
+        model = keras.Sequential(layers)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        return model
+
+    def _encode(self, keras, validation_data):
+        if validation_data is None:
+            return None
+        X_val, y_val = validation_data
+        known = np.isin(y_val, self.classes_)
+        indices = np.searchsorted(self.classes_, np.asarray(y_val)[known])
+        return np.asarray(X_val, np.float32)[known], keras.utils.to_categorical(indices, len(self.classes_))
+
+    def _class_weights(self, y_index):
+        if self.class_weight is None:
+            return None
+        weights = compute_class_weight(self.class_weight, classes=np.arange(len(self.classes_)), y=y_index)
+        return dict(enumerate(weights))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "model_" in state:
+            state["model_"] = _model_to_bytes(state["model_"])
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("model_"), bytes):
+            state["model_"] = _model_from_bytes(state["model_"])
+        self.__dict__.update(state)
+
+
+def _model_to_bytes(model) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.keras")
+        model.save(path)
+        with open(path, "rb") as file:
+            return file.read()
+
+
+def _model_from_bytes(data: bytes):
+    keras = import_keras()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.keras")
+        with open(path, "wb") as file:
+            file.write(data)
+        return keras.saving.load_model(path, safe_mode=True)

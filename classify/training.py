@@ -1,0 +1,276 @@
+"""Train heads on cached features: splits, fitting, search, cross-validation, artifacts.
+
+    from classify import train_head
+    training = train_head("cache/features.h5", head="all")
+    for row in training.leaderboard(): print(row)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold, cross_validate, train_test_split
+
+from classify.artifacts import CONFIG_FACTS, save_head
+from classify.evaluation import evaluate
+from classify.heads import HEADS
+from classify.keras_head import KerasMLPClassifier
+from extract import DEFAULT_CACHE, FeatureCache, UsageError
+
+DEFAULT_HEADS_FOLDER = "heads"
+CLASS_WEIGHTS = (None, "balanced")
+
+
+class HeadWarning(UserWarning):
+    """Training goes on, but the user should know (e.g. a class with one image)."""
+
+
+@dataclass
+class Splits:
+    """Flattened float32 features and string labels of the cache's labeled rows."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_validation: np.ndarray
+    y_validation: np.ndarray
+    X_test: np.ndarray | None
+    y_test: np.ndarray | None
+    validation_source: str  # "stored" (the cache's split) or "drawn" (from the training split)
+    fingerprint: str
+    config: dict
+
+
+@dataclass
+class HeadResult:
+    head: str
+    estimator: object
+    scores: dict  # split -> evaluate(...)
+    fit_seconds: float
+    folder: Path
+    params: dict = field(default_factory=dict)
+    cross_validation: dict | None = None
+    search: list | None = None
+
+    def summary(self) -> dict:
+        validation = self.scores["validation"]
+        row = {"head": self.head, "validation_accuracy": validation["accuracy"], "macro_f1": validation["macro_f1"],
+               "log_loss": validation["log_loss"], "fit_seconds": round(self.fit_seconds, 3), "folder": str(self.folder)}
+        if "test" in self.scores:
+            row["test_accuracy"] = self.scores["test"]["accuracy"]
+        if self.cross_validation:
+            row["cv_accuracy_mean"] = self.cross_validation["accuracy_mean"]
+            row["cv_accuracy_std"] = self.cross_validation["accuracy_std"]
+        return row
+
+
+@dataclass
+class Training:
+    results: list[HeadResult]
+    folder: Path
+    fingerprint: str
+    validation_source: str
+
+    def leaderboard(self) -> list[dict]:
+        """Best first: validation accuracy, then macro-F1."""
+        rows = [result.summary() for result in self.results]
+        return sorted(rows, key=lambda row: (-row["validation_accuracy"], -row["macro_f1"]))
+
+
+def train_head(
+    cache=DEFAULT_CACHE,
+    head: str = "mlp",
+    *,
+    config: str | None = None,
+    out=None,
+    search: bool = False,
+    cv: int | None = None,
+    class_weight: str | None = None,
+    seed: int = 0,
+    validation_fraction: float = 0.2,
+    **options,
+) -> Training:
+    """Train one head (or every head, `head="all"`) on a cache's features, score it on the
+    validation split (and test split), and save each under `out` (default: a new folder in
+    heads/). `options` go to the mlp head: hidden_units, dropout_rate, epochs,
+    learning_rate, early_stopping."""
+    names = _head_names(head)
+    if options and "mlp" not in names:
+        raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
+    if class_weight not in CLASS_WEIGHTS:
+        raise UsageError(f"Expected --class-weight balanced (or none); received {class_weight!r}.")
+    if cv is not None and cv < 2:
+        raise UsageError(f"Expected --cv K with K >= 2; received {cv}.")
+    splits = load_splits(cache, config, validation_fraction, seed, folds=cv)
+    folder = _new_folder(out, "all" if len(names) > 1 else names[0])
+    results = []
+    for name in names:
+        target = folder / name if len(names) > 1 else folder
+        results.append(_train_one(name, splits, target, search, cv, class_weight, seed,
+                                  options if name == "mlp" else {}, validation_fraction))
+    training = Training(results, folder, splits.fingerprint, splits.validation_source)
+    if len(names) > 1:
+        (folder / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
+    return training
+
+
+def load_splits(cache, config, validation_fraction: float, seed: int, folds: int | None = None) -> Splits:
+    """Read the labeled rows of a cache and check they can train a classifier."""
+    if not 0 < validation_fraction < 1:
+        raise UsageError(f"Expected --validation-fraction in (0, 1); received {validation_fraction}.")
+    with FeatureCache(cache, config) as features:
+        labels, splits = features.labels(), features.splits()
+        X = features.features().reshape(len(features), -1).astype(np.float32)
+        fingerprint, facts = features.fingerprint, features.config
+    train, validation, test = (splits == "train") & (labels != ""), splits == "validation", splits == "test"
+    if not train.any():
+        raise UsageError(
+            f"The cache {str(cache)!r} (configuration {fingerprint}) has no labeled training images; "
+            f"run extract-features on a folder with class folders."
+        )
+    classes, counts = np.unique(labels[train], return_counts=True)
+    if len(classes) < 2:
+        raise UsageError(f"Expected at least 2 classes in the training split; found only {classes[0]!r}.")
+    unseen = sorted(set(labels[validation | test]) - set(classes))
+    if unseen:
+        raise UsageError(
+            f"Validation or test images of class {unseen[0]!r} have no training images; "
+            f"add training images of it or remove it from validation/ and test/."
+        )
+    drawn = not validation.any()
+    needed = max(2 if drawn else 1, folds or 1)
+    for name, count in zip(classes, counts):
+        if count < needed:
+            raise UsageError(
+                f"Class {name!r} has {count} training image(s); it needs at least {needed} "
+                f"({'to draw a validation split' if drawn else '--cv folds'}). Add images or remove the class."
+            )
+        if count < 5:
+            warnings.warn(f"class {name!r} has only {count} training images; its scores will say little.", HeadWarning)
+    X_train, y_train = X[train], labels[train]
+    if drawn:
+        X_train, X_validation, y_train, y_validation = train_test_split(
+            X_train, y_train, test_size=validation_fraction, stratify=y_train, random_state=seed
+        )
+    else:
+        X_validation, y_validation = X[validation], labels[validation]
+    X_test, y_test = (X[test], labels[test]) if test.any() else (None, None)
+    facts = {key: facts[key] for key in CONFIG_FACTS if key in facts}
+    return Splits(X_train, y_train, X_validation, y_validation, X_test, y_test,
+                  "drawn" if drawn else "stored", fingerprint, facts)
+
+
+def _train_one(name, splits: Splits, folder: Path, search, cv, class_weight, seed, options, validation_fraction) -> HeadResult:
+    spec = HEADS[name]
+    if class_weight and not spec.class_weights:
+        warnings.warn(f"{name} has no class weights; --class-weight {class_weight} is ignored for it.", HeadWarning)
+    estimator = spec.build(random_state=seed, class_weight=class_weight if spec.class_weights else None, **options)
+    if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > len(splits.y_train):
+        estimator.set_params(n_neighbors=len(splits.y_train))
+    table = None
+    if search:
+        best, table = _search(estimator, spec.grid, splits)
+        estimator.set_params(**best)
+    cross_validation = _cross_validate(estimator, splits, cv, seed) if cv else None
+    fit_options = {}
+    if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
+        fit_options["validation_data"] = (splits.X_validation, splits.y_validation)
+    started = time.perf_counter()
+    estimator.fit(splits.X_train, splits.y_train, **fit_options)
+    fit_seconds = time.perf_counter() - started
+    scores = {"validation": evaluate(estimator, splits.X_validation, splits.y_validation)}
+    if splits.X_test is not None:
+        scores["test"] = evaluate(estimator, splits.X_test, splits.y_test)
+    params = {key: value for key, value in estimator.get_params().items() if isinstance(value, (bool, int, float, str, type(None)))}
+    info = {
+        "head": name,
+        "description": spec.description,
+        "classes": [str(label) for label in estimator.classes_],
+        "fingerprint": splits.fingerprint,
+        "feature_config": splits.config,
+        "n_features": int(splits.X_train.shape[1]),
+        "params": params,
+        "arguments": {"search": search, "cv": cv, "class_weight": class_weight, "seed": seed,
+                      "validation_fraction": validation_fraction, "options": options},
+        "validation_source": splits.validation_source,
+        "metrics": {split: {key: value[key] for key in ("images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")}
+                    for split, value in scores.items()},
+        "cross_validation": cross_validation,
+        "search": table,
+        "fit_seconds": round(fit_seconds, 3),
+        "versions": _versions(),
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    save_head(folder, estimator, info, scores)
+    return HeadResult(name, estimator, scores, fit_seconds, folder, params, cross_validation, table)
+
+
+def _search(estimator, grid: dict, splits: Splits):
+    """The grid point with the best validation accuracy (fitted on the training split)."""
+    X = np.concatenate([splits.X_train, splits.X_validation])
+    y = np.concatenate([splits.y_train, splits.y_validation])
+    fold = np.concatenate([np.full(len(splits.y_train), -1), np.zeros(len(splits.y_validation))])
+    search = GridSearchCV(clone(estimator), grid, scoring="accuracy", cv=PredefinedSplit(fold), refit=False)
+    search.fit(X, y)
+    table = [{"params": params, "validation_accuracy": float(score)}
+             for params, score in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])]
+    return search.best_params_, table
+
+
+def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
+    """Stratified K-fold on the training split: mean and standard deviation."""
+    scores = cross_validate(
+        clone(estimator), splits.X_train, splits.y_train, scoring=("accuracy", "f1_macro"),
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+    )
+    return {
+        "folds": folds,
+        "accuracy_mean": float(scores["test_accuracy"].mean()),
+        "accuracy_std": float(scores["test_accuracy"].std()),
+        "macro_f1_mean": float(scores["test_f1_macro"].mean()),
+        "macro_f1_std": float(scores["test_f1_macro"].std()),
+    }
+
+
+def _head_names(head: str) -> list[str]:
+    if head == "all":
+        return list(HEADS)
+    if head not in HEADS:
+        raise UsageError(f"Expected --head to be one of {', '.join(HEADS)} or all; received {head!r}.")
+    return [head]
+
+
+def _new_folder(out, name: str) -> Path:
+    """`out` if it is new or empty; by default a new folder under heads/ (never an old one)."""
+    if out is not None:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"--out {str(out)!r} exists and is not empty; choose a new folder (runs never overwrite).")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stem = Path(DEFAULT_HEADS_FOLDER) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
+    for attempt in range(1, 1000):
+        folder = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise UsageError(f"Could not make a new folder under {DEFAULT_HEADS_FOLDER}/; pass --out.")
+
+
+def _versions() -> dict:
+    versions = {}
+    for package in ("bottleneck-features", "scikit-learn", "keras", "tensorflow", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
