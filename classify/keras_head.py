@@ -92,7 +92,8 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        return np.asarray(self.model_.predict(X, batch_size=1024, verbose=0), dtype=np.float64)
+        probabilities = np.asarray(self.model_.predict(X, batch_size=1024, verbose=0), dtype=np.float64)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 +- 1e-7
 
     def predict(self, X):
         probabilities = self.predict_proba(X)  # checks that the head is fitted

@@ -70,3 +70,36 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The installed command in a subprocess, as a user runs it."""
     command = [sys.executable, "-m", "extract.cli", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def blobs(classes=("a", "b", "c"), per_class=30, features=16, seed=0, spread=1.0):
+    """Separable Gaussian blobs: (X float32, y str)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 4, (len(classes), features))
+    X = np.concatenate([center + rng.normal(0, spread, (per_class, features)) for center in centers])
+    y = np.repeat(np.array(classes), per_class)
+    return X.astype(np.float32), y
+
+
+def write_synthetic_cache(path: Path, splits: dict, fingerprint: str = "synthetic0000001", features=16, seed=0,
+                          shape=None) -> Path:
+    """A feature cache holding blobs, as extract-features would write it.
+    `splits` maps a split name to (classes, images per class)."""
+    from extract.journal import Journal
+    from extract.store import Rows, write_cache
+
+    journal = Journal(path, fingerprint).open()
+    rows = Rows()
+    for offset, (split, (classes, per_class)) in enumerate(splits.items()):
+        X, y = blobs(classes, per_class, features, seed=seed)  # the same centres for every split
+        X = X + np.random.default_rng(seed + offset + 1).normal(0, 0.3, X.shape).astype(np.float32)
+        hashes = [f"{offset:02d}{i:062x}" for i in range(len(y))]
+        journal.append(hashes, X.reshape(len(X), *(shape or (features,))))
+        for i, (label, digest) in enumerate(zip(y, hashes)):
+            rows.add(f"{split}/{label}/{i}.png", digest, str(label), split, 1, 1, -1)
+    attrs = {"feature_shape": list(shape or (features,)), "dtype": "float32", "backbone": "vgg16",
+             "weights": "random", "weights_seed": 0, "input_size": 32, "interpolation": "bilinear",
+             "pooling": "avg", "precision": "float32"}
+    write_cache(path, fingerprint, attrs, rows, [], journal)
+    journal.clear()
+    return path

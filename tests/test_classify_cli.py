@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from classify.cli import main
+from conftest import write_synthetic_cache
+
+SPLITS = {"train": (("a", "b"), 20), "validation": (("a", "b"), 6)}
+
+
+def cli(capsys, *args):
+    try:
+        status = main([str(arg) for arg in args])
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return write_synthetic_cache(tmp_path / "c.h5", SPLITS)
+
+
+def test_one_head_prints_its_scores(capsys, cache, tmp_path):
+    status, out, _ = cli(capsys, "--cache", cache, "--head", "logreg", "--cv", "3", "--out", tmp_path / "run")
+    assert status == 0
+    assert "logreg on validation (12 images): accuracy" in out and "cross-validation (3 folds)" in out
+    assert f"saved to {tmp_path / 'run'}" in out
+
+
+def test_all_heads_print_a_leaderboard_as_json(capsys, cache, tmp_path):
+    status, out, _ = cli(capsys, "--cache", cache, "--head", "all", "--epochs", "2", "--json", "--out", tmp_path / "run")
+    board = json.loads(out)["leaderboard"]
+    assert status == 0 and len(board) == 6
+    assert board[0]["validation_accuracy"] >= board[-1]["validation_accuracy"]
+
+
+def test_mlp_options_reach_the_head(capsys, cache, tmp_path):
+    status, out, _ = cli(capsys, "--cache", cache, "--hidden-units", "16", "--dropout-rate", "0.2", "--epochs", "3",
+                         "--learning-rate", "0.01", "--early-stopping", "--json", "--out", tmp_path / "run")
+    params = json.loads(out)["results"]["mlp"]["params"]
+    assert status == 0
+    assert (params["hidden_units"], params["dropout_rate"], params["epochs"], params["learning_rate"],
+            params["early_stopping"]) == (16, 0.2, 3, 0.01, True)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--head", "nope"], "Expected --head to be one of"),
+        (["--head", "knn", "--epochs", "3"], "Expected --head mlp"),
+        (["--cache", "{missing}"], "run extract-features first"),
+        (["--class-weight", "heavy"], "invalid choice"),
+        (["--config", "zzz"], "received 'zzz'"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(capsys, cache, tmp_path, arguments, message):
+    arguments = [argument.format(missing=tmp_path / "missing.h5") for argument in arguments]
+    if "--cache" not in arguments:
+        arguments = ["--cache", cache, *arguments]
+    status, _, err = cli(capsys, *arguments, "--out", tmp_path / "run")
+    assert status == 2 and message in err and err.count("\n") == 1
+
+
+def test_warnings_are_one_line_each(capsys, tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 4), "validation": (("a", "b"), 2)})
+    status, _, err = cli(capsys, "--cache", cache, "--head", "knn", "--class-weight", "balanced", "--out", tmp_path / "run")
+    assert status == 0
+    assert "train-head: warning: knn has no class weights" in err
+    assert "train-head: warning: class 'a' has only 4 training images" in err

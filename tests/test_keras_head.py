@@ -1,0 +1,99 @@
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from classify import KerasMLPClassifier
+from conftest import blobs
+
+
+@parametrize_with_checks([KerasMLPClassifier(random_state=0)])
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_defaults_are_the_seeds_head():
+    X, y = blobs()
+    head = KerasMLPClassifier(random_state=0).fit(X, y)
+    kinds = [type(layer).__name__ for layer in head.model_.layers]
+    assert kinds == ["Flatten", "Dense", "Dense"]
+    hidden, output = head.model_.layers[1], head.model_.layers[2]
+    assert (hidden.units, hidden.activation.__name__) == (256, "relu")
+    assert (output.units, output.activation.__name__) == (3, "softmax")
+    assert type(head.model_.optimizer).__name__ == "Adam"
+    assert float(head.model_.optimizer.learning_rate) == pytest.approx(0.001)
+    assert head.model_.loss == "categorical_crossentropy"
+    assert len(head.history_["loss"]) == 10 and head.get_params()["batch_size"] == 32
+
+
+def test_dropout_adds_a_layer_and_is_validated():
+    X, y = blobs()
+    head = KerasMLPClassifier(dropout_rate=0.5, hidden_units=32, epochs=1, random_state=0).fit(X, y)
+    assert [type(layer).__name__ for layer in head.model_.layers] == ["Flatten", "Dense", "Dropout", "Dense"]
+    with pytest.raises(ValueError, match="dropout_rate"):
+        KerasMLPClassifier(dropout_rate=1.5).fit(X, y)
+
+
+def test_learns_and_gives_probabilities():
+    X, y = blobs(seed=1)
+    head = KerasMLPClassifier(random_state=0, epochs=20).fit(X, y)
+    probabilities = head.predict_proba(X)
+    assert list(head.classes_) == ["a", "b", "c"]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert (head.predict(X) == y).mean() > 0.95
+
+
+def test_same_seed_same_head():
+    X, y = blobs(seed=2)
+    first = KerasMLPClassifier(random_state=7, epochs=3).fit(X, y).predict_proba(X)
+    again = KerasMLPClassifier(random_state=7, epochs=3).fit(X, y).predict_proba(X)
+    other = KerasMLPClassifier(random_state=8, epochs=3).fit(X, y).predict_proba(X)
+    np.testing.assert_allclose(first, again, atol=1e-6)
+    assert not np.allclose(first, other, atol=1e-4)
+
+
+def test_joblib_round_trip_in_keras_format(tmp_path):
+    X, y = blobs(seed=3)
+    head = KerasMLPClassifier(random_state=0, epochs=2).fit(X, y)
+    joblib.dump(head, tmp_path / "head.joblib")
+    state = head.__getstate__()
+    assert state["model_"][:2] == b"PK"  # a .keras file is a zip archive
+    loaded = joblib.load(tmp_path / "head.joblib")
+    np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), atol=1e-6)
+    assert pickle.loads(pickle.dumps(clone(head))).get_params() == head.get_params()
+
+
+def test_early_stopping_restores_the_best_weights():
+    X, y = blobs(per_class=40, seed=4)
+    noise = np.random.default_rng(0).permutation(y)  # labels the features cannot predict
+    head = KerasMLPClassifier(random_state=0, epochs=60, learning_rate=0.01, early_stopping=True, patience=2)
+    head.fit(X, y, validation_data=(X[:60] + 5, noise[:60]))
+    losses = head.history_["val_loss"]
+    assert len(losses) < 60
+    keras_loss = head.model_.evaluate(
+        X[:60] + 5, np.eye(3)[np.searchsorted(head.classes_, noise[:60])], verbose=0, return_dict=True
+    )["loss"]
+    assert keras_loss == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_balanced_class_weights_are_passed_to_keras():
+    X, y = blobs(per_class=20)
+    X, y = X[:45], y[:45]  # 20 a, 20 b, 5 c
+    head = KerasMLPClassifier(class_weight="balanced", epochs=1, random_state=0).fit(X, y)
+    weights = head._class_weights(np.unique(y, return_inverse=True)[1])
+    assert weights[2] == pytest.approx(3.0) and weights[0] == pytest.approx(0.75)
+
+
+def test_composes_with_pipeline_and_grid_search():
+    X, y = blobs(seed=5)
+    search = GridSearchCV(
+        make_pipeline(StandardScaler(), KerasMLPClassifier(epochs=2, random_state=0)),
+        {"kerasmlpclassifier__hidden_units": [8, 16]}, cv=2,
+    ).fit(X, y)
+    assert search.best_params_["kerasmlpclassifier__hidden_units"] in (8, 16)
