@@ -98,11 +98,13 @@ def format_training(training: Training) -> str:
             lines.append(f"cross-validation ({result.cross_validation['folds']} folds): accuracy {_cv_line(result.summary())}")
         lines.append(f"fit: {result.fit_seconds:.2f} s; saved to {result.folder}")
     else:
-        lines.append(f"{'rank':<5}{'head':<15}{'val acc':>9}{'macro-F1':>10}{'log loss':>10}{'fit s':>9}  cv accuracy")
+        cv = any(result.cross_validation for result in training.results)
+        lines.append(f"{'rank':<5}{'head':<15}{'val acc':>9}{'macro-F1':>10}{'log loss':>10}{'fit s':>9}"
+                     + ("  cv accuracy" if cv else ""))
         for rank, row in enumerate(training.leaderboard(), 1):
             loss = "n/a" if row["log_loss"] is None else f"{row['log_loss']:.4f}"
             lines.append(f"{rank:<5}{row['head']:<15}{row['validation_accuracy']:>9.4f}{row['macro_f1']:>10.4f}"
-                         f"{loss:>10}{row['fit_seconds']:>9.2f}  {_cv_line(row)}")
+                         f"{loss:>10}{row['fit_seconds']:>9.2f}" + (f"  {_cv_line(row)}" if cv else ""))
         lines.append(f"saved to {training.folder}/<head>/ (and leaderboard.json)")
     return "\n".join(line for line in lines if line)
 

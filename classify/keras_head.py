@@ -62,6 +62,8 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"Expected dropout_rate in [0, 1); received {self.dropout_rate}.")
         self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"Expected at least 2 classes in y; received 1 class ({self.classes_[0]!r}).")
         keras = import_keras()
         keras.utils.set_random_seed(int(check_random_state(self.random_state).randint(2**31 - 1)))
         if self.early_stopping and validation_data is None:
