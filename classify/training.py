@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -111,10 +111,10 @@ def train_head(
     splits = load_splits(cache, config, validation_fraction, seed, folds=cv)
     folder = _new_folder(out, "all" if len(names) > 1 else names[0])
     results = []
+    plan = _Plan(search, cv, class_weight, seed, validation_fraction)
     for name in names:
         target = folder / name if len(names) > 1 else folder
-        results.append(_train_one(name, splits, target, search, cv, class_weight, seed,
-                                  options if name == "mlp" else {}, validation_fraction))
+        results.append(_train_one(name, splits, target, plan, options if name == "mlp" else {}))
     training = Training(results, folder, splits.fingerprint, splits.validation_source)
     if len(names) > 1:
         (folder / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
@@ -167,18 +167,30 @@ def load_splits(cache, config, validation_fraction: float, seed: int, folds: int
                   "drawn" if drawn else "stored", fingerprint, facts)
 
 
-def _train_one(name, splits: Splits, folder: Path, search, cv, class_weight, seed, options, validation_fraction) -> HeadResult:
+@dataclass(frozen=True)
+class _Plan:
+    """How every head of one train_head call is trained (recorded in head.json)."""
+
+    search: bool
+    cv: int | None
+    class_weight: str | None
+    seed: int
+    validation_fraction: float
+
+
+def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: dict) -> HeadResult:
     spec = HEADS[name]
-    if class_weight and not spec.class_weights:
-        warnings.warn(f"{name} has no class weights; --class-weight {class_weight} is ignored for it.", HeadWarning)
-    estimator = spec.build(random_state=seed, class_weight=class_weight if spec.class_weights else None, **options)
+    if plan.class_weight and not spec.class_weights:
+        warnings.warn(f"{name} has no class weights; --class-weight {plan.class_weight} is ignored for it.", HeadWarning)
+    class_weight = plan.class_weight if spec.class_weights else None
+    estimator = spec.build(random_state=plan.seed, class_weight=class_weight, **options)
     if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > len(splits.y_train):
         estimator.set_params(n_neighbors=len(splits.y_train))
     table = None
-    if search:
+    if plan.search:
         best, table = _search(estimator, spec.grid, splits)
         estimator.set_params(**best)
-    cross_validation = _cross_validate(estimator, splits, cv, seed) if cv else None
+    cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
     fit_options = {}
     if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
         fit_options["validation_data"] = (splits.X_validation, splits.y_validation)
@@ -197,8 +209,7 @@ def _train_one(name, splits: Splits, folder: Path, search, cv, class_weight, see
         "feature_config": splits.config,
         "n_features": int(splits.X_train.shape[1]),
         "params": params,
-        "arguments": {"search": search, "cv": cv, "class_weight": class_weight, "seed": seed,
-                      "validation_fraction": validation_fraction, "options": options},
+        "arguments": dict(asdict(plan), options=options),
         "validation_source": splits.validation_source,
         "metrics": {split: {key: value[key] for key in ("images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")}
                     for split, value in scores.items()},
