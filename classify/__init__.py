@@ -8,12 +8,18 @@ never the reverse).
 Modules: `heads` (the registry of scikit-learn estimators), `keras_head` (the seed's
 dense head as one of them), `training` (splits, fitting, search, cross-validation),
 `evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
-loading), `cli` (the train-head command).
+loading), `scoring` (new images -> predictions), `export` (backbone + head as one Keras
+model), `cli` (the train-head and score-images commands).
 """
 
 from classify.artifacts import LoadedHead, load_head
+from classify.export import export_model
+from classify.scoring import ScoreRow, score_images
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from classify.training import HeadResult, HeadWarning, Training, train_head
 
-__all__ = ["HEADS", "HeadResult", "HeadWarning", "KerasMLPClassifier", "LoadedHead", "Training", "load_head", "train_head"]
+__all__ = [
+    "HEADS", "HeadResult", "HeadWarning", "KerasMLPClassifier", "LoadedHead", "ScoreRow", "Training",
+    "export_model", "load_head", "score_images", "train_head",
+]

@@ -1,15 +1,20 @@
-"""The `train-head` command: parse, call `classify.train_head`, print."""
+"""The stage-2 commands: `train-head` (calls `classify.train_head`) and `score-images`
+(calls `classify.score_images`). Each parses, calls the library, prints."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 
 from classify.evaluation import format_scores
+from classify.export import EXPORTABLE, export_model
 from classify.heads import HEADS
+from classify.scoring import score_images
 from classify.training import HeadWarning, Training, train_head
 from extract import DEFAULT_CACHE, CacheError, ExtractError, UsageError
 from extract.cli import OneLineParser
@@ -41,6 +46,8 @@ def build_parser() -> OneLineParser:
     mlp.add_argument("--early-stopping", action="store_true", default=None,
                      help="stop when the validation loss stops improving; keep the best weights")
     add("--out", metavar="DIR", help="folder for the artifacts (default: a new folder under heads/)")
+    add("--export", metavar="FILE.keras",
+        help=f"also write one Keras model, raw uint8 RGB images in, probabilities out ({', '.join(EXPORTABLE)})")
     add("--json", action="store_true", help="print the results as JSON on stdout")
     add("--quiet", action="store_true", help="print nothing but errors")
     return parser
@@ -48,6 +55,11 @@ def build_parser() -> OneLineParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.export and args.head == "all":
+        return _fail("--export needs one head (e.g. --head logreg), not --head all.", 2)
+    if args.export and args.head not in EXPORTABLE:
+        return _fail(f"A {args.head} head cannot be exported as one Keras model; export works for "
+                     f"{', '.join(EXPORTABLE)}.", 2)
     options = {name: getattr(args, name) for name in MLP_OPTIONS if getattr(args, name) is not None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HeadWarning)
@@ -57,6 +69,8 @@ def main(argv=None) -> int:
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
                 **options,
             )
+            if args.export:
+                export_model(training.results[0].folder, args.export)
         except (UsageError, CacheError) as error:
             return _fail(error, 2)
         except ExtractError as error:
@@ -65,6 +79,8 @@ def main(argv=None) -> int:
             for warning in caught:
                 if issubclass(warning.category, HeadWarning) and not args.quiet:
                     print(f"train-head: warning: {warning.message}", file=sys.stderr)
+    if args.export and not (args.json or args.quiet):
+        print(f"exported to {args.export}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_dict(training), indent=2))
     elif not args.quiet:
@@ -115,17 +131,90 @@ def _cv_line(row: dict) -> str:
     return f"{row['cv_accuracy_mean']:.4f} ± {row['cv_accuracy_std']:.4f}"
 
 
-def _fail(error, status: int) -> int:
-    print(f"train-head: error: {error}", file=sys.stderr)
+def build_score_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="score-images",
+        description="Label images with a trained head; one row per image, in input order.",
+        epilog="example: score-images new_photos/ --head heads/20260101-120000-logreg --output scores.csv",
+    )
+    add = parser.add_argument
+    add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive), or @list.txt (a path a line)")
+    add("--head", required=True, metavar="DIR", help="a head folder written by train-head")
+    add("--cache", default=DEFAULT_CACHE, metavar="PATH",
+        help=f"reuse features of images already in this cache (default {DEFAULT_CACHE}, if it exists)")
+    add("--weights", metavar="PATH", help="a local copy of the weights the head's features were made with")
+    add("--top-k", type=int, default=3, metavar="K", help="labels to list per image (default 3)")
+    add("--output", metavar="FILE", help="write rows to FILE.csv or FILE.jsonl (default: CSV on stdout)")
+    add("--format", choices=("csv", "jsonl"), help="output format (default: from --output's extension, else csv)")
+    add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
+    add("--quiet", action="store_true", help="no progress bar and no summary")
+    return parser
+
+
+def score_main(argv=None) -> int:
+    args = build_score_parser().parse_args(argv)
+    kind = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
+    counts = {"ok": 0, "error": 0}
+    try:
+        rows = score_images(args.paths, args.head, cache=args.cache, weights=args.weights, top_k=args.top_k,
+                            batch_size=args.batch_size, progress=not args.quiet)
+        with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as stream:
+            write = _row_writer(stream, kind, args.top_k)
+            for row in rows:
+                write(row)
+                counts[row.status] += 1
+    except (UsageError, CacheError) as error:
+        return _fail(error, 2, "score-images")
+    except ExtractError as error:
+        return _fail(error, 1, "score-images")
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as error:
+        return _fail(f"cannot write {args.output!r} ({error.strerror}).", 1, "score-images")
+    if not args.quiet:
+        print(f"scored {counts['ok']} images, {counts['error']} errors", file=sys.stderr)
+    if counts["ok"] == 0:
+        return _fail("no image could be scored.", 1, "score-images")
+    return 0
+
+
+def _row_writer(stream, kind: str, top_k: int):
+    if kind == "jsonl":
+        def write(row):
+            stream.write(json.dumps(row.to_dict()) + "\n")
+        return write
+    columns = ["path", "status", "label", "probability"]
+    for rank in range(1, top_k + 1):
+        columns += [f"label_{rank}", f"probability_{rank}"]
+    writer = csv.writer(stream)
+    writer.writerow(columns + ["error"])
+
+    def write(row):
+        ranked = [value for label, probability in row.top for value in (label, f"{probability:.6f}")]
+        ranked += [""] * (2 * top_k - len(ranked))
+        probability = "" if row.probability is None else f"{row.probability:.6f}"
+        writer.writerow([row.path, row.status, row.label or "", probability, *ranked, row.error or ""])
+    return write
+
+
+def _fail(error, status: int, prog: str = "train-head") -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
     return status
 
 
-def run() -> None:
-    """Console-script entry point."""
+def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # e.g. retracing notes when a search refits
+
+
+def run() -> None:
+    """Console-script entry point of train-head."""
+    _quiet_tensorflow()
     sys.exit(main())
 
 
-if __name__ == "__main__":
-    run()
+def run_score() -> None:
+    """Console-script entry point of score-images."""
+    _quiet_tensorflow()
+    sys.exit(score_main())

@@ -1,7 +1,8 @@
 """`make demo`: both stages on the bundled sample data (scikit-learn's handwritten digits).
 
 Writes the images in the seed's train/validation/test layout, extracts their VGG16
-features into cache/demo.h5, then trains every head on them and prints the leaderboard.
+features into cache/demo.h5, trains every head on them and prints the leaderboard, then
+scores the held-out test images with the best head.
 Run it twice: the second run finds every image unchanged and computes no feature.
 
 Uses the ImageNet weights when Keras has them or can download them. When it cannot
@@ -11,12 +12,14 @@ weights, so the whole flow still runs everywhere.
 
 import sys
 import textwrap
+from pathlib import Path
 
-from demo.make_data import main as make_data
-from classify import train_head
+from classify import score_images, train_head
 from classify.cli import format_training
 from extract import FeatureCache, WeightsUnavailableError, extract_features
 from extract.cli import format_summary
+
+from demo.make_data import main as make_data
 
 DATA, CACHE = "data/demo", "cache/demo.h5"
 OPTIONS = dict(input_size=64, pooling="avg")  # 64 px keeps the first demo run near a minute on two CPU cores
@@ -40,7 +43,14 @@ def main() -> int:
         for split, count in cache.split_sizes().items():
             print(f"  {split:<10} {count:>5} rows, features {cache.features(split).shape}")
     print("\nTraining every head on the cached features (train-head --head all):")
-    print(format_training(train_head(CACHE, "all")))
+    training = train_head(CACHE, "all")
+    print(format_training(training))
+    best = training.leaderboard()[0]
+    rows = list(score_images([f"{DATA}/test"], best["folder"], cache=CACHE))
+    correct = sum(row.label == Path(row.path).parent.name for row in rows if row.status == "ok")
+    print(f"\nScoring the {len(rows)} held-out test images with the best head, {best['head']} "
+          f"(score-images {DATA}/test --head {best['folder']}):")
+    print(f"  accuracy {correct / len(rows):.4f} ({correct} of {len(rows)} right; features reused from {CACHE})")
     return 0
 
 

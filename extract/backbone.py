@@ -69,6 +69,19 @@ class FeatureConfig:
                 f"{self.weights!r} is not a file."
             )
 
+    @classmethod
+    def from_facts(cls, facts: dict, weights: str | None = None) -> "FeatureConfig":
+        """The configuration recorded in a cache group or a head (`facts`: the attributes
+        the cache schema lists), to build its backbone again. `weights` says where to find
+        the weights instead (a local copy); `identity()` then tells whether they match."""
+        if weights is None:
+            weights = facts["weights"] if facts["weights"] in ("imagenet", "random") else facts.get("weights_path", "")
+        return cls(
+            input_size=int(facts["input_size"]), interpolation=facts["interpolation"], pooling=facts["pooling"],
+            weights=str(weights), seed=int(facts.get("weights_seed", 0)), precision=facts["precision"],
+            dtype=facts["dtype"],
+        )
+
     @property
     def feature_shape(self) -> tuple[int, ...]:
         if self.pooling != "none":

@@ -71,7 +71,7 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
     if layout == "auto":
         layout = detect_layout(root)
     scan = Scan(root=root, layout=layout)
-    for path, stat, error in _walk(root):
+    for path, stat, error in walk(root):
         if path.endswith("/"):  # a folder that could not be entered
             scan.failures.append((path, error))
             continue
@@ -138,7 +138,7 @@ def _place(parts: list[str], layout: str, validation_percent: float):
     return parts[1], SPLIT_FOLDERS[parts[0]]
 
 
-def _walk(root: Path):
+def walk(root: Path):
     """Yield (relative path, stat, error) for every visible file below `root`, in sorted
     order, following symbolic links but never into a folder that contains itself.
     A folder that cannot be entered is yielded with a trailing "/" and its error."""

@@ -223,7 +223,7 @@ class _Run:
             fingerprint=self.key,
             identity=json.dumps(self.identity, sort_keys=True),
             preprocessing=PREPROCESSING,
-            weights_file=None if self.config.weights in ("imagenet", "random") else os.path.basename(self.config.weights),
+            weights_path=None if self.config.weights in ("imagenet", "random") else str(Path(self.config.weights).resolve()),
             data_dir=self.summary.data_dir,
             layout=self.scan.layout,
             validation_percent=self.validation_percent if self.scan.layout == "classes" else None,

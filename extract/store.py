@@ -159,6 +159,10 @@ class FeatureCache:
     def splits(self, split: str | None = None) -> np.ndarray:
         return self._splits if split is None else self._splits[self._splits == split]
 
+    def features_at(self, rows) -> np.ndarray:
+        """The features of the given row numbers, in that order (each chunk read once)."""
+        return _read_rows(self._group["features"], np.asarray(rows, dtype=np.int64))
+
     def column(self, name: str, split: str | None = None) -> np.ndarray:
         """Any per-row dataset of the group (see the schema above), optionally one split's rows."""
         dataset = self._group[name]

@@ -45,10 +45,16 @@ def test_mlp_options_reach_the_head(capsys, cache, tmp_path):
             params["early_stopping"]) == (16, 0.2, 3, 0.01, True)
 
 
+def test_export_needs_one_head(capsys, cache, tmp_path):
+    status, _, err = cli(capsys, "--cache", cache, "--head", "all", "--export", tmp_path / "m.keras")
+    assert status == 2 and "--export needs one head" in err
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["--head", "nope"], "Expected --head to be one of"),
+        (["--head", "knn", "--export", "{missing}.keras"], "knn head cannot be exported"),
         (["--head", "knn", "--epochs", "3"], "Expected --head mlp"),
         (["--cache", "{missing}"], "run extract-features first"),
         (["--class-weight", "heavy"], "invalid choice"),

@@ -1,0 +1,107 @@
+"""One Keras model for serving: raw RGB uint8 images in, class probabilities out.
+
+    inputs (S, S, 3) uint8 -> float -> caffe preprocessing (a fixed 1x1 convolution: RGB to
+    BGR, minus the ImageNet means) -> the frozen VGG16 base with the head's pooling ->
+    Flatten -> the head
+
+The head becomes Keras layers: `mlp` is its own Keras model; `logreg` and `linear-svm`
+become Dense layers with the standardization folded into their weights (the calibrated
+SVM's sigmoids and their normalization included). Only built-in layers are used, so
+`keras.saving.load_model(path)` loads it anywhere, with safe_mode on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from classify.artifacts import LoadedHead, load_head
+from classify.scoring import head_config
+from extract import UsageError
+from extract.backbone import Backbone, import_keras
+
+EXPORTABLE = ("mlp", "logreg", "linear-svm")
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def export_model(head, path, *, weights: str | None = None):
+    """Write the head and its backbone as one `.keras` model at `path`; returns the model."""
+    head = head if isinstance(head, LoadedHead) else load_head(head)
+    name = head.info["head"]
+    if name not in EXPORTABLE:
+        raise UsageError(
+            f"A {name} head cannot be exported as one Keras model; export works for {', '.join(EXPORTABLE)}."
+        )
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise UsageError(f"Expected --export to name a .keras file; received {str(path)!r}.")
+    config = head_config(head, weights)
+    keras = import_keras()
+    size = config.input_size
+    inputs = keras.Input((size, size, 3), dtype="uint8", name="rgb")
+    x = keras.layers.Rescaling(1.0, name="to_float")(inputs)
+    x = _caffe_preprocessing(keras)(x)
+    x = Backbone(config).model(x)
+    x = keras.layers.Flatten(name="flatten_features")(x)
+    outputs = _head_layers(keras, name, head.estimator, x)
+    model = keras.Model(inputs, outputs, name=f"vgg16_{name.replace('-', '_')}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return model
+
+
+def _caffe_preprocessing(keras):
+    """keras.applications.vgg16.preprocess_input as a frozen 1x1 convolution."""
+    layer = keras.layers.Conv2D(3, 1, name="vgg16_preprocess", trainable=False)
+    layer.build((None, None, None, 3))
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for channel in range(3):
+        kernel[0, 0, 2 - channel, channel] = 1.0  # output BGR from input RGB
+    layer.set_weights([kernel, -np.array(IMAGENET_BGR_MEANS, np.float32)])
+    return layer
+
+
+def _head_layers(keras, name: str, estimator, x):
+    if name == "mlp":
+        return estimator.model_(x)
+    scaler, model = estimator.steps[0][1], estimator.steps[-1][1]
+    if name == "logreg":
+        weights, biases = _fold_scaler(scaler, model.coef_, model.intercept_)
+        if len(model.classes_) == 2:  # binary: p1 = sigmoid(z) = softmax([0, z])[1]
+            weights, biases = np.vstack([np.zeros_like(weights), weights]), np.concatenate([[0.0], biases])
+        return _dense(keras, "logreg", weights, biases, "softmax")(x)
+    # linear-svm: per calibrated fold, class j's probability is sigmoid(-(a_j d_j + b_j)) with
+    # d the SVM's decision; normalized over classes (softmax of the log-sigmoids), then the
+    # folds are averaged.
+    n_classes, rows, biases = len(model.classes_), [], []
+    for fold in model.calibrated_classifiers_:
+        svm = fold.estimator
+        slopes = np.array([c.a_ for c in fold.calibrators])
+        offsets = np.array([c.b_ for c in fold.calibrators])
+        weights = -slopes[:, None] * svm.coef_
+        bias = -(slopes * svm.intercept_ + offsets)
+        if n_classes == 2:  # one decision; p0 = 1 - p1 = sigmoid(-z)
+            weights, bias = np.vstack([-weights, weights]), np.concatenate([-bias, bias])
+        weights, bias = _fold_scaler(scaler, weights, bias)
+        rows.append(weights)
+        biases.append(bias)
+    folds = len(rows)
+    x = _dense(keras, "svm_calibrated", np.vstack(rows), np.concatenate(biases), "log_sigmoid")(x)
+    x = keras.layers.Reshape((folds, n_classes), name="svm_folds")(x)
+    x = keras.layers.Softmax(axis=-1, name="svm_normalize")(x)
+    return keras.layers.GlobalAveragePooling1D(name="svm_average")(x)
+
+
+def _fold_scaler(scaler, weights: np.ndarray, biases: np.ndarray):
+    """w.((x - mean) / scale) + b  ==  (w / scale).x + (b - w.(mean / scale))."""
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(weights.shape[1])
+    scale = scaler.scale_ if scaler.with_std else np.ones(weights.shape[1])
+    return weights / scale, biases - weights @ (mean / scale)
+
+
+def _dense(keras, name: str, weights: np.ndarray, biases: np.ndarray, activation: str):
+    layer = keras.layers.Dense(weights.shape[0], activation=activation, name=name)
+    layer.build((None, weights.shape[1]))
+    layer.set_weights([weights.T.astype(np.float32), np.asarray(biases, np.float32)])
+    return layer

@@ -1,0 +1,163 @@
+"""Batch scoring: new images -> the head's predictions, streamed, in input order.
+
+The features are made exactly as the head's training features were: the feature
+configuration recorded with the head is rebuilt (and refused if it cannot be, e.g. its
+weights file is gone), and an image whose content is already in a feature cache of that
+configuration is not run through VGG16 again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from classify.artifacts import LoadedHead, load_head
+from extract import FeatureCache, FeatureConfig, UsageError, fingerprint, list_configs
+from extract.backbone import Backbone
+from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
+from extract.reader import load_all
+
+
+@dataclass
+class ScoreRow:
+    """One input's result. `status` is "ok" or "error" (with `error` saying why)."""
+
+    path: str
+    status: str
+    label: str | None = None
+    probability: float | None = None
+    top: list[tuple[str, float]] = field(default_factory=list)  # the k most probable labels
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
+    """The feature configuration the head was trained on, checked to be the same one."""
+    facts = head.info["feature_config"]
+    config = FeatureConfig.from_facts(facts, weights)
+    where = config.weights
+    if where not in ("imagenet", "random") and not Path(where).is_file():
+        raise UsageError(
+            f"The head's features were made with the weights file {where!r}, which is not there; "
+            f"pass --weights PATH to a copy of it."
+        )
+    config.validate()
+    if fingerprint(config.identity()) != head.fingerprint:
+        raise UsageError(
+            f"--weights {where}: not the weights the head's features were made with "
+            f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
+        )
+    return config
+
+
+def score_images(
+    paths: Iterable[str],
+    head,
+    *,
+    cache=None,
+    weights: str | None = None,
+    top_k: int = 3,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[ScoreRow]:
+    """Score image files, folders (recursively) and `@list.txt` files (a path a line) with
+    a head (a folder or a `LoadedHead`). Yields one row per input image, in input order,
+    holding at most a few batches in memory. Features already in `cache` are reused."""
+    head = head if isinstance(head, LoadedHead) else load_head(head)
+    if top_k < 1 or batch_size < 1:
+        raise UsageError(f"Expected --top-k and --batch-size >= 1; received {top_k} and {batch_size}.")
+    config = head_config(head, weights)
+    known = _CachedFeatures(cache, head.fingerprint)
+    compute = _LazyBackbone(config)
+    loaded = load_all(
+        Path(""), (ImageFile(path, "", "", 0, 0) for path in expand_inputs(paths)), config.input_size,
+        config.interpolation, known.rows, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
+    )
+    try:
+        with tqdm(unit="img", desc="scoring", disable=None if progress else True) as bar:
+            while batch := list(islice(loaded, batch_size)):
+                yield from _score_batch(batch, head, known, compute, top_k)
+                bar.update(len(batch))
+    finally:
+        known.close()
+
+
+def expand_inputs(paths: Iterable[str]) -> Iterator[str]:
+    """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
+    the paths it lists (one a line, relative to the current folder; # starts a comment)."""
+    for path in paths:
+        path = str(path)
+        if path.startswith("@"):
+            try:
+                lines = Path(path[1:]).read_text().splitlines()
+            except OSError as error:
+                raise UsageError(f"Cannot read the list {path[1:]!r} ({error.strerror}).") from error
+            yield from expand_inputs(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        elif Path(path).is_dir():
+            for relative, _, error in walk(Path(path)):
+                if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
+                    yield os.path.join(path, relative)
+        else:
+            yield path
+
+
+def _score_batch(batch, head: LoadedHead, known, compute, top_k: int) -> Iterator[ScoreRow]:
+    ok = [i for i, item in enumerate(batch) if item.error is None]
+    features = np.empty((len(ok), *head.info["feature_config"]["feature_shape"]), dtype=np.float32)
+    fresh = [position for position, i in enumerate(ok) if batch[i].pixels is not None]
+    if fresh:
+        features[fresh] = compute(np.stack([batch[ok[position]].pixels for position in fresh]))
+    cached = [position for position, i in enumerate(ok) if batch[i].pixels is None]
+    if cached:
+        features[cached] = known.features([batch[ok[position]].sha256 for position in cached])
+    probabilities = head.predict_proba(features, head.fingerprint) if ok else np.empty((0, len(head.classes)))
+    rows = {i: p for i, p in zip(ok, probabilities)}
+    classes = head.classes
+    for i, item in enumerate(batch):
+        if i not in rows:
+            yield ScoreRow(item.image.path, "error", error=item.error)
+            continue
+        best = np.argsort(-rows[i], kind="stable")[:top_k]
+        top = [(classes[j], float(rows[i][j])) for j in best]
+        yield ScoreRow(item.image.path, "ok", top[0][0], top[0][1], top)
+
+
+class _LazyBackbone:
+    """VGG16, built the first time an image needs it (not at all when all are cached)."""
+
+    def __init__(self, config: FeatureConfig):
+        self.config, self.backbone = config, None
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self.backbone is None:
+            self.backbone = Backbone(self.config)
+        return self.backbone(pixels)
+
+
+class _CachedFeatures:
+    """Features of one configuration in a cache, found by content hash."""
+
+    def __init__(self, cache, key: str):
+        self.rows: dict[str, int] = {}
+        self.cache = None
+        if cache is None or not Path(cache).is_file():
+            return
+        if key in {config["fingerprint"] for config in list_configs(cache)}:
+            self.cache = FeatureCache(cache, key)
+            self.rows = {sha256: row for row, sha256 in enumerate(self.cache.sha256())}
+
+    def features(self, hashes: list[str]) -> np.ndarray:
+        return self.cache.features_at([self.rows[sha256] for sha256 in hashes])
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()

@@ -1,0 +1,95 @@
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from classify import load_head, score_images, train_head
+from classify.cli import score_main
+from conftest import SIZE, make_dataset, make_image
+from extract import FeatureCache, UsageError, extract_features
+from extract.backbone import Backbone, FeatureConfig
+from extract.reader import decode
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, weights_file):
+    """A small real extraction, a logreg head on it, and new images to score."""
+    root = tmp_path_factory.mktemp("scoring")
+    make_dataset(root / "data", per_class=8, classes=("cat", "dog", "fox"))
+    extract_features(root / "data", root / "c.h5", input_size=SIZE, weights=weights_file, progress=False)
+    train_head(root / "c.h5", "logreg", out=root / "head")
+    for i in range(5):
+        make_image(root / "new" / "sub" / f"{i}.png", seed=500 + i)
+    (root / "new" / "broken.jpg").write_bytes(b"not a picture")
+    (root / "new" / "notes.txt").write_text("skipped: not an image by name")
+    return root
+
+
+def test_rows_in_input_order_with_errors(trained):
+    rows = list(score_images([trained / "new", trained / "data/train/cat/0.png"], trained / "head", top_k=2))
+    assert [os.path.relpath(row.path, trained) for row in rows] == [
+        "new/broken.jpg", *(f"new/sub/{i}.png" for i in range(5)), "data/train/cat/0.png"
+    ]
+    assert rows[0].status == "error" and "not an image" in rows[0].error
+    for row in rows[1:]:
+        assert row.status == "ok" and row.label in ("cat", "dog", "fox") and len(row.top) == 2
+        assert row.top[0] == (row.label, row.probability) and row.top[0][1] >= row.top[1][1]
+
+
+def test_probabilities_are_the_heads_on_the_pipelines_features(trained, weights_file):
+    head = load_head(trained / "head")
+    rows = list(score_images([trained / "new" / "sub"], head, top_k=3))
+    with FeatureCache(trained / "c.h5") as cache:
+        config = cache.config
+    pixels = np.stack([decode((trained / "new" / "sub" / f"{i}.png").read_bytes(), SIZE) for i in range(5)])
+    features = Backbone(FeatureConfig.from_facts(config))(pixels)
+    expected = head.predict_proba(features, head.fingerprint)
+    for row, probabilities in zip(rows, expected):
+        assert dict(row.top)[row.label] == pytest.approx(probabilities.max(), abs=1e-6)
+
+
+def test_cached_images_are_not_recomputed(trained, monkeypatch):
+    monkeypatch.setattr(Backbone, "__init__", lambda *a: pytest.fail("VGG16 was built for cached images"))
+    rows = list(score_images([trained / "data" / "validation"], trained / "head", cache=trained / "c.h5"))
+    assert len(rows) == 3 and all(row.status == "ok" for row in rows)
+
+
+def test_list_files_and_missing_files(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(trained)
+    (tmp_path / "list.txt").write_text("# new images\nnew/sub/0.png\n\nmissing.png\n")
+    rows = list(score_images([f"@{tmp_path / 'list.txt'}"], trained / "head"))
+    assert [(row.path, row.status) for row in rows] == [("new/sub/0.png", "ok"), ("missing.png", "error")]
+    assert rows[1].error.startswith("cannot read file")
+
+
+def test_a_missing_weights_file_is_refused_before_work(trained, tmp_path):
+    info = json.loads((trained / "head" / "head.json").read_text())
+    assert info["feature_config"]["weights_path"]
+    with pytest.raises(UsageError, match="not the weights the head's features were made with"):
+        list(score_images([trained / "new"], trained / "head", weights=trained / "head" / "head.joblib"))
+
+
+def test_csv_and_jsonl_output(trained, tmp_path, capsys):
+    assert score_main([str(trained / "new"), "--head", str(trained / "head"), "--output", str(tmp_path / "s.csv"),
+                       "--quiet", "--top-k", "2"]) == 0
+    with open(tmp_path / "s.csv") as file:
+        table = list(csv.DictReader(file))
+    assert list(table[0]) == ["path", "status", "label", "probability", "label_1", "probability_1", "label_2",
+                              "probability_2", "error"]
+    assert [row["status"] for row in table] == ["error"] + ["ok"] * 5
+    assert score_main([str(trained / "new" / "sub"), "--head", str(trained / "head"), "--format", "jsonl", "--quiet"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 5 and all(len(line["top"]) == 3 for line in lines)
+
+
+def test_nothing_scorable_is_status_1(trained, tmp_path, capsys):
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    assert score_main([str(tmp_path / "bad.jpg"), "--head", str(trained / "head"), "--quiet"]) == 1
+    assert "no image could be scored" in capsys.readouterr().err
+
+
+def test_not_a_head_folder_is_status_2(tmp_path, capsys):
+    assert score_main([str(tmp_path), "--head", str(tmp_path), "--quiet"]) == 2
+    assert "not a head folder" in capsys.readouterr().err
