@@ -140,8 +140,9 @@ def build_score_parser() -> OneLineParser:
     add = parser.add_argument
     add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive), or @list.txt (a path a line)")
     add("--head", required=True, metavar="DIR", help="a head folder written by train-head")
-    add("--cache", default=DEFAULT_CACHE, metavar="PATH",
-        help=f"reuse features of images already in this cache (default {DEFAULT_CACHE}, if it exists)")
+    add("--cache", metavar="PATH",
+        help=f"reuse features of images already in this cache (default: {DEFAULT_CACHE}, where it exists "
+             f"and holds the head's configuration)")
     add("--weights", metavar="PATH", help="a local copy of the weights the head's features were made with")
     add("--top-k", type=int, default=3, metavar="K", help="labels to list per image (default 3)")
     add("--output", metavar="FILE", help="write rows to FILE.csv or FILE.jsonl (default: CSV on stdout)")
@@ -156,7 +157,8 @@ def score_main(argv=None) -> int:
     kind = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
     counts = {"ok": 0, "error": 0}
     try:
-        rows = score_images(args.paths, args.head, cache=args.cache, weights=args.weights, top_k=args.top_k,
+        rows = score_images(args.paths, args.head, cache=args.cache or DEFAULT_CACHE,
+                            cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
                             batch_size=args.batch_size, progress=not args.quiet)
         with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as stream:
             write = _row_writer(stream, kind, args.top_k)

@@ -63,6 +63,7 @@ def score_images(
     head,
     *,
     cache=None,
+    cache_required: bool = True,
     weights: str | None = None,
     top_k: int = 3,
     batch_size: int = 32,
@@ -71,12 +72,13 @@ def score_images(
 ) -> Iterator[ScoreRow]:
     """Score image files, folders (recursively) and `@list.txt` files (a path a line) with
     a head (a folder or a `LoadedHead`). Yields one row per input image, in input order,
-    holding at most a few batches in memory. Features already in `cache` are reused."""
+    holding at most a few batches in memory. Features already in `cache` are reused; a
+    cache without the head's configuration is an error unless `cache_required` is False."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
     if top_k < 1 or batch_size < 1:
         raise UsageError(f"Expected --top-k and --batch-size >= 1; received {top_k} and {batch_size}.")
     config = head_config(head, weights)
-    known = _CachedFeatures(cache, head.fingerprint)
+    known = _CachedFeatures(cache, head.fingerprint, cache_required)
     compute = _LazyBackbone(config)
     loaded = load_all(
         Path(""), (ImageFile(path, "", "", 0, 0) for path in expand_inputs(paths)), config.input_size,
@@ -146,14 +148,20 @@ class _LazyBackbone:
 class _CachedFeatures:
     """Features of one configuration in a cache, found by content hash."""
 
-    def __init__(self, cache, key: str):
+    def __init__(self, cache, key: str, required: bool):
         self.rows: dict[str, int] = {}
         self.cache = None
-        if cache is None or not Path(cache).is_file():
+        if cache is None or not (required or Path(cache).is_file()):
             return
-        if key in {config["fingerprint"] for config in list_configs(cache)}:
+        configurations = [config["fingerprint"] for config in list_configs(cache)]
+        if key in configurations:
             self.cache = FeatureCache(cache, key)
             self.rows = {sha256: row for row, sha256 in enumerate(self.cache.sha256())}
+        elif required:
+            raise UsageError(
+                f"The cache {str(cache)!r} holds no features of the head's configuration {key} "
+                f"(it holds {', '.join(configurations) or 'none'}); leave out --cache or extract with the head's settings."
+            )
 
     def features(self, hashes: list[str]) -> np.ndarray:
         return self.cache.features_at([self.rows[sha256] for sha256 in hashes])

@@ -55,15 +55,25 @@ class Journal:
 
     def append(self, hashes: list[str], features: np.ndarray) -> None:
         """Write one batch durably, then index it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"batch-{self._next:06d}.npz"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheError(f"Cannot make the journal folder {str(self.folder)!r} ({error.strerror}).") from error
         self._next += 1
         temporary = self.folder / (name + ".tmp")
-        with open(temporary, "wb") as file:
-            np.savez(file, sha256=np.array(hashes, dtype="S64"), features=features)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.folder / name)
+        try:
+            with open(temporary, "wb") as file:
+                np.savez(file, sha256=np.array(hashes, dtype="S64"), features=features)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.folder / name)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise CacheError(
+                f"Could not write a batch to {str(self.folder)!r} ({error.strerror or error}); the cache and "
+                f"the batches before this one are kept. Free some space (or choose another --cache) and run again."
+            ) from error
         for row, sha256 in enumerate(hashes):
             self.index[sha256] = (name, row)
 

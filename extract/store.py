@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,7 +227,7 @@ def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journ
             os.close(directory)
     except OSError as error:
         raise CacheError(
-            f"Could not write the cache {str(path)!r} ({error.strerror or error}); "
+            f"Could not write the cache {str(path)!r} ({_reason(error)}); "
             f"it is unchanged. Free some space or choose another place with --cache."
         ) from error
     finally:
@@ -303,6 +304,14 @@ def _write_tables(group, rows: Rows, failures) -> None:
     table = group.create_group("failures")
     table.create_dataset("path", data=np.array([path for path, _ in failures], dtype=object), dtype=_TEXT)
     table.create_dataset("reason", data=np.array([reason for _, reason in failures], dtype=object), dtype=_TEXT)
+
+
+def _reason(error: OSError) -> str:
+    """The cause of an I/O error in a few words (HDF5's own messages run over many lines)."""
+    found = re.search(r"errno = (\d+)", str(error))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return " ".join(str(error.strerror or error).split())[:200]
 
 
 def _choose_config(file: h5py.File, wanted: str | None, path: Path) -> str:

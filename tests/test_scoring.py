@@ -7,7 +7,7 @@ import pytest
 
 from classify import load_head, score_images, train_head
 from classify.cli import score_main
-from conftest import SIZE, make_dataset, make_image
+from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
 from extract import FeatureCache, UsageError, extract_features
 from extract.backbone import Backbone, FeatureConfig
 from extract.reader import decode
@@ -88,6 +88,12 @@ def test_nothing_scorable_is_status_1(trained, tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"")
     assert score_main([str(tmp_path / "bad.jpg"), "--head", str(trained / "head"), "--quiet"]) == 1
     assert "no image could be scored" in capsys.readouterr().err
+
+
+def test_a_cache_of_another_configuration_is_refused(trained, tmp_path, capsys):
+    other = write_synthetic_cache(tmp_path / "other.h5", {"train": (("a", "b"), 3)})
+    status = score_main([str(trained / "new"), "--head", str(trained / "head"), "--cache", str(other), "--quiet"])
+    assert status == 2 and "holds no features of the head's configuration" in capsys.readouterr().err
 
 
 def test_not_a_head_folder_is_status_2(tmp_path, capsys):
