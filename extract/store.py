@@ -2,7 +2,7 @@
 
     /                          attrs: format, format_version, last_config, created, updated
     /configs/<fingerprint>/    one group per feature configuration; attrs describe it
-        features     (N, *feature_shape) float32 | float16, chunked, gzip + shuffle
+        features     (N, *feature_shape) float32 | float16, chunked, gzip + shuffle + fletcher32
         path         (N,) utf-8   relative to the data folder, "/"-separated
         sha256       (N,) S64     SHA-256 of the file's bytes, hex
         label        (N,) utf-8   class name, "" when unlabeled
@@ -119,11 +119,12 @@ class FeatureCache:
         except CacheError:
             self._file.close()
             raise
-        self._group = self._file["configs"][self.fingerprint]
-        self.config = _attrs(self._group)
-        self.class_names = self._group["class_names"].asstr()[:]
-        self.feature_shape = tuple(self._group["features"].shape[1:])
-        self._splits = self._group["split"].asstr()[:]
+        with self._reading():
+            self._group = self._file["configs"][self.fingerprint]
+            self.config = _attrs(self._group)
+            self.class_names = self._group["class_names"].asstr()[:]
+            self.feature_shape = tuple(self._group["features"].shape[1:])
+            self._splits = self._group["split"].asstr()[:]
 
     def __enter__(self) -> "FeatureCache":
         return self
@@ -162,34 +163,46 @@ class FeatureCache:
 
     def features_at(self, rows) -> np.ndarray:
         """The features of the given row numbers, in that order (each chunk read once)."""
-        return _read_rows(self._group["features"], np.asarray(rows, dtype=np.int64))
+        with self._reading():
+            return _read_rows(self._group["features"], np.asarray(rows, dtype=np.int64))
 
     def column(self, name: str, split: str | None = None) -> np.ndarray:
         """Any per-row dataset of the group (see the schema above), optionally one split's rows."""
-        dataset = self._group[name]
-        reader = dataset.asstr() if dataset.dtype == _TEXT else dataset
-        if split is None:
-            return reader[:]
-        keep = self._splits == split
-        step = dataset.chunks[0] if dataset.chunks else len(keep) or 1
-        parts = [reader[start : start + step][keep[start : start + step]] for start in range(0, len(keep), step)]
-        return np.concatenate(parts) if parts else reader[:0]
+        with self._reading():
+            dataset = self._group[name]
+            reader = dataset.asstr() if dataset.dtype == _TEXT else dataset
+            if split is None:
+                return reader[:]
+            keep = self._splits == split
+            step = dataset.chunks[0] if dataset.chunks else len(keep) or 1
+            parts = [reader[start : start + step][keep[start : start + step]] for start in range(0, len(keep), step)]
+            return np.concatenate(parts) if parts else reader[:0]
 
     def failures(self) -> list[tuple[str, str]]:
-        table = self._group["failures"]
-        return list(zip(table["path"].asstr()[:], table["reason"].asstr()[:]))
+        with self._reading():
+            table = self._group["failures"]
+            return list(zip(table["path"].asstr()[:], table["reason"].asstr()[:]))
 
     def iter_batches(self, split: str | None = None, batch_size: int = 4096) -> Iterator[tuple]:
         """(features, label_indices, paths) a block at a time, without loading the whole file."""
         for start in range(0, len(self), batch_size):
             rows = slice(start, start + batch_size)
             keep = slice(None) if split is None else self._splits[rows] == split
-            labels = self._group["label"].asstr()[rows][keep]
-            yield (
-                self._group["features"][rows][keep],
-                self._positions(labels),
-                self._group["path"].asstr()[rows][keep],
-            )
+            with self._reading():
+                labels = self._group["label"].asstr()[rows][keep]
+                batch = (self._group["features"][rows][keep], self._positions(labels), self._group["path"].asstr()[rows][keep])
+            yield batch
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """A damaged file (a garbled chunk fails its Fletcher-32 checksum) is a CacheError."""
+        try:
+            yield
+        except (OSError, KeyError) as error:
+            raise CacheError(
+                f"The cache {str(self.path)!r} is damaged ({_reason(error)}); "
+                f"run extract-features with --rebuild, which moves it aside and starts a new one."
+            ) from error
 
     def _positions(self, labels: np.ndarray) -> np.ndarray:
         lookup = {name: position for position, name in enumerate(self.class_names)}
@@ -205,7 +218,9 @@ def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journ
     try:
         with contextlib.ExitStack() as stack:
             old = stack.enter_context(open_cache(path)) if path.exists() else None
-            new = stack.enter_context(h5py.File(temporary, "w"))
+            # No chunk cache: each block goes to disk as it is written, so a full disk fails
+            # there, as an exception, not later inside HDF5's close.
+            new = stack.enter_context(h5py.File(temporary, "w", rdcc_nbytes=0))
             new.attrs.update(
                 format=FORMAT, format_version=FORMAT_VERSION, last_config=fingerprint,
                 created=old.attrs["created"] if old else now(), updated=now(),
@@ -217,6 +232,7 @@ def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journ
             previous = old["configs"].get(fingerprint) if old else None
             group = _write_rows(configs, fingerprint, previous, rows, journal, attrs)
             _write_tables(group, rows, failures)
+            new.flush()
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -225,7 +241,7 @@ def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journ
             os.fsync(directory)
         finally:
             os.close(directory)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # h5py reports some failed writes as RuntimeError
         raise CacheError(
             f"Could not write the cache {str(path)!r} ({_reason(error)}); "
             f"it is unchanged. Free some space or choose another place with --cache."
@@ -251,7 +267,7 @@ def _write_rows(configs, fingerprint, previous, rows: Rows, journal, attrs: dict
         chunk_rows = max(1, min(_TEXT_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
         group.create_dataset(
             "features", shape=(len(rows), *shape), maxshape=(None, *shape), dtype=dtype,
-            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, shuffle=True,
+            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, shuffle=True, fletcher32=True,
         )
         for column in COLUMNS:
             group.create_dataset(
@@ -306,12 +322,12 @@ def _write_tables(group, rows: Rows, failures) -> None:
     table.create_dataset("reason", data=np.array([reason for _, reason in failures], dtype=object), dtype=_TEXT)
 
 
-def _reason(error: OSError) -> str:
+def _reason(error: Exception) -> str:
     """The cause of an I/O error in a few words (HDF5's own messages run over many lines)."""
     found = re.search(r"errno = (\d+)", str(error))
     if found:
         return os.strerror(int(found.group(1)))
-    return " ".join(str(error.strerror or error).split())[:200]
+    return " ".join(str(getattr(error, "strerror", None) or error).split())[:200]
 
 
 def _choose_config(file: h5py.File, wanted: str | None, path: Path) -> str:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from classify import export_model, load_head, train_head
-from conftest import SIZE, make_dataset
+from conftest import make_dataset
 from extract import FeatureCache, UsageError, extract_features
 from extract.reader import decode
 

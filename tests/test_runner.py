@@ -178,7 +178,7 @@ def test_interrupted_run_keeps_finished_batches_and_resumes(extract, dataset, we
 
 
 def test_rebuild_moves_the_old_cache_aside(extract, dataset, tmp_path):
-    first = extract(dataset)
+    extract(dataset)
     summary = extract(dataset, rebuild=True)
     assert summary.computed == 6
     assert len(list((tmp_path / "cache").glob("features.h5.replaced-*"))) == 1

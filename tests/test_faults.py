@@ -1,0 +1,209 @@
+"""Faults from outside, on the real command in subprocesses: kills at any moment, a second
+writer, a full disk, a read-only cache folder, unreadable files, a damaged cache."""
+
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SIZE, make_image
+from extract import CacheError, FeatureCache
+from extract.cli import main
+
+def many_images(root: Path, count: int, start: int = 0) -> None:
+    for i in range(start, start + count):
+        make_image(root / "train" / f"c{i % 3}" / f"{i}.png", seed=i, size=(12, 12))
+
+
+def command(data, cache, weights_file, *extra):
+    return [sys.executable, "-m", "extract.cli", str(data), "--cache", str(cache), "--weights", str(weights_file),
+            "--input-size", str(SIZE), "--quiet", *map(str, extra)]
+
+
+def start(data, cache, weights_file, *extra):
+    return subprocess.Popen(command(data, cache, weights_file, *extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def batches(cache: Path) -> int:
+    return len(list(Path(f"{cache}.journal").glob("*/batch-*.npz")))
+
+
+def wait_for_batches(cache: Path, count: int, process, timeout=120) -> bool:
+    """Wait until the journal holds `count` batches; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while batches(cache) < count:
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    return True
+
+
+def features(cache: Path) -> dict:
+    with FeatureCache(cache) as opened:
+        return dict(zip(opened.paths(), opened.features()))
+
+
+def assert_rows_match(cache: Path, reference: dict) -> int:
+    saved = features(cache)
+    for path, feature in saved.items():
+        np.testing.assert_array_equal(feature, reference[path], err_msg=path)
+    return len(saved)
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory, weights_file):
+    """300 tiny images and the features of one uninterrupted run over them."""
+    root = tmp_path_factory.mktemp("big")
+    many_images(root / "data", 300)
+    done = subprocess.run(command(root / "data", root / "reference.h5", weights_file), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return root / "data", features(root / "reference.h5")
+
+
+def test_sigkill_at_twenty_moments_loses_nothing(big_folder, weights_file, tmp_path):
+    """Kill -9 twenty times at random moments (saving after every batch, so many kills land
+    inside a cache write); after each, the cache opens and every row in it is right; then
+    a last run finishes with exactly the features of an uninterrupted run."""
+    data, reference = big_folder
+    cache, moments = tmp_path / "c.h5", random.Random(0)
+    rows_seen = []
+    for kill in range(20):
+        process = start(data, cache, weights_file, "--batch-size", "2", "--save-every", "0")
+        assert wait_for_batches(cache, batches(cache) + 1, process), "the run ended before it could be killed"
+        time.sleep(moments.uniform(0, 0.08))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        rows_seen.append(assert_rows_match(cache, reference))
+    assert rows_seen[-1] > 0
+    finish = subprocess.run(command(data, cache, weights_file, "--json"), capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    final = features(cache)
+    assert final.keys() == reference.keys()
+    assert_rows_match(cache, reference)
+    assert not Path(f"{cache}.journal").exists() and not list(tmp_path.glob("c.h5.tmp-*"))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_and_exits_with_a_short_message(big_folder, weights_file, tmp_path, stop):
+    data, reference = big_folder
+    cache = tmp_path / "c.h5"
+    process = start(data, cache, weights_file, "--batch-size", "8")
+    assert wait_for_batches(cache, 3, process)
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted; every finished batch is saved" in err and "Traceback" not in err
+    assert assert_rows_match(cache, reference) >= 24
+
+
+def test_a_second_writer_is_refused_naming_the_first(big_folder, weights_file, tmp_path):
+    data, _ = big_folder
+    cache = tmp_path / "c.h5"
+    first = start(data, cache, weights_file, "--batch-size", "2")
+    try:
+        assert wait_for_batches(cache, 1, first)
+        second = subprocess.run(command(data, cache, weights_file), capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert f"is being written by process {first.pid}" in second.stderr and second.stderr.count("\n") == 1
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_full_disk_keeps_the_old_cache_and_the_new_batches(tmp_path, weights_file):
+    data, cache = tmp_path / "data", tmp_path / "c.h5"
+    many_images(data, 30)
+    assert subprocess.run(command(data, cache, weights_file), capture_output=True).returncode == 0
+    before = cache.read_bytes()
+    many_images(data, 200, start=30)
+    limit = len(before) + 40_000  # room for each journal batch, not for the grown cache
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(command(data, cache, weights_file, "--batch-size", "8"), capture_output=True, text=True,
+                          preexec_fn=small_disk)
+    assert full.returncode == 1 and "File too large" in full.stderr and "it is unchanged" in full.stderr
+    assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr
+    assert cache.read_bytes() == before
+    again = subprocess.run(command(data, cache, weights_file, "--json"), capture_output=True, text=True)
+    assert again.returncode == 0 and '"computed": 0' in again.stdout  # every batch came from the journal
+    assert len(features(cache)) == 230
+
+
+def without_file_access_override(arguments) -> subprocess.CompletedProcess:
+    """The command with file permissions enforced even for root (which CI runs as):
+    setpriv drops the capabilities that let root read and write anything."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: file permissions cannot be enforced")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    return subprocess.run([*prefix, sys.executable, "-m", "extract.cli", *map(str, arguments)],
+                          capture_output=True, text=True)
+
+
+def test_a_read_only_cache_folder_is_a_clear_error(tmp_path, weights_file):
+    data, store = tmp_path / "data", tmp_path / "store"
+    many_images(data, 6)
+    store.mkdir()
+    arguments = [data, "--cache", store / "c.h5", "--weights", weights_file, "--input-size", SIZE, "--quiet"]
+    assert subprocess.run([sys.executable, "-m", "extract.cli", *map(str, arguments)]).returncode == 0
+    before = (store / "c.h5").read_bytes()
+    many_images(data, 3, start=6)
+    os.chmod(store, 0o555)
+    os.chmod(store / "c.h5.lock", 0o444)
+    try:
+        result = without_file_access_override(arguments)
+    finally:
+        os.chmod(store, 0o755)
+    assert result.returncode == 1, result.stderr
+    assert "Cannot write the cache folder" in result.stderr and result.stderr.count("\n") == 1
+    assert (store / "c.h5").read_bytes() == before
+
+
+def test_an_unreadable_file_is_a_failure_not_a_stop(tmp_path, weights_file):
+    data = tmp_path / "data"
+    many_images(data, 6)
+    os.chmod(data / "train" / "c0" / "0.png", 0)
+    result = without_file_access_override([data, "--cache", tmp_path / "c.h5", "--weights", weights_file,
+                                           "--input-size", SIZE, "--quiet"])
+    assert result.returncode == 0, result.stderr
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert len(cache) == 5
+        assert cache.failures() == [("train/c0/0.png", "cannot read file: Permission denied")]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "superblock", "chunks"])
+def test_a_damaged_cache_says_what_to_do(tmp_path, weights_file, capsys, damage):
+    data, cache = tmp_path / "data", tmp_path / "c.h5"
+    many_images(data, 40)
+    arguments = [str(data), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE), "--quiet"]
+    assert main(arguments) == 0
+    content = bytearray(cache.read_bytes())
+    if damage == "truncate":
+        content = content[: len(content) // 2]
+    else:
+        start = 8 if damage == "superblock" else len(content) // 2
+        content[start : start + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    cache.write_bytes(bytes(content))
+    if damage == "chunks":  # the index still reads: the damage shows where the features are read
+        with pytest.raises(CacheError, match="is damaged .* --rebuild"):
+            features(cache)
+    else:
+        assert main(arguments) == 1
+        err = capsys.readouterr().err
+        assert "--rebuild" in err and err.count("\n") == 1
+    assert main([*arguments, "--rebuild"]) == 0
+    assert len(features(cache)) == 40
+    assert len(list(tmp_path.glob("c.h5.replaced-*"))) == 1  # the damaged file, kept aside
