@@ -1,8 +1,6 @@
 """Shared fixtures: tiny images made in the test, and an offline VGG16 weights file."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -64,12 +62,6 @@ def dataset(tmp_path) -> Path:
     root = tmp_path / "data"
     make_dataset(root)
     return root
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The installed command in a subprocess, as a user runs it."""
-    command = [sys.executable, "-m", "extract.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 def blobs(classes=("a", "b", "c"), per_class=30, features=16, seed=0, spread=1.0):

@@ -99,3 +99,22 @@ def test_a_cache_of_another_configuration_is_refused(trained, tmp_path, capsys):
 def test_not_a_head_folder_is_status_2(tmp_path, capsys):
     assert score_main([str(tmp_path), "--head", str(tmp_path), "--quiet"]) == 2
     assert "not a head folder" in capsys.readouterr().err
+
+
+def test_file_names_are_data_never_code(trained, tmp_path, monkeypatch):
+    """Names with newlines, quotes, commas, shell syntax and a leading dash are stored and
+    written back verbatim, and nothing in them runs."""
+    monkeypatch.chdir(tmp_path)
+    names = ['-rf "quoted", comma.png', "new\nline.png", "$(touch pwned).png", "; rm -rf x.png"]
+    data = tmp_path / "odd"
+    for i, name in enumerate(names):
+        make_image(data / "cls" / name, seed=900 + i)
+    extract_features(data, tmp_path / "odd.h5", input_size=SIZE, weights=load_head(trained / "head")
+                     .info["feature_config"]["weights_path"], progress=False)
+    with FeatureCache(tmp_path / "odd.h5") as cache:
+        assert sorted(cache.paths()) == sorted(f"cls/{name}" for name in names)
+    assert score_main([str(data), "--head", str(trained / "head"), "--output", str(tmp_path / "s.csv"), "--quiet"]) == 0
+    with open(tmp_path / "s.csv", newline="") as file:
+        written = [row["path"] for row in csv.DictReader(file)]
+    assert sorted(written) == sorted(os.path.join(str(data), "cls", name) for name in names)
+    assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("pwned*"))
