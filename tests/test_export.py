@@ -38,3 +38,12 @@ def test_other_heads_say_they_cannot_be_exported(extraction, tmp_path):
     folder = train_head(extraction / "data.h5", "knn", out=tmp_path / "head").folder
     with pytest.raises(UsageError, match="knn head cannot be exported"):
         export_model(folder, tmp_path / "model.keras")
+
+
+def test_train_head_export_writes_a_loadable_model(extraction, tmp_path):
+    from classify.cli import main
+
+    assert main(["--cache", str(extraction / "data.h5"), "--head", "logreg", "--export", str(tmp_path / "m.keras"),
+                 "--out", str(tmp_path / "head"), "--quiet"]) == 0
+    model = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert model.input_shape == (None, 48, 48, 3) and model.output_shape == (None, 3)
