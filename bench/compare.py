@@ -1,0 +1,179 @@
+"""Side-by-side measurements on one machine, in one run (ratios survive machine drift).
+
+    python bench/compare.py loaders --images 256 --input-size 224
+    python bench/compare.py seed-job --input-size 64
+    python bench/compare.py precision --images 256 --input-size 224
+
+loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras by hand
+           (load_img loop + preprocess_input + predict), (3) the seed's loader
+           (ImageDataGenerator(rescale=1/255).flow_from_directory + predict), (4)
+           extract-features cold, and again on the unchanged folder. Photo-like 500x375
+           JPEGs (bench/extract_speed.py makes them) in bench/data/photos-N/.
+seed-job   the seed's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
+           ImageDataGenerator with its augmentation, end to end) against this project's
+           (extract-features once + train-head mlp, 10 epochs), on the demo digits, same weights.
+precision  float32 against mixed_bfloat16: model-only images/s, cosine similarity of the
+           features, and logreg / mlp validation accuracy on the demo digits.
+
+Weights are seeded random ones (this machine cannot download ImageNet's); speed does not
+depend on them, and both sides of each comparison use the same ones.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench.extract_speed import make_photos  # noqa: E402
+from demo.make_data import main as make_digits  # noqa: E402
+from extract import extract_features  # noqa: E402
+from extract.backbone import Backbone, FeatureConfig, import_keras  # noqa: E402
+from extract.layout import scan_folder  # noqa: E402
+
+DIGITS = "data/demo"
+
+
+def timed(function):
+    started = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - started
+
+
+def seed_generator(keras, **augmentation):
+    # The seed's loader. Keras 3 keeps it only under keras.src.legacy.
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    return ImageDataGenerator(rescale=1 / 255, **augmentation)
+
+
+def loaders(args) -> dict:
+    data = Path("bench/data") / f"photos-{args.images}"  # exactly N images: every loader reads the folder
+    make_photos(data, args.images)
+    images = scan_folder(data).images[: args.images]
+    size, batch = args.input_size, args.batch_size
+    config = FeatureConfig(input_size=size, weights="random")
+    backbone = Backbone(config)
+    keras = import_keras()
+    pixels = np.stack([
+        keras.utils.img_to_array(keras.utils.load_img(data / image.path, target_size=(size, size), interpolation="bilinear"))
+        for image in images
+    ])
+    backbone(pixels[:batch].astype(np.uint8))  # trace once
+
+    def model_only():
+        for start in range(0, len(pixels), batch):
+            backbone.model.predict_on_batch(keras.applications.vgg16.preprocess_input(pixels[start:start + batch].copy()))
+
+    def by_hand():
+        for start in range(0, len(images), batch):
+            arrays = [keras.utils.img_to_array(keras.utils.load_img(data / image.path, target_size=(size, size)))
+                      for image in images[start:start + batch]]
+            backbone.model.predict(keras.applications.vgg16.preprocess_input(np.stack(arrays)), verbose=0)
+
+    def seed_loader():
+        flow = seed_generator(keras).flow_from_directory(
+            str(data / "train"), target_size=(size, size), batch_size=batch, class_mode=None, shuffle=False)
+        backbone.model.predict(flow, steps=int(np.ceil(len(images) / batch)), verbose=0)
+
+    results = {"images": len(images), "input_size": size, "batch_size": batch}
+    for name, function in (("model_only", model_only), ("plain_keras", by_hand), ("seed_loader", seed_loader)):
+        _, seconds = timed(function)
+        results[f"{name}_images_per_s"] = round(len(images) / seconds, 2)
+    cache = Path(tempfile.mkdtemp()) / "c.h5"
+    options = dict(input_size=size, weights="random", batch_size=batch, progress=False)
+    _, seconds = timed(lambda: extract_features(data, cache, **options))
+    results["extract_cold_images_per_s"] = round(len(images) / seconds, 2)
+    _, rerun = timed(lambda: extract_features(data, cache, **options))
+    results["extract_rerun_seconds"] = round(rerun, 3)
+    for name in ("plain_keras", "seed_loader", "extract_cold"):
+        results[f"{name}_vs_model_only"] = round(results[f"{name}_images_per_s"] / results["model_only_images_per_s"], 3)
+    return results
+
+
+def seed_job(args) -> dict:
+    make_digits(DIGITS)
+    size, keras = args.input_size, import_keras()
+    keras.utils.set_random_seed(0)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
+    weights = Path(tempfile.mkdtemp()) / "vgg16_seeded.weights.h5"
+    base.save_weights(weights)
+    base.trainable = False
+    n_classes = len(os.listdir(Path(DIGITS, "train")))
+    model = keras.Sequential([base, keras.layers.Flatten(), keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(n_classes, activation="softmax")])
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    train = seed_generator(keras, shear_range=0.2, zoom_range=0.2, horizontal_flip=True).flow_from_directory(
+        f"{DIGITS}/train", target_size=(size, size), batch_size=32, class_mode="categorical", seed=0)
+    validation = seed_generator(keras).flow_from_directory(
+        f"{DIGITS}/validation", target_size=(size, size), batch_size=32, class_mode="categorical", shuffle=False)
+    history, seed_seconds = timed(lambda: model.fit(train, epochs=10, validation_data=validation, verbose=0))
+
+    from classify import train_head
+
+    cache = Path(tempfile.mkdtemp()) / "c.h5"
+    _, extract_seconds = timed(lambda: extract_features(DIGITS, cache, input_size=size, weights=weights, progress=False))
+    training, head_seconds = timed(lambda: train_head(cache, "mlp", out=Path(tempfile.mkdtemp()) / "head"))
+    ours = extract_seconds + head_seconds
+    return {
+        "input_size": size, "train_images": train.samples, "validation_images": validation.samples,
+        "seed_seconds": round(seed_seconds, 1), "seed_validation_accuracy": round(history.history["val_accuracy"][-1], 4),
+        "ours_seconds": round(ours, 1), "ours_extract_seconds": round(extract_seconds, 1),
+        "ours_head_seconds": round(head_seconds, 1),
+        "ours_validation_accuracy": round(training.results[0].scores["validation"]["accuracy"], 4),
+        "speedup": round(seed_seconds / ours, 2),
+    }
+
+
+def precision(args) -> dict:
+    data = Path("bench/data") / f"photos-{args.images}"
+    make_photos(data, args.images)
+    images = scan_folder(data).images[: args.images]
+    keras = import_keras()
+    pixels = np.stack([np.asarray(keras.utils.load_img(data / image.path, target_size=(args.input_size,) * 2,
+                                                        interpolation="bilinear"), dtype=np.uint8) for image in images])
+    results = {"images": len(images), "input_size": args.input_size}
+    features = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        backbone = Backbone(FeatureConfig(input_size=args.input_size, weights="random", precision=policy, pooling="avg"))
+        backbone(pixels[: args.batch_size])
+        started = time.perf_counter()
+        features[policy] = np.concatenate([backbone(pixels[i:i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)])
+        results[f"{policy}_images_per_s"] = round(len(pixels) / (time.perf_counter() - started), 2)
+    a, b = features["float32"], features["mixed_bfloat16"]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    results["cosine_min"], results["cosine_mean"] = round(float(cosine.min()), 5), round(float(cosine.mean()), 5)
+    results["speedup"] = round(results["mixed_bfloat16_images_per_s"] / results["float32_images_per_s"], 2)
+
+    from classify import train_head
+
+    make_digits(DIGITS)
+    for policy in ("float32", "mixed_bfloat16"):
+        cache = Path(tempfile.mkdtemp()) / "c.h5"
+        extract_features(DIGITS, cache, input_size=64, pooling="avg", weights="random", precision=policy, progress=False)
+        for head in ("logreg", "mlp"):
+            training = train_head(cache, head, out=Path(tempfile.mkdtemp()) / "head")
+            results[f"{policy}_{head}_validation_accuracy"] = round(training.results[0].scores["validation"]["accuracy"], 4)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=("loaders", "seed-job", "precision"))
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    experiment = {"loaders": loaders, "seed-job": seed_job, "precision": precision}[args.experiment]
+    print(json.dumps(experiment(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
