@@ -22,7 +22,7 @@ from extract.backbone import PREPROCESSING, Backbone, FeatureConfig, fingerprint
 from extract.errors import CacheError, UsageError
 from extract.journal import Journal, WriterLock
 from extract.layout import Scan, scan_folder
-from extract.reader import load_all
+from extract.reader import load, load_all
 from extract.store import FeatureCache, Rows, list_configs, now, open_cache, write_cache
 
 DEFAULT_CACHE = "cache/features.h5"
@@ -157,11 +157,12 @@ class _Run:
                 self.scan.root, self.reading, self.config.input_size, self.config.interpolation,
                 known, workers, prefetch=2 * batch_size,
             ):
+                if loaded.pixels is None and not loaded.error and not self._decide(loaded.image.path, loaded.sha256):
+                    # known when read, gone since (a checkpoint dropped the deleted file that had it)
+                    loaded = load(self.scan.root, loaded.image, self.config.input_size, self.config.interpolation)
                 if loaded.error:
                     self.failures.append((loaded.image.path, loaded.error))
-                elif loaded.pixels is None:
-                    self._decide(loaded.image.path, loaded.sha256)
-                else:
+                elif loaded.pixels is not None:
                     waiting.append(loaded)
                     if len(waiting) == batch_size:
                         self._run_batch(waiting)
@@ -187,14 +188,18 @@ class _Run:
         for loaded in batch:
             self.decided[loaded.image.path] = (loaded.sha256, -1)
 
-    def _decide(self, path: str, sha256: str) -> None:
-        """An image whose features exist already: in its own row, the journal, or another row."""
+    def _decide(self, path: str, sha256: str) -> bool:
+        """Take the features an image already has (its own row, the journal, or another
+        row); False if they are no longer anywhere."""
         entry = self.cached.get(path)
         if entry and entry.sha256 == sha256:
             self.decided[path] = (sha256, entry.row)
-            return
-        self.summary.reused += 1
-        self.decided[path] = (sha256, -1 if sha256 in self.journal.index else self.by_sha[sha256])
+        elif sha256 in self.journal.index or sha256 in self.by_sha:
+            self.summary.reused += 1
+            self.decided[path] = (sha256, -1 if sha256 in self.journal.index else self.by_sha[sha256])
+        else:
+            return False
+        return True
 
     def rows(self) -> Rows:
         """The rows to store. Cached rows that keep their features come first, in their old

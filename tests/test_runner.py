@@ -182,3 +182,16 @@ def test_rebuild_moves_the_old_cache_aside(extract, dataset, tmp_path):
     summary = extract(dataset, rebuild=True)
     assert summary.computed == 6
     assert len(list((tmp_path / "cache").glob("features.h5.replaced-*"))) == 1
+
+
+def test_a_moved_file_read_after_a_checkpoint(extract, dataset):
+    """The moved file's old row is dropped at the first checkpoint; its features must still
+    be found (or computed again), never lost or mixed up."""
+    before = cached_features(extract(dataset).cache)
+    (dataset / "train/cat/0.png").rename(dataset / "train/dog/zzz.png")  # moved: new path, same content
+    for i in range(12):  # new images read (and checkpointed) before it
+        make_image(dataset / "train/dog" / f"a-{i:02d}.png", seed=700 + i)
+    summary = extract(dataset, batch_size=2, save_every=0)
+    after = cached_features(summary.cache)
+    np.testing.assert_array_equal(after["train/dog/zzz.png"], before["train/cat/0.png"])
+    assert "train/cat/0.png" not in after and summary.removed == 1
