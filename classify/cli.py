@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             training = train_head(
                 args.cache, args.head, config=args.config, out=args.out, search=args.search, cv=args.cv,
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
-                **options,
+                progress=not (args.quiet or args.json), **options,
             )
             if args.export:
                 export_model(training.results[0].folder, args.export)

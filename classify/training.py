@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
+from tqdm import tqdm
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold, cross_validate, train_test_split
 
 from classify.artifacts import CONFIG_FACTS, save_head
@@ -95,6 +96,7 @@ def train_head(
     class_weight: str | None = None,
     seed: int = 0,
     validation_fraction: float = 0.2,
+    progress: bool = False,
     **options,
 ) -> Training:
     """Train one head (or every head, `head="all"`) on a cache's features, score it on the
@@ -112,7 +114,9 @@ def train_head(
     folder = _new_folder(out, "all" if len(names) > 1 else names[0])
     results = []
     plan = _Plan(search, cv, class_weight, seed, validation_fraction)
-    for name in names:
+    bar = tqdm(names, unit="head", desc="training", disable=None if progress and len(names) > 1 else True)
+    for name in bar:
+        bar.set_postfix_str(name)
         target = folder / name if len(names) > 1 else folder
         results.append(_train_one(name, splits, target, plan, options if name == "mlp" else {}))
     training = Training(results, folder, splits.fingerprint, splits.validation_source)
