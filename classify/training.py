@@ -12,7 +12,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from classify.evaluation import evaluate
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from extract import DEFAULT_CACHE, FeatureCache, UsageError
+from extract.store import package_versions
 
 DEFAULT_HEADS_FOLDER = "heads"
 CLASS_WEIGHTS = (None, "balanced")
@@ -220,7 +220,7 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
         "cross_validation": cross_validation,
         "search": table,
         "fit_seconds": round(fit_seconds, 3),
-        "versions": _versions(),
+        "versions": package_versions(("bottleneck-features", "scikit-learn", "keras", "tensorflow", "numpy")),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     save_head(folder, estimator, info, scores)
@@ -279,13 +279,3 @@ def _new_folder(out, name: str) -> Path:
         except FileExistsError:
             continue
     raise UsageError(f"Could not make a new folder under {DEFAULT_HEADS_FOLDER}/; pass --out.")
-
-
-def _versions() -> dict:
-    versions = {}
-    for package in ("bottleneck-features", "scikit-learn", "keras", "tensorflow", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions

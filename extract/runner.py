@@ -12,20 +12,21 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from extract.backbone import PREPROCESSING, Backbone, FeatureConfig, fingerprint
-from extract.errors import CacheError, UsageError
+from extract import __version__
+from extract.errors import UsageError
 from extract.journal import Journal, WriterLock
 from extract.layout import Scan, scan_folder
 from extract.reader import load, load_all
-from extract.store import FeatureCache, Rows, list_configs, now, open_cache, write_cache
+from extract.store import FeatureCache, Rows, now, open_cache, package_versions, write_cache
 
 DEFAULT_CACHE = "cache/features.h5"
+VERSIONED = ("keras", "tensorflow", "h5py", "pillow", "numpy")  # recorded with every configuration
 
 
 @dataclass
@@ -124,7 +125,7 @@ class _Run:
         self.scan, self.config, self.identity, self.cache = scan, config, identity, cache
         self.key = fingerprint(identity)
         self.validation_percent = validation_percent
-        self.original, self.stored_failures, self.attrs = _read_cached(cache, self.key)
+        self.original, self.stored_failures, self.attrs, self.last_config = _read_cached(cache, self.key)
         data_root = str(scan.root.resolve())
         if self.attrs and self.attrs.get("data_dir") != data_root:
             raise UsageError(
@@ -236,11 +237,12 @@ class _Run:
             validation_percent=self.validation_percent if self.scan.layout == "classes" else None,
             created=self.attrs.get("created") or now(),
             updated=now(),
-            **_versions(),
+            extract_version=__version__,
+            **{f"{name}_version": version for name, version in package_versions(VERSIONED).items()},
         )
         failures = sorted(self.failures)
         write_cache(self.cache, self.key, attrs, rows, failures, self.journal)
-        self.attrs, self.stored_failures = attrs, failures
+        self.attrs, self.stored_failures, self.last_config = attrs, failures, self.key
         self._now_cached({
             path: _Cached(row, *values)
             for row, (path, *values) in enumerate(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns))
@@ -252,7 +254,7 @@ class _Run:
         rows = self.rows()
         stored = [(path, e.sha256, e.label, e.split, e.size, e.mtime_ns, e.row) for path, e in self.cached.items()]
         current = list(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns, rows.source))
-        if current != stored or sorted(self.failures) != self.stored_failures or _last_config(self.cache) != self.key:
+        if current != stored or sorted(self.failures) != self.stored_failures or self.last_config != self.key:
             self.save(rows)
         self._count(rows)
         self.journal.clear()
@@ -277,29 +279,21 @@ class _Run:
 
 
 def _read_cached(cache: Path, key: str):
-    """The rows (by path, in row order), failures and attributes cached for this configuration."""
-    if not cache.exists() or key not in {config["fingerprint"] for config in list_configs(cache)}:
-        return {}, [], {}
-    try:
-        with FeatureCache(cache, key) as stored:
-            columns = zip(*(stored.column(name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")))
-            cached = {
-                path: _Cached(row, sha256.decode(), label, split, int(size), int(mtime_ns))
-                for row, (path, sha256, label, split, size, mtime_ns) in enumerate(columns)
-            }
-            return cached, sorted(stored.failures()), stored.config
-    except (OSError, KeyError, ValueError) as error:
-        raise CacheError(
-            f"The cache {str(cache)!r} is damaged ({error}); run again with --rebuild to move it "
-            f"aside and start a new one."
-        ) from error
-
-
-def _last_config(cache: Path) -> str | None:
+    """The rows (by path, in row order), failures and attributes cached for this
+    configuration, and the configuration the cache's last run wrote."""
     if not cache.exists():
-        return None
-    with open_cache(cache) as file:
-        return file.attrs.get("last_config")
+        return {}, [], {}, None
+    with open_cache(cache) as file:  # refuses a damaged or foreign file before any work is done
+        present, last_config = key in file["configs"], file.attrs.get("last_config")
+    if not present:
+        return {}, [], {}, last_config
+    with FeatureCache(cache, key) as stored:
+        columns = zip(*(stored.column(name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")))
+        cached = {
+            path: _Cached(row, sha256.decode(), label, split, int(size), int(mtime_ns))
+            for row, (path, sha256, label, split, size, mtime_ns) in enumerate(columns)
+        }
+        return cached, sorted(stored.failures()), stored.config, last_config
 
 
 def _clean_leftovers(cache: Path, rebuild: bool) -> None:
@@ -310,17 +304,3 @@ def _clean_leftovers(cache: Path, rebuild: bool) -> None:
     if rebuild and cache.exists():
         aside = cache.with_name(f"{cache.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(cache, aside)  # the journal stays: its batches are valid for any cache
-    elif cache.exists():
-        list_configs(cache)  # refuses a damaged or foreign file before any work is done
-
-
-def _versions() -> dict:
-    from extract import __version__
-
-    versions = {"extract_version": __version__}
-    for package in ("keras", "tensorflow", "h5py", "pillow", "numpy"):
-        try:
-            versions[f"{package}_version"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[f"{package}_version"] = "unknown"
-    return versions

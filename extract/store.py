@@ -25,6 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
@@ -61,6 +62,17 @@ class Rows:
     def add(self, path, sha256, label, split, size, mtime_ns, source) -> None:
         for column, value in zip(COLUMNS + ("source",), (path, sha256, label, split, size, mtime_ns, source)):
             getattr(self, column).append(value)
+
+
+def package_versions(packages) -> dict[str, str]:
+    """Installed versions by distribution name ("unknown" when not installed)."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
 
 
 def now() -> str:
