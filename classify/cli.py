@@ -36,6 +36,8 @@ def build_parser() -> OneLineParser:
     add("--cv", type=int, metavar="K", help="also report stratified K-fold accuracy on the training split")
     add("--class-weight", choices=("balanced",), help="weight classes inversely to their frequency")
     add("--seed", type=int, default=0, help="makes every head reproducible (default 0)")
+    add("--no-augment", dest="augment", action="store_false",
+        help="ignore the cached augmented views (extract-features --augment) and train on the images alone")
     add("--validation-fraction", type=float, default=0.2, metavar="F",
         help="with no validation split in the cache: stratified share of training images held out (default 0.2)")
     mlp = parser.add_argument_group("mlp head (defaults are the seed's)")
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
             training = train_head(
                 args.cache, args.head, config=args.config, out=args.out, search=args.search, cv=args.cv,
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
-                progress=not (args.quiet or args.json), **options,
+                augment=args.augment, progress=not (args.quiet or args.json), **options,
             )
             if args.export:
                 export_model(training.results[0].folder, args.export)
@@ -93,6 +95,8 @@ def to_dict(training: Training) -> dict:
         "folder": str(training.folder),
         "fingerprint": training.fingerprint,
         "validation_source": training.validation_source,
+        "training_images": training.training_images,
+        "training_views": training.training_views,
         "leaderboard": training.leaderboard(),
         "results": {result.head: {"scores": result.scores, "params": result.params, "search": result.search,
                                   "cross_validation": result.cross_validation} for result in training.results},
@@ -103,6 +107,9 @@ def format_training(training: Training) -> str:
     lines = []
     if training.validation_source == "drawn":
         lines.append("(no validation split in the cache: a stratified share of the training images was held out)")
+    if training.training_views:
+        lines.append(f"(trained on {training.training_images} images and {training.training_views} cached views of them; "
+                     f"--no-augment ignores the views)")
     if len(training.results) == 1:
         result = training.results[0]
         for split, scores in result.scores.items():

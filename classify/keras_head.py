@@ -1,7 +1,9 @@
 """The seed's dense head, in Keras, as a scikit-learn classifier.
 
 Flatten -> Dense(256, relu) -> Dense(n, softmax), Adam, categorical cross-entropy,
-10 epochs, batch 32: the defaults are the seed's. It composes with `Pipeline`,
+10 epochs, batch 32: the defaults are the seed's. Given cached augmented views
+(`fit(..., image_index=...)`), each epoch sees every image once, as one of its views,
+a different one each epoch, as the seed's generator does. It composes with `Pipeline`,
 `GridSearchCV`, `clone` and joblib like any scikit-learn estimator; pickling stores the
 Keras model in Keras's own `.keras` format, and unpickling loads it with `safe_mode=True`.
 """
@@ -56,8 +58,14 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y, validation_data=None):
+    def fit(self, X, y, image_index=None, validation_data=None):
+        """Train on rows X. `image_index`, when given, says which image each row shows:
+        rows with the same value are views of one image, and each epoch uses one of them."""
         X, y = validate_data(self, X, y, dtype=np.float32)
+        if image_index is not None:
+            image_index = np.asarray(image_index)
+            if image_index.shape != (len(X),):
+                raise ValueError(f"Expected image_index of shape ({len(X)},); received {image_index.shape}.")
         check_classification_targets(y)
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"Expected dropout_rate in [0, 1); received {self.dropout_rate}.")
@@ -65,24 +73,32 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"Expected at least 2 classes in y; received 1 class ({self.classes_[0]!r}).")
         keras = import_keras()
-        keras.utils.set_random_seed(int(check_random_state(self.random_state).randint(2**31 - 1)))
+        random = check_random_state(self.random_state)
+        keras.utils.set_random_seed(int(random.randint(2**31 - 1)))
         if self.early_stopping and validation_data is None:
-            X, X_val, y_index, y_val = train_test_split(
-                X, y_index, test_size=self.validation_fraction, stratify=y_index,
+            images = np.arange(len(X)) if image_index is None else image_index
+            first = np.unique(images, return_index=True)[1]  # one row (label) per image
+            _, held_out = train_test_split(
+                images[first], test_size=self.validation_fraction, stratify=y_index[first],
                 random_state=int(check_random_state(self.random_state).randint(2**31 - 1)),
             )
-            validation_data = (X_val, self.classes_[y_val])
+            out = np.isin(images, held_out)
+            validation_data = (X[out], self.classes_[y_index[out]])
+            X, y_index = X[~out], y_index[~out]
+            image_index = None if image_index is None else image_index[~out]
         self.model_ = self._build(keras, X.shape[1], len(self.classes_))
         callbacks = []
         if self.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True
             ))
+        targets = keras.utils.to_categorical(y_index, len(self.classes_))
+        data = {"x": X, "y": targets, "batch_size": self.batch_size}
+        if image_index is not None and len(np.unique(image_index)) < len(X):
+            data = {"x": _one_view_per_epoch(keras, X, targets, image_index, self.batch_size, random)}
         history = self.model_.fit(
-            X,
-            keras.utils.to_categorical(y_index, len(self.classes_)),
+            **data,
             epochs=self.epochs,
-            batch_size=self.batch_size,
             validation_data=self._encode(keras, validation_data),
             class_weight=self._class_weights(y_index),
             callbacks=callbacks,
@@ -138,6 +154,37 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(state.get("model_"), bytes):
             state["model_"] = _model_from_bytes(state["model_"])
         self.__dict__.update(state)
+
+
+def _one_view_per_epoch(keras, X, targets, image_index, batch_size: int, random):
+    """Batches of one row per image, shuffled; epoch e takes each image's rows in turn,
+    from a random first one, so consecutive epochs see different views."""
+
+    class OneViewPerEpoch(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            order = np.argsort(image_index, kind="stable")
+            _, starts, counts = np.unique(image_index[order], return_index=True, return_counts=True)
+            self.order, self.starts, self.counts = order, starts, counts
+            self.offsets = random.randint(0, counts)  # each image's first view
+            self.epoch = 0
+            self.on_epoch_begin()
+
+        def __len__(self):
+            return int(np.ceil(len(self.starts) / batch_size))
+
+        def on_epoch_begin(self):
+            chosen = self.order[self.starts + (self.offsets + self.epoch) % self.counts]
+            self.rows = chosen[random.permutation(len(chosen))]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+
+        def __getitem__(self, index):
+            rows = self.rows[index * batch_size : (index + 1) * batch_size]
+            return X[rows], targets[rows]
+
+    return OneViewPerEpoch()
 
 
 def _model_to_bytes(model) -> bytes:

@@ -36,7 +36,8 @@ class HeadWarning(UserWarning):
 
 @dataclass
 class Splits:
-    """Flattened float32 features and string labels of the cache's labeled rows."""
+    """Flattened float32 features and string labels of the cache's labeled rows, and the
+    augmented views of the training images (`X_views[j]` is a view of `X_train[views_of[j]]`)."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -47,6 +48,20 @@ class Splits:
     validation_source: str  # "stored" (the cache's split) or "drawn" (from the training split)
     fingerprint: str
     config: dict
+    X_views: np.ndarray | None = None
+    views_of: np.ndarray | None = None
+    augmentation: dict | None = None  # the transforms, seed and views per image
+
+    def training_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training rows, images then views, their labels, and the image each shows."""
+        images = np.arange(len(self.y_train))
+        if self.X_views is None:
+            return self.X_train, self.y_train, images
+        return (
+            np.concatenate([self.X_train, self.X_views]),
+            np.concatenate([self.y_train, self.y_train[self.views_of]]),
+            np.concatenate([images, self.views_of]),
+        )
 
 
 @dataclass
@@ -78,6 +93,8 @@ class Training:
     folder: Path
     fingerprint: str
     validation_source: str
+    training_images: int = 0
+    training_views: int = 0  # augmented views the heads trained on (0: none)
 
     def leaderboard(self) -> list[dict]:
         """Best first: validation accuracy, then macro-F1."""
@@ -96,13 +113,15 @@ def train_head(
     class_weight: str | None = None,
     seed: int = 0,
     validation_fraction: float = 0.2,
+    augment: bool = True,
     progress: bool = False,
     **options,
 ) -> Training:
     """Train one head (or every head, `head="all"`) on a cache's features, score it on the
     validation split (and test split), and save each under `out` (default: a new folder in
-    heads/). `options` go to the mlp head: hidden_units, dropout_rate, epochs,
-    learning_rate, early_stopping."""
+    heads/). With cached augmented views (and `augment`), scikit-learn heads train on every
+    view and the mlp on one view of each image per epoch. `options` go to the mlp head:
+    hidden_units, dropout_rate, epochs, learning_rate, early_stopping."""
     names = _head_names(head)
     if options and "mlp" not in names:
         raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
@@ -110,29 +129,34 @@ def train_head(
         raise UsageError(f"Expected --class-weight balanced (or none); received {class_weight!r}.")
     if cv is not None and cv < 2:
         raise UsageError(f"Expected --cv K with K >= 2; received {cv}.")
-    splits = load_splits(cache, config, validation_fraction, seed, folds=cv)
+    splits = load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment)
     folder = _new_folder(out, "all" if len(names) > 1 else names[0])
     results = []
-    plan = _Plan(search, cv, class_weight, seed, validation_fraction)
+    plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment)
     bar = tqdm(names, unit="head", desc="training", disable=None if progress and len(names) > 1 else True)
     for name in bar:
         bar.set_postfix_str(name)
         target = folder / name if len(names) > 1 else folder
         results.append(_train_one(name, splits, target, plan, options if name == "mlp" else {}))
-    training = Training(results, folder, splits.fingerprint, splits.validation_source)
+    training = Training(results, folder, splits.fingerprint, splits.validation_source, len(splits.y_train),
+                        0 if splits.X_views is None else len(splits.X_views))
     if len(names) > 1:
         (folder / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     return training
 
 
-def load_splits(cache, config, validation_fraction: float, seed: int, folds: int | None = None) -> Splits:
-    """Read the labeled rows of a cache and check they can train a classifier."""
+def load_splits(
+    cache, config, validation_fraction: float, seed: int, folds: int | None = None, augment: bool = True
+) -> Splits:
+    """Read the labeled rows of a cache (and, with `augment`, the views of its training
+    images) and check they can train a classifier."""
     if not 0 < validation_fraction < 1:
         raise UsageError(f"Expected --validation-fraction in (0, 1); received {validation_fraction}.")
     with FeatureCache(cache, config) as features:
         labels, splits = features.labels(), features.splits()
         X = features.features().reshape(len(features), -1).astype(np.float32)
         fingerprint, facts = features.fingerprint, features.config
+        views = features.views("train") if augment else None
     train, validation, test = (splits == "train") & (labels != ""), splits == "validation", splits == "test"
     if not train.any():
         raise UsageError(
@@ -158,17 +182,25 @@ def load_splits(cache, config, validation_fraction: float, seed: int, folds: int
             )
         if count < 5:
             warnings.warn(f"class {name!r} has only {count} training images; its scores will say little.", HeadWarning)
-    X_train, y_train = X[train], labels[train]
-    if drawn:
-        X_train, X_validation, y_train, y_validation = train_test_split(
-            X_train, y_train, test_size=validation_fraction, stratify=y_train, random_state=seed
+    train_rows = np.flatnonzero(train)
+    if drawn:  # split images, not rows: the views of a held-out image are held out with it
+        train_rows, validation_rows = train_test_split(
+            train_rows, test_size=validation_fraction, stratify=labels[train_rows], random_state=seed
         )
+        X_validation, y_validation = X[validation_rows], labels[validation_rows]
     else:
         X_validation, y_validation = X[validation], labels[validation]
     X_test, y_test = (X[test], labels[test]) if test.any() else (None, None)
     facts = {key: facts[key] for key in CONFIG_FACTS if key in facts}
-    return Splits(X_train, y_train, X_validation, y_validation, X_test, y_test,
-                  "drawn" if drawn else "stored", fingerprint, facts)
+    result = Splits(X[train_rows], labels[train_rows], X_validation, y_validation, X_test, y_test,
+                    "drawn" if drawn else "stored", fingerprint, facts)
+    if views is not None and len(views.row):
+        position = {row: i for i, row in enumerate(train_rows)}
+        keep = np.array([row in position for row in views.row], dtype=bool)
+        result.X_views = views.features[keep].reshape(int(keep.sum()), -1).astype(np.float32)
+        result.views_of = np.array([position[row] for row in views.row[keep]], dtype=np.int64)
+        result.augmentation = dict(views.augmentation, views_per_image=views.views_per_image)
+    return result
 
 
 @dataclass(frozen=True)
@@ -180,6 +212,7 @@ class _Plan:
     class_weight: str | None
     seed: int
     validation_fraction: float
+    augment: bool
 
 
 def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: dict) -> HeadResult:
@@ -195,11 +228,12 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
         best, table = _search(estimator, spec.grid, splits)
         estimator.set_params(**best)
     cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
+    X, y, images = splits.training_set()
     fit_options = {}
     if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
-        fit_options["validation_data"] = (splits.X_validation, splits.y_validation)
+        fit_options.update(image_index=images, validation_data=(splits.X_validation, splits.y_validation))
     started = time.perf_counter()
-    estimator.fit(splits.X_train, splits.y_train, **fit_options)
+    estimator.fit(X, y, **fit_options)
     fit_seconds = time.perf_counter() - started
     scores = {"validation": evaluate(estimator, splits.X_validation, splits.y_validation)}
     if splits.X_test is not None:
@@ -212,6 +246,9 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
         "fingerprint": splits.fingerprint,
         "feature_config": splits.config,
         "n_features": int(splits.X_train.shape[1]),
+        "training_images": len(splits.y_train),
+        "training_views": 0 if splits.X_views is None else len(splits.X_views),
+        "augmentation": splits.augmentation,
         "params": params,
         "arguments": dict(asdict(plan), options=options),
         "validation_source": splits.validation_source,
@@ -229,21 +266,24 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
 
 def _search(estimator, grid: dict, splits: Splits):
     """The grid point with the best validation accuracy (fitted on the training split)."""
-    X = np.concatenate([splits.X_train, splits.X_validation])
-    y = np.concatenate([splits.y_train, splits.y_validation])
-    fold = np.concatenate([np.full(len(splits.y_train), -1), np.zeros(len(splits.y_validation))])
+    X_train, y_train, images = splits.training_set()
+    X = np.concatenate([X_train, splits.X_validation])
+    y = np.concatenate([y_train, splits.y_validation])
+    fold = np.concatenate([np.full(len(y_train), -1), np.zeros(len(splits.y_validation))])
     search = GridSearchCV(clone(estimator), grid, scoring="accuracy", cv=PredefinedSplit(fold), refit=False)
-    search.fit(X, y)
+    search.fit(X, y, **_image_index(estimator, np.concatenate([images, len(images) + np.arange(len(y) - len(images))])))
     table = [{"params": params, "validation_accuracy": float(score)}
              for params, score in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])]
     return search.best_params_, table
 
 
 def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
-    """Stratified K-fold on the training split: mean and standard deviation."""
+    """Stratified K-fold on the training images: mean and standard deviation. A fold's
+    views train with their image and are never scored."""
+    X, y, images = splits.training_set()
     scores = cross_validate(
-        clone(estimator), splits.X_train, splits.y_train, scoring=("accuracy", "f1_macro"),
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        clone(estimator), X, y, scoring=("accuracy", "f1_macro"),
+        cv=image_folds(splits.y_train, images, folds, seed), params=_image_index(estimator, images),
     )
     return {
         "folds": folds,
@@ -252,6 +292,22 @@ def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
         "macro_f1_mean": float(scores["test_f1_macro"].mean()),
         "macro_f1_std": float(scores["test_f1_macro"].std()),
     }
+
+
+def image_folds(labels: np.ndarray, images: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified K-fold over images (`labels[i]` is image i's) for rows showing `images`:
+    each fold trains on the rows of its training images, views included, and tests on the
+    held-out images themselves (the first len(labels) rows), never on their views."""
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return [
+        (np.flatnonzero(np.isin(images, train)), test)
+        for train, test in splitter.split(np.zeros(len(labels)), labels)
+    ]
+
+
+def _image_index(estimator, images: np.ndarray) -> dict:
+    """The fit argument that tells the mlp which rows are views of one image."""
+    return {"image_index": images} if isinstance(estimator, KerasMLPClassifier) else {}
 
 
 def _head_names(head: str) -> list[str]:

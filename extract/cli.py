@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from extract.augment import Augmentation
 from extract.backbone import DTYPES, POOLINGS, PRECISIONS, cpu_has_bfloat16
 from extract.errors import ExtractError, UsageError
 from extract.layout import LAYOUTS
@@ -49,7 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="none keeps the full map (7x7x512 at 224 px); avg or max give 512 numbers (default none)")
     add("--weights", default="imagenet", metavar="imagenet|random|PATH",
         help="ImageNet weights through Keras's cache (default), seeded random ones, or a local weights file")
-    add("--seed", type=int, default=0, help="seed for --weights random (default 0)")
+    add("--seed", type=int, default=0, help="seed for --weights random and for the views of --augment (default 0)")
+    views = parser.add_argument_group(
+        "augmented views (training images only; defaults are the seed's ImageDataGenerator arguments)")
+    views.add_argument("--augment", type=int, metavar="K",
+                       help="also cache K augmented views of every training image (0: stop using views; "
+                            "default: keep what the cache uses)")
+    views.add_argument("--shear", type=float, metavar="DEG", help="shear angle range in degrees, as Keras's shear_range (0.2)")
+    views.add_argument("--zoom", type=float, metavar="Z", help="each axis zoomed by a factor in [1-Z, 1+Z] (0.2)")
+    views.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (on)")
+    views.add_argument("--rotation", type=float, metavar="DEG", help="rotation range in degrees (0)")
+    views.add_argument("--shift", type=float, metavar="F", help="shift range, a fraction of the side (0)")
     add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     add("--workers", type=int, default=None, metavar="N", help="threads reading and decoding images (default: by CPU count)")
     add("--precision", choices=PRECISIONS, default="float32", help="compute precision of the network (default float32)")
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             layout=args.layout,
             validation_percent=args.validation_percent,
+            augment=args.augment,
+            augmentation=_augmentation(args),
             batch_size=args.batch_size,
             workers=args.workers,
             save_every=args.save_every,
@@ -106,6 +119,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _augmentation(args) -> Augmentation | None:
+    """The transforms given on the command line, over the seed's; None if none was given."""
+    given = {name: getattr(args, name) for name in ("shear", "zoom", "flip", "rotation", "shift")}
+    given = {name: value for name, value in given.items() if value is not None}
+    return Augmentation(seed=args.seed, **given) if given or args.augment else None
+
+
 def format_summary(summary: ExtractSummary) -> str:
     shape = "x".join(map(str, summary.feature_shape))
     splits = ", ".join(f"{name} {count}" for name, count in summary.split_sizes.items())
@@ -120,6 +140,13 @@ def format_summary(summary: ExtractSummary) -> str:
         f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped; "
         f"{computed}, {summary.reused} reused; {summary.seconds:.1f} s",
     ]
+    if summary.views_per_image:
+        transforms = summary.augmentation
+        lines.insert(3, (
+            f"Views:  {summary.views} cached, {summary.views_per_image} per training image "
+            f"(shear {transforms['shear']}°, zoom {transforms['zoom']}, flip {'on' if transforms['flip'] else 'off'}, "
+            f"rotation {transforms['rotation']}°, shift {transforms['shift']}); {summary.views_computed} computed"
+        ))
     if summary.computed and summary.device == "CPU" and summary.precision == "float32" and cpu_has_bfloat16():
         lines.append(
             "Tip:    this CPU computes bfloat16 natively: --precision mixed_bfloat16 ran 6.8x faster at 224 px "

@@ -7,8 +7,9 @@ batch file is either whole or absent). The HDF5 cache is then rewritten aside an
 renamed over the old one (see `store.write_cache`). A run killed at any point leaves the
 old cache intact and every finished batch in the journal; the next run takes them up.
 
-Layout: ``<cache>.journal/<fingerprint>/batch-000001.npz`` with arrays ``sha256`` (S64)
-and ``features``. Features are keyed by content only, which is all they depend on.
+Layout: ``<cache>.journal/<fingerprint>/batch-000001.npz`` with arrays ``key`` (bytes)
+and ``features``. Features are keyed by content only, which is all they depend on: an
+image's key is its SHA-256, a view's key adds the augmentation and view (`view_key`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Journal:
 
     def __init__(self, cache_path: Path, fingerprint: str):
         self.folder = Path(f"{cache_path}.journal") / fingerprint
-        self.index: dict[str, tuple[str, int]] = {}  # sha256 -> (batch file name, row)
+        self.index: dict[str, tuple[str, int]] = {}  # key -> (batch file name, row)
         self._next = 1
         self._loaded: tuple[str, np.ndarray] | None = None
 
@@ -41,19 +42,19 @@ class Journal:
         for batch in sorted(self.folder.glob("batch-*.npz")):
             try:
                 with np.load(batch, allow_pickle=False) as arrays:
-                    hashes = arrays["sha256"]
+                    keys = arrays["key"]
             except (OSError, ValueError, KeyError):
                 batch.unlink()  # cannot happen with rename-into-place; recomputed if it does
                 continue
-            for row, sha256 in enumerate(hashes):
-                self.index[sha256.decode()] = (batch.name, row)
+            for row, key in enumerate(keys):
+                self.index[key.decode()] = (batch.name, row)
             self._next = max(self._next, int(batch.stem.split("-")[1]) + 1)
         return self
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def append(self, hashes: list[str], features: np.ndarray) -> None:
+    def append(self, keys: list[str], features: np.ndarray) -> None:
         """Write one batch durably, then index it."""
         name = f"batch-{self._next:06d}.npz"
         try:
@@ -64,7 +65,7 @@ class Journal:
         temporary = self.folder / (name + ".tmp")
         try:
             with open(temporary, "wb") as file:
-                np.savez(file, sha256=np.array(hashes, dtype="S64"), features=features)
+                np.savez(file, key=np.array(keys, dtype=bytes), features=features)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.folder / name)
@@ -74,12 +75,12 @@ class Journal:
                 f"Could not write a batch to {str(self.folder)!r} ({error.strerror or error}); the cache and "
                 f"the batches before this one are kept. Free some space (or choose another --cache) and run again."
             ) from error
-        for row, sha256 in enumerate(hashes):
-            self.index[sha256] = (name, row)
+        for row, key in enumerate(keys):
+            self.index[key] = (name, row)
 
-    def features(self, sha256: str) -> np.ndarray:
-        """The features of one image, by content hash (batches are read one at a time)."""
-        name, row = self.index[sha256]
+    def features(self, key: str) -> np.ndarray:
+        """The features of one image or view, by key (batches are read one at a time)."""
+        name, row = self.index[key]
         if self._loaded is None or self._loaded[0] != name:
             with np.load(self.folder / name, allow_pickle=False) as arrays:
                 self._loaded = (name, arrays["features"])
@@ -93,6 +94,11 @@ class Journal:
             parent.rmdir()
         self.index.clear()
         self._loaded = None
+
+
+def view_key(sha256: str, augmentation: str, view: int) -> str:
+    """The journal key of view `view` of an image, for the augmentation with that fingerprint."""
+    return f"{sha256}/{augmentation}/{view}"
 
 
 class WriterLock:

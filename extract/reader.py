@@ -1,7 +1,8 @@
 """Read image files: bytes -> SHA-256 -> decoded, resized RGB pixels.
 
 A file that cannot be read or decoded becomes a `Loaded` with an `error`, never an
-exception: one broken image must not stop a run over a folder nobody curated.
+exception: one broken image must not stop a run over a folder nobody curated. Augmented
+views (see `augment`) are made here too, from the decoded pixels, off the network's path.
 
 For an image without EXIF rotation, `decode` returns exactly
 ``keras.utils.img_to_array(keras.utils.load_img(path, target_size=(S, S),
@@ -17,13 +18,14 @@ import io
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Container, Iterable, Iterator
+from typing import Callable, Container, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from extract.augment import Augmentation
 from extract.layout import ImageFile
 
 # The names keras.utils.load_img accepts, mapped to the same Pillow filters.
@@ -40,13 +42,23 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 @dataclass
 class Loaded:
-    """One image after reading: pixels to compute, or only its hash when its features
-    are already known, or an error."""
+    """One image after reading: pixels to compute (and views), or only its hash when
+    everything is already known, or an error."""
 
     image: ImageFile
     sha256: str | None = None
     pixels: np.ndarray | None = None  # uint8 (size, size, 3)
     error: str | None = None
+    views: dict[int, np.ndarray] = field(default_factory=dict)  # view number -> float32 pixels
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    """Which augmented views to make: `missing(image, sha256)` names the view numbers
+    still to compute for that image (none for images that are not for training)."""
+
+    augmentation: Augmentation
+    missing: Callable[[ImageFile, str], Sequence[int]]
 
 
 def decode(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarray:
@@ -65,19 +77,25 @@ def decode(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarra
         return np.asarray(image, dtype=np.uint8)
 
 
-def load(root: Path, image: ImageFile, size: int, interpolation: str, known: Container[str] = ()) -> Loaded:
-    """Read, hash and (unless its hash is in `known`) decode one image file."""
+def load(
+    root: Path, image: ImageFile, size: int, interpolation: str, known: Container[str] = (),
+    views: ViewRequest | None = None,
+) -> Loaded:
+    """Read, hash and decode one image file, unless its hash is in `known` and it needs
+    no views; make the views `views` asks for."""
     try:
         data = (root / image.path).read_bytes()
     except OSError as error:
         return Loaded(image, error=f"cannot read file: {error.strerror or error}")
     sha256 = hashlib.sha256(data).hexdigest()
-    if sha256 in known:
+    missing = views.missing(image, sha256) if views else ()
+    if sha256 in known and not missing:
         return Loaded(image, sha256)
     try:
-        return Loaded(image, sha256, pixels=decode(data, size, interpolation))
+        pixels = decode(data, size, interpolation)
     except Exception as error:  # any decoder failure is a failure of this file only
         return Loaded(image, sha256, error=describe_failure(error, data))
+    return Loaded(image, sha256, pixels, views={view: views.augmentation.view(pixels, sha256, view) for view in missing})
 
 
 def load_all(
@@ -88,6 +106,7 @@ def load_all(
     known: Container[str] = (),
     workers: int = 4,
     prefetch: int = 64,
+    views: ViewRequest | None = None,
 ) -> Iterator[Loaded]:
     """`load` every image on a pool of threads (Pillow and hashlib release the GIL),
     yielding results in input order with at most `prefetch` images in flight."""
@@ -96,7 +115,7 @@ def load_all(
     todo = iter(images)
     try:
         for image in todo:
-            pending.append(pool.submit(load, root, image, size, interpolation, known))
+            pending.append(pool.submit(load, root, image, size, interpolation, known, views))
             if len(pending) >= prefetch:
                 yield pending.popleft().result()
         while pending:

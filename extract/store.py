@@ -11,8 +11,16 @@
         mtime_ns     (N,) int64   "unchanged?" check on re-runs
         class_names  (C,) utf-8   sorted labels present in the rows
         failures/path, failures/reason   files that could not be read, with why
+        views/<augmentation>/    augmented views of training images (extract-features --augment);
+                                 attrs: the transforms, seed, views_per_image (K)
+            features (M, *feature_shape)   as above
+            sha256   (M,) S64     the image the view was made from, by content
+            view     (M,) int64   view number, 1..; the image itself is view 0, in `features`
 
 Row order means nothing; rows are identified by `path`. Plain h5py reads all of it.
+Views are not rows: `features` holds one row per image, and a view belongs to the
+training rows with its `sha256`. The group attribute `views` names the views in use;
+views numbered above its `views_per_image` are kept for a later, larger --augment.
 The file is never modified in place: `write_cache` writes a new file beside it and
 renames it over the old one, so a reader (or a killed writer) never sees half a write.
 """
@@ -62,6 +70,39 @@ class Rows:
     def add(self, path, sha256, label, split, size, mtime_ns, source) -> None:
         for column, value in zip(COLUMNS + ("source",), (path, sha256, label, split, size, mtime_ns, source)):
             getattr(self, column).append(value)
+
+
+@dataclass
+class ViewRows:
+    """The views a views table is to hold; `source` as in `Rows`."""
+
+    sha256: list[str] = field(default_factory=list)
+    view: list[int] = field(default_factory=list)
+    source: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
+@dataclass
+class ViewSet:
+    """One views table to write: its name (the augmentation's fingerprint), attributes, rows."""
+
+    name: str
+    attrs: dict
+    rows: ViewRows
+    keys: list[str]  # journal key of each row
+
+
+@dataclass
+class Views:
+    """Augmented views of a split's images, as `FeatureCache.views` reads them."""
+
+    features: np.ndarray
+    row: np.ndarray  # the image's row number in the configuration
+    view: np.ndarray  # view number, 1..views_per_image
+    augmentation: dict
+    views_per_image: int
 
 
 def package_versions(packages) -> dict[str, str]:
@@ -190,6 +231,42 @@ class FeatureCache:
             parts = [reader[start : start + step][keep[start : start + step]] for start in range(0, len(keep), step)]
             return np.concatenate(parts) if parts else reader[:0]
 
+    def views(self, split: str = "train") -> Views | None:
+        """The augmented views in use for the rows of `split` (views are only made for
+        training images), sorted by row then view; None if the configuration has none."""
+        with self._reading():
+            table = self._group.get(f"views/{self.config.get('views')}") if self.config.get("views") else None
+            if table is None:
+                return None
+            per_image = int(table.attrs["views_per_image"])
+            rows_of: dict[bytes, list[int]] = {}
+            for row in np.flatnonzero(self._splits == split):
+                rows_of.setdefault(self._sha256_bytes[row], []).append(row)
+            found = [
+                (row, int(view), entry)
+                for entry, (sha256, view) in enumerate(zip(table["sha256"][:], table["view"][:]))
+                if view <= per_image for row in rows_of.get(sha256, ())
+            ]
+            found.sort()
+            row, view, entry = (np.array(column, dtype=np.int64) for column in zip(*found)) if found else (np.empty(0, np.int64),) * 3
+            features = _read_rows(table["features"], entry)
+        return Views(features, row, view, _attrs(table), per_image)
+
+    def view_index(self, name: str) -> dict[tuple[str, int], int]:
+        """Every view in the views table `name` (an augmentation's fingerprint), whatever
+        image it belongs to: (sha256, view) -> row of the table. Empty if there is none."""
+        with self._reading():
+            table = self._group.get(f"views/{name}")
+            if table is None:
+                return {}
+            return {(sha256.decode(), int(view)): row for row, (sha256, view) in enumerate(zip(table["sha256"][:], table["view"][:]))}
+
+    @property
+    def _sha256_bytes(self) -> np.ndarray:
+        if not hasattr(self, "_sha256_column"):
+            self._sha256_column = self.column("sha256")
+        return self._sha256_column
+
     def failures(self) -> list[tuple[str, str]]:
         with self._reading():
             table = self._group["failures"]
@@ -221,10 +298,11 @@ class FeatureCache:
         return np.array([lookup.get(label, -1) for label in labels], dtype=np.int64)
 
 
-def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journal) -> None:
+def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journal, views: ViewSet | None = None) -> None:
     """Write the cache anew with group `fingerprint` holding `rows` (features from the old
-    group or the journal) and `failures`; other groups are copied unchanged. Atomic: the
-    new file is written aside, flushed to disk, then renamed over the old one."""
+    group or the journal), `failures` and the views table `views`; other groups and other
+    views tables are copied unchanged. Atomic: the new file is written aside, flushed to
+    disk, then renamed over the old one."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -244,6 +322,7 @@ def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journ
             previous = old["configs"].get(fingerprint) if old else None
             group = _write_rows(configs, fingerprint, previous, rows, journal, attrs)
             _write_tables(group, rows, failures)
+            _write_views(group, previous, views, journal, attrs)
             new.flush()
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
@@ -263,36 +342,9 @@ def write_cache(path, fingerprint: str, attrs: dict, rows: Rows, failures, journ
 
 
 def _write_rows(configs, fingerprint, previous, rows: Rows, journal, attrs: dict):
-    """Create the group for `rows`. When it only appends to the previous group, copy that
-    group's chunks as they are and add the new rows; otherwise write every row."""
-    shape, dtype = tuple(attrs["feature_shape"]), attrs["dtype"]
-    kept = len(previous["path"]) if previous is not None else 0
-    if previous is not None and rows.source[:kept] == list(range(kept)):
-        previous.file.copy(previous, configs, name=fingerprint)
-        group = configs[fingerprint]
-        for dataset in (*COLUMNS, "features"):
-            group[dataset].resize(len(rows), axis=0)
-    else:
-        kept = 0
-        group = configs.create_group(fingerprint)
-        row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        chunk_rows = max(1, min(_TEXT_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
-        group.create_dataset(
-            "features", shape=(len(rows), *shape), maxshape=(None, *shape), dtype=dtype,
-            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, shuffle=True, fletcher32=True,
-        )
-        for column in COLUMNS:
-            group.create_dataset(
-                column, shape=(len(rows),), maxshape=(None,), dtype=_COLUMN_TYPES[column],
-                chunks=(_TEXT_CHUNK_ROWS,), **({} if _COLUMN_TYPES[column] == _TEXT else {"compression": "gzip"}),
-            )
-    for column in COLUMNS:
-        group[column][:] = np.array(getattr(rows, column), dtype=object if _COLUMN_TYPES[column] == _TEXT else _COLUMN_TYPES[column])
-    features = group["features"]
-    step = features.chunks[0]
-    for start in range(kept, len(rows), step):
-        stop = min(start + step, len(rows))
-        features[start:stop] = _gather(rows, start, stop, previous, journal, shape, dtype)
+    """Create the group for `rows`, with `attrs`."""
+    columns = {column: (getattr(rows, column), _COLUMN_TYPES[column]) for column in COLUMNS}
+    group = _write_table(configs, fingerprint, previous, columns, rows.source, rows.sha256, journal, attrs)
     for key, value in attrs.items():
         if value is None:
             group.attrs.pop(key, None)  # e.g. validation_percent, for another layout
@@ -301,14 +353,69 @@ def _write_rows(configs, fingerprint, previous, rows: Rows, journal, attrs: dict
     return group
 
 
-def _gather(rows: Rows, start: int, stop: int, previous, journal, shape, dtype) -> np.ndarray:
-    block = np.empty((stop - start, *shape), dtype=dtype)
-    sources = np.asarray(rows.source[start:stop])
+def _write_views(group, previous, views: ViewSet | None, journal, attrs: dict) -> None:
+    """Write the views table in use; keep every other one (copied from `previous` unless
+    the group was copied whole, views included)."""
+    tables = group.require_group("views")
+    for name in previous["views"] if previous is not None and "views" in previous else ():
+        if name not in tables and (views is None or name != views.name):
+            previous.file.copy(previous["views"][name], tables, name=name)
+    if views is None:
+        return
+    old = previous.get(f"views/{views.name}") if previous is not None else None
+    columns = {"sha256": (views.rows.sha256, "S64"), "view": (views.rows.view, "int64")}
+    table = _write_table(tables, views.name, old, columns, views.rows.source, views.keys, journal, attrs)
+    table.attrs.update(views.attrs)
+
+
+def _write_table(parent, name: str, previous, columns: dict, source: list[int], keys: list[str], journal, attrs: dict):
+    """Create `parent[name]` holding `columns` (name -> (values, dtype)) and `features`,
+    row i from `previous` row `source[i]` or, when that is -1, from the journal's `keys[i]`.
+    When the rows only append to `previous`, copy its chunks as they are and add the new
+    rows; otherwise write every row."""
+    shape, dtype = tuple(attrs["feature_shape"]), attrs["dtype"]
+    count = len(source)
+    kept = len(previous["features"]) if previous is not None else 0
+    if previous is not None and source[:kept] == list(range(kept)):
+        if name not in parent:
+            previous.file.copy(previous, parent, name=name)
+        group = parent[name]
+        for dataset in (*columns, "features"):
+            group[dataset].resize(count, axis=0)
+    else:
+        kept = 0
+        if name in parent:
+            del parent[name]
+        group = parent.create_group(name)
+        row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        chunk_rows = max(1, min(_TEXT_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
+        group.create_dataset(
+            "features", shape=(count, *shape), maxshape=(None, *shape), dtype=dtype,
+            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, shuffle=True, fletcher32=True,
+        )
+        for column, (_, column_type) in columns.items():
+            group.create_dataset(
+                column, shape=(count,), maxshape=(None,), dtype=column_type,
+                chunks=(_TEXT_CHUNK_ROWS,), **({} if column_type == _TEXT else {"compression": "gzip"}),
+            )
+    for column, (values, column_type) in columns.items():
+        group[column][:] = np.array(values, dtype=object if column_type == _TEXT else column_type)
+    features = group["features"]
+    step = features.chunks[0]
+    for start in range(kept, count, step):
+        stop = min(start + step, count)
+        features[start:stop] = _gather(source[start:stop], keys[start:stop], previous, journal, shape, dtype)
+    return group
+
+
+def _gather(source: list[int], keys: list[str], previous, journal, shape, dtype) -> np.ndarray:
+    block = np.empty((len(source), *shape), dtype=dtype)
+    sources = np.asarray(source)
     from_cache = np.flatnonzero(sources >= 0)
     if len(from_cache):
         block[from_cache] = _read_rows(previous["features"], sources[from_cache])
     for position in np.flatnonzero(sources < 0):
-        block[position] = journal.features(rows.sha256[start + position])
+        block[position] = journal.features(keys[position])
     return block
 
 
@@ -369,6 +476,7 @@ def _attrs(group) -> dict:
         elif isinstance(value, np.generic):
             value = value.item()
         values[key] = value
-    if "identity" in values:
-        values["identity"] = json.loads(values["identity"])
+    for key in ("identity", "augmentation"):
+        if key in values:
+            values[key] = json.loads(values[key])
     return values
