@@ -3,6 +3,7 @@
     python bench/compare.py loaders --images 256 --input-size 224 --repeat 2
     python bench/compare.py loaders --images 4096 --batch-size 256 --precision mixed_float16   # on a GPU
     python bench/compare.py seed-job --input-size 64
+    python bench/compare.py augment --input-size 64 --views 9
     python bench/compare.py precision --images 256 --input-size 224
 
 loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras by hand
@@ -13,6 +14,9 @@ loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras 
 seed-job   the seed's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
            ImageDataGenerator with its augmentation, end to end) against this project's
            (extract-features once + train-head mlp, 10 epochs), on the demo digits, same weights.
+augment    the same with augmentation: extract once plus K cached views per training image
+           (the seed's transforms, and the same without the flip), then mlp and logreg with and
+           without the views, against the seed's augmented pipeline (10 epochs end to end).
 precision  float32 against mixed_bfloat16: model-only images/s, cosine similarity of the
            features, and logreg / mlp validation accuracy on the demo digits.
 
@@ -40,6 +44,7 @@ from extract.backbone import Backbone, FeatureConfig, import_keras  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 
 DIGITS = "data/demo"
+SEED_AUGMENTATION = dict(shear_range=0.2, zoom_range=0.2, horizontal_flip=True)
 
 
 def timed(function):
@@ -107,9 +112,12 @@ def loaders(args) -> dict:
     return results
 
 
-def seed_job(args) -> dict:
+def seed_pipeline(size: int, augmentation: dict):
+    """The seed's whole job: frozen VGG16 (seeded random weights, saved for the other side),
+    Flatten/Dense(256)/Dense(n), 10 epochs through ImageDataGenerator. Returns its seconds,
+    last validation accuracy, the weights file and the generators (for their counts)."""
     make_digits(DIGITS)
-    size, keras = args.input_size, import_keras()
+    keras = import_keras()
     keras.utils.set_random_seed(0)
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
     weights = Path(tempfile.mkdtemp()) / "vgg16_seeded.weights.h5"
@@ -119,26 +127,62 @@ def seed_job(args) -> dict:
     model = keras.Sequential([base, keras.layers.Flatten(), keras.layers.Dense(256, activation="relu"),
                               keras.layers.Dense(n_classes, activation="softmax")])
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-    train = seed_generator(keras, shear_range=0.2, zoom_range=0.2, horizontal_flip=True).flow_from_directory(
+    train = seed_generator(keras, **augmentation).flow_from_directory(
         f"{DIGITS}/train", target_size=(size, size), batch_size=32, class_mode="categorical", seed=0)
     validation = seed_generator(keras).flow_from_directory(
         f"{DIGITS}/validation", target_size=(size, size), batch_size=32, class_mode="categorical", shuffle=False)
-    history, seed_seconds = timed(lambda: model.fit(train, epochs=10, validation_data=validation, verbose=0))
+    history, seconds = timed(lambda: model.fit(train, epochs=10, validation_data=validation, verbose=0))
+    return seconds, history.history["val_accuracy"][-1], weights, train, validation
+
+
+def seed_job(args) -> dict:
+    seed_seconds, seed_accuracy, weights, train, validation = seed_pipeline(args.input_size, SEED_AUGMENTATION)
 
     from classify import train_head
 
+    size = args.input_size
     cache = Path(tempfile.mkdtemp()) / "c.h5"
     _, extract_seconds = timed(lambda: extract_features(DIGITS, cache, input_size=size, weights=weights, progress=False))
     training, head_seconds = timed(lambda: train_head(cache, "mlp", out=Path(tempfile.mkdtemp()) / "head"))
     ours = extract_seconds + head_seconds
     return {
         "input_size": size, "train_images": train.samples, "validation_images": validation.samples,
-        "seed_seconds": round(seed_seconds, 1), "seed_validation_accuracy": round(history.history["val_accuracy"][-1], 4),
+        "seed_seconds": round(seed_seconds, 1), "seed_validation_accuracy": round(seed_accuracy, 4),
         "ours_seconds": round(ours, 1), "ours_extract_seconds": round(extract_seconds, 1),
         "ours_head_seconds": round(head_seconds, 1),
         "ours_validation_accuracy": round(training.results[0].scores["validation"]["accuracy"], 4),
         "speedup": round(seed_seconds / ours, 2),
     }
+
+
+def augment(args) -> dict:
+    """Cached views against none, and against the seed's augmented pipeline, on the digits:
+    extract once, add K views with the seed's transforms (and again without the flip,
+    which turns digits into non-digits), train mlp and logreg on each."""
+    from classify import train_head
+    from extract.augment import Augmentation
+
+    size, views = args.input_size, args.views
+    seed_seconds, seed_accuracy, weights, train, _ = seed_pipeline(size, SEED_AUGMENTATION)
+    results = {"input_size": size, "train_images": train.samples, "views_per_image": views,
+               "seed_augmented_seconds": round(seed_seconds, 1), "seed_augmented_validation_accuracy": round(seed_accuracy, 4)}
+    cache = Path(tempfile.mkdtemp()) / "c.h5"
+    options = dict(input_size=size, weights=weights, progress=False)
+    _, results["extract_seconds"] = timed(lambda: extract_features(DIGITS, cache, **options))
+    settings = {"none": None, "seed_transforms": Augmentation(), "no_flip": Augmentation(flip=False)}
+    for name, augmentation in settings.items():
+        if augmentation is not None:
+            summary, seconds = timed(lambda: extract_features(DIGITS, cache, augment=views, augmentation=augmentation, **options))
+            results[f"{name}_views_seconds"] = round(seconds, 1)
+            results[f"{name}_views_computed"] = summary.views_computed
+        for head in ("mlp", "logreg"):
+            training, seconds = timed(lambda: train_head(cache, head, out=Path(tempfile.mkdtemp()) / "h", augment=augmentation is not None))
+            results[f"{name}_{head}_validation_accuracy"] = round(training.results[0].scores["validation"]["accuracy"], 4)
+            results[f"{name}_{head}_seconds"] = round(seconds, 1)
+    ours = results["extract_seconds"] + results["seed_transforms_views_seconds"] + results["seed_transforms_mlp_seconds"]
+    results["ours_augmented_mlp_seconds"] = round(ours, 1)
+    results["speedup_vs_seed_augmented"] = round(seed_seconds / ours, 2)
+    return results
 
 
 def precision(args) -> dict:
@@ -175,14 +219,16 @@ def precision(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=("loaders", "seed-job", "precision"))
+    parser.add_argument("experiment", choices=("loaders", "seed-job", "augment", "precision"))
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="float32", help="loaders: float32, mixed_bfloat16 or mixed_float16 (GPU)")
     parser.add_argument("--repeat", type=int, default=1, help="loaders: best of this many interleaved runs")
+    parser.add_argument("--views", type=int, default=9, help="augment: views per training image (9: with the image "
+                        "itself, a different version in each of the 10 epochs, as the seed's generator gives)")
     args = parser.parse_args()
-    experiment = {"loaders": loaders, "seed-job": seed_job, "precision": precision}[args.experiment]
+    experiment = {"loaders": loaders, "seed-job": seed_job, "augment": augment, "precision": precision}[args.experiment]
     print(json.dumps(experiment(args), indent=2))
 
 

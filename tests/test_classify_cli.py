@@ -75,3 +75,16 @@ def test_warnings_are_one_line_each(capsys, tmp_path):
     assert status == 0
     assert "train-head: warning: knn has no class weights" in err
     assert "train-head: warning: class 'a' has only 4 training images" in err
+
+
+def test_no_augment_ignores_cached_views(capsys, tmp_path, weights_file):
+    from conftest import SIZE, make_dataset
+    from extract import extract_features
+
+    make_dataset(tmp_path / "data", per_class=4)
+    extract_features(tmp_path / "data", tmp_path / "v.h5", input_size=SIZE, weights=weights_file, augment=3, progress=False)
+    status, out, _ = cli(capsys, "--cache", tmp_path / "v.h5", "--head", "logreg", "--out", tmp_path / "with")
+    assert status == 0 and "(trained on 6 images and 18 cached views of them; --no-augment ignores the views)" in out
+    status, out, _ = cli(capsys, "--cache", tmp_path / "v.h5", "--head", "logreg", "--no-augment", "--json",
+                         "--out", tmp_path / "without")
+    assert status == 0 and (json.loads(out)["training_images"], json.loads(out)["training_views"]) == (6, 0)

@@ -124,3 +124,26 @@ def test_a_bfloat16_cpu_gets_a_tip_not_a_change(capsys, dataset, weights_file, t
     assert status == 0 and ("--precision mixed_bfloat16" in out) == bfloat16
     with FeatureCache(tmp_path / "c.h5") as cache:
         assert cache.config["precision"] == "float32"
+
+
+def test_augment_reports_views_and_plain_h5py_tells_them_apart(capsys, dataset, weights_file, tmp_path):
+    options = ["--cache", tmp_path / "c.h5", "--weights", weights_file, "--input-size", SIZE]
+    status, out, _ = cli(capsys, dataset, *options, "--augment", "2", "--shear", "5", "--no-flip")
+    assert status == 0
+    assert "Views:  8 cached, 2 per training image (shear 5.0°, zoom 0.2, flip off, rotation 0.0°, shift 0.0); 8 computed" in out
+    with h5py.File(tmp_path / "c.h5", "r") as file:
+        group = file["configs"][file.attrs["last_config"]]
+        table = group["views"][group.attrs["views"]]
+        assert group["features"].shape[0] == 6 and table["features"].shape[0] == 8
+        assert set(table["view"][:]) == {1, 2} and table.attrs["views_per_image"] == 2
+        assert (table.attrs["shear"], table.attrs["flip"]) == (5.0, False)
+        assert set(table["sha256"][:]) <= set(group["sha256"][:])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--shear", "5"], "need --augment K"),
+    (["--augment", "2", "--zoom", "1.5"], "Expected --zoom in [0, 1); received 1.5."),
+])
+def test_bad_augmentation_is_one_line_and_status_2(capsys, dataset, options, arguments, message):
+    status, _, err = cli(capsys, dataset, *options, *arguments)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -97,3 +97,35 @@ def test_composes_with_pipeline_and_grid_search():
         {"kerasmlpclassifier__hidden_units": [8, 16]}, cv=2,
     ).fit(X, y)
     assert search.best_params_["kerasmlpclassifier__hidden_units"] in (8, 16)
+
+
+def test_each_epoch_sees_one_view_of_every_image():
+    import keras
+
+    from classify.keras_head import _one_view_per_epoch
+
+    images = np.array([0, 1, 2, 3, 0, 1, 2, 0, 0])  # image 3 has no views, image 0 has three
+    X = np.arange(len(images), dtype=np.float32)[:, None]
+    data = _one_view_per_epoch(keras, X, X, images, 3, np.random.RandomState(0))
+    seen = []
+    for _ in range(4):
+        data.on_epoch_begin()
+        rows = np.concatenate([data[i][0][:, 0] for i in range(len(data))]).astype(int)
+        data.on_epoch_end()
+        assert sorted(images[rows]) == [0, 1, 2, 3]  # every image once
+        seen.append(rows)
+    rows_of_image_0 = [int(next(row for row in rows if images[row] == 0)) for rows in seen]
+    assert sorted(rows_of_image_0) == [0, 4, 7, 8]  # a different view each epoch
+
+
+def test_views_train_the_mlp_one_per_image_per_epoch():
+    X, y = blobs(per_class=20)
+    rng = np.random.default_rng(0)
+    views = X + rng.normal(0, 0.3, X.shape).astype(np.float32)
+    images = np.concatenate([np.arange(len(X)), np.arange(len(X))])
+    head = KerasMLPClassifier(random_state=0, epochs=3, batch_size=10).fit(
+        np.concatenate([X, views]), np.concatenate([y, y]), image_index=images
+    )
+    assert len(head.history_["loss"]) == 3 and head.score(X, y) > 0.9
+    with pytest.raises(ValueError, match="image_index"):
+        KerasMLPClassifier().fit(X, y, image_index=images)

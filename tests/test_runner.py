@@ -195,3 +195,134 @@ def test_a_moved_file_read_after_a_checkpoint(extract, dataset):
     after = cached_features(summary.cache)
     np.testing.assert_array_equal(after["train/dog/zzz.png"], before["train/cat/0.png"])
     assert "train/cat/0.png" not in after and summary.removed == 1
+
+
+# Augmented views (--augment K)
+
+def cached_views(cache_path) -> dict:
+    """(path of the image, view) -> features, for the views in use."""
+    with FeatureCache(cache_path) as cache:
+        views, paths = cache.views(), cache.paths()
+        return {(paths[row], int(view)): feature for row, view, feature in zip(views.row, views.view, views.features)}
+
+
+def test_views_are_made_for_training_images_only(extract, dataset):
+    summary = extract(dataset, augment=2)
+    assert (summary.computed, summary.views_computed, summary.views, summary.views_per_image) == (6, 8, 8, 2)
+    views = cached_views(summary.cache)
+    assert {path for path, _ in views} == {f"train/{label}/{i}.png" for label in ("cat", "dog") for i in (0, 1)}
+    with FeatureCache(summary.cache) as cache:
+        assert len(cache.features()) == 6  # views are not rows
+        table = cache.view_index(cache.config["views"])
+        validation = set(cache.sha256("validation"))
+    assert len(table) == 8 and not validation & {sha256 for sha256, _ in table}
+    originals = cached_features(summary.cache)
+    for (path, view), feature in views.items():
+        assert not np.array_equal(feature, originals[path])
+
+
+def test_views_are_deterministic(extract, dataset, tmp_path):
+    first = cached_views(extract(dataset, augment=2).cache)
+    second = cached_views(extract(dataset, augment=2, cache=tmp_path / "other.h5", batch_size=3).cache)
+    assert first.keys() == second.keys()
+    for key, feature in first.items():
+        np.testing.assert_allclose(second[key], feature, rtol=1e-5, atol=1e-6)  # other batches, same numbers
+
+
+def test_raising_augment_computes_only_the_missing_views(extract, dataset, monkeypatch):
+    before = cached_views(extract(dataset, augment=1).cache)
+    summary = extract(dataset, augment=3)
+    assert (summary.computed, summary.views_computed, summary.views) == (0, 8, 12)
+    after = cached_views(summary.cache)
+    for key, feature in before.items():
+        np.testing.assert_array_equal(after[key], feature)  # kept as they were, not recomputed
+    monkeypatch.setattr(Backbone, "__init__", lambda *a: pytest.fail("the network was built for nothing"))
+    again = extract(dataset)  # no --augment: keep what the cache uses
+    assert (again.views_per_image, again.views, again.views_computed) == (3, 12, 0)
+
+
+def test_a_flipped_view_is_the_features_of_the_mirror_image(extract, dataset, weights_file):
+    from extract.augment import Augmentation
+    from extract.backbone import FeatureConfig
+    from extract.reader import decode
+
+    augmentation = Augmentation(shear=0, zoom=0, flip=True)
+    summary = extract(dataset, augment=4, augmentation=augmentation)
+    backbone = Backbone(FeatureConfig(input_size=SIZE, weights=str(weights_file)))
+    with FeatureCache(summary.cache) as cache:
+        paths, hashes = cache.paths(), cache.sha256()
+    originals, mirrored = cached_features(summary.cache), 0
+    for (path, view), feature in cached_views(summary.cache).items():
+        sha256 = hashes[list(paths).index(path)]
+        if augmentation.parameters(sha256, view, (SIZE, SIZE, 3))["flip_horizontal"]:
+            pixels = decode((dataset / path).read_bytes(), SIZE)[None, :, ::-1]
+            np.testing.assert_allclose(feature, backbone(pixels)[0], rtol=1e-4, atol=1e-4)
+            assert not np.allclose(feature, originals[path], rtol=1e-3, atol=1e-3)
+            mirrored += 1
+        else:
+            np.testing.assert_allclose(feature, originals[path], rtol=1e-4, atol=1e-4)
+    assert 0 < mirrored < 16
+
+
+def test_views_follow_the_training_split(extract, dataset):
+    extract(dataset, augment=2)
+    (dataset / "validation/cat").mkdir(exist_ok=True)
+    (dataset / "train/cat/0.png").rename(dataset / "validation/cat/moved.png")  # no views in validation
+    make_image(dataset / "train/dog/new.png", seed=99)
+    summary = extract(dataset)
+    assert (summary.computed, summary.views_computed, summary.views) == (1, 2, 8)
+    views = cached_views(summary.cache)
+    assert ("train/dog/new.png", 2) in views and not any(path.startswith("validation/") for path, _ in views)
+    with FeatureCache(summary.cache) as cache:
+        assert len(cache.view_index(cache.config["views"])) == 8  # the moved image's views are dropped
+
+
+def test_augment_zero_stops_using_views_but_keeps_them(extract, dataset):
+    extract(dataset, augment=2)
+    summary = extract(dataset, augment=0)
+    assert summary.views_per_image == 0
+    with FeatureCache(summary.cache) as cache:
+        assert cache.views() is None
+    again = extract(dataset, augment=2)
+    assert (again.views_computed, again.views) == (0, 8)
+
+
+def test_other_transforms_are_other_views(extract, dataset):
+    from extract.augment import Augmentation
+
+    first = cached_views(extract(dataset, augment=1).cache)
+    other = Augmentation(shear=0, zoom=0.5)
+    assert extract(dataset, augment=1, augmentation=other).views_computed == 4
+    (dataset / "train/cat/0.png").unlink()  # the image rows are now written anew, not appended to
+    assert extract(dataset, augment=1, augmentation=other).views_computed == 0
+    back = extract(dataset, augment=1)  # the first views were kept through both writes
+    assert (back.views_computed, back.views) == (0, 3)
+    for key, feature in cached_views(back.cache).items():
+        np.testing.assert_array_equal(feature, first[key])
+
+
+def test_an_interrupted_augmented_run_resumes_without_recomputing(extract, dataset, monkeypatch):
+    compute, batches = Backbone.__call__, []
+
+    def interrupt_on_third_batch(self, pixels):
+        batches.append(len(pixels))
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return compute(self, pixels)
+
+    monkeypatch.setattr(Backbone, "__call__", interrupt_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(dataset, augment=2, batch_size=4)
+    monkeypatch.setattr(Backbone, "__call__", compute)
+    summary = extract(dataset, augment=2, batch_size=4)
+    assert summary.computed + summary.views_computed == 6 + 8 - 8  # two batches of 4 were kept
+    assert (summary.rows, summary.views) == (6, 8)
+
+
+def test_transform_options_need_augment(extract, dataset):
+    from extract.augment import Augmentation
+
+    with pytest.raises(UsageError, match="need --augment"):
+        extract(dataset, augmentation=Augmentation(shear=1))
+    with pytest.raises(UsageError, match="--augment K with K >= 0"):
+        extract(dataset, augment=-1)

@@ -155,3 +155,61 @@ def test_on_a_real_extraction(tmp_path, weights_file):
     assert training.fingerprint == summary.fingerprint
     assert result.scores["validation"]["images"] == 3
     assert load_head(tmp_path / "run").info["n_features"] == 512
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory, weights_file):
+    """A real extraction with 2 views of each training image; no validation split stored."""
+    folder = tmp_path_factory.mktemp("augmented")
+    make_dataset(folder / "data", "classes", per_class=8, classes=("cat", "dog", "fox"))
+    extract_features(folder / "data", folder / "c.h5", input_size=SIZE, weights=weights_file, augment=2,
+                     validation_percent=0, progress=False)
+    return folder / "c.h5"
+
+
+def test_scikit_learn_heads_train_on_every_view(augmented, tmp_path):
+    training = train_head(augmented, "knn", out=tmp_path / "with")
+    n = training.training_images
+    assert (n, training.training_views) == (19, 38)  # 24 images, 5 drawn for validation
+    assert training.results[0].estimator.n_samples_fit_ == 3 * n
+    info = json.loads((tmp_path / "with" / "head.json").read_text())
+    assert info["training_views"] == 38 and info["augmentation"]["views_per_image"] == 2
+    without = train_head(augmented, "knn", out=tmp_path / "without", augment=False)
+    assert without.training_views == 0 and without.results[0].estimator.n_samples_fit_ == n
+
+
+def test_drawn_validation_holds_out_the_views_of_its_images(augmented):
+    from classify.training import load_splits
+
+    splits = load_splits(augmented, None, 0.2, seed=0)
+    with FeatureCache(augmented) as cache:
+        views, features = cache.views(), cache.features().reshape(24, -1)
+    views_by_image = {}
+    for row, feature in zip(views.row, views.features.reshape(len(views.row), -1)):
+        views_by_image.setdefault(features[row].tobytes(), []).append(feature.tobytes())
+    training_views = {feature.tobytes() for feature in splits.X_views}
+    assert len(splits.X_validation) == 5
+    for image in splits.X_validation:
+        assert not training_views & set(views_by_image[image.tobytes()])  # no view of it in training
+    for image, position in zip(splits.X_views, splits.views_of):
+        assert image.tobytes() in views_by_image[splits.X_train[position].tobytes()]  # each view with its image
+
+
+def test_cross_validation_folds_keep_views_with_their_image():
+    from classify.training import image_folds
+
+    labels = np.repeat(["a", "b"], 6)
+    images = np.concatenate([np.arange(12), np.repeat(np.arange(12), 2)])  # 12 images, then 2 views of each
+    folds = image_folds(labels, images, 3, seed=0)
+    assert len(folds) == 3 and sorted(np.concatenate([test for _, test in folds])) == list(range(12))
+    for train, test in folds:
+        assert set(test) <= set(range(12))  # held-out images are scored themselves, never their views
+        assert not set(images[train]) & set(test)  # no view of a held-out image trains
+        assert len(train) == 3 * (12 - len(test))  # every row of every training image does
+
+
+def test_mlp_search_and_cross_validation_with_views(augmented, tmp_path):
+    training = train_head(augmented, "mlp", out=tmp_path / "run", search=True, cv=2, epochs=2)
+    result = training.results[0]
+    assert len(result.search) == 6 and result.cross_validation["folds"] == 2
+    assert result.estimator.history_["loss"] and len(result.estimator.history_["loss"]) == 2
