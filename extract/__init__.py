@@ -6,18 +6,21 @@
         X, y = cache.features("train"), cache.label_indices("train")
 
 The pipeline, one module each: `layout` (folder -> images with labels and splits),
-`reader` (file -> hash and pixels), `backbone` (pixels -> features), `journal` and
-`store` (features -> HDF5 cache), `runner` (joins them), `cli` (the command).
+`reader` (file -> hash and pixels), `augment` (pixels -> deterministic augmented views),
+`backbone` (pixels -> features), `journal` and `store` (features -> HDF5 cache), `runner`
+(joins them), `cli` (the command).
 """
 
 __version__ = "0.1.0"
 
+from extract.augment import Augmentation
 from extract.backbone import FeatureConfig, fingerprint
 from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
 from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
 from extract.store import FeatureCache, list_configs
 
 __all__ = [
+    "Augmentation",
     "DEFAULT_CACHE",
     "CacheBusyError",
     "CacheError",
