@@ -95,9 +95,10 @@ def loaders(args) -> dict:
         caches.append(Path(tempfile.mkdtemp()) / "c.h5")
         extract_features(data, caches[-1], **options)
 
-    options = dict(input_size=size, weights="random", batch_size=batch, precision=args.precision, progress=False)
+    options = dict(input_size=size, weights="random", batch_size=batch, precision=args.precision, decode=args.decode,
+                   progress=False)
     results = {"images": len(images), "input_size": size, "batch_size": batch, "precision": args.precision,
-               "repeats": args.repeat}
+               "decode": args.decode, "repeats": args.repeat}
     measured = {"model_only": model_only, "plain_keras": by_hand, "seed_loader": seed_loader, "extract_cold": extract_cold}
     best = {name: float("inf") for name in measured}
     for _ in range(args.repeat):  # interleaved, best of each: drift on a shared machine hits all alike
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="float32", help="loaders: float32, mixed_bfloat16 or mixed_float16 (GPU)")
     parser.add_argument("--repeat", type=int, default=1, help="loaders: best of this many interleaved runs")
+    parser.add_argument("--decode", default="exact", help="loaders: extract-features --decode (exact or draft)")
     parser.add_argument("--views", default="2,9", help="augment: views per training image, a comma-separated list "
                         "(9: with the image itself, a different version in each of the 10 epochs, as the seed's generator gives)")
     args = parser.parse_args()

@@ -30,13 +30,13 @@ from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
 
 
-def make_photos(folder: Path, count: int) -> None:
-    """Smooth colour fields with fine noise: JPEG sizes like real photos at 500x375."""
+def make_photos(folder: Path, count: int, size=(500, 375)) -> None:
+    """Smooth colour fields with fine noise: JPEG sizes like real photos (500x375: 30-60 KB)."""
     existing = len(list(folder.glob("train/*/*.jpg")))
     rng = np.random.default_rng(existing)
     for i in range(existing, count):
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC), dtype=np.int16)
+        field = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
         noisy = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
         path = folder / "train" / f"class{i % 4}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)

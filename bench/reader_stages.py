@@ -1,8 +1,10 @@
-"""Where the reader's time goes, per image, on one thread: read, SHA-256, JPEG decode, resize.
+"""Where the reader's time goes, per image, on one thread: read, SHA-256, JPEG decode, resize,
+and the whole `decode()` exactly (as load_img) and in draft mode (--decode draft).
 
     python bench/reader_stages.py --images 200 --input-size 64
+    python bench/reader_stages.py --images 40 --input-size 224 --photo-size 4000x3000
 
-Uses the photo-like 500x375 JPEGs of bench/extract_speed.py (bench/data/photos-N/).
+Uses the photo-like JPEGs of bench/extract_speed.py (bench/data/photos-N[-WxH]/).
 """
 
 import argparse
@@ -25,11 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--photo-size", default="500x375", help="WxH of the JPEGs made (default 500x375)")
     args = parser.parse_args()
-    data = Path("bench/data") / f"photos-{args.images}"
-    make_photos(data, args.images)
+    photo = tuple(int(side) for side in args.photo_size.split("x"))
+    data = Path("bench/data") / (f"photos-{args.images}" + ("" if photo == (500, 375) else f"-{args.photo_size}"))
+    make_photos(data, args.images, photo)
     paths = [data / image.path for image in scan_folder(data).images]
-    size, spent = args.input_size, dict.fromkeys(("read", "sha256", "decode", "resize", "whole decode()"), 0.0)
+    stages = ("read", "sha256", "decode", "resize", "whole decode()", "whole decode(draft)")
+    size, spent = args.input_size, dict.fromkeys(stages, 0.0)
     for path in paths:
         started = time.perf_counter()
         data_bytes = path.read_bytes()
@@ -47,6 +52,9 @@ def main() -> None:
         started = time.perf_counter()
         decode(data_bytes, size)
         spent["whole decode()"] += time.perf_counter() - started
+        started = time.perf_counter()
+        decode(data_bytes, size, draft=True)
+        spent["whole decode(draft)"] += time.perf_counter() - started
     for stage, seconds in spent.items():
         print(f"{stage:<15} {1000 * seconds / len(paths):6.3f} ms per image")
 

@@ -26,7 +26,7 @@ from extract import UsageError
 ARTIFACT = "head.joblib"
 INFO = "head.json"
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_path", "input_size",
-                "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape")
+                "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
 
 
 def describe_config(facts: dict) -> str:

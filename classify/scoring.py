@@ -83,6 +83,7 @@ def score_images(
     loaded = load_all(
         Path(""), (ImageFile(path, "", "", 0, 0) for path in expand_inputs(paths)), config.input_size,
         config.interpolation, known.rows, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
+        draft=config.decode == "draft",
     )
     try:
         with tqdm(unit="img", desc="scoring", disable=None if progress else True) as bar:

@@ -24,6 +24,7 @@ from extract.errors import ExtractError, UsageError, WeightsUnavailableError
 from extract.reader import INTERPOLATIONS
 
 POOLINGS = ("none", "avg", "max")
+DECODES = ("exact", "draft")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DTYPES = ("float32", "float16")
 MIN_INPUT_SIZE = 32
@@ -48,6 +49,7 @@ class FeatureConfig:
     seed: int = 0  # used by weights="random" only
     precision: str = "float32"
     dtype: str = "float32"  # how features are stored
+    decode: str = "exact"  # "draft": JPEGs decoded at reduced size first (see reader.decode)
 
     def validate(self) -> None:
         if not isinstance(self.input_size, int) or self.input_size < MIN_INPUT_SIZE:
@@ -60,6 +62,7 @@ class FeatureConfig:
             ("--pooling", self.pooling, POOLINGS),
             ("--precision", self.precision, PRECISIONS),
             ("--dtype", self.dtype, DTYPES),
+            ("--decode", self.decode, DECODES),
         ):
             if value not in allowed:
                 raise UsageError(f"Expected {name} to be one of {', '.join(allowed)}; received {value!r}.")
@@ -79,7 +82,7 @@ class FeatureConfig:
         return cls(
             input_size=int(facts["input_size"]), interpolation=facts["interpolation"], pooling=facts["pooling"],
             weights=str(weights), seed=int(facts.get("weights_seed", 0)), precision=facts["precision"],
-            dtype=facts["dtype"],
+            dtype=facts["dtype"], decode=facts.get("decode", "exact"),
         )
 
     @property
@@ -94,6 +97,8 @@ class FeatureConfig:
         its content: a local copy of Keras's ImageNet file is "imagenet", like the download."""
         facts = asdict(self)
         facts.pop("seed")
+        if self.decode == "exact":
+            facts.pop("decode")  # recorded only when not the default, so older caches keep their fingerprints
         facts.update(backbone="vgg16", preprocessing="caffe", feature_shape=list(self.feature_shape))
         if self.weights == "random":
             facts["weights_seed"] = self.seed

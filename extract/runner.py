@@ -87,6 +87,7 @@ def extract_features(
     seed: int = 0,
     precision: str = "float32",
     dtype: str = "float32",
+    decode: str = "exact",
     layout: str = "auto",
     validation_percent: float = 20.0,
     augment: int | None = None,
@@ -106,7 +107,7 @@ def extract_features(
     `augmentation` says (default: the seed's transforms, seeded by `seed`); `augment=None`
     keeps the views the cache already uses, `augment=0` stops using them (they are kept)."""
     started = time.perf_counter()
-    config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype)
+    config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
     for name, value in (("--batch-size", batch_size), ("--workers", workers)):
         if value is not None and value < 1:
@@ -207,13 +208,14 @@ class _Run:
         with bar:
             for loaded in load_all(
                 self.scan.root, self.reading, self.config.input_size, self.config.interpolation,
-                known, workers, prefetch=2 * batch_size, views=views,
+                known, workers, prefetch=2 * batch_size, views=views, draft=self.config.decode == "draft",
             ):
                 path = loaded.image.path
                 if not loaded.error and not self._decide(path, loaded.sha256):
                     if loaded.pixels is None:
                         # known when read, gone since (a checkpoint dropped the deleted file that had it)
-                        loaded = load(self.scan.root, loaded.image, self.config.input_size, self.config.interpolation, views=views)
+                        loaded = load(self.scan.root, loaded.image, self.config.input_size, self.config.interpolation,
+                                      views=views, draft=self.config.decode == "draft")
                     if not loaded.error:
                         self.waiting_paths.setdefault(loaded.sha256, []).append(path)
                         self._queue(loaded.sha256, loaded.pixels, batch_size)

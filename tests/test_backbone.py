@@ -25,6 +25,7 @@ def random_pixels(count=2, size=SIZE, seed=0):
         ({"interpolation": "cubic"}, "Expected --interpolation"),
         ({"precision": "float64"}, "Expected --precision"),
         ({"dtype": "int8"}, "Expected --dtype"),
+        ({"decode": "fast"}, "Expected --decode to be one of exact, draft; received 'fast'."),
         ({"weights": "/nowhere/weights.h5"}, "is not a file"),
     ],
 )
@@ -63,11 +64,18 @@ def test_a_local_copy_of_the_imagenet_file_is_imagenet(weights_file, monkeypatch
 @pytest.mark.parametrize(
     "changes",
     [{"input_size": 64}, {"pooling": "avg"}, {"interpolation": "nearest"}, {"dtype": "float16"},
-     {"precision": "mixed_bfloat16"}, {"weights": "random"}, {"weights": "random", "seed": 1}],
+     {"precision": "mixed_bfloat16"}, {"weights": "random"}, {"weights": "random", "seed": 1}, {"decode": "draft"}],
 )
 def test_every_feature_setting_changes_the_fingerprint(changes):
     base = fingerprint(FeatureConfig().identity())
     assert fingerprint(FeatureConfig(**changes).identity()) != base
+
+
+def test_exact_decoding_is_not_recorded_so_older_caches_keep_their_fingerprint():
+    assert "decode" not in FeatureConfig().identity()
+    assert FeatureConfig(decode="draft").identity()["decode"] == "draft"
+    assert FeatureConfig.from_facts(FeatureConfig(decode="draft").identity()).decode == "draft"
+    assert FeatureConfig.from_facts(FeatureConfig().identity()).decode == "exact"
 
 
 def test_seed_only_matters_for_random_weights():

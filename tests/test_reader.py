@@ -136,3 +136,14 @@ def test_load_all_keeps_input_order_and_survives_failures(tmp_path):
     results = list(load_all(tmp_path, map(image_file, names), 32, "nearest", workers=3, prefetch=4))
     assert [result.image.path for result in results] == names
     assert [result.error is not None for result in results] == [i % 7 == 3 for i in range(30)]
+
+
+def test_draft_decoding_shrinks_large_jpegs_while_decoding(tmp_path):
+    photo = make_image(tmp_path / "big.jpg", size=(400, 300))
+    exact = decode(photo.read_bytes(), 64)
+    draft = decode(photo.read_bytes(), 64, draft=True)
+    assert draft.shape == exact.shape == (64, 64, 3) and draft.dtype == np.uint8
+    difference = np.abs(draft.astype(int) - exact)
+    assert 0 < difference.mean() < 10  # the same picture (random 5-pixel blocks: edges everywhere), not the same pixels
+    png = make_image(tmp_path / "big.png", size=(400, 300))
+    np.testing.assert_array_equal(decode(png.read_bytes(), 64, draft=True), decode(png.read_bytes(), 64))

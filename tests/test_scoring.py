@@ -118,3 +118,22 @@ def test_file_names_are_data_never_code(trained, tmp_path, monkeypatch):
         written = [row["path"] for row in csv.DictReader(file)]
     assert sorted(written) == sorted(os.path.join(str(data), "cls", name) for name in names)
     assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("pwned*"))
+
+
+def test_a_head_on_draft_decoded_features_scores_with_draft_decoding(tmp_path, weights_file):
+    for label in ("cat", "dog"):
+        for i in range(4):
+            make_image(tmp_path / "data" / "train" / label / f"{i}.jpg", seed=len(label) * 10 + i, size=(200, 150))
+    options = dict(input_size=SIZE, weights=weights_file, progress=False)
+    extract_features(tmp_path / "data", tmp_path / "exact.h5", **options)
+    extract_features(tmp_path / "data", tmp_path / "draft.h5", decode="draft", **options)
+    with FeatureCache(tmp_path / "exact.h5") as exact, FeatureCache(tmp_path / "draft.h5") as draft:
+        assert exact.fingerprint != draft.fingerprint and draft.config["decode"] == "draft"
+        assert not np.allclose(exact.features(), draft.features())
+        paths, cached = draft.paths(), draft.features()
+    train_head(tmp_path / "draft.h5", "logreg", out=tmp_path / "head", validation_fraction=0.25)
+    head = load_head(tmp_path / "head")
+    rows = list(score_images([tmp_path / "data" / path for path in paths], head))  # no cache: computed again
+    expected = head.predict_proba(cached, head.fingerprint)
+    for row, probabilities in zip(rows, expected):
+        assert dict(row.top)[row.label] == pytest.approx(probabilities.max(), abs=1e-5)
