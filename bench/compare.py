@@ -9,8 +9,9 @@
 loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras by hand
            (load_img loop + preprocess_input + predict), (3) the seed's loader
            (ImageDataGenerator(rescale=1/255).flow_from_directory + predict), (4)
-           extract-features cold, and again on the unchanged folder. Photo-like 500x375
-           JPEGs (bench/extract_speed.py makes them) in bench/data/photos-N/.
+           extract-features cold (and with --decode draft), and again on the unchanged
+           folder. Photo-like JPEGs (bench/extract_speed.py makes them; 500x375 unless
+           --photo-size) in bench/data/photos-N[-WxH]/.
 seed-job   the seed's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
            ImageDataGenerator with its augmentation, end to end) against this project's
            (extract-features once + train-head mlp, 10 epochs), on the demo digits, same weights.
@@ -61,8 +62,9 @@ def seed_generator(keras, **augmentation):
 
 
 def loaders(args) -> dict:
-    data = Path("bench/data") / f"photos-{args.images}"  # exactly N images: every loader reads the folder
-    make_photos(data, args.images)
+    photo = tuple(int(side) for side in args.photo_size.split("x"))
+    data = Path("bench/data") / (f"photos-{args.images}" + ("" if photo == (500, 375) else f"-{args.photo_size}"))
+    make_photos(data, args.images, photo)  # exactly N images: every loader reads the folder
     images = scan_folder(data).images[: args.images]
     size, batch = args.input_size, args.batch_size
     config = FeatureConfig(input_size=size, weights="random", precision=args.precision)
@@ -91,24 +93,24 @@ def loaders(args) -> dict:
 
     caches = []
 
-    def extract_cold():
+    def extract_cold(decode="exact"):
         caches.append(Path(tempfile.mkdtemp()) / "c.h5")
-        extract_features(data, caches[-1], **options)
+        extract_features(data, caches[-1], decode=decode, **options)
 
-    options = dict(input_size=size, weights="random", batch_size=batch, precision=args.precision, decode=args.decode,
-                   progress=False)
-    results = {"images": len(images), "input_size": size, "batch_size": batch, "precision": args.precision,
-               "decode": args.decode, "repeats": args.repeat}
-    measured = {"model_only": model_only, "plain_keras": by_hand, "seed_loader": seed_loader, "extract_cold": extract_cold}
+    options = dict(input_size=size, weights="random", batch_size=batch, precision=args.precision, progress=False)
+    results = {"images": len(images), "photo_size": args.photo_size, "input_size": size, "batch_size": batch,
+               "precision": args.precision, "repeats": args.repeat}
+    measured = {"model_only": model_only, "plain_keras": by_hand, "seed_loader": seed_loader, "extract_cold": extract_cold,
+                "extract_cold_draft": lambda: extract_cold("draft")}
     best = {name: float("inf") for name in measured}
     for _ in range(args.repeat):  # interleaved, best of each: drift on a shared machine hits all alike
         for name, function in measured.items():
             best[name] = min(best[name], timed(function)[1])
     for name, seconds in best.items():
         results[f"{name}_images_per_s"] = round(len(images) / seconds, 2)
-    _, rerun = timed(lambda: extract_features(data, caches[-1], **options))
+    _, rerun = timed(lambda: extract_features(data, caches[-1], decode="draft", **options))
     results["extract_rerun_seconds"] = round(rerun, 3)
-    for name in ("plain_keras", "seed_loader", "extract_cold"):
+    for name in ("plain_keras", "seed_loader", "extract_cold", "extract_cold_draft"):
         results[f"{name}_vs_model_only"] = round(results[f"{name}_images_per_s"] / results["model_only_images_per_s"], 3)
     return results
 
@@ -232,7 +234,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="float32", help="loaders: float32, mixed_bfloat16 or mixed_float16 (GPU)")
     parser.add_argument("--repeat", type=int, default=1, help="loaders: best of this many interleaved runs")
-    parser.add_argument("--decode", default="exact", help="loaders: extract-features --decode (exact or draft)")
+    parser.add_argument("--photo-size", default="500x375", help="loaders: WxH of the JPEGs made (default 500x375)")
     parser.add_argument("--views", default="2,9", help="augment: views per training image, a comma-separated list "
                         "(9: with the image itself, a different version in each of the 10 epochs, as the seed's generator gives)")
     args = parser.parse_args()
