@@ -231,12 +231,16 @@ class FeatureCache:
             parts = [reader[start : start + step][keep[start : start + step]] for start in range(0, len(keep), step)]
             return np.concatenate(parts) if parts else reader[:0]
 
-    def views(self, split: str = "train") -> Views | None:
+    def views(self, split: str = "train", augmentation: str | None = None) -> Views | None:
         """The augmented views in use for the rows of `split` (views are only made for
-        training images), sorted by row then view; None if the configuration has none."""
+        training images), sorted by row then view; None if the configuration has none.
+        `augmentation` reads another views table (see `view_tables`) instead."""
+        name = augmentation or self.config.get("views")
         with self._reading():
-            table = self._group.get(f"views/{self.config.get('views')}") if self.config.get("views") else None
+            table = self._group.get(f"views/{name}") if name else None
             if table is None:
+                if augmentation:
+                    raise CacheError(f"Expected a views table of {str(self.path)!r}; received {augmentation!r}.")
                 return None
             per_image = int(table.attrs["views_per_image"])
             rows_of: dict[bytes, list[int]] = {}
@@ -251,6 +255,12 @@ class FeatureCache:
             row, view, entry = (np.array(column, dtype=np.int64) for column in zip(*found)) if found else (np.empty(0, np.int64),) * 3
             features = _read_rows(table["features"], entry)
         return Views(features, row, view, _attrs(table), per_image)
+
+    def view_tables(self) -> list[dict]:
+        """Every views table of the configuration: its attributes plus `views` (its size)."""
+        with self._reading():
+            tables = self._group.get("views", {})
+            return [dict(_attrs(tables[name]), fingerprint=name, views=len(tables[name]["view"])) for name in tables]
 
     def view_index(self, name: str) -> dict[tuple[str, int], int]:
         """Every view in the views table `name` (an augmentation's fingerprint), whatever

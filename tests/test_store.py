@@ -180,3 +180,23 @@ def test_a_failed_write_leaves_the_old_cache_intact(tmp_path, monkeypatch):
         write_cache(path, "k", attrs(), new_rows(journal, range(5, 9)), [], journal)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["c.h5"]
+
+
+def test_every_views_table_can_be_read(tmp_path, weights_file):
+    from conftest import SIZE, make_dataset
+    from extract import Augmentation, CacheError, extract_features
+
+    make_dataset(tmp_path / "data")
+    options = dict(input_size=SIZE, weights=weights_file, progress=False)
+    extract_features(tmp_path / "data", tmp_path / "c.h5", augment=1, **options)
+    extract_features(tmp_path / "data", tmp_path / "c.h5", augment=2, augmentation=Augmentation(flip=False), **options)
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        tables = {table["fingerprint"]: table for table in cache.view_tables()}
+        assert len(tables) == 2 and {table["views"] for table in tables.values()} == {4, 8}
+        in_use = cache.views()
+        assert in_use.views_per_image == 2 and not in_use.augmentation["flip"]
+        earlier = cache.views(augmentation=Augmentation().fingerprint)  # what the first run used
+        assert earlier.views_per_image == 1 and earlier.augmentation["flip"] and len(earlier.row) == 4
+        assert len(cache.views("validation").row) == 0  # views are only made for training images
+        with pytest.raises(CacheError, match="views table"):
+            cache.views(augmentation="nope")
