@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -50,7 +51,7 @@ class Augmentation:
         """The facts that decide a view's pixels (the number of views is not one of them)."""
         return dict(asdict(self), method=METHOD)
 
-    @property
+    @cached_property  # asked once per image on re-runs
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
