@@ -93,6 +93,45 @@ def test_sigkill_at_twenty_moments_loses_nothing(big_folder, weights_file, tmp_p
     assert not Path(f"{cache}.journal").exists() and not list(tmp_path.glob("c.h5.tmp-*"))
 
 
+def views(cache: Path) -> dict:
+    with FeatureCache(cache) as opened:
+        found, paths = opened.views(), opened.paths()
+        if found is None:  # not saved yet
+            return {}
+        return {(paths[row], int(view)): feature for row, view, feature in zip(found.row, found.view, found.features)}
+
+
+def test_sigkill_during_an_augmented_run_loses_no_view(tmp_path, weights_file):
+    """Five kills while images and their views are computed; the views in the cache after
+    each kill are right, and the last run ends with those of an uninterrupted run."""
+    many_images(tmp_path / "data", 40)
+    options = ("--augment", "2", "--batch-size", "4", "--save-every", "0")
+    done = subprocess.run(command(tmp_path / "data", tmp_path / "reference.h5", weights_file, *options),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reference, cache, moments = views(tmp_path / "reference.h5"), tmp_path / "c.h5", random.Random(1)
+    assert len(reference) == 80
+    seen = []
+    for kill in range(5):
+        process = start(tmp_path / "data", cache, weights_file, *options)
+        if not wait_for_batches(cache, batches(cache) + 1, process):
+            break  # it finished first
+        time.sleep(moments.uniform(0, 0.05))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if cache.exists():
+            seen.append(views(cache))
+            for key, feature in seen[-1].items():
+                np.testing.assert_allclose(feature, reference[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+    assert any(seen), "no kill came after a view was saved"
+    finish = subprocess.run(command(tmp_path / "data", cache, weights_file, *options), capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    final = views(cache)
+    assert final.keys() == reference.keys()
+    for key, feature in final.items():
+        np.testing.assert_allclose(feature, reference[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_and_exits_with_a_short_message(big_folder, weights_file, tmp_path, stop):
     data, reference = big_folder
