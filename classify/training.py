@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class Splits:
     views_of: np.ndarray | None = None
     augmentation: dict | None = None  # the transforms, seed and views per image
 
+    @cached_property  # made once, however many heads train on it
     def training_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training rows, images then views, their labels, and the image each shows."""
         images = np.arange(len(self.y_train))
@@ -228,7 +230,7 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
         best, table = _search(estimator, spec.grid, splits)
         estimator.set_params(**best)
     cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
-    X, y, images = splits.training_set()
+    X, y, images = splits.training_set
     fit_options = {}
     if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
         fit_options.update(image_index=images, validation_data=(splits.X_validation, splits.y_validation))
@@ -266,7 +268,7 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
 
 def _search(estimator, grid: dict, splits: Splits):
     """The grid point with the best validation accuracy (fitted on the training split)."""
-    X_train, y_train, images = splits.training_set()
+    X_train, y_train, images = splits.training_set
     X = np.concatenate([X_train, splits.X_validation])
     y = np.concatenate([y_train, splits.y_validation])
     fold = np.concatenate([np.full(len(y_train), -1), np.zeros(len(splits.y_validation))])
@@ -280,7 +282,7 @@ def _search(estimator, grid: dict, splits: Splits):
 def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
     """Stratified K-fold on the training images: mean and standard deviation. A fold's
     views train with their image and are never scored."""
-    X, y, images = splits.training_set()
+    X, y, images = splits.training_set
     scores = cross_validate(
         clone(estimator), X, y, scoring=("accuracy", "f1_macro"),
         cv=image_folds(splits.y_train, images, folds, seed), params=_image_index(estimator, images),

@@ -160,7 +160,6 @@ class _Run:
         )
         self.augmentation, self.views_per_image = self._choose_views(*augment)
         self.cached_views = _read_views(cache, self.key, self.augmentation.fingerprint) if self.views_per_image and self.attrs else {}
-        self.stored_views = (self.attrs.get("views"), self.attrs.get("views_per_image", 0), len(self.cached_views))
         self.journal = Journal(cache, self.key).open()
         self.failures: list[tuple[str, str]] = list(scan.failures)
         self.backbone: Backbone | None = None
@@ -340,7 +339,6 @@ class _Run:
         })
         if views:
             self.cached_views = {(sha256, view): row for row, (sha256, view) in enumerate(zip(views.rows.sha256, views.rows.view))}
-        self.stored_views = (attrs["views"], attrs["views_per_image"] or 0, len(self.cached_views))
         self.last_save = time.monotonic()
 
     def finish(self) -> None:
@@ -349,8 +347,10 @@ class _Run:
         stored = [(path, e.sha256, e.label, e.split, e.size, e.mtime_ns, e.row) for path, e in self.cached.items()]
         current = list(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns, rows.source))
         views = self.view_set(rows)
-        views_now = (views.name, self.views_per_image, len(views.rows)) if views else (None, 0, len(self.cached_views))
-        views_changed = views_now != self.stored_views or bool(views and -1 in views.rows.source)
+        views_changed = (
+            (views.name if views else None, self.views_per_image) != (self.attrs.get("views"), self.attrs.get("views_per_image") or 0)
+            or (views is not None and views.rows.source != list(range(len(self.cached_views))))
+        )
         if current != stored or sorted(self.failures) != self.stored_failures or self.last_config != self.key or views_changed:
             self.save(rows)
         self._count(rows)

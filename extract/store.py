@@ -243,9 +243,9 @@ class FeatureCache:
                     raise CacheError(f"Expected a views table of {str(self.path)!r}; received {augmentation!r}.")
                 return None
             per_image = int(table.attrs["views_per_image"])
-            rows_of: dict[bytes, list[int]] = {}
+            hashes, rows_of = self._group["sha256"][:], {}
             for row in np.flatnonzero(self._splits == split):
-                rows_of.setdefault(self._sha256_bytes[row], []).append(row)
+                rows_of.setdefault(hashes[row], []).append(row)
             found = [
                 (row, int(view), entry)
                 for entry, (sha256, view) in enumerate(zip(table["sha256"][:], table["view"][:]))
@@ -270,12 +270,6 @@ class FeatureCache:
             if table is None:
                 return {}
             return {(sha256.decode(), int(view)): row for row, (sha256, view) in enumerate(zip(table["sha256"][:], table["view"][:]))}
-
-    @property
-    def _sha256_bytes(self) -> np.ndarray:
-        if not hasattr(self, "_sha256_column"):
-            self._sha256_column = self.column("sha256")
-        return self._sha256_column
 
     def failures(self) -> list[tuple[str, str]]:
         with self._reading():

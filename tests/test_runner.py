@@ -237,8 +237,10 @@ def test_raising_augment_computes_only_the_missing_views(extract, dataset, monke
     for key, feature in before.items():
         np.testing.assert_array_equal(after[key], feature)  # kept as they were, not recomputed
     monkeypatch.setattr(Backbone, "__init__", lambda *a: pytest.fail("the network was built for nothing"))
+    written = os.stat(summary.cache).st_mtime_ns
     again = extract(dataset)  # no --augment: keep what the cache uses
     assert (again.views_per_image, again.views, again.views_computed) == (3, 12, 0)
+    assert os.stat(summary.cache).st_mtime_ns == written  # nothing to write either
 
 
 def test_a_flipped_view_is_the_features_of_the_mirror_image(extract, dataset, weights_file):
