@@ -202,19 +202,19 @@ class _Run:
         (and missing views) through VGG16, saving the cache every `save_every` seconds."""
         known = self.by_sha.keys() | self.journal.index.keys()
         views = ViewRequest(self.augmentation, self.missing_views) if self.views_per_image else None
+        size, interpolation, draft = self.config.input_size, self.config.interpolation, self.config.decode == "draft"
         started = time.perf_counter()
         bar = tqdm(total=len(self.reading), unit="img", desc="extracting", disable=None if progress else True)
         with bar:
             for loaded in load_all(
-                self.scan.root, self.reading, self.config.input_size, self.config.interpolation,
-                known, workers, prefetch=2 * batch_size, views=views, draft=self.config.decode == "draft",
+                self.scan.root, self.reading, size, interpolation, known, workers,
+                prefetch=2 * batch_size, views=views, draft=draft,
             ):
                 path = loaded.image.path
                 if not loaded.error and not self._decide(path, loaded.sha256):
                     if loaded.pixels is None:
                         # known when read, gone since (a checkpoint dropped the deleted file that had it)
-                        loaded = load(self.scan.root, loaded.image, self.config.input_size, self.config.interpolation,
-                                      views=views, draft=self.config.decode == "draft")
+                        loaded = load(self.scan.root, loaded.image, size, interpolation, views=views, draft=draft)
                     if not loaded.error:
                         self.waiting_paths.setdefault(loaded.sha256, []).append(path)
                         self._queue(loaded.sha256, loaded.pixels, batch_size)
@@ -309,10 +309,11 @@ class _Run:
         keys = [view_key(sha256, name, view) for sha256, view in zip(table.sha256, table.view)]
         return ViewSet(name, attrs, table, keys)
 
-    def save(self, rows: Rows | None = None) -> None:
-        """Write the cache as this run knows it now (atomically; see store.write_cache)."""
+    def save(self, rows: Rows | None = None, views: ViewSet | None = None) -> None:
+        """Write the cache as this run knows it now (atomically; see store.write_cache).
+        `rows` and `views`, when given, are `rows()` and `view_set(rows)` already made."""
         rows = self.rows() if rows is None else rows
-        views = self.view_set(rows)
+        views = self.view_set(rows) if views is None else views
         attrs = dict(
             self.identity,
             fingerprint=self.key,
@@ -352,7 +353,7 @@ class _Run:
             or (views is not None and views.rows.source != list(range(len(self.cached_views))))
         )
         if current != stored or sorted(self.failures) != self.stored_failures or self.last_config != self.key or views_changed:
-            self.save(rows)
+            self.save(rows, views)
         self._count(rows)
         self.journal.clear()
 

@@ -243,15 +243,14 @@ class FeatureCache:
                     raise CacheError(f"Expected a views table of {str(self.path)!r}; received {augmentation!r}.")
                 return None
             per_image = int(table.attrs["views_per_image"])
-            hashes, rows_of = self._group["sha256"][:], {}
+            hashes, rows_of = self.sha256(), {}
             for row in np.flatnonzero(self._splits == split):
                 rows_of.setdefault(hashes[row], []).append(row)
-            found = [
-                (row, int(view), entry)
-                for entry, (sha256, view) in enumerate(zip(table["sha256"][:], table["view"][:]))
+            found = sorted(
+                (row, view, entry)
+                for (sha256, view), entry in self.view_index(name).items()
                 if view <= per_image for row in rows_of.get(sha256, ())
-            ]
-            found.sort()
+            )
             row, view, entry = (np.array(column, dtype=np.int64) for column in zip(*found)) if found else (np.empty(0, np.int64),) * 3
             features = _read_rows(table["features"], entry)
         return Views(features, row, view, _attrs(table), per_image)

@@ -118,7 +118,12 @@ def test_each_epoch_sees_one_view_of_every_image():
     assert sorted(rows_of_image_0) == [0, 4, 7, 8]  # a different view each epoch
 
 
-def test_views_train_the_mlp_one_per_image_per_epoch():
+def test_views_train_the_mlp_one_per_image_per_epoch(monkeypatch):
+    from classify import keras_head
+
+    made = []
+    sampler = keras_head._one_view_per_epoch
+    monkeypatch.setattr(keras_head, "_one_view_per_epoch", lambda *a: made.append(sampler(*a)) or made[-1])
     X, y = blobs(per_class=20)
     rng = np.random.default_rng(0)
     views = X + rng.normal(0, 0.3, X.shape).astype(np.float32)
@@ -127,5 +132,6 @@ def test_views_train_the_mlp_one_per_image_per_epoch():
         np.concatenate([X, views]), np.concatenate([y, y]), image_index=images
     )
     assert len(head.history_["loss"]) == 3 and head.score(X, y) > 0.9
+    assert len(made) == 1 and len(made[0]) == 6  # 60 images a epoch in batches of 10, not 120 rows
     with pytest.raises(ValueError, match="image_index"):
         KerasMLPClassifier().fit(X, y, image_index=images)
