@@ -9,8 +9,8 @@
 loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras by hand
            (load_img loop + preprocess_input + predict), (3) the seed's loader
            (ImageDataGenerator(rescale=1/255).flow_from_directory + predict), (4)
-           extract-features cold (and with --decode draft), and again on the unchanged
-           folder. Photo-like JPEGs (bench/extract_speed.py makes them; 500x375 unless
+           extract-features cold (also with --decode draft, and with the seed loader's
+           `nearest` resize), and again on the unchanged folder. JPEGs cut from real photos (bench/extract_speed.py makes them; 500x375 unless
            --photo-size) in bench/data/photos-N[-WxH]/.
 seed-job   the seed's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
            ImageDataGenerator with its augmentation, end to end) against this project's
@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.extract_speed import make_photos  # noqa: E402
+from bench.extract_speed import photo_folder  # noqa: E402
 from demo.make_data import main as make_digits  # noqa: E402
 from extract import extract_features  # noqa: E402
 from extract.backbone import Backbone, FeatureConfig, import_keras  # noqa: E402
@@ -64,8 +64,7 @@ def seed_generator(keras, **augmentation):
 
 def loaders(args) -> dict:
     photo = tuple(int(side) for side in args.photo_size.split("x"))
-    data = Path("bench/data") / (f"photos-{args.images}" + ("" if photo == (500, 375) else f"-{args.photo_size}"))
-    make_photos(data, args.images, photo)  # exactly N images: every loader reads the folder
+    data = photo_folder(args.images, photo)  # exactly N images: every loader reads the folder
     images = scan_folder(data).images[: args.images]
     size, batch = args.input_size, args.batch_size
     config = FeatureConfig(input_size=size, weights="random", precision=args.precision)
@@ -74,12 +73,12 @@ def loaders(args) -> dict:
     pixels = np.stack([
         keras.utils.img_to_array(keras.utils.load_img(data / image.path, target_size=(size, size), interpolation="bilinear"))
         for image in images
-    ])
-    backbone(pixels[:batch].astype(np.uint8))  # trace once
+    ]).astype(np.uint8)
+    backbone(pixels[:batch])  # trace once
 
     def model_only():
         for start in range(0, len(pixels), batch):
-            backbone.model.predict_on_batch(keras.applications.vgg16.preprocess_input(pixels[start:start + batch].copy()))
+            backbone(pixels[start:start + batch])
 
     def by_hand():
         for start in range(0, len(images), batch):
@@ -94,24 +93,25 @@ def loaders(args) -> dict:
 
     caches = []
 
-    def extract_cold(decode="exact"):
+    def extract_cold(**changes):
         caches.append(Path(tempfile.mkdtemp()) / "c.h5")
-        extract_features(data, caches[-1], decode=decode, **options)
+        extract_features(data, caches[-1], **{**options, **changes})
 
     options = dict(input_size=size, weights="random", batch_size=batch, precision=args.precision, progress=False)
     results = {"images": len(images), "photo_size": args.photo_size, "input_size": size, "batch_size": batch,
                "precision": args.precision, "repeats": args.repeat}
     measured = {"model_only": model_only, "plain_keras": by_hand, "seed_loader": seed_loader, "extract_cold": extract_cold,
-                "extract_cold_draft": lambda: extract_cold("draft")}
+                "extract_cold_draft": lambda: extract_cold(decode="draft"),
+                "extract_cold_nearest": lambda: extract_cold(interpolation="nearest")}  # the seed loader's resize
     best = {name: float("inf") for name in measured}
     for _ in range(args.repeat):  # interleaved, best of each: drift on a shared machine hits all alike
         for name, function in measured.items():
             best[name] = min(best[name], timed(function)[1])
     for name, seconds in best.items():
         results[f"{name}_images_per_s"] = round(len(images) / seconds, 2)
-    _, rerun = timed(lambda: extract_features(data, caches[-1], decode="draft", **options))
+    _, rerun = timed(lambda: extract_features(data, caches[-1], **{**options, "interpolation": "nearest"}))
     results["extract_rerun_seconds"] = round(rerun, 3)
-    for name in ("plain_keras", "seed_loader", "extract_cold", "extract_cold_draft"):
+    for name in list(measured)[1:]:
         results[f"{name}_vs_model_only"] = round(results[f"{name}_images_per_s"] / results["model_only_images_per_s"], 3)
     return results
 
@@ -196,8 +196,7 @@ def augment(args) -> dict:
 
 
 def precision(args) -> dict:
-    data = Path("bench/data") / f"photos-{args.images}"
-    make_photos(data, args.images)
+    data = photo_folder(args.images)
     images = scan_folder(data).images[: args.images]
     keras = import_keras()
     pixels = np.stack([np.asarray(keras.utils.load_img(data / image.path, target_size=(args.input_size,) * 2,

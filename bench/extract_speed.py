@@ -2,7 +2,8 @@
 
     python bench/extract_speed.py --images 2000 --input-size 224
 
-Makes N photo-like JPEGs (500x375, ~30-60 KB) under bench/data/ (git-ignored) and measures,
+Makes N JPEGs from scikit-learn's bundled photos (500x375, ~45 KB; see make_photos) in
+bench/data/photos-N/ (git-ignored) and measures,
 on this machine, each with the same images and settings:
   read     reading + SHA-256 + decode + resize alone (the reader's threads, no network)
   model    the frozen VGG16 alone on pixels already in memory (preprocess + forward)
@@ -30,17 +31,37 @@ from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
 
 
+def photo_folder(count: int, size=(500, 375)) -> Path:
+    """bench/data/photos-N[-WxH]/ with exactly N photos made by `make_photos` (N >= what is there)."""
+    folder = Path("bench/data") / (f"photos-{count}" + ("" if size == (500, 375) else f"-{size[0]}x{size[1]}"))
+    make_photos(folder, count, size)
+    return folder
+
+
 def make_photos(folder: Path, count: int, size=(500, 375)) -> None:
-    """Smooth colour fields with fine noise: JPEG sizes like real photos (500x375: 30-60 KB)."""
+    """Real photos, from the two that scikit-learn bundles (640x427): a random 4:3 crop of
+    one, mirrored half the time, resized to `size`, saved as JPEG quality 90 (500x375:
+    ~45 KB). Larger than the sources, a crop is smoother than a camera's picture, which
+    makes it cheap to decode: those get sensor-like grain (noise sd 6; 2000x1500: ~0.7 MB,
+    4000x3000: ~2.6 MB, as phone photos)."""
+    from sklearn.datasets import load_sample_images
+
+    sources = load_sample_images().images
     existing = len(list(folder.glob("train/*/*.jpg")))
     rng = np.random.default_rng(existing)
     for i in range(existing, count):
-        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
-        noisy = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+        source = sources[i % len(sources)]
+        height = int(rng.integers(280, source.shape[0] + 1))
+        width = height * 4 // 3
+        top, left = rng.integers(0, source.shape[0] - height + 1), rng.integers(0, source.shape[1] - width + 1)
+        crop = source[top : top + height, left : left + width]
+        photo = Image.fromarray(crop[:, ::-1] if rng.random() < 0.5 else crop).resize(size, Image.Resampling.BICUBIC)
+        if size[0] > source.shape[1]:
+            grained = np.asarray(photo, dtype=np.int16) + rng.normal(0, 6, (size[1], size[0], 3))
+            photo = Image.fromarray(np.clip(grained, 0, 255).astype(np.uint8))
         path = folder / "train" / f"class{i % 4}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(noisy).save(path, quality=90)
+        photo.save(path, quality=90)
 
 
 def main() -> None:
@@ -51,11 +72,9 @@ def main() -> None:
     parser.add_argument("--pooling", default="none")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="float32")
-    parser.add_argument("--data", default="bench/data")
     args = parser.parse_args()
 
-    data = Path(args.data)
-    make_photos(data, args.images)
+    data = photo_folder(args.images)
     images = scan_folder(data).images[: args.images]
     size = args.input_size
     results = {"images": len(images), "input_size": size, "batch_size": args.batch_size, "precision": args.precision}

@@ -4,7 +4,7 @@ and the whole `decode()` exactly (as load_img) and in draft mode (--decode draft
     python bench/reader_stages.py --images 200 --input-size 64
     python bench/reader_stages.py --images 40 --input-size 224 --photo-size 4000x3000
 
-Uses the photo-like JPEGs of bench/extract_speed.py (bench/data/photos-N[-WxH]/).
+Uses the JPEGs made from real photos by bench/extract_speed.py (bench/data/photos-N[-WxH]/).
 """
 
 import argparse
@@ -18,7 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.extract_speed import make_photos  # noqa: E402
+from bench.extract_speed import photo_folder  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 from extract.reader import INTERPOLATIONS, decode  # noqa: E402
 
@@ -30,8 +30,7 @@ def main() -> None:
     parser.add_argument("--photo-size", default="500x375", help="WxH of the JPEGs made (default 500x375)")
     args = parser.parse_args()
     photo = tuple(int(side) for side in args.photo_size.split("x"))
-    data = Path("bench/data") / (f"photos-{args.images}" + ("" if photo == (500, 375) else f"-{args.photo_size}"))
-    make_photos(data, args.images, photo)
+    data = photo_folder(args.images, photo)
     paths = [data / image.path for image in scan_folder(data).images]
     stages = ("read", "sha256", "decode", "resize", "whole decode()", "whole decode(draft)")
     size, spent = args.input_size, dict.fromkeys(stages, 0.0)

@@ -128,13 +128,18 @@ class Backbone:
         import tensorflow as tf
 
         self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-        self._preprocess = keras.applications.vgg16.preprocess_input
         with contextlib.redirect_stdout(sys.stderr):  # Keras reports downloads on stdout, which is for results
             self.model = _build_vgg16(keras, config)
+        preprocess, model = keras.applications.vgg16.preprocess_input, self.model
+        # One graph for every batch size, preprocessing included (on the GPU when there is one):
+        # predict_on_batch would trace again for a run's last, smaller batch.
+        self._forward = tf.function(
+            lambda batch: model(preprocess(batch), training=False),
+            input_signature=[tf.TensorSpec((None, config.input_size, config.input_size, 3), tf.float32)],
+        )
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        batch = self._preprocess(pixels.astype(np.float32))
-        features = self.model.predict_on_batch(batch)
+        features = self._forward(np.asarray(pixels, dtype=np.float32))
         return np.asarray(features, dtype=self.config.dtype)
 
 
