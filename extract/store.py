@@ -2,7 +2,7 @@
 
     /                          attrs: format, format_version, last_config, created, updated
     /configs/<fingerprint>/    one group per feature configuration; attrs describe it
-        features     (N, *feature_shape) float32 | float16, chunked, gzip + shuffle + fletcher32
+        features     (N, *feature_shape) float32 | float16, chunked, gzip + fletcher32
         path         (N,) utf-8   relative to the data folder, "/"-separated
         sha256       (N,) S64     SHA-256 of the file's bytes, hex
         label        (N,) utf-8   class name, "" when unlabeled
@@ -40,6 +40,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from extract.chunks import write_rows
 from extract.errors import CacheError
 
 FORMAT = "bottleneck-features"
@@ -394,7 +395,7 @@ def _write_table(parent, name: str, previous, columns: dict, source: list[int], 
         chunk_rows = max(1, min(_TEXT_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
         group.create_dataset(
             "features", shape=(count, *shape), maxshape=(None, *shape), dtype=dtype,
-            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, shuffle=True, fletcher32=True,
+            chunks=(chunk_rows, *shape), compression="gzip", compression_opts=1, fletcher32=True,
         )
         for column, (_, column_type) in columns.items():
             group.create_dataset(
@@ -404,10 +405,14 @@ def _write_table(parent, name: str, previous, columns: dict, source: list[int], 
     for column, (values, column_type) in columns.items():
         group[column][:] = np.array(values, dtype=object if column_type == _TEXT else column_type)
     features = group["features"]
-    step = features.chunks[0]
-    for start in range(kept, count, step):
-        stop = min(start + step, count)
-        features[start:stop] = _gather(source[start:stop], keys[start:stop], previous, journal, shape, dtype)
+
+    def gather(start: int, stop: int) -> np.ndarray:
+        return _gather(source[start:stop], keys[start:stop], previous, journal, shape, dtype)
+
+    boundary = min(count, -(-kept // features.chunks[0]) * features.chunks[0])
+    if kept < boundary:  # the rest of the chunk the copied rows end in: HDF5 encodes it again
+        features[kept:boundary] = gather(kept, boundary)
+    write_rows(features, boundary, count, gather)  # whole new chunks, compressed on every core
     return group
 
 
