@@ -1,7 +1,7 @@
 """Side-by-side measurements on one machine, in one run (ratios survive machine drift).
 
     python bench/compare.py loaders --images 256 --input-size 224 --repeat 2
-    python bench/compare.py loaders --images 4096 --batch-size 256 --precision mixed_float16   # on a GPU
+    python bench/compare.py loaders --images 4096 --batch-size 256 --precision mixed_float16 --xla   # on a GPU
     python bench/compare.py seed-job --input-size 64
     python bench/compare.py augment --input-size 64 --views 2,9
     python bench/compare.py precision --images 256 --input-size 224
@@ -77,9 +77,9 @@ def loaders(args) -> dict:
     ]).astype(np.uint8)
     backbone(pixels[:batch])  # trace once
 
-    def model_only():
+    def model_only(model=backbone):
         for start in range(0, len(pixels), batch):
-            backbone(pixels[start:start + batch])
+            model(pixels[start:start + batch])
 
     def by_hand():
         for start in range(0, len(images), batch):
@@ -104,6 +104,10 @@ def loaders(args) -> dict:
     measured = {"model_only": model_only, "plain_keras": by_hand, "seed_loader": seed_loader, "extract_cold": extract_cold,
                 "extract_cold_draft": lambda: extract_cold(decode="draft"),
                 "extract_cold_nearest": lambda: extract_cold(interpolation="nearest")}  # the seed loader's resize
+    if args.xla:
+        compiled = Backbone(config, xla=True)
+        compiled(pixels[:batch])  # compile once
+        measured["model_only_xla"] = lambda: model_only(compiled)
     best = {name: float("inf") for name in measured}
     for _ in range(args.repeat):  # interleaved, best of each: drift on a shared machine hits all alike
         for name, function in measured.items():
@@ -256,6 +260,7 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", help="loaders: float32, mixed_bfloat16 or mixed_float16 (GPU)")
     parser.add_argument("--repeat", type=int, default=1, help="loaders: best of this many interleaved runs")
     parser.add_argument("--photo-size", default="500x375", help="loaders: WxH of the JPEGs made (default 500x375)")
+    parser.add_argument("--xla", action="store_true", help="loaders: also time the model alone compiled with XLA")
     parser.add_argument("--views", default="2,9", help="augment: views per training image, a comma-separated list "
                         "(9: with the image itself, a different version in each of the 10 epochs, as the seed's generator gives)")
     args = parser.parse_args()

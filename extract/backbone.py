@@ -122,7 +122,7 @@ class Backbone:
     `keras.applications.vgg16.preprocess_input` and returns features as `config.dtype`.
     """
 
-    def __init__(self, config: FeatureConfig):
+    def __init__(self, config: FeatureConfig, xla: bool = False):
         self.config = config
         keras = import_keras()
         import tensorflow as tf
@@ -132,10 +132,12 @@ class Backbone:
             self.model = _build_vgg16(keras, config)
         preprocess, model = keras.applications.vgg16.preprocess_input, self.model
         # One graph for every batch size, preprocessing included (on the GPU when there is one):
-        # predict_on_batch would trace again for a run's last, smaller batch.
+        # predict_on_batch would trace again for a run's last, smaller batch. `xla` compiles it
+        # with XLA (bench/compare.py --xla; slower than oneDNN on this project's CPU).
         self._forward = tf.function(
             lambda batch: model(preprocess(batch), training=False),
             input_signature=[tf.TensorSpec((None, config.input_size, config.input_size, 3), tf.float32)],
+            jit_compile=xla,
         )
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
