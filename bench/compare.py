@@ -10,8 +10,9 @@ loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras 
            (load_img loop + preprocess_input + predict), (3) the seed's loader
            (ImageDataGenerator(rescale=1/255).flow_from_directory + predict), (4)
            extract-features cold (also with --decode draft, and with the seed loader's
-           `nearest` resize), and again on the unchanged folder. JPEGs cut from real photos (bench/extract_speed.py makes them; 500x375 unless
-           --photo-size) in bench/data/photos-N[-WxH]/.
+           `nearest` resize), and again on the unchanged folder. JPEGs cut from real
+           photos (bench/extract_speed.py makes them; 500x375 unless --photo-size) in
+           bench/data/photos-N[-WxH]/. --xla also times the model alone compiled with XLA.
 seed-job   the seed's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
            ImageDataGenerator with its augmentation, end to end) against this project's
            (extract-features once + train-head mlp, 10 epochs), on the demo digits, same weights.
