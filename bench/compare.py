@@ -93,11 +93,12 @@ def loaders(args) -> dict:
             str(data / "train"), target_size=(size, size), batch_size=batch, class_mode=None, shuffle=False)
         backbone.model.predict(flow, steps=int(np.ceil(len(images) / batch)), verbose=0)
 
-    caches = []
+    made = []  # (cache, options) of each cold run, for the re-run on an unchanged folder
 
     def extract_cold(**changes):
-        caches.append(Path(tempfile.mkdtemp()) / "c.h5")
-        extract_features(data, caches[-1], **{**options, **changes})
+        cache, settings = Path(tempfile.mkdtemp()) / "c.h5", {**options, **changes}
+        made.append((cache, settings))
+        extract_features(data, cache, **settings)
 
     options = dict(input_size=size, weights="random", batch_size=batch, precision=args.precision, progress=False)
     results = {"images": len(images), "photo_size": args.photo_size, "input_size": size, "batch_size": batch,
@@ -115,7 +116,8 @@ def loaders(args) -> dict:
             best[name] = min(best[name], timed(function)[1])
     for name, seconds in best.items():
         results[f"{name}_images_per_s"] = round(len(images) / seconds, 2)
-    _, rerun = timed(lambda: extract_features(data, caches[-1], **{**options, "interpolation": "nearest"}))
+    cache, settings = made[-1]
+    _, rerun = timed(lambda: extract_features(data, cache, **settings))
     results["extract_rerun_seconds"] = round(rerun, 3)
     for name in list(measured)[1:]:
         results[f"{name}_vs_model_only"] = round(results[f"{name}_images_per_s"] / results["model_only_images_per_s"], 3)

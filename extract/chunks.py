@@ -23,23 +23,25 @@ _BLOCK = 360  # words summed before HDF5 folds its Fletcher-32 sums (H5checksum.
 
 
 def write_rows(dataset, start: int, stop: int, rows: Callable[[int, int], np.ndarray], workers: int | None = None) -> None:
-    """`dataset[start:stop] = rows(a, b)`, chunk by chunk, with `rows` called in order on
-    this thread. `start` must begin a chunk. A dataset whose filters are not (shuffle,)
-    deflate, Fletcher-32, or whose chunks are not whole rows, is written through HDF5."""
+    """`dataset[start:stop] = rows(a, b)`, a chunk at a time, with `rows` called in order on
+    this thread. Whole chunks are compressed on a pool of threads; the rest of a chunk that
+    `start` falls inside, and any dataset whose filters are not (shuffle,) deflate,
+    Fletcher-32 or whose chunks are not whole rows, go through HDF5's own filters."""
     step = dataset.chunks[0]
     pipeline = _pipeline(dataset)
-    if pipeline is None:
-        for begin in range(start, stop, step):
-            dataset[begin : min(begin + step, stop)] = rows(begin, min(begin + step, stop))
-        return
-    shuffle, level = pipeline
+    first = min(stop, -(-start // step) * step)  # the first chunk boundary at or after start
+    spans = ([(start, first)] if start < first else []) + [(begin, min(begin + step, stop)) for begin in range(first, stop, step)]
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunks") as pool:
         pending: deque = deque()
-        for begin in range(start, stop, step):
-            block = np.zeros((step, *dataset.shape[1:]), dtype=dataset.dtype)  # HDF5 stores whole chunks
-            block[: min(step, stop - begin)] = rows(begin, min(begin + step, stop))
-            pending.append((begin, pool.submit(encode, block, shuffle, level)))
+        for begin, end in spans:
+            block = np.asarray(rows(begin, end), dtype=dataset.dtype)
+            if pipeline is None or begin % step:  # part of a chunk, or filters encode() does not make
+                dataset[begin:end] = block
+                continue
+            if len(block) < step:  # HDF5 stores whole chunks: pad the last one
+                block = np.concatenate([block, np.zeros((step - len(block), *block.shape[1:]), block.dtype)])
+            pending.append((begin, pool.submit(encode, block, *pipeline)))
             if len(pending) > 2 * workers:
                 _write_next(dataset, pending)
         while pending:

@@ -409,10 +409,7 @@ def _write_table(parent, name: str, previous, columns: dict, source: list[int], 
     def gather(start: int, stop: int) -> np.ndarray:
         return _gather(source[start:stop], keys[start:stop], previous, journal, shape, dtype)
 
-    boundary = min(count, -(-kept // features.chunks[0]) * features.chunks[0])
-    if kept < boundary:  # the rest of the chunk the copied rows end in: HDF5 encodes it again
-        features[kept:boundary] = gather(kept, boundary)
-    write_rows(features, boundary, count, gather)  # whole new chunks, compressed on every core
+    write_rows(features, kept, count, gather)  # new chunks compressed on every core
     return group
 
 
