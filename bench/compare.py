@@ -44,7 +44,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench.extract_speed import photo_folder  # noqa: E402
 from demo.make_data import main as make_digits  # noqa: E402
 from extract import extract_features  # noqa: E402
-from extract.backbone import Backbone, FeatureConfig, import_keras  # noqa: E402
+from extract.backbone import Backbone, import_keras  # noqa: E402
+from extract.config import FeatureConfig  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 
 DIGITS = "data/demo"

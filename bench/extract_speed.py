@@ -26,7 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract import extract_features  # noqa: E402
-from extract.backbone import Backbone, FeatureConfig  # noqa: E402
+from extract.backbone import Backbone  # noqa: E402
+from extract.config import FeatureConfig  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
 

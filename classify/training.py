@@ -25,7 +25,7 @@ from classify.evaluation import evaluate
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from extract import DEFAULT_CACHE, FeatureCache, UsageError
-from extract.store import package_versions
+from extract.schema import package_versions
 
 DEFAULT_HEADS_FOLDER = "heads"
 CLASS_WEIGHTS = (None, "balanced")

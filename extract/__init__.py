@@ -5,19 +5,22 @@
     with FeatureCache("cache/features.h5") as cache:
         X, y = cache.features("train"), cache.label_indices("train")
 
-The pipeline, one module each: `layout` (folder -> images with labels and splits),
-`reader` (file -> hash and pixels), `augment` (pixels -> deterministic augmented views),
-`backbone` (pixels -> features), `journal` and `store` (features -> HDF5 cache), `runner`
-(joins them), `cli` (the command).
+The pipeline, one module each: `config` (what a feature is, its fingerprint), `layout`
+(folder -> images with labels and splits), `reader` (file -> hash and pixels), `augment`
+(pixels -> deterministic augmented views), `backbone` (pixels -> features), `plan` (folder x
+catalog -> what to read and keep), `engine` (reader threads -> backbone -> pending batches),
+then the cache: `schema` (its format), `shards` (one immutable shard), `catalog` (reading,
+`FeatureCache`), `commit` (the atomic commit), `writer` (a run's writes, compaction);
+`runner` joins them, `cli` is the command.
 """
 
 __version__ = "0.1.0"
 
 from extract.augment import Augmentation
-from extract.backbone import FeatureConfig, fingerprint
+from extract.config import FeatureConfig, fingerprint
 from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
 from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
-from extract.store import FeatureCache, list_configs
+from extract.catalog import FeatureCache, list_configs
 
 __all__ = [
     "Augmentation",

@@ -1,10 +1,11 @@
 """Compress a dataset's chunks on every core, then hand them to HDF5 as they are.
 
-HDF5 runs a dataset's filters (shuffle, deflate, Fletcher-32) in the thread that writes,
-one chunk after another: for unpooled VGG16 maps that is about 1.8 ms an image, the
-largest cost of a run after the network itself. `write_rows` encodes whole chunks exactly
-as those filters would, on a pool of threads (zlib releases the GIL), and writes the
-bytes with H5Dwrite_chunk. Readers see an ordinary dataset; HDF5 verifies each chunk's
+HDF5 runs a dataset's filters (deflate, Fletcher-32) in the thread that writes, one chunk
+after another, and h5py holds one lock over all of HDF5, so neither two threads nor two
+shards written at once compress in parallel: for unpooled VGG16 maps that is about 1.8 ms
+an image, the largest cost of a run after the network itself. `write_rows` encodes whole
+chunks exactly as those filters would, on a pool of threads (zlib releases the GIL), and
+writes the bytes with H5Dwrite_chunk. Readers see an ordinary dataset; HDF5 verifies each chunk's
 Fletcher-32 checksum on every read, and a test checks ours against HDF5's own.
 """
 
@@ -22,39 +23,31 @@ from h5py import h5z
 _BLOCK = 360  # words summed before HDF5 folds its Fletcher-32 sums (H5checksum.c)
 
 
-def write_rows(dataset, start: int, stop: int, rows: Callable[[int, int], np.ndarray], workers: int | None = None) -> None:
-    """`dataset[start:stop] = rows(a, b)`, a chunk at a time, with `rows` called in order on
-    this thread. Whole chunks are compressed on a pool of threads; the rest of a chunk that
-    `start` falls inside, and any dataset whose filters are not (shuffle,) deflate,
-    Fletcher-32 or whose chunks are not whole rows, go through HDF5's own filters."""
+def write_rows(dataset, count: int, rows: Callable[[int, int], np.ndarray], workers: int | None = None) -> None:
+    """`dataset[:count] = rows(0, count)`, a chunk at a time, with `rows` called in order
+    on this thread and each chunk compressed on a pool of threads. `dataset` must be a new
+    dataset chunked by whole rows with deflate and Fletcher-32 (as `shards.write_shard`
+    makes it)."""
     step = dataset.chunks[0]
-    pipeline = _pipeline(dataset)
-    first = min(stop, -(-start // step) * step)  # the first chunk boundary at or after start
-    spans = ([(start, first)] if start < first else []) + [(begin, min(begin + step, stop)) for begin in range(first, stop, step)]
+    level = _deflate_level(dataset)
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunks") as pool:
         pending: deque = deque()
-        for begin, end in spans:
-            block = np.asarray(rows(begin, end), dtype=dataset.dtype)
-            if pipeline is None or begin % step:  # part of a chunk, or filters encode() does not make
-                dataset[begin:end] = block
-                continue
+        for begin in range(0, count, step):
+            block = np.asarray(rows(begin, min(begin + step, count)), dtype=dataset.dtype)
             if len(block) < step:  # HDF5 stores whole chunks: pad the last one
                 block = np.concatenate([block, np.zeros((step - len(block), *block.shape[1:]), block.dtype)])
-            pending.append((begin, pool.submit(encode, block, *pipeline)))
+            pending.append((begin, pool.submit(encode, block, level)))
             if len(pending) > 2 * workers:
                 _write_next(dataset, pending)
         while pending:
             _write_next(dataset, pending)
 
 
-def encode(block: np.ndarray, shuffle: bool, level: int) -> bytes:
-    """One chunk's bytes as HDF5 stores them: shuffled (optionally), deflated, with
-    HDF5's Fletcher-32 checksum appended (little-endian)."""
-    data = block.tobytes()
-    if shuffle:  # byte k of every element together, for k = 0 .. itemsize - 1
-        data = np.frombuffer(data, np.uint8).reshape(-1, block.itemsize).T.tobytes()
-    data = zlib.compress(data, level)
+def encode(block: np.ndarray, level: int) -> bytes:
+    """One chunk's bytes as HDF5 stores them: deflated, with HDF5's Fletcher-32 checksum
+    appended (little-endian)."""
+    data = zlib.compress(block.tobytes(), level)
     return data + fletcher32(data).to_bytes(4, "little")
 
 
@@ -88,14 +81,11 @@ def _write_next(dataset, pending: deque) -> None:
     dataset.id.write_direct_chunk((begin,) + (0,) * (dataset.ndim - 1), encoded.result())
 
 
-def _pipeline(dataset) -> tuple[bool, int] | None:
-    """(shuffle, deflate level) when `encode` reproduces this dataset's filters; else None."""
-    if dataset.chunks is None or dataset.chunks[1:] != dataset.shape[1:]:
-        return None
+def _deflate_level(dataset) -> int:
+    """The deflate level of a dataset whose filters are exactly deflate, Fletcher-32."""
     plist = dataset.id.get_create_plist()
     filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
-    codes = [code for code, *_ in filters]
-    if codes not in ([h5z.FILTER_DEFLATE, h5z.FILTER_FLETCHER32], [h5z.FILTER_SHUFFLE, h5z.FILTER_DEFLATE, h5z.FILTER_FLETCHER32]):
-        return None
-    level = filters[codes.index(h5z.FILTER_DEFLATE)][2][0]
-    return codes[0] == h5z.FILTER_SHUFFLE, int(level)
+    if dataset.chunks is None or dataset.chunks[1:] != dataset.shape[1:] or \
+            [code for code, *_ in filters] != [h5z.FILTER_DEFLATE, h5z.FILTER_FLETCHER32]:
+        raise ValueError(f"write_rows needs rows chunked whole with deflate and Fletcher-32; {dataset.name} is not.")
+    return int(filters[0][2][0])

@@ -9,11 +9,12 @@ import signal
 import sys
 
 from extract.augment import Augmentation
-from extract.backbone import DECODES, DTYPES, POOLINGS, PRECISIONS, cpu_has_bfloat16
+from extract.backbone import cpu_has_bfloat16
+from extract.config import DECODES, DTYPES, POOLINGS, PRECISIONS
 from extract.errors import ExtractError, UsageError
 from extract.layout import LAYOUTS
 from extract.reader import INTERPOLATIONS
-from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
+from extract.runner import COMPACTIONS, DEFAULT_CACHE, ExtractSummary, extract_features
 
 SHOWN_FAILURES = 10
 
@@ -69,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=PRECISIONS, default="float32", help="compute precision of the network (default float32)")
     add("--dtype", choices=DTYPES, default="float32", help="storage type of the features (float16 halves the cache)")
     add("--save-every", type=float, default=60.0, metavar="SECONDS",
-        help="while running, also save the cache every SECONDS (default 60; batches are journaled at once)")
-    add("--rebuild", action="store_true", help="move the existing cache aside (kept as *.replaced-TIME) and start anew")
+        help="while running, also commit the cache every SECONDS (default 60; each batch is on disk at once)")
+    add("--rebuild", action="store_true", help="move the existing cache aside (kept as *.replaced-TIME/) and start anew")
+    add("--repair", action="store_true",
+        help="read every shard whole; forget the rows of damaged ones and compute only those again")
+    add("--compact", choices=COMPACTIONS, default="auto",
+        help="after the run, rewrite shards holding dead rows and merge small ones: auto (past thresholds, "
+             "the default), full (every such shard) or never")
     add("--strict", action="store_true", help="exit with status 1 if any image failed")
     add("--quiet", action="store_true", help="no progress bar and no summary")
     add("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -99,6 +105,8 @@ def main(argv=None) -> int:
             workers=args.workers,
             save_every=args.save_every,
             rebuild=args.rebuild,
+            repair=args.repair,
+            compact=args.compact,
             progress=not (args.quiet or args.json),
         )
     except UsageError as error:

@@ -1,35 +1,34 @@
-"""Stage 1 end to end: list the folder, decide what needs computing, compute each new
-image once, journal every batch, then write the cache.
-
-What is computed is decided by content: an image whose path, size and modification time
-match its cached row is not even read; any other image is read and hashed, and goes
-through VGG16 only if no cached row or journaled batch has its SHA-256. With augmented
-views (`augment=K`), each training image also needs views 1..K, known by (SHA-256, view);
-an image read only for its missing views is not computed again.
+"""Stage 1 end to end: `extract_features` plans the run from the folder and the catalog,
+lets the engine compute what is missing, commits at checkpoints and at the end, compacts,
+and sums up what it did. See `plan` for what is computed and `writer` for how it is kept.
 """
 
 from __future__ import annotations
 
-import json
+import glob
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from extract import __version__
 from extract.augment import METHOD, Augmentation
-from extract.backbone import PREPROCESSING, Backbone, FeatureConfig, fingerprint
+from extract.catalog import ConfigState
+from extract.commit import WriterLock
+from extract.config import PREPROCESSING, FeatureConfig, fingerprint
+from extract.engine import Engine
 from extract.errors import UsageError
-from extract.journal import Journal, WriterLock, view_key
 from extract.layout import ImageFile, Scan, scan_folder
-from extract.reader import ViewRequest, load, load_all
-from extract.store import FeatureCache, Rows, ViewRows, ViewSet, now, open_cache, package_versions, write_cache
+from extract.plan import catalog_rows, to_read, view_table
+from extract.reader import ViewRequest
+from extract.schema import now, package_versions, shards_folder
+from extract.shards import view_key
+from extract.writer import Writer
 
 DEFAULT_CACHE = "cache/features.h5"
 VERSIONED = ("keras", "tensorflow", "h5py", "pillow", "numpy")  # recorded with every configuration
+COMPACTIONS = ("auto", "full", "never")
 
 
 @dataclass
@@ -57,6 +56,9 @@ class ExtractSummary:
     augmentation: dict | None = None
     seconds: float = 0.0
     images_per_second: float = 0.0  # images and views computed, over the reading-and-computing time
+    save_seconds: float = 0.0  # writing shards and committing the catalog, compaction included
+    compacted: int = 0  # rows compaction rewrote into new shards
+    repaired: int = 0  # features forgotten by --repair (in damaged shards), computed again
     device: str | None = None  # None when nothing needed VGG16
     class_names: list[str] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
@@ -64,16 +66,6 @@ class ExtractSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class _Cached:
-    row: int
-    sha256: str
-    label: str
-    split: str
-    size: int
-    mtime_ns: int
 
 
 def extract_features(
@@ -96,16 +88,20 @@ def extract_features(
     workers: int | None = None,
     save_every: float = 60.0,
     rebuild: bool = False,
+    repair: bool = False,
+    compact: str = "auto",
     progress: bool = True,
 ) -> ExtractSummary:
     """Run every new or changed image of `data_dir` once through the frozen VGG16 base and
-    cache its features in the HDF5 file `cache`. The keyword arguments mirror the
-    `extract-features` options. The cache is saved every `save_every` seconds and at the
-    end; Ctrl-C saves every finished batch, then re-raises KeyboardInterrupt.
+    cache its features in the HDF5 cache `cache`. The keyword arguments mirror the
+    `extract-features` options. The cache is committed every `save_every` seconds and at
+    the end; Ctrl-C commits every finished batch, then re-raises KeyboardInterrupt.
 
     `augment=K` also caches K augmented views of every training image, made as
     `augmentation` says (default: the seed's transforms, seeded by `seed`); `augment=None`
-    keeps the views the cache already uses, `augment=0` stops using them (they are kept)."""
+    keeps the views the cache already uses, `augment=0` stops using them (they are kept).
+    `repair=True` reads every shard whole and computes again the rows of damaged ones;
+    `compact` is "auto" (past the thresholds), "full" or "never"."""
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
@@ -116,301 +112,182 @@ def extract_features(
         raise UsageError(f"Expected --augment K with K >= 0; received {augment}.")
     if augmentation is not None and augment is None:
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
+    if compact not in COMPACTIONS:
+        raise UsageError(f"Expected --compact to be one of {', '.join(COMPACTIONS)}; received {compact!r}.")
     augmentation = augmentation or Augmentation(seed=seed)
     augmentation.validate()
     scan = scan_folder(data_dir, layout, validation_percent)
-    identity = config.identity()
     cache = Path(cache)
     with WriterLock(cache):
         _clean_leftovers(cache, rebuild)
-        run = _Run(scan, config, identity, cache, validation_percent, (augment, augmentation), save_every)
+        run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair)
+        engine = Engine(config, run.writer, run.cached_sha256, run.commit, save_every, batch_size)
+        run.engine = engine
         try:
-            run.compute(batch_size, workers or max(2, min(8, os.cpu_count() or 1)), progress)
+            engine.run(scan.root, run.reading, run.view_request(), run.view_key,
+                       workers or max(2, min(8, os.cpu_count() or 1)), progress)
         except KeyboardInterrupt:
-            run.save()
-            raise  # the journal stays: it may hold batches for images this run did not reach
-        run.finish()
+            run.commit()
+            raise  # pending batches stay: they may hold images this run did not reach
+        run.finish(compact)
     run.summary.seconds = round(time.perf_counter() - started, 3)
     return run.summary
 
 
 class _Run:
-    """One run's decisions, row by row, and the saving of them.
+    """One run's decisions, and the committing of them."""
 
-    `original` is the cache group as the run found it (for the counts); `cached` is the
-    group as last saved, which checkpoints move forward; `decided` holds what this run
-    learned since then: path -> (sha256, source of its features). `cached_views` is the
-    views table in use as last saved: (sha256, view) -> row."""
-
-    def __init__(self, scan: Scan, config: FeatureConfig, identity: dict, cache: Path, validation_percent, augment, save_every):
-        self.scan, self.config, self.identity, self.cache = scan, config, identity, cache
-        self.save_every = save_every
-        self.key = fingerprint(identity)
-        self.validation_percent = validation_percent
-        self.original, self.stored_failures, self.attrs, self.last_config = _read_cached(cache, self.key)
+    def __init__(self, scan: Scan, config: FeatureConfig, cache: Path, validation_percent, augment, repair: bool):
+        self.scan, self.config, self.validation_percent = scan, config, validation_percent
+        self.identity = config.identity()
+        self.key = fingerprint(self.identity)
+        self.writer = Writer(cache, self.key)
+        self.stored = self.writer.state
+        self.original = dict(self.stored.rows)  # as the run found them, for the counts
         data_root = str(scan.root.resolve())
-        if self.attrs and self.attrs.get("data_dir") != data_root:
+        if self.stored.attrs and self.stored.attrs.get("data_dir") != data_root:
             raise UsageError(
-                f"The cache {str(cache)!r} holds these features for {self.attrs.get('data_dir')!r}, "
+                f"The cache {str(cache)!r} holds these features for {self.stored.attrs.get('data_dir')!r}, "
                 f"not {data_root!r}; use another --cache for another data set."
             )
         self.summary = ExtractSummary(
             str(cache), self.key, data_root, scan.layout, list(config.feature_shape), config.precision,
             skipped=len(scan.skipped),
         )
+        self.summary.repaired = self.writer.check(repair)
+        self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
-        self.cached_views = _read_views(cache, self.key, self.augmentation.fingerprint) if self.views_per_image and self.attrs else {}
-        self.journal = Journal(cache, self.key).open()
-        self.failures: list[tuple[str, str]] = list(scan.failures)
-        self.backbone: Backbone | None = None
-        self.waiting: dict[str, np.ndarray] = {}  # journal key -> pixels, for the next batch
-        self.waiting_paths: dict[str, list[str]] = {}  # sha256 -> paths whose features it will be
-        self._now_cached(self.original)
-        self.reading = [
-            image for image in scan.images
-            if not ((entry := self.cached.get(image.path)) and (entry.size, entry.mtime_ns) == (image.size, image.mtime_ns))
-            or self.missing_views(image, entry.sha256)
-        ]
-        self.last_save = time.monotonic()
+        self.engine: Engine | None = None
+        self.reading = to_read(scan.images, self.cached, self.missing_views)
 
     def _choose_views(self, augment: int | None, augmentation: Augmentation) -> tuple[Augmentation, int]:
         """The augmentation and views per image this run keeps the cache to."""
+        attrs = self.stored.attrs
         if augment is not None:
             return augmentation, augment
-        if not self.attrs.get("views"):
+        if not attrs.get("views"):
             return augmentation, 0
-        stored = {key: value for key, value in self.attrs["augmentation"].items() if key != "method"}
-        if self.attrs["augmentation"].get("method") != METHOD:
+        stored = {key: value for key, value in attrs["augmentation"].items() if key != "method"}
+        if attrs["augmentation"].get("method") != METHOD:
             raise UsageError(
-                f"The cache's views were made by {self.attrs['augmentation'].get('method')!r}, which this version "
+                f"The cache's views were made by {attrs['augmentation'].get('method')!r}, which this version "
                 f"does not make; pass --augment K to make new ones (or --augment 0 to stop using views)."
             )
-        return Augmentation(**stored), int(self.attrs["views_per_image"])
+        return Augmentation(**stored), int(attrs["views_per_image"])
+
+    def view_key(self, sha256: str, view: int) -> str:
+        return view_key(sha256, self.augmentation.fingerprint, view)
 
     def missing_views(self, image: ImageFile, sha256: str) -> list[int]:
         """The view numbers still to compute for an image (only training images have views)."""
         if not self.views_per_image or image.split != "train":
             return []
-        name = self.augmentation.fingerprint
-        return [
-            view for view in range(1, self.views_per_image + 1)
-            if (sha256, view) not in self.cached_views and view_key(sha256, name, view) not in self.journal.index
-        ]
+        return [view for view in range(1, self.views_per_image + 1) if not self.writer.knows(self.view_key(sha256, view))]
 
-    def compute(self, batch_size: int, workers: int, progress: bool) -> None:
-        """Read every image that may have changed or lacks views; run the unknown ones
-        (and missing views) through VGG16, saving the cache every `save_every` seconds."""
-        known = self.by_sha.keys() | self.journal.index.keys()
-        views = ViewRequest(self.augmentation, self.missing_views) if self.views_per_image else None
-        size, interpolation, draft = self.config.input_size, self.config.interpolation, self.config.decode == "draft"
-        started = time.perf_counter()
-        bar = tqdm(total=len(self.reading), unit="img", desc="extracting", disable=None if progress else True)
-        with bar:
-            for loaded in load_all(
-                self.scan.root, self.reading, size, interpolation, known, workers,
-                prefetch=2 * batch_size, views=views, draft=draft,
-            ):
-                path = loaded.image.path
-                if not loaded.error and not self._decide(path, loaded.sha256):
-                    if loaded.pixels is None:
-                        # known when read, gone since (a checkpoint dropped the deleted file that had it)
-                        loaded = load(self.scan.root, loaded.image, size, interpolation, views=views, draft=draft)
-                    if not loaded.error:
-                        self.waiting_paths.setdefault(loaded.sha256, []).append(path)
-                        self._queue(loaded.sha256, loaded.pixels, batch_size)
-                if loaded.error:
-                    self.failures.append((path, loaded.error))
-                for view, pixels in loaded.views.items():
-                    self._queue(view_key(loaded.sha256, self.augmentation.fingerprint, view), pixels, batch_size)
-                bar.update()
-            if self.waiting:
-                self._run_batch()
-        elapsed = time.perf_counter() - started
-        if self.summary.computed + self.summary.views_computed and elapsed > 0:
-            self.summary.images_per_second = round((self.summary.computed + self.summary.views_computed) / elapsed, 2)
+    def view_request(self) -> ViewRequest | None:
+        return ViewRequest(self.augmentation, self.missing_views) if self.views_per_image else None
 
-    def _queue(self, key: str, pixels: np.ndarray, batch_size: int) -> None:
-        if key not in self.waiting and key not in self.journal.index:
-            self.waiting[key] = pixels
-            if len(self.waiting) == batch_size:
-                self._run_batch()
+    def cached_sha256(self, path: str) -> str | None:
+        row = self.cached.get(path)
+        return row.sha256 if row else None
 
-    def _run_batch(self) -> None:
-        if self.backbone is None:
-            self.backbone = Backbone(self.config)
-            self.summary.device = self.backbone.device
-            if not self.cache.exists():
-                self.save()  # from now on there is a cache that opens, whatever happens
-        keys = list(self.waiting)
-        features = self.backbone(np.stack([self.waiting[key] for key in keys]))
-        self.journal.append(keys, features)
-        self.waiting.clear()
-        for key in keys:
-            if "/" in key:  # a view
-                self.summary.views_computed += 1
-                continue
-            self.summary.computed += 1
-            for path in self.waiting_paths.pop(key, ()):
-                self.decided[path] = (key, -1)
-        if time.monotonic() - self.last_save >= self.save_every:
-            self.save()
-
-    def _decide(self, path: str, sha256: str) -> bool:
-        """Take the features an image already has (its own row, the journal, or another
-        row); False if they are no longer anywhere."""
-        entry = self.cached.get(path)
-        if entry and entry.sha256 == sha256:
-            self.decided[path] = (sha256, entry.row)
-        elif sha256 in self.journal.index or sha256 in self.by_sha:
-            self.summary.reused += 1
-            self.decided[path] = (sha256, -1 if sha256 in self.journal.index else self.by_sha[sha256])
-        else:
-            return False
-        return True
-
-    def rows(self) -> Rows:
-        """The rows to store. Cached rows that keep their features come first, in their old
-        order (so an unchanged cache is only appended to). An image not read because the
-        run was interrupted keeps its old row, and its old size and time, to be re-checked."""
-        kept, moved = [], []
-        failed = {path for path, _ in self.failures}
-        for image in self.scan.images:
-            entry = self.cached.get(image.path)
-            if image.path in self.decided:
-                sha256, source = self.decided[image.path]
-                row = (image.path, sha256, image.label, image.split, image.size, image.mtime_ns, source)
-            elif entry and image.path not in failed:
-                row = (image.path, entry.sha256, image.label, image.split, entry.size, entry.mtime_ns, entry.row)
-            else:
-                continue
-            (kept if entry and row[-1] == entry.row else moved).append(row)
-        rows = Rows()
-        for row in sorted(kept, key=lambda row: row[-1]) + moved:
-            rows.add(*row)
-        return rows
-
-    def view_set(self, rows: Rows) -> ViewSet | None:
-        """The views table to store: every cached or journaled view of the training rows'
-        images, cached ones first in their old order. Views numbered above the views per
-        image stay (a later, larger --augment uses them); views of other images go."""
-        if not self.views_per_image:
-            return None
-        name = self.augmentation.fingerprint
-        training = {sha256 for sha256, split in zip(rows.sha256, rows.split) if split == "train"}
-        table = ViewRows()
-        for (sha256, view), row in sorted(self.cached_views.items(), key=lambda item: item[1]):
-            if sha256 in training:
-                table.sha256.append(sha256), table.view.append(view), table.source.append(row)
-        for sha256 in sorted(training):
-            for view in range(1, self.views_per_image + 1):
-                if (sha256, view) not in self.cached_views and view_key(sha256, name, view) in self.journal.index:
-                    table.sha256.append(sha256), table.view.append(view), table.source.append(-1)
-        attrs = dict(self.augmentation.identity(), fingerprint=name, views_per_image=self.views_per_image, updated=now())
-        keys = [view_key(sha256, name, view) for sha256, view in zip(table.sha256, table.view)]
-        return ViewSet(name, attrs, table, keys)
-
-    def save(self, rows: Rows | None = None, views: ViewSet | None = None) -> None:
-        """Write the cache as this run knows it now (atomically; see store.write_cache).
-        `rows` and `views`, when given, are `rows()` and `view_set(rows)` already made."""
-        rows = self.rows() if rows is None else rows
-        views = self.view_set(rows) if views is None else views
+    def state(self) -> ConfigState:
+        """What the cache is to hold now (where features are is the writer's business)."""
+        engine = self.engine
+        failures = sorted(self.scan.failures + engine.failures)
+        read = {path: sha256 for path, sha256 in engine.read.items() if self.writer.knows(sha256)}
+        rows = catalog_rows(self.scan.images, self.cached, read, {path for path, _ in failures})
+        views = {name: table for name, table in self.stored.views.items()}
+        in_use = None
+        if self.views_per_image:
+            in_use = self.augmentation.fingerprint
+            table_attrs = dict(self.augmentation.identity(), fingerprint=in_use, views_per_image=self.views_per_image)
+            old = views.get(in_use)
+            table = view_table(rows, old, in_use, self.views_per_image, table_attrs, self.writer.knows)
+            if old is None or table.keys != old.keys or _changed(old.attrs, table_attrs):
+                table.attrs["updated"] = now()
+                views[in_use] = table
         attrs = dict(
             self.identity,
             fingerprint=self.key,
-            identity=json.dumps(self.identity, sort_keys=True),
+            identity=self.identity,
             preprocessing=PREPROCESSING,
             weights_path=None if self.config.weights in ("imagenet", "random") else str(Path(self.config.weights).resolve()),
             data_dir=self.summary.data_dir,
             layout=self.scan.layout,
             validation_percent=self.validation_percent if self.scan.layout == "classes" else None,
-            views=views.name if views else None,
+            views=in_use,
             views_per_image=self.views_per_image or None,
-            augmentation=json.dumps(self.augmentation.identity(), sort_keys=True) if views else None,
-            created=self.attrs.get("created") or now(),
-            updated=now(),
+            augmentation=self.augmentation.identity() if in_use else None,
+            created=self.stored.attrs.get("created") or now(),
             extract_version=__version__,
             **{f"{name}_version": version for name, version in package_versions(VERSIONED).items()},
         )
-        failures = sorted(self.failures)
-        write_cache(self.cache, self.key, attrs, rows, failures, self.journal, views)
-        self.attrs, self.stored_failures, self.last_config = attrs, failures, self.key
-        self._now_cached({
-            path: _Cached(row, *values)
-            for row, (path, *values) in enumerate(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns))
-        })
-        if views:
-            self.cached_views = {(sha256, view): row for row, (sha256, view) in enumerate(zip(views.rows.sha256, views.rows.view))}
-        self.last_save = time.monotonic()
+        attrs = {name: value for name, value in attrs.items() if value is not None}
+        return ConfigState(attrs=attrs, rows=rows, failures=failures, views=views)
 
-    def finish(self) -> None:
-        """Save unless the cache already holds exactly this; then drop the journal."""
-        rows = self.rows()
-        stored = [(path, e.sha256, e.label, e.split, e.size, e.mtime_ns, e.row) for path, e in self.cached.items()]
-        current = list(zip(rows.path, rows.sha256, rows.label, rows.split, rows.size, rows.mtime_ns, rows.source))
-        views = self.view_set(rows)
-        views_changed = (
-            (views.name if views else None, self.views_per_image) != (self.attrs.get("views"), self.attrs.get("views_per_image") or 0)
-            or (views is not None and views.rows.source != list(range(len(self.cached_views))))
+    def commit(self) -> None:
+        """Store the run as it is now: a checkpoint (atomic; see writer.Writer.commit)."""
+        started = time.perf_counter()
+        state = self.state()
+        state.attrs["updated"] = now()
+        self.writer.commit(state)
+        self.summary.save_seconds += time.perf_counter() - started
+
+    def finish(self, compact: str) -> None:
+        """Commit unless the cache already holds exactly this; then clean up and compact."""
+        state, stored = self.state(), self.stored
+        unchanged = (
+            state.rows == stored.rows and state.failures == stored.failures and not self.writer.pending
+            and self.writer.last_config == self.key and not _changed(stored.attrs, state.attrs)
+            and {name: table.keys for name, table in state.views.items()} == {name: table.keys for name, table in stored.views.items()}
         )
-        if current != stored or sorted(self.failures) != self.stored_failures or self.last_config != self.key or views_changed:
-            self.save(rows, views)
-        self._count(rows)
-        self.journal.clear()
+        if not unchanged:
+            self.commit()
+        started = time.perf_counter()
+        self.summary.compacted = self.writer.finish(compact)
+        self.summary.save_seconds = round(self.summary.save_seconds + time.perf_counter() - started, 3)
+        self._count(self.writer.state)
 
-    def _now_cached(self, cached: dict) -> None:
-        self.cached = cached
-        self.by_sha = {entry.sha256: entry.row for entry in cached.values()}
-        self.decided: dict[str, tuple[str, int]] = {}
-
-    def _count(self, rows: Rows) -> None:
-        summary, original = self.summary, self.original
-        stored = dict(zip(rows.path, rows.sha256))
-        summary.new = sum(path not in original for path in stored)
-        summary.changed = sum(path in original and original[path].sha256 != sha for path, sha in stored.items())
-        summary.unchanged = len(stored) - summary.new - summary.changed
-        summary.removed = sum(path not in stored for path in original)
-        summary.failures = sorted(self.failures)
-        summary.failed = len(self.failures)
+    def _count(self, state: ConfigState) -> None:
+        summary, engine = self.summary, self.engine
+        rows = state.rows
+        summary.new = sum(path not in self.original for path in rows)
+        summary.changed = sum(path in self.original and self.original[path].sha256 != row.sha256 for path, row in rows.items())
+        summary.unchanged = len(rows) - summary.new - summary.changed
+        summary.removed = sum(path not in rows for path in self.original)
+        summary.failures = list(state.failures)
+        summary.failed = len(state.failures)
         summary.rows = len(rows)
-        summary.class_names = sorted(set(rows.label) - {""})
-        summary.split_sizes = {split: rows.split.count(split) for split in sorted(set(rows.split))}
+        summary.class_names = sorted({row.label for row in rows.values()} - {""})
+        splits = [row.split for row in rows.values()]
+        summary.split_sizes = {split: splits.count(split) for split in sorted(set(splits))}
+        summary.computed, summary.views_computed, summary.reused = engine.computed, engine.views_computed, engine.reused
+        summary.device, summary.images_per_second = engine.device, engine.images_per_second
         if self.views_per_image:
             summary.views_per_image = self.views_per_image
             summary.augmentation = self.augmentation.identity()
-            summary.views = sum(view <= self.views_per_image for _, view in self.cached_views)
+            table = state.views.get(self.augmentation.fingerprint)
+            summary.views = sum(view <= self.views_per_image for _, view in table.keys) if table else 0
 
 
-def _read_cached(cache: Path, key: str):
-    """The rows (by path, in row order), failures and attributes cached for this
-    configuration, and the configuration the cache's last run wrote."""
-    if not cache.exists():
-        return {}, [], {}, None
-    with open_cache(cache) as file:  # refuses a damaged or foreign file before any work is done
-        present, last_config = key in file["configs"], file.attrs.get("last_config")
-    if not present:
-        return {}, [], {}, last_config
-    with FeatureCache(cache, key) as stored:
-        columns = zip(*(stored.column(name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")))
-        cached = {
-            path: _Cached(row, sha256.decode(), label, split, int(size), int(mtime_ns))
-            for row, (path, sha256, label, split, size, mtime_ns) in enumerate(columns)
-        }
-        return cached, sorted(stored.failures()), stored.config, last_config
-
-
-def _read_views(cache: Path, key: str, name: str) -> dict[tuple[str, int], int]:
-    """The rows of one views table of a configuration: (sha256, view) -> row."""
-    if not cache.exists():
-        return {}
-    with FeatureCache(cache, key) as stored:
-        return stored.view_index(name)
+def _changed(old: dict, new: dict) -> bool:
+    """Whether two sets of attributes differ in more than their time stamps."""
+    ignore = ("updated",)
+    return {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}
 
 
 def _clean_leftovers(cache: Path, rebuild: bool) -> None:
-    """Remove temporary files of a writer that was killed; with `rebuild`, move the cache
-    aside (never delete it) so the run starts a new one."""
-    for leftover in cache.parent.glob(f"{cache.name}.tmp-*"):
-        leftover.unlink()
+    """Remove temporary catalogs of a writer that was killed; with `rebuild`, move the cache
+    and its shards aside together (never delete them) so the run starts a new one."""
+    for leftover in glob.glob(glob.escape(str(cache)) + ".tmp-*"):
+        os.unlink(leftover)
     if rebuild and cache.exists():
-        aside = cache.with_name(f"{cache.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(cache, aside)  # the journal stays: its batches are valid for any cache
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = next(folder for number in range(1, 1000)
+                     if not (folder := cache.with_name(f"{cache.name}.replaced-{stamp}" + (f"-{number}" if number > 1 else ""))).exists())
+        aside.mkdir()
+        os.replace(cache, aside / cache.name)
+        shards = shards_folder(cache)
+        if shards.exists():  # pending batches go too: they are valid, but a rebuild starts from nothing
+            shutil.move(shards, aside / shards.name)

@@ -75,23 +75,22 @@ def blobs(classes=("a", "b", "c"), per_class=30, features=16, seed=0, spread=1.0
 
 def write_synthetic_cache(path: Path, splits: dict, fingerprint: str = "synthetic0000001", features=16, seed=0,
                           shape=None) -> Path:
-    """A feature cache holding blobs, as extract-features would write it.
+    """A feature cache holding blobs, written through the cache's own writer.
     `splits` maps a split name to (classes, images per class)."""
-    from extract.journal import Journal
-    from extract.store import Rows, write_cache
+    from extract.catalog import ConfigState, Row
+    from extract.writer import Writer
 
-    journal = Journal(path, fingerprint).open()
-    rows = Rows()
+    writer = Writer(Path(path), fingerprint)
+    rows = {}
     for offset, (split, (classes, per_class)) in enumerate(splits.items()):
         X, y = blobs(classes, per_class, features, seed=seed)  # the same centres for every split
         X = X + np.random.default_rng(seed + offset + 1).normal(0, 0.3, X.shape).astype(np.float32)
         hashes = [f"{offset:02d}{i:062x}" for i in range(len(y))]
-        journal.append(hashes, X.reshape(len(X), *(shape or (features,))))
+        writer.append(hashes, X.reshape(len(X), *(shape or (features,))))
         for i, (label, digest) in enumerate(zip(y, hashes)):
-            rows.add(f"{split}/{label}/{i}.png", digest, str(label), split, 1, 1, -1)
+            rows[f"{split}/{label}/{i}.png"] = Row(digest, str(label), split, 1, 1)
     attrs = {"feature_shape": list(shape or (features,)), "dtype": "float32", "backbone": "vgg16",
              "weights": "random", "weights_seed": 0, "input_size": 32, "interpolation": "bilinear",
              "pooling": "avg", "precision": "float32"}
-    write_cache(path, fingerprint, attrs, rows, [], journal)
-    journal.clear()
+    writer.commit(ConfigState(attrs=attrs, rows=rows))
     return path

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import SIZE
-from extract import backbone
-from extract.backbone import Backbone, FeatureConfig, fingerprint
+from extract import config as backbone_config
+from extract.backbone import Backbone
+from extract.config import FeatureConfig, fingerprint
 from extract.errors import UsageError, WeightsUnavailableError
 
 
@@ -55,7 +56,7 @@ def test_weights_file_is_known_by_content_not_path(weights_file, tmp_path):
 
 
 def test_a_local_copy_of_the_imagenet_file_is_imagenet(weights_file, monkeypatch):
-    monkeypatch.setattr(backbone, "IMAGENET_MD5", hashlib.md5(weights_file.read_bytes()).hexdigest())
+    monkeypatch.setattr(backbone_config, "IMAGENET_MD5", hashlib.md5(weights_file.read_bytes()).hexdigest())
     identity = FeatureConfig(weights=str(weights_file)).identity()
     assert identity["weights"] == "imagenet" and "weights_sha256" not in identity
     assert fingerprint(identity) == fingerprint(FeatureConfig(weights="imagenet").identity())
@@ -133,4 +134,4 @@ def test_imagenet_download_failure_says_how_to_work_offline(tmp_path, monkeypatc
     with pytest.raises(WeightsUnavailableError) as error:
         Backbone(FeatureConfig(input_size=SIZE, weights="imagenet"))
     message = str(error.value)
-    assert "--weights" in message and backbone.IMAGENET_FILE in message and "\n" not in message
+    assert "--weights" in message and backbone_config.IMAGENET_FILE in message and "\n" not in message

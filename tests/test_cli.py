@@ -7,7 +7,7 @@ import pytest
 from conftest import SIZE
 from extract import FeatureCache
 from extract.cli import main
-from extract.journal import WriterLock
+from extract.commit import WriterLock
 
 
 def cli(capsys, *args):

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import SIZE
 from extract import FeatureCache, extract_features
-from extract.backbone import Backbone, FeatureConfig
+from extract.backbone import Backbone
+from extract.config import FeatureConfig
 from extract.reader import decode
 
 CORPUS = Path(__file__).parent / "corpus"

@@ -1,6 +1,7 @@
 """Faults from outside, on the real command in subprocesses: kills at any moment, a second
 writer, a full disk, a read-only cache folder, unreadable files, a damaged cache."""
 
+import json
 import os
 import random
 import resource
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -34,7 +36,9 @@ def start(data, cache, weights_file, *extra):
 
 
 def batches(cache: Path) -> int:
-    return len(list(Path(f"{cache}.journal").glob("*/batch-*.npz")))
+    """Finished batches on disk: pending ones, and shards (one per checkpoint)."""
+    shards = Path(f"{cache}.shards")
+    return len(list(shards.glob("*/pending/batch-*.npz"))) + len(list(shards.glob("*/*.h5")))
 
 
 def wait_for_batches(cache: Path, count: int, process, timeout=120) -> bool:
@@ -90,7 +94,9 @@ def test_sigkill_at_twenty_moments_loses_nothing(big_folder, weights_file, tmp_p
     final = features(cache)
     assert final.keys() == reference.keys()
     assert_rows_match(cache, reference)
-    assert not Path(f"{cache}.journal").exists() and not list(tmp_path.glob("c.h5.tmp-*"))
+    shards = Path(f"{cache}.shards")
+    assert len(list(shards.glob("*/*.h5"))) == 1  # compacted: the small shards of the checkpoints merged
+    assert not list(shards.glob("*/pending/*")) and not list(shards.rglob("*.tmp")) and not list(tmp_path.glob("c.h5.tmp-*"))
 
 
 def views(cache: Path) -> dict:
@@ -159,24 +165,29 @@ def test_a_second_writer_is_refused_naming_the_first(big_folder, weights_file, t
         first.wait()
 
 
+def snapshot(cache: Path) -> dict:
+    """The catalog and every shard, byte for byte."""
+    return {path.name: path.read_bytes() for path in [cache, *Path(f"{cache}.shards").glob("*/*.h5")]}
+
+
 def test_a_full_disk_keeps_the_old_cache_and_the_new_batches(tmp_path, weights_file):
     data, cache = tmp_path / "data", tmp_path / "c.h5"
     many_images(data, 30)
     assert subprocess.run(command(data, cache, weights_file), capture_output=True).returncode == 0
-    before = cache.read_bytes()
+    before = snapshot(cache)
     many_images(data, 200, start=30)
-    limit = len(before) + 40_000  # room for each journal batch, not for the grown cache
+    limit = 40_000  # room for each pending batch, not for the shard of 200 images
 
     def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     full = subprocess.run(command(data, cache, weights_file, "--batch-size", "8"), capture_output=True, text=True,
                           preexec_fn=small_disk)
-    assert full.returncode == 1 and "File too large" in full.stderr and "it is unchanged" in full.stderr
+    assert full.returncode == 1 and "File too large" in full.stderr and "the cache is unchanged" in full.stderr
     assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr
-    assert cache.read_bytes() == before
+    assert snapshot(cache) == before
     again = subprocess.run(command(data, cache, weights_file, "--json"), capture_output=True, text=True)
-    assert again.returncode == 0 and '"computed": 0' in again.stdout  # every batch came from the journal
+    assert again.returncode == 0 and '"computed": 0' in again.stdout  # every batch was kept
     assert len(features(cache)) == 230
 
 
@@ -198,7 +209,7 @@ def test_a_read_only_cache_folder_is_a_clear_error(tmp_path, weights_file):
     store.mkdir()
     arguments = [data, "--cache", store / "c.h5", "--weights", weights_file, "--input-size", SIZE, "--quiet"]
     assert subprocess.run([sys.executable, "-m", "extract.cli", *map(str, arguments)]).returncode == 0
-    before = (store / "c.h5").read_bytes()
+    before = snapshot(store / "c.h5")
     many_images(data, 3, start=6)
     os.chmod(store, 0o555)
     os.chmod(store / "c.h5.lock", 0o444)
@@ -208,7 +219,7 @@ def test_a_read_only_cache_folder_is_a_clear_error(tmp_path, weights_file):
         os.chmod(store, 0o755)
     assert result.returncode == 1, result.stderr
     assert "Cannot write the cache folder" in result.stderr and result.stderr.count("\n") == 1
-    assert (store / "c.h5").read_bytes() == before
+    assert snapshot(store / "c.h5") == before
 
 
 def test_an_unreadable_file_is_a_failure_not_a_stop(tmp_path, weights_file):
@@ -223,8 +234,8 @@ def test_an_unreadable_file_is_a_failure_not_a_stop(tmp_path, weights_file):
         assert cache.failures() == [("train/c0/0.png", "cannot read file: Permission denied")]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "superblock", "chunks"])
-def test_a_damaged_cache_says_what_to_do(tmp_path, weights_file, capsys, damage):
+@pytest.mark.parametrize("damage", ["truncate", "superblock"])
+def test_a_damaged_catalog_says_what_to_do(tmp_path, weights_file, capsys, damage):
     data, cache = tmp_path / "data", tmp_path / "c.h5"
     many_images(data, 40)
     arguments = [str(data), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE), "--quiet"]
@@ -233,16 +244,111 @@ def test_a_damaged_cache_says_what_to_do(tmp_path, weights_file, capsys, damage)
     if damage == "truncate":
         content = content[: len(content) // 2]
     else:
-        start = 8 if damage == "superblock" else len(content) // 2
-        content[start : start + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        content[8 : 8 + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     cache.write_bytes(bytes(content))
-    if damage == "chunks":  # the index still reads: the damage shows where the features are read
-        with pytest.raises(CacheError, match="is damaged .* --rebuild"):
+    assert main(arguments) == 1
+    err = capsys.readouterr().err
+    assert "--rebuild" in err and err.count("\n") == 1
+    assert main([*arguments, "--rebuild"]) == 0
+    assert len(features(cache)) == 40
+    (aside,) = tmp_path.glob("c.h5.replaced-*")  # the damaged cache, kept aside with its shards
+    assert (aside / "c.h5").exists() and (aside / "c.h5.shards").is_dir()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "foreign", "garbled"])
+def test_a_damaged_shard_is_named_and_repair_computes_only_its_rows(big_folder, tmp_path, weights_file, capsys, damage):
+    data, reference = big_folder
+    part = tmp_path / "data"
+    for path in sorted(data.rglob("*.png"))[:50]:
+        target = part / path.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    cache = tmp_path / "c.h5"
+    arguments = [str(part), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE), "--quiet"]
+    moved = [path for path in sorted(part.rglob("*.png"))[:10]]
+    for path in moved:
+        path.rename(tmp_path / path.name)
+    assert main(arguments) == 0
+    for path in moved:
+        (tmp_path / path.name).rename(path)
+    assert main(arguments) == 0  # a second shard, of the 10 images
+    (victim,) = [shard for shard in Path(f"{cache}.shards").glob("*/*.h5") if shard.stat().st_size < 30_000]
+    if damage == "deleted":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-1000])
+    elif damage == "foreign":
+        other = tmp_path / "other.h5"
+        assert main([str(part), "--cache", str(other), *arguments[3:]]) == 0
+        (donor,) = Path(f"{other}.shards").glob("*/*.h5")
+        victim.write_bytes(donor.read_bytes())
+    else:
+        with h5py.File(victim, "r") as file:
+            offset = file["features"].id.get_chunk_info(0).byte_offset
+        content = bytearray(victim.read_bytes())
+        content[offset + 16 : offset + 32] = bytes(16)
+        victim.write_bytes(bytes(content))
+    capsys.readouterr()
+    if damage == "garbled":  # the index of the shard is whole: reading the features finds it
+        assert main(arguments) == 0
+        with pytest.raises(CacheError, match=f"shard '.*{victim.name}' .* is damaged .*--repair"):
             features(cache)
     else:
         assert main(arguments) == 1
         err = capsys.readouterr().err
-        assert "--rebuild" in err and err.count("\n") == 1
-    assert main([*arguments, "--rebuild"]) == 0
-    assert len(features(cache)) == 40
-    assert len(list(tmp_path.glob("c.h5.replaced-*"))) == 1  # the damaged file, kept aside
+        assert victim.name in err and "its 10 rows" in err and "--repair" in err and err.count("\n") == 1
+        with pytest.raises(CacheError, match=victim.name):
+            features(cache)
+    assert main([*arguments, "--repair", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["computed"], summary["repaired"], summary["rows"]) == (10, 10, 50)
+    assert_rows_match(cache, reference) == 50
+
+
+def test_sigkill_during_compaction_loses_nothing(big_folder, weights_file, tmp_path):
+    """A cache of 60 small shards (a checkpoint after every batch) compacted with
+    --compact full, SIGKILLed at a random moment after its new shard appears, again and
+    again from the same start, until kills have landed both before and after the
+    compaction's commit: after each kill the cache reads right, and the next run leaves
+    one shard and no stray file."""
+    data, reference = big_folder
+    part = tmp_path / "data"
+    for path in sorted(data.rglob("*.png"))[:120]:
+        target = part / path.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    cache, shards, pristine = tmp_path / "c.h5", tmp_path / "c.h5.shards", tmp_path / "pristine"
+    made = subprocess.run(command(part, cache, weights_file, "--batch-size", "2", "--save-every", "0", "--compact", "never"),
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    original = set(shards.glob("*/*.h5"))
+    assert len(original) == 60
+    pristine.mkdir()
+    shutil.copy(cache, pristine / cache.name)
+    shutil.copytree(shards, pristine / shards.name)
+    moments, committed, spread = random.Random(2), set(), 0.02
+    for kill in range(16):
+        cache.unlink()
+        shutil.rmtree(shards)
+        shutil.copy(pristine / cache.name, cache)
+        shutil.copytree(pristine / shards.name, shards)
+        process = start(part, cache, weights_file, "--compact", "full")
+        deadline = time.monotonic() + 60
+        while not set(shards.glob("*/*.h5")) - original and process.poll() is None:
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.001)
+        time.sleep(moments.uniform(0, spread))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        with h5py.File(cache, "r") as opened:  # killed after the compaction's commit, or before it?
+            after = len(next(iter(opened["configs"].values()))["shards/path"]) == 1
+        committed.add(after)
+        spread = spread / 1.5 if after else spread * 1.5  # closing in on the moment of the commit
+        assert assert_rows_match(cache, reference) == 120
+        finish = subprocess.run(command(part, cache, weights_file), capture_output=True, text=True)
+        assert finish.returncode == 0, finish.stderr
+        assert len(list(shards.glob("*/*.h5"))) == 1 and not list(shards.rglob("*.tmp"))
+        assert assert_rows_match(cache, reference) == 120
+        if committed == {True, False}:
+            break
+    assert committed == {True, False}, "every kill landed on the same side of the commit"

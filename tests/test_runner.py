@@ -150,26 +150,6 @@ def test_float16_cache_holds_float16(extract, dataset):
         assert cache.features().dtype == np.float16
 
 
-def test_new_rows_join_an_older_cache_that_byte_shuffles(extract, dataset, tmp_path):
-    """Earlier caches byte-shuffled their features; rows appended to one are encoded with its filters."""
-    first = extract(dataset)
-    with h5py.File(first.cache, "r+") as file:  # rewrite it as earlier versions did, in chunks of 2 rows
-        group = file["configs"][first.fingerprint]
-        stored = group["features"][:]
-        del group["features"]
-        group.create_dataset("features", data=stored, maxshape=(None, *stored.shape[1:]), chunks=(2, *stored.shape[1:]),
-                             compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
-    make_image(dataset / "train/cat/new.png", seed=42)
-    make_image(dataset / "train/dog/new.png", seed=43)  # rows 6 and 7: one whole chunk, compressed on threads
-    assert extract(dataset).computed == 2
-    fresh = extract(dataset, cache=tmp_path / "fresh.h5")
-    after = cached_features(first.cache)
-    for path, feature in cached_features(fresh.cache).items():
-        np.testing.assert_array_equal(after[path], feature)
-    with h5py.File(first.cache, "r") as file:
-        assert file["configs"][first.fingerprint]["features"].shuffle
-
-
 def test_interrupted_run_keeps_finished_batches_and_resumes(extract, dataset, weights_file, monkeypatch):
     make_dataset(dataset, per_class=8, seed=3, classes=("bird", "fish"))  # 22 images in all
     reference = cached_features(extract(dataset, cache=dataset.parent / "reference.h5", batch_size=4).cache)
@@ -266,7 +246,7 @@ def test_raising_augment_computes_only_the_missing_views(extract, dataset, monke
 
 def test_a_flipped_view_is_the_features_of_the_mirror_image(extract, dataset, weights_file):
     from extract.augment import Augmentation
-    from extract.backbone import FeatureConfig
+    from extract.config import FeatureConfig
     from extract.reader import decode
 
     augmentation = Augmentation(shear=0, zoom=0, flip=True)

@@ -9,7 +9,8 @@ from classify import load_head, score_images, train_head
 from classify.cli import score_main
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
 from extract import FeatureCache, UsageError, extract_features
-from extract.backbone import Backbone, FeatureConfig
+from extract.backbone import Backbone
+from extract.config import FeatureConfig
 from extract.reader import decode
 
 

@@ -1,0 +1,115 @@
+"""What one small change costs as the cache grows: delete, add and edit one image.
+
+    python bench/cache_changes.py --images 1439 20146 --input-size 96
+
+For each count N: N distinct photos (bench/extract_speed.py's, 128x96 JPEGs) in
+bench/data/photos-N-128x96/, extracted once (pooling none, seeded random weights) into a
+fresh cache; then, as a user would, the real `extract-features` command (a new process
+each time, wall time) after each of these changes, `--repeat` times:
+  unchanged  nothing changed
+  delete     one image moved out of the folder
+  add        the same image moved back (its features are computed again)
+  edit       one image rewritten with other content
+Reports the median seconds of each, the cache's size on disk (the catalog and, where there
+are any, its shards), and the ratio of the largest count's medians to the smallest's.
+Also: `add 100`, a checkpoint of 100 new images, timed the same way; and, where the
+summary has it, the median time each run spent writing (`save_seconds`).
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.extract_speed import photo_folder  # noqa: E402
+
+SIZE = (128, 96)
+
+
+def command(data: Path, cache: Path, input_size: int) -> list[str]:
+    return [sys.executable, "-m", "extract.cli", str(data), "--cache", str(cache), "--weights", "random",
+            "--input-size", str(input_size), "--json"]
+
+
+SAVES: dict[str, list[float]] = {}  # the run's own time spent writing (summary.save_seconds, where it exists)
+
+
+def run(arguments: list[str], name: str | None = None) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(arguments, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"extract-features failed: {done.stderr[-800:]}")
+    summary = json.loads(done.stdout)
+    if name and "save_seconds" in summary:
+        SAVES.setdefault(name, []).append(summary["save_seconds"])
+    return seconds
+
+
+def disk_mb(cache: Path) -> float:
+    files = [cache, *Path(f"{cache}.shards").rglob("*")] if Path(f"{cache}.shards").exists() else [cache]
+    return round(sum(path.stat().st_size for path in files if path.is_file()) / 2**20, 1)
+
+
+def measure(count: int, input_size: int, repeat: int, scratch: Path) -> dict:
+    data = photo_folder(count, SIZE)
+    cache = scratch / f"c{count}.h5"
+    arguments = command(data, cache, input_size)
+    result = {"images": count, "cold_seconds": round(run(arguments, "cold"), 1)}
+    result["cache_mb"] = disk_mb(cache)
+    victim = sorted(data.glob("train/*/*.jpg"))[count // 2]
+    aside = scratch / victim.name
+    original = victim.read_bytes()
+    times = {"unchanged": [], "delete": [], "add": [], "edit": []}
+    for round_ in range(repeat):
+        times["unchanged"].append(run(arguments, "unchanged"))
+        shutil.move(victim, aside)
+        times["delete"].append(run(arguments, "delete"))
+        shutil.move(aside, victim)
+        times["add"].append(run(arguments, "add"))
+        Image.open(victim).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(victim, quality=90 - round_)
+        times["edit"].append(run(arguments, "edit"))
+        victim.write_bytes(original)
+        run(arguments)  # back as it was (an edit too, not counted)
+    result.update({name: round(statistics.median(values), 3) for name, values in times.items()})
+    new = data / "train" / "added"
+    new.mkdir()
+    for i, source in enumerate(sorted(data.glob("train/class0/*.jpg"))[:100]):
+        Image.open(source).rotate(90).save(new / f"{i}.jpg", quality=85)
+    result["add_100"] = round(run(arguments, "add_100"), 3)
+    shutil.rmtree(new)
+    run(arguments)
+    result["cache_mb_after"] = disk_mb(cache)
+    if SAVES:
+        result["save_seconds"] = {name: round(statistics.median(values), 3) for name, values in SAVES.items()}
+        SAVES.clear()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[1439, 20146])
+    parser.add_argument("--input-size", type=int, default=96)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="cache-changes-"))
+    try:
+        results = [measure(count, args.input_size, args.repeat, scratch) for count in args.images]
+    finally:
+        shutil.rmtree(scratch)
+    small, large = results[0], results[-1]
+    ratios = {name: round(large[name] / small[name], 2) for name in ("unchanged", "delete", "add", "edit", "add_100")}
+    print(json.dumps({"input_size": args.input_size, "results": results, "largest_over_smallest": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

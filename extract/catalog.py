@@ -1,0 +1,376 @@
+"""Reading the cache: its catalog, the state of one configuration, and `FeatureCache`.
+
+The format is `schema`'s. `FeatureCache` reads the features from the shards themselves
+(each needed chunk once), after checking that every shard the catalog points at is there,
+whole and its own: a virtual dataset would read fill values for a missing one, silently.
+A catalog of format version 1 (features inside it, no shards) is read as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from extract.errors import CacheError
+from extract.schema import FORMAT, FORMAT_VERSION, read_attrs, read_column, shards_folder
+from extract.shards import ShardInfo, problem, reason, view_key
+
+Location = tuple[str, int]  # (shard path relative to the catalog's folder, row in it)
+_OPEN_SHARDS = 64  # shard files a FeatureCache keeps open at once
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image row of a configuration; its features are those of its `sha256`."""
+
+    sha256: str
+    label: str
+    split: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ViewTable:
+    """The views of one augmentation: (sha256, view) pairs, and the table's attributes."""
+
+    attrs: dict
+    keys: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class ConfigState:
+    """All a catalog says of one configuration, as plain values: rows by path, failures,
+    views tables, where each content key's features are, and the shards they are in."""
+
+    attrs: dict = field(default_factory=dict)
+    rows: dict[str, Row] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    views: dict[str, ViewTable] = field(default_factory=dict)
+    located: dict[str, Location] = field(default_factory=dict)
+    shards: dict[str, ShardInfo] = field(default_factory=dict)
+
+
+@dataclass
+class Views:
+    """Augmented views of a split's images, as `FeatureCache.views` reads them."""
+
+    features: np.ndarray
+    row: np.ndarray  # the image's row number in the configuration
+    view: np.ndarray  # view number, 1..views_per_image
+    augmentation: dict
+    views_per_image: int
+
+
+def open_cache(path) -> h5py.File:
+    """Open a catalog read-only, refusing anything that is not a cache this code understands."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a feature cache" if path.is_dir() else "holds no feature cache"
+        raise CacheError(f"{str(path)!r} {what}; run extract-features first (or pass the cache file with --cache).")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise CacheError(
+            f"{str(path)!r} is not a readable feature cache ({reason(error)}); run extract-features "
+            f"with --rebuild to move it aside and start a new one."
+        ) from error
+    found, version = file.attrs.get("format"), file.attrs.get("format_version")
+    if found != FORMAT or "configs" not in file or not isinstance(version, (int, np.integer)):
+        file.close()
+        raise CacheError(
+            f"{str(path)!r} is an HDF5 file but not a feature cache (format {found!r}); "
+            f"pass the cache extract-features wrote, or --rebuild to move this file aside."
+        )
+    if version > FORMAT_VERSION:
+        file.close()
+        raise CacheError(
+            f"{str(path)!r} has cache format {version}, newer than this version reads "
+            f"({FORMAT_VERSION}); upgrade the package."
+        )
+    return file
+
+
+def list_configs(path) -> list[dict]:
+    """Every feature configuration in a cache: its attributes plus `fingerprint` and `rows`."""
+    with open_cache(path) as file:
+        return [
+            dict(read_attrs(group), fingerprint=name, rows=len(group["path"]))
+            for name, group in file["configs"].items()
+        ]
+
+
+def v1_shard(catalog: Path, fingerprint: str, table: str | None = None) -> str:
+    """The shard a version-1 group's features (or views table's) become when upgraded."""
+    name = "v1-features.h5" if table is None else f"v1-views-{table}.h5"
+    return f"{shards_folder(catalog).name}/{fingerprint}/{name}"
+
+
+def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
+    """The state of configuration `fingerprint` of an open catalog (empty if absent).
+    For format version 1, features are located where the upgrade will put them."""
+    group = file["configs"].get(fingerprint)
+    if group is None:
+        return ConfigState()
+    state = ConfigState(attrs=read_attrs(group))
+    version = int(file.attrs["format_version"])
+    catalog = Path(file.filename)
+    if version >= 2:
+        table = group["shards"]
+        for path, rows, size, uuid in zip(table["path"].asstr()[:], table["rows"][:], table["bytes"][:], table["uuid"][:]):
+            state.shards[path] = ShardInfo(path, int(rows), int(size), uuid.decode())
+    shards = list(state.shards)
+    columns = [read_column(group, name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")]
+    for number, (path, sha256, label, split, size, mtime_ns) in enumerate(zip(*columns)):
+        state.rows[path] = Row(sha256.decode(), label, split, int(size), int(mtime_ns))
+    state.located.update(_locations(group, columns[1], shards, v1_shard(catalog, fingerprint)))
+    failures = group["failures"]
+    state.failures = sorted(zip(failures["path"].asstr()[:], failures["reason"].asstr()[:]))
+    for name, table in group.get("views", {}).items():
+        hashes, views = [sha256.decode() for sha256 in table["sha256"][:]], table["view"][:].tolist()
+        state.views[name] = ViewTable(read_attrs(table), list(zip(hashes, views)))
+        keys = [view_key(sha256, name, view) for sha256, view in zip(hashes, views)]
+        state.located.update(_locations(table, keys, shards, v1_shard(catalog, fingerprint, name)))
+    return state
+
+
+def _locations(group, keys, shards: list[str], v1_path: str) -> dict[str, Location]:
+    keys = [key.decode() if isinstance(key, bytes) else key for key in keys]
+    if "shard" not in group:  # format version 1: row i of the group's own features
+        return {key: (v1_path, row) for row, key in enumerate(keys)}
+    return {key: (shards[shard], int(row)) for key, shard, row in zip(keys, group["shard"][:], group["shard_row"][:])}
+
+
+def damaged_shards(catalog: Path, state: ConfigState) -> list[tuple[ShardInfo, str]]:
+    """The shards of a state that are missing, truncated or not this cache's, with why."""
+    found = ((shard, problem(catalog.parent, shard)) for shard in state.shards.values())
+    return [(shard, why) for shard, why in found if why]
+
+
+def damage_message(catalog: Path, shard: str, why: str, rows: int | None = None) -> str:
+    what = f"its {rows} rows" if rows is not None else "the rows whose features it holds"
+    return (
+        f"The shard {shard!r} of the cache {str(catalog)!r} is {why}; run extract-features with --repair "
+        f"to drop {what} and compute only them again, or with --rebuild to start a new cache."
+    )
+
+
+class FeatureCache:
+    """Read one feature configuration of a cache as numpy arrays.
+
+        with FeatureCache("cache/features.h5") as cache:
+            X, y = cache.features("train"), cache.label_indices("train")
+
+    `config` picks a configuration by fingerprint (or a unique prefix of one); by default,
+    the one the last extract-features run wrote. Every column method takes `split=`.
+    """
+
+    def __init__(self, path="cache/features.h5", config: str | None = None):
+        self.path = Path(path)
+        self._file = open_cache(self.path)
+        self._open: dict[str, h5py.File] = {}
+        self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (shard, shard_row) of its rows
+        try:
+            self.fingerprint = _choose_config(self._file, config, self.path)
+            with self._reading():
+                self._group = self._file["configs"][self.fingerprint]
+                self.config = read_attrs(self._group)
+                self.class_names = self._group["class_names"].asstr()[:]
+                self.feature_shape = tuple(self._group["features"].shape[1:])
+                self._splits = self._group["split"].asstr()[:]
+                self._v1 = int(self._file.attrs["format_version"]) == 1
+                self._shards = [] if self._v1 else self._group["shards/path"].asstr()[:].tolist()
+                self._check_shards()
+        except CacheError:
+            self.close()
+            raise
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for file in self._open.values():
+            file.close()
+        self._open.clear()
+        self._file.close()
+
+    def __len__(self) -> int:
+        return len(self._splits)
+
+    def split_sizes(self) -> dict[str, int]:
+        names, counts = np.unique(self._splits, return_counts=True)
+        return {str(name): int(count) for name, count in zip(names, counts)}
+
+    def features(self, split: str | None = None) -> np.ndarray:
+        rows = np.arange(len(self)) if split is None else np.flatnonzero(self._splits == split)
+        return self.features_at(rows)
+
+    def paths(self, split: str | None = None) -> np.ndarray:
+        return self.column("path", split)
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        return self.column("label", split)
+
+    def label_indices(self, split: str | None = None) -> np.ndarray:
+        """Labels as positions in `class_names`; -1 for unlabeled rows."""
+        return self._positions(self.labels(split))
+
+    def sha256(self, split: str | None = None) -> np.ndarray:
+        return self.column("sha256", split).astype(str)
+
+    def splits(self, split: str | None = None) -> np.ndarray:
+        return self._splits if split is None else self._splits[self._splits == split]
+
+    def features_at(self, rows) -> np.ndarray:
+        """The features of the given row numbers, in that order (each chunk read once)."""
+        return self._features(self._group, np.asarray(rows, dtype=np.int64))
+
+    def column(self, name: str, split: str | None = None) -> np.ndarray:
+        """Any per-row dataset of the group (see the schema), optionally one split's rows."""
+        with self._reading():
+            values = read_column(self._group, name)
+        return values if split is None else values[self._splits == split]
+
+    def views(self, split: str = "train", augmentation: str | None = None) -> Views | None:
+        """The augmented views in use for the rows of `split` (views are only made for
+        training images), sorted by row then view; None if the configuration has none.
+        `augmentation` reads another views table (see `view_tables`) instead."""
+        name = augmentation or self.config.get("views")
+        with self._reading():
+            table = self._group.get(f"views/{name}") if name else None
+        if table is None:
+            if augmentation:
+                raise CacheError(f"Expected a views table of {str(self.path)!r}; received {augmentation!r}.")
+            return None
+        per_image = int(table.attrs["views_per_image"])
+        hashes, rows_of = self.sha256(), {}
+        for row in np.flatnonzero(self._splits == split):
+            rows_of.setdefault(hashes[row], []).append(row)
+        found = sorted(
+            (row, view, entry)
+            for (sha256, view), entry in self.view_index(name).items()
+            if view <= per_image for row in rows_of.get(sha256, ())
+        )
+        row, view, entry = (np.array(column, dtype=np.int64) for column in zip(*found)) if found else (np.empty(0, np.int64),) * 3
+        return Views(self._features(table, entry), row, view, read_attrs(table), per_image)
+
+    def view_tables(self) -> list[dict]:
+        """Every views table of the configuration: its attributes plus `views` (its size)."""
+        with self._reading():
+            tables = self._group.get("views", {})
+            return [dict(read_attrs(tables[name]), fingerprint=name, views=len(tables[name]["view"])) for name in tables]
+
+    def view_index(self, name: str) -> dict[tuple[str, int], int]:
+        """Every view in the views table `name` (an augmentation's fingerprint), whatever
+        image it belongs to: (sha256, view) -> row of the table. Empty if there is none."""
+        with self._reading():
+            table = self._group.get(f"views/{name}")
+            if table is None:
+                return {}
+            return {(sha256.decode(), int(view)): row for row, (sha256, view) in enumerate(zip(table["sha256"][:], table["view"][:]))}
+
+    def failures(self) -> list[tuple[str, str]]:
+        with self._reading():
+            table = self._group["failures"]
+            return list(zip(table["path"].asstr()[:], table["reason"].asstr()[:]))
+
+    def iter_batches(self, split: str | None = None, batch_size: int = 4096) -> Iterator[tuple]:
+        """(features, label_indices, paths) a block at a time, without loading the whole file."""
+        labels, paths = self.labels(), self.paths()
+        for start in range(0, len(self), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(self)))
+            if split is not None:
+                rows = rows[self._splits[rows] == split]
+            yield self.features_at(rows), self._positions(labels[rows]), paths[rows]
+
+    def _features(self, table, rows: np.ndarray) -> np.ndarray:
+        """Features of rows of `table` (the configuration's group or a views table)."""
+        if self._v1:  # format version 1: in the table itself
+            with self._reading():
+                return read_rows(table["features"], rows)
+        if table.name not in self._where:
+            with self._reading():
+                self._where[table.name] = table["shard"][:], table["shard_row"][:]
+        shard, shard_row = (column[rows] for column in self._where[table.name])
+        result = np.empty((len(rows), *self.feature_shape), dtype=table["features"].dtype)
+        for number in np.unique(shard):
+            inside = shard == number
+            path = self._shards[number]
+            with self._reading(path):
+                result[inside] = read_rows(self._shard(path)["features"], shard_row[inside])
+        return result
+
+    def _shard(self, path: str) -> h5py.File:
+        if path not in self._open:
+            if len(self._open) >= _OPEN_SHARDS:
+                self._open.pop(next(iter(self._open))).close()
+            self._open[path] = h5py.File(self.path.parent / path, "r")
+        return self._open[path]
+
+    def _check_shards(self) -> None:
+        if self._v1:
+            return
+        table = self._group["shards"]
+        for path, rows, size, uuid in zip(self._shards, table["rows"][:], table["bytes"][:], table["uuid"][:]):
+            why = problem(self.path.parent, ShardInfo(path, int(rows), int(size), uuid.decode()))
+            if why:
+                raise CacheError(damage_message(self.path, path, why, int(np.sum(self._group["shard"][:] == self._shards.index(path)))))
+            self._shard(path)  # kept open: a later compaction may replace it
+
+    @contextlib.contextmanager
+    def _reading(self, shard: str | None = None):
+        """A damaged file (a garbled chunk fails its Fletcher-32 checksum) is a CacheError."""
+        try:
+            yield
+        except (OSError, KeyError) as error:
+            if shard:
+                raise CacheError(damage_message(self.path, shard, f"damaged ({reason(error)})")) from error
+            raise CacheError(
+                f"The cache {str(self.path)!r} is damaged ({reason(error)}); "
+                f"run extract-features with --rebuild, which moves it aside and starts a new one."
+            ) from error
+
+    def _positions(self, labels: np.ndarray) -> np.ndarray:
+        lookup = {name: position for position, name in enumerate(self.class_names)}
+        return np.array([lookup.get(label, -1) for label in labels], dtype=np.int64)
+
+
+def read_rows(dataset, wanted: np.ndarray) -> np.ndarray:
+    """dataset[wanted] for any row numbers, reading each needed chunk once."""
+    order = np.argsort(wanted, kind="stable")
+    ordered = wanted[order]
+    result = np.empty((len(wanted), *dataset.shape[1:]), dtype=dataset.dtype)
+    step = dataset.chunks[0] if dataset.chunks else max(1, len(dataset))
+    for chunk_start in np.unique(ordered // step) * step:
+        inside = (ordered >= chunk_start) & (ordered < chunk_start + step)
+        result[order[inside]] = dataset[chunk_start : chunk_start + step][ordered[inside] - chunk_start]
+    return result
+
+
+def _choose_config(file: h5py.File, wanted: str | None, path: Path) -> str:
+    names = list(file["configs"])
+    if wanted is None:
+        last = file.attrs.get("last_config")
+        if last in names:
+            return last
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise CacheError(f"{str(path)!r} holds no feature configuration yet; run extract-features first.")
+        raise CacheError(f"{str(path)!r} holds several feature configurations; pick one ({', '.join(names)}).")
+    matches = [name for name in names if name.startswith(wanted)]
+    if len(matches) != 1:
+        raise CacheError(
+            f"Expected a feature configuration of {str(path)!r} ({', '.join(names) or 'none'}); "
+            f"received {wanted!r}, which matches {len(matches)}."
+        )
+    return matches[0]
+

@@ -1,0 +1,203 @@
+"""Writing the cache: the writer's lock, the atomic commit of a catalog, the upgrade of a
+format-1 cache, and `Writer`, which keeps one configuration's state through a run.
+
+A commit writes the whole catalog (small: the per-row columns and where each row's
+features are) beside itself and renames it into place. Shards are written before the
+catalog that points at them, so a reader, or the next run after a kill, never sees a row
+whose features are not complete on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from extract.catalog import ConfigState, load_state, open_cache, v1_shard
+from extract.errors import CacheBusyError, CacheError
+from extract.schema import (
+    COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_FORMAT, SHARD_KEYS, SHARD_TABLE, TEXT, VIEW_COLUMNS,
+    now, write_attrs, write_column,
+)
+from extract.shards import ShardInfo, reason, split_key, sync, view_key
+
+
+class WriterLock:
+    """One writer per cache: an exclusive `flock` on ``<cache>.lock``, which the kernel
+    releases when the process ends however it ends, so a killed run leaves no stale lock."""
+
+    def __init__(self, cache_path: Path):
+        self.path = Path(f"{cache_path}.lock")
+        self._file = None
+
+    def __enter__(self) -> "WriterLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(self.path, "a+")
+        except OSError as error:
+            raise CacheError(
+                f"Cannot write the cache folder {str(self.path.parent)!r} ({error.strerror}); "
+                f"choose a writable place with --cache PATH."
+            ) from error
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise CacheBusyError(
+                f"The cache {str(self.path)[:-5]!r} is being written by {holder}; "
+                f"wait for it to finish or use another --cache."
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()}")
+        file.flush()
+        self._file = file
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._file.close()  # closing releases the lock; the file stays for the next run
+
+
+def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) -> None:
+    """Commit: write the catalog anew with the configurations in `states`; every other
+    configuration is copied from the current catalog as it is. Atomic: written aside,
+    flushed to disk, then renamed over the old one."""
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with contextlib.ExitStack() as stack:
+            old = stack.enter_context(open_cache(path)) if path.exists() else None
+            new = stack.enter_context(h5py.File(temporary, "w"))
+            new.attrs.update(
+                format=FORMAT, format_version=FORMAT_VERSION, last_config=last_config,
+                created=old.attrs.get("created", now()) if old else now(), updated=now(),
+            )
+            configs = new.create_group("configs")
+            for name in old["configs"] if old else ():
+                if name not in states:
+                    if int(old.attrs["format_version"]) < 2:
+                        raise RuntimeError("a format-1 catalog is upgraded whole (upgrade_v1), not copied")
+                    old.copy(old["configs"][name], configs, name=name)
+            for name, state in states.items():
+                _write_config(configs.create_group(name), state)
+        sync(temporary)
+        os.replace(temporary, path)
+        sync(path.parent)
+    except (OSError, RuntimeError) as error:  # h5py reports some failed writes as RuntimeError
+        raise CacheError(
+            f"Could not write the cache {str(path)!r} ({reason(error)}); "
+            f"it is unchanged. Free some space or choose another place with --cache."
+        ) from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_config(group, state: ConfigState) -> None:
+    shape, dtype = tuple(state.attrs["feature_shape"]), state.attrs["dtype"]
+    used = referenced(state)
+    shards = [info for path, info in state.shards.items() if path in used]
+    number = {info.path: position for position, info in enumerate(shards)}
+
+    def where(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        located = [state.located[key] for key in keys]
+        return (np.array([number[path] for path, _ in located], dtype=np.int32),
+                np.array([row for _, row in located], dtype=np.int64))
+
+    paths = sorted(state.rows, key=lambda path: _order(state, number, state.rows[path].sha256))
+    rows = [state.rows[path] for path in paths]
+    columns = {"path": paths, **{name: [getattr(row, name) for row in rows] for name in list(COLUMNS)[1:]}}
+    _write_table(group, columns, COLUMNS, where([row.sha256 for row in rows]), shards, shape, dtype)
+    write_column(group, "class_names", sorted({row.label for row in rows} - {""}), TEXT)
+    failures = group.create_group("failures")
+    write_column(failures, "path", [path for path, _ in state.failures], TEXT)
+    write_column(failures, "reason", [why for _, why in state.failures], TEXT)
+    table = group.create_group("shards")
+    for name, column_type in SHARD_TABLE.items():
+        write_column(table, name, [getattr(info, name) for info in shards], column_type)
+    for name, views in state.views.items():
+        keys = sorted(views.keys, key=lambda key: _order(state, number, view_key(key[0], name, key[1])))
+        table = group.create_group(f"views/{name}")
+        columns = {"sha256": [sha256 for sha256, _ in keys], "view": [view for _, view in keys]}
+        _write_table(table, columns, VIEW_COLUMNS, where([view_key(sha256, name, view) for sha256, view in keys]),
+                     shards, shape, dtype)
+        write_attrs(table, views.attrs)
+    write_attrs(group, state.attrs)
+
+
+def _order(state: ConfigState, number: dict, key: str) -> tuple[int, int]:
+    """Rows are stored in the order of their features on disk: few virtual mappings."""
+    path, row = state.located[key]
+    return number[path], row
+
+
+def _write_table(group, columns: dict, types: dict, location, shards: list[ShardInfo], shape, dtype) -> None:
+    for name, values in columns.items():
+        write_column(group, name, values, types[name])
+    for (name, column_type), values in zip(LOCATION_COLUMNS.items(), location):
+        write_column(group, name, values, column_type)
+    _write_virtual(group, *location, shards, shape, dtype)
+
+
+def _write_virtual(group, shard: np.ndarray, shard_row: np.ndarray, shards: list[ShardInfo], shape, dtype) -> None:
+    """`features`: one virtual dataset of the rows' features, a mapping per run of rows
+    that lie one after another in one shard. Paths are relative to the catalog's folder."""
+    count = len(shard_row)
+    if not count:
+        group.create_dataset("features", shape=(0, *shape), dtype=dtype)
+        return
+    layout = h5py.VirtualLayout(shape=(count, *shape), dtype=dtype)
+    breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(shard_row) != 1)) + 1
+    sources = {}
+    for start, stop in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [count]])):
+        info = shards[shard[start]]
+        if info.path not in sources:  # "%" would start a printf-style pattern in HDF5's source names
+            sources[info.path] = h5py.VirtualSource(info.path.replace("%", "%%"), "features", shape=(info.rows, *shape), dtype=dtype)
+        first = int(shard_row[start])
+        layout[int(start):int(stop)] = sources[info.path][first : first + int(stop - start)]
+    group.create_virtual_dataset("features", layout, fillvalue=np.nan)
+
+
+def referenced(state: ConfigState) -> set[str]:
+    """The shards that rows or views tables point at."""
+    keys = [row.sha256 for row in state.rows.values()]
+    keys += [view_key(sha256, name, view) for name, table in state.views.items() for sha256, view in table.keys]
+    return {state.located[key][0] for key in keys}
+
+
+def upgrade_v1(path: Path) -> None:
+    """Turn a format-1 cache into a catalog and shards, every configuration and views table
+    at once. A format-1 features dataset is copied into its shard as it is stored (raw
+    chunks, no recompression); the shard's row i is the old row i."""
+    with open_cache(path) as old:
+        states = {name: load_state(old, name) for name in old["configs"]}
+        last_config = old.attrs.get("last_config", "")
+        for name, state in states.items():
+            group = old["configs"][name]
+            tables = [(None, group, [sha256.decode() for sha256 in group["sha256"][:]])]
+            for table_name, table in group.get("views", {}).items():
+                keys = [view_key(sha256.decode(), table_name, int(view)) for sha256, view in zip(table["sha256"][:], table["view"][:])]
+                tables.append((table_name, table, keys))
+            for table_name, table, keys in tables:
+                shard = v1_shard(path, name, table_name)
+                state.shards[shard] = _copy_v1(table, path.parent / shard, path.parent, name, keys)
+    write_catalog(path, states, last_config)
+
+
+def _copy_v1(table, target: Path, base: Path, fingerprint: str, keys: list[str]) -> ShardInfo:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    with h5py.File(temporary, "w") as shard:
+        table.file.copy(table["features"], shard, name="features")
+        parts = [split_key(key) for key in keys]
+        for position, (column, column_type) in enumerate(SHARD_KEYS.items()):
+            shard.create_dataset(column, data=np.array([part[position] for part in parts], dtype=column_type))
+        identity = os.urandom(16).hex()
+        shard.attrs.update(format=SHARD_FORMAT, fingerprint=fingerprint, uuid=identity, rows=len(keys), created=now())
+    sync(temporary)
+    os.replace(temporary, target)
+    return ShardInfo(os.path.relpath(target, base), len(keys), target.stat().st_size, identity)

@@ -1,0 +1,115 @@
+"""What a feature is: `FeatureConfig` (how images become pixels and which network reads
+them), its `identity()` (the facts that decide the numbers, the weights by content, not by
+path) and the `fingerprint` that names that identity. Two runs with the same fingerprint
+produce the same features, so the fingerprint is the cache's key for a configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from extract.errors import UsageError
+from extract.reader import INTERPOLATIONS
+
+POOLINGS = ("none", "avg", "max")
+DECODES = ("exact", "draft")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+DTYPES = ("float32", "float16")
+MIN_INPUT_SIZE = 32
+FEATURE_CHANNELS = 512
+PREPROCESSING = (
+    "keras.applications.vgg16.preprocess_input: caffe mode, RGB to BGR, "
+    "minus the ImageNet means (103.939, 116.779, 123.68), no scaling"
+)
+IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_FILE
+IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras checks its download against
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """What a feature vector is: how images become pixels and which network reads them."""
+
+    input_size: int = 224
+    interpolation: str = "bilinear"
+    pooling: str = "none"
+    weights: str = "imagenet"  # "imagenet", "random" or the path of a weights file
+    seed: int = 0  # used by weights="random" only
+    precision: str = "float32"
+    dtype: str = "float32"  # how features are stored
+    decode: str = "exact"  # "draft": JPEGs decoded at reduced size first (see reader.decode)
+
+    def validate(self) -> None:
+        if not isinstance(self.input_size, int) or self.input_size < MIN_INPUT_SIZE:
+            raise UsageError(
+                f"Expected --input-size >= {MIN_INPUT_SIZE} (VGG16's minimum without its top); "
+                f"received {self.input_size}."
+            )
+        for name, value, allowed in (
+            ("--interpolation", self.interpolation, tuple(INTERPOLATIONS)),
+            ("--pooling", self.pooling, POOLINGS),
+            ("--precision", self.precision, PRECISIONS),
+            ("--dtype", self.dtype, DTYPES),
+            ("--decode", self.decode, DECODES),
+        ):
+            if value not in allowed:
+                raise UsageError(f"Expected {name} to be one of {', '.join(allowed)}; received {value!r}.")
+        if self.weights not in ("imagenet", "random") and not Path(self.weights).is_file():
+            raise UsageError(
+                f"Expected --weights to be imagenet, random or a weights file; "
+                f"{self.weights!r} is not a file."
+            )
+
+    @classmethod
+    def from_facts(cls, facts: dict, weights: str | None = None) -> "FeatureConfig":
+        """The configuration recorded in a cache group or a head (`facts`: the attributes
+        the cache schema lists), to build its backbone again. `weights` says where to find
+        the weights instead (a local copy); `identity()` then tells whether they match."""
+        if weights is None:
+            weights = facts["weights"] if facts["weights"] in ("imagenet", "random") else facts.get("weights_path", "")
+        return cls(
+            input_size=int(facts["input_size"]), interpolation=facts["interpolation"], pooling=facts["pooling"],
+            weights=str(weights), seed=int(facts.get("weights_seed", 0)), precision=facts["precision"],
+            dtype=facts["dtype"], decode=facts.get("decode", "exact"),
+        )
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        if self.pooling != "none":
+            return (FEATURE_CHANNELS,)
+        side = self.input_size // 32  # five 2x2 max-pools, each rounding down
+        return (side, side, FEATURE_CHANNELS)
+
+    def identity(self) -> dict:
+        """The facts that decide the feature values, JSON-ready. A weights file is known by
+        its content: a local copy of Keras's ImageNet file is "imagenet", like the download."""
+        facts = asdict(self)
+        facts.pop("seed")
+        if self.decode == "exact":
+            facts.pop("decode")  # recorded only when not the default, so older caches keep their fingerprints
+        facts.update(backbone="vgg16", preprocessing="caffe", feature_shape=list(self.feature_shape))
+        if self.weights == "random":
+            facts["weights_seed"] = self.seed
+        elif self.weights != "imagenet":
+            md5, sha256 = _file_digests(Path(self.weights))
+            facts["weights"] = "imagenet" if md5 == IMAGENET_MD5 else "file"
+            if facts["weights"] == "file":
+                facts["weights_sha256"] = sha256
+        return facts
+
+
+def fingerprint(identity: dict) -> str:
+    """A short, stable name for a feature identity (the cache's key for a configuration)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digests(path: Path) -> tuple[str, str]:
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            md5.update(block)
+            sha256.update(block)
+    return md5.hexdigest(), sha256.hexdigest()

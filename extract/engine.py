@@ -1,0 +1,108 @@
+"""The local engine: reader threads -> the backbone -> pending batches, with checkpoints.
+
+Images are read, hashed, decoded and resized on a pool of threads (`reader.load_all`),
+in order, while the network computes. An image whose content is already stored is taken
+as it is; new content (and each missing view) waits for a full batch, goes through VGG16,
+and the batch is written at once to the writer's pending batches. Every `save_every`
+seconds, or when the pending batches reach a shard's size, `checkpoint()` commits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from extract.backbone import Backbone
+from extract.config import FeatureConfig
+from extract.layout import ImageFile
+from extract.reader import ViewRequest, load_all
+from extract.writer import TARGET_SHARD_BYTES, Writer
+
+
+class Engine:
+    """One run's computing. After `run`: `read` (path -> SHA-256, for every image whose
+    features are stored), `failures`, and the counts."""
+
+    def __init__(self, config: FeatureConfig, writer: Writer, cached_sha256: Callable[[str], str | None],
+                 checkpoint: Callable[[], None], save_every: float, batch_size: int):
+        self.config, self.writer, self.cached_sha256 = config, writer, cached_sha256
+        self.checkpoint, self.save_every, self.batch_size = checkpoint, save_every, batch_size
+        self.read: dict[str, str] = {}
+        self.failures: list[tuple[str, str]] = []
+        self.computed = self.views_computed = self.reused = 0
+        self.device: str | None = None
+        self.images_per_second = 0.0
+        self._backbone: Backbone | None = None
+        self._waiting: dict[str, np.ndarray] = {}  # key -> pixels, for the next batch
+        self._waiting_paths: dict[str, list[str]] = {}  # sha256 -> paths whose features it will be
+        self._last_save = time.monotonic()
+
+    def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, view_key, workers: int,
+            progress: bool) -> None:
+        size, interpolation, draft = self.config.input_size, self.config.interpolation, self.config.decode == "draft"
+        started = time.perf_counter()
+        bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
+        with bar:
+            for loaded in load_all(root, images, size, interpolation, _Known(self.writer), workers,
+                                   prefetch=2 * self.batch_size, views=views, draft=draft):
+                path = loaded.image.path
+                if loaded.error:
+                    self.failures.append((path, loaded.error))
+                elif self.writer.knows(loaded.sha256):
+                    self._take(path, loaded.sha256)
+                else:
+                    self._waiting_paths.setdefault(loaded.sha256, []).append(path)
+                    self._queue(loaded.sha256, loaded.pixels)
+                for view, pixels in loaded.views.items():
+                    self._queue(view_key(loaded.sha256, view), pixels)
+                bar.update()
+            if self._waiting:
+                self._run_batch()
+        elapsed = time.perf_counter() - started
+        if self.computed + self.views_computed and elapsed > 0:
+            self.images_per_second = round((self.computed + self.views_computed) / elapsed, 2)
+
+    def _take(self, path: str, sha256: str) -> None:
+        """An image whose content is stored: its own row's, or another's (moved, copied)."""
+        if self.cached_sha256(path) != sha256:
+            self.reused += 1
+        self.read[path] = sha256
+
+    def _queue(self, key: str, pixels: np.ndarray) -> None:
+        if key not in self._waiting and not self.writer.knows(key):
+            self._waiting[key] = pixels
+            if len(self._waiting) == self.batch_size:
+                self._run_batch()
+
+    def _run_batch(self) -> None:
+        if self._backbone is None:
+            self._backbone = Backbone(self.config)
+            self.device = self._backbone.device
+            if not self.writer.path.exists():
+                self.checkpoint()  # from now on there is a cache that opens, whatever happens
+        keys = list(self._waiting)
+        features = self._backbone(np.stack([self._waiting[key] for key in keys]))
+        for key in keys:  # before the batch is stored: a commit takes only what is (see _Run.state)
+            for path in self._waiting_paths.pop(key, ()):
+                self.read[path] = key
+        self.writer.append(keys, features)
+        self._waiting.clear()
+        self.views_computed += sum("/" in key for key in keys)
+        self.computed += sum("/" not in key for key in keys)
+        if time.monotonic() - self._last_save >= self.save_every or self.writer.pending_bytes >= TARGET_SHARD_BYTES:
+            self.checkpoint()
+            self._last_save = time.monotonic()
+
+
+class _Known:
+    """The reader's "already stored?" test, asked from its threads."""
+
+    def __init__(self, writer: Writer):
+        self.writer = writer
+
+    def __contains__(self, key: str) -> bool:
+        return self.writer.knows(key)

@@ -1,0 +1,112 @@
+"""The feature cache's format, in one place: names, columns, attributes, chunking.
+
+A cache is a small HDF5 **catalog** (`features.h5`) and a folder of immutable HDF5
+**shards** beside it (`features.h5.shards/<fingerprint>/<uuid>.h5`) that hold the features.
+
+    catalog  /                     attrs: format, format_version (2), last_config, created, updated
+             /configs/<fingerprint>/   one group per feature configuration; attrs describe it
+                 features     (N, *feature_shape)  a virtual dataset over the shards: row i is the
+                                                   features of row i, wherever they are stored
+                 path, sha256, label, split, size, mtime_ns     (N,)  one row per image
+                 shard        (N,) int32   the row's shard, a position in shards/
+                 shard_row    (N,) int64   the row's features in that shard
+                 shards/path  (S,) utf-8   a shard file, relative to the catalog's folder
+                 shards/rows, shards/bytes (S,) int64, shards/uuid (S,) S32   what it must be
+                 class_names  (C,) utf-8
+                 failures/path, failures/reason   files that could not be used, and why
+                 views/<augmentation>/   augmented views: features (virtual), sha256, view,
+                                         shard, shard_row; attrs: the transforms, views_per_image
+    shard    /   attrs: format (SHARD_FORMAT), fingerprint, uuid, rows, created
+                 features      (R, *feature_shape)  chunked, gzip level 1, Fletcher-32
+                 sha256        (R,) S64   the content the row's features are of
+                 view          (R,) int64 0 for the image itself, k for its augmented view k
+                 augmentation  (R,) S16   the views' augmentation fingerprint, "" for view 0
+
+A row of a shard is live while the catalog points at it. A commit writes the catalog anew
+beside itself and renames it into place; shards are written whole and never modified, so a
+change costs a new small shard and a new catalog, never a rewrite of the features.
+Format version 1 kept `features` (a plain dataset) in the one file, with no shards; it is
+read as it is and upgraded on the first write.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "bottleneck-features"
+FORMAT_VERSION = 2
+SHARD_FORMAT = "bottleneck-features-shard"
+TEXT = h5py.string_dtype("utf-8")
+COLUMNS = {"path": TEXT, "sha256": "S64", "label": TEXT, "split": TEXT, "size": "int64", "mtime_ns": "int64"}
+VIEW_COLUMNS = {"sha256": "S64", "view": "int64"}
+LOCATION_COLUMNS = {"shard": "int32", "shard_row": "int64"}
+SHARD_KEYS = {"sha256": "S64", "view": "int64", "augmentation": "S16"}
+SHARD_TABLE = {"path": TEXT, "rows": "int64", "bytes": "int64", "uuid": "S32"}
+CHUNK_BYTES = 512 * 1024  # feature chunks of about this size (h5py's advice: 10 KiB - 1 MiB)
+TEXT_CHUNK_ROWS = 4096
+COMPRESSION_LEVEL = 1  # gzip level: the maps compress to about 0.66 of raw at level 1, hardly less above
+
+
+def shards_folder(catalog: Path) -> Path:
+    """Where the shards of a catalog live: `<catalog>.shards/`."""
+    return catalog.with_name(f"{catalog.name}.shards")
+
+
+def feature_chunk_rows(feature_shape, dtype) -> int:
+    row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+    return max(1, min(TEXT_CHUNK_ROWS, CHUNK_BYTES // row_bytes))
+
+
+def write_column(group, name: str, values, dtype) -> None:
+    """One per-row column, chunked (text plain, numbers gzip'd)."""
+    array = np.array(values, dtype=object if dtype == TEXT else dtype)
+    options = {} if dtype == TEXT else {"compression": "gzip"}
+    chunks = (min(TEXT_CHUNK_ROWS, len(array)),) if len(array) else None
+    group.create_dataset(name, data=array, dtype=dtype, chunks=chunks, **(options if len(array) else {}))
+
+
+def read_column(group, name: str) -> np.ndarray:
+    dataset = group[name]
+    return dataset.asstr()[:] if dataset.dtype == TEXT else dataset[:]
+
+
+def read_attrs(group) -> dict:
+    """Attributes as plain Python values (JSON-encoded ones decoded)."""
+    values = {}
+    for key, value in group.attrs.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        values[key] = value
+    for key in ("identity", "augmentation"):
+        if key in values:
+            values[key] = json.loads(values[key])
+    return values
+
+
+def write_attrs(group, attrs: dict) -> None:
+    for key, value in attrs.items():
+        if value is not None:
+            group.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+
+def package_versions(packages) -> dict[str, str]:
+    """Installed versions by distribution name ("unknown" when not installed)."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,212 @@
+"""The one writer of a configuration during a run (it holds the cache's lock).
+
+At the start it takes up whatever an interrupted run left: complete shards no catalog
+points at yet (adopted, or deleted when every row of theirs is stored elsewhere) and
+pending batches. During the run it keeps, for every content key, where its features are.
+A commit writes the pending batches as one new shard, then the catalog. After the last
+commit it deletes the shards nothing points at any more and compacts.
+
+Compaction rewrites only the shards it chooses: one whose live rows are under half its
+rows, and the small ones (under `SMALL_SHARD_BYTES`) once there are `MERGE_SMALL_AT` of
+them, merged into shards of at most `TARGET_SHARD_BYTES`. The new shards are committed
+before the old ones are deleted, so a kill at any moment leaves a cache that reads right.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from extract.catalog import ConfigState, damage_message, damaged_shards, load_state, open_cache, read_rows
+from extract.commit import referenced, upgrade_v1, write_catalog
+from extract.errors import CacheError
+from extract.schema import FORMAT_VERSION, shards_folder
+from extract.shards import Pending, ShardInfo, read_keys, reason, view_key, write_shard
+
+TARGET_SHARD_BYTES = 128 * 2**20  # a run's pending batches become a shard at least this often
+SMALL_SHARD_BYTES = TARGET_SHARD_BYTES // 8
+MERGE_SMALL_AT = 8
+LIVE_SHARE = 0.5  # a shard with fewer live rows than this share of its rows is rewritten
+
+
+class Writer:
+    """One configuration's state as stored, and every write of it."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self.folder = shards_folder(path) / fingerprint
+        self.version, self.last_config, self.state = FORMAT_VERSION, None, ConfigState()
+        if path.exists():
+            with open_cache(path) as file:  # refuses a damaged or foreign file before any work is done
+                self.version = int(file.attrs["format_version"])
+                self.last_config = file.attrs.get("last_config")
+                self.state = load_state(file, fingerprint)
+        self.pending = Pending(self.folder / "pending").open()
+        self.pending_bytes = 0
+        if self.version >= 2:
+            self._adopt()
+
+    def knows(self, key: str) -> bool:
+        """Whether the features of `key` are stored (in a shard or a pending batch)."""
+        return key in self.state.located or key in self.pending
+
+    def append(self, keys: list[str], features: np.ndarray) -> None:
+        self.pending.append(keys, features)
+        self.pending_bytes += features.nbytes
+
+    def check(self, repair: bool) -> int:
+        """Refuse damaged shards, naming the first and the way out; with `repair`, read
+        every shard whole (each chunk's checksum) and forget the rows of damaged ones, so
+        that the run computes them again. Returns the number of keys forgotten."""
+        damaged = damaged_shards(self.path, self.state)
+        if repair:
+            damaged += [(shard, why) for shard in self.state.shards.values() if shard not in dict(damaged)
+                        for why in [_unreadable(self.path.parent / shard.path)] if why]
+        elif damaged:
+            shard, why = damaged[0]
+            count = sum(path == shard.path for path, _ in self.state.located.values())
+            raise CacheError(damage_message(self.path, shard.path, why, count))
+        lost = {shard.path for shard, _ in damaged}
+        forgotten = [key for key, (path, _) in self.state.located.items() if path in lost]
+        for key in forgotten:
+            del self.state.located[key]
+        for path in lost:
+            del self.state.shards[path]
+        self.state.rows = {path: row for path, row in self.state.rows.items() if row.sha256 in self.state.located}
+        for name, table in self.state.views.items():
+            table.keys = [(sha256, view) for sha256, view in table.keys if view_key(sha256, name, view) in self.state.located]
+        return len(forgotten)
+
+    def commit(self, state: ConfigState) -> None:
+        """Store `state` (rows, failures, views, attrs; where features are is the writer's):
+        pending batches become a shard, then the catalog is replaced."""
+        if self.version < 2:
+            upgrade_v1(self.path)
+            self.version = 2
+            with open_cache(self.path) as file:
+                self.state.shards.update(load_state(file, self.fingerprint).shards)
+        self.state.attrs, self.state.rows, self.state.failures, self.state.views = (
+            state.attrs, state.rows, state.failures, state.views)
+        self.pending.open()  # a batch a Ctrl-C cut off after it reached the disk is in it too
+        new = [key for key in self.pending.index if key not in self.state.located]
+        if new:
+            self._write_shard(new, lambda a, b: np.stack([self.pending.features(key) for key in new[a:b]]))
+        write_catalog(self.path, {self.fingerprint: self.state}, self.fingerprint)
+        self.last_config = self.fingerprint
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def finish(self, compact: str = "auto") -> int:
+        """After the last commit: delete the shards nothing points at, then compact
+        ("auto": past the thresholds; "full": every shard with a dead row, and every small
+        one; "never"). Returns the number of rows compaction rewrote."""
+        if not self.state.attrs:  # never committed: every shard here is still to be adopted
+            return 0
+        used = referenced(self.state)
+        for path in [path for path in self.state.shards if path not in used]:
+            (self.path.parent / path).unlink(missing_ok=True)
+            del self.state.shards[path]
+        self.state.located = {key: place for key, place in self.state.located.items() if place[0] in self.state.shards}
+        if not self.folder.is_dir() or compact == "never" or not self.state.shards:
+            return 0
+        return self._compact(full=compact == "full")
+
+    def _compact(self, full: bool) -> int:
+        live: dict[str, dict[int, str]] = {path: {} for path in self.state.shards}
+        for key in _keys(self.state):
+            path, row = self.state.located[key]
+            live[path][row] = key
+        shards = self.state.shards
+        chosen = [path for path in shards if len(live[path]) < shards[path].rows * (1 if full else LIVE_SHARE)]
+        small = [path for path in shards if path not in chosen and shards[path].bytes < SMALL_SHARD_BYTES]
+        if len(small) >= (2 if full else MERGE_SMALL_AT):
+            chosen += small
+        if not chosen or (len(chosen) == 1 and len(live[chosen[0]]) == shards[chosen[0]].rows):
+            return 0
+        moving = [(path, row, live[path][row]) for path in chosen for row in sorted(live[path])]
+        handles = {path: h5py.File(self.path.parent / path, "r") for path in chosen}
+        try:
+            for piece in _pieces(moving, {path: shards[path].bytes / max(1, shards[path].rows) for path in chosen}):
+                self._write_shard([key for _, _, key in piece], lambda a, b, piece=piece: _gather(handles, piece[a:b]))
+        finally:
+            for handle in handles.values():
+                handle.close()
+        write_catalog(self.path, {self.fingerprint: self.state}, self.last_config or self.fingerprint)
+        for path in chosen:
+            (self.path.parent / path).unlink(missing_ok=True)
+            del self.state.shards[path]
+        return len(moving)
+
+    def _write_shard(self, keys: list[str], rows) -> None:
+        shape, dtype = tuple(self.state.attrs["feature_shape"]), self.state.attrs["dtype"]
+        shard = write_shard(self.folder, self.path.parent, self.fingerprint, keys, rows, shape, dtype)
+        self.state.shards[shard.path] = shard
+        for row, key in enumerate(keys):
+            self.state.located[key] = (shard.path, row)
+
+    def _adopt(self) -> None:
+        """Take up the complete shards an interrupted run wrote and no catalog points at;
+        delete those whose every row is stored elsewhere, and partial ones."""
+        for partial in self.folder.glob("*.h5.tmp"):
+            partial.unlink()
+        for file in sorted(self.folder.glob("*.h5")):
+            path = os.path.relpath(file, self.path.parent)
+            if path in self.state.shards:
+                continue
+            try:
+                keys, identity = read_keys(file)
+            except (OSError, KeyError, ValueError):
+                file.unlink()  # cannot happen with rename-into-place; recomputed if it does
+                continue
+            if all(key in self.state.located for key in keys):
+                file.unlink()  # a compaction's or a replaced shard's rows, all stored elsewhere
+                continue
+            self.state.shards[path] = ShardInfo(path, len(keys), file.stat().st_size, identity)
+            for row, key in enumerate(keys):
+                self.state.located.setdefault(key, (path, row))
+
+
+def _keys(state: ConfigState) -> set[str]:
+    keys = {row.sha256 for row in state.rows.values()}
+    return keys | {view_key(sha256, name, view) for name, table in state.views.items() for sha256, view in table.keys}
+
+
+def _pieces(moving: list, row_bytes: dict[str, float]):
+    """`moving` cut into runs of at most TARGET_SHARD_BYTES (estimated from the old shards)."""
+    piece, size = [], 0.0
+    for item in moving:
+        if piece and size + row_bytes[item[0]] > TARGET_SHARD_BYTES:
+            yield piece
+            piece, size = [], 0.0
+        piece.append(item)
+        size += row_bytes[item[0]]
+    if piece:
+        yield piece
+
+
+def _gather(handles: dict, items: list) -> np.ndarray:
+    """The features of (shard path, row, key) items, in that order."""
+    paths = np.array([path for path, _, _ in items])
+    rows = np.array([row for _, row, _ in items], dtype=np.int64)
+    first = handles[items[0][0]]["features"]
+    block = np.empty((len(items), *first.shape[1:]), dtype=first.dtype)
+    for path in np.unique(paths):
+        inside = paths == path
+        block[inside] = read_rows(handles[str(path)]["features"], rows[inside])
+    return block
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a shard's features cannot all be read (a chunk fails its checksum); None if they can."""
+    try:
+        with h5py.File(path, "r") as file:
+            features = file["features"]
+            step = features.chunks[0] if features.chunks else max(1, len(features))
+            for start in range(0, len(features), step):
+                features[start : start + step]
+    except (OSError, KeyError) as error:
+        return f"damaged ({reason(error)})"
+    return None

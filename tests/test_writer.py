@@ -1,0 +1,159 @@
+"""A run's writes: commits, shards adopted after a kill, compaction (also interrupted), repair."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from extract import CacheError, FeatureCache
+from extract import writer as writer_module
+from extract.catalog import ConfigState, Row
+from extract.writer import Writer
+from test_catalog import attrs, commit, features_of, sha, stored
+
+
+def shard_files(path: Path, fingerprint="k") -> list[Path]:
+    return sorted(Path(f"{path}.shards", fingerprint).glob("*.h5"))
+
+
+def rows_of(numbers) -> dict:
+    return {f"c{n % 2}/{n}.png": Row(sha(n), f"c{n % 2}", "train", n, n * 10) for n in numbers}
+
+
+def test_a_failed_commit_leaves_the_old_cache_intact(tmp_path, monkeypatch):
+    path = tmp_path / "c.h5"
+    commit(path, range(5))
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("extract.commit.write_column", disk_full)
+    with pytest.raises(CacheError, match="No space left on device.*unchanged"):
+        commit(path, range(9))
+    assert path.read_bytes() == before and not list(tmp_path.glob("c.h5.tmp-*"))
+    assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(5)}
+
+
+def test_a_shard_no_catalog_points_at_is_adopted(tmp_path, monkeypatch):
+    """Killed between writing a checkpoint's shard and committing the catalog: the next
+    writer takes the shard up and computes none of its rows again."""
+    path = tmp_path / "c.h5"
+    commit(path, range(4))
+    writer = Writer(path, "k")
+    writer.append([sha(n) for n in range(4, 10)], np.stack([features_of(n) for n in range(4, 10)]))
+    monkeypatch.setattr(writer_module, "write_catalog", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(10))))
+    monkeypatch.undo()
+    assert len(stored(path)) == 4 and len(shard_files(path)) == 2  # the catalog as before, the new shard beside it
+    Path(f"{path}.shards/k/pending").rename(tmp_path / "lost")  # only the shard is left to find them in
+    again = Writer(path, "k")
+    assert all(again.knows(sha(n)) for n in range(10))
+    again.commit(ConfigState(attrs=attrs(), rows=rows_of(range(10))))
+    assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(10)}
+
+
+def test_a_shard_whose_rows_are_all_stored_elsewhere_is_deleted_on_adoption(tmp_path):
+    path = tmp_path / "c.h5"
+    commit(path, range(6))
+    (shard,) = shard_files(path)
+    copy = shard.with_name("0" * 32 + ".h5")
+    copy.write_bytes(shard.read_bytes())  # e.g. a compaction's output, killed before its commit
+    Writer(path, "k")
+    assert shard_files(path) == [shard]
+
+
+def test_a_partial_shard_is_discarded(tmp_path):
+    path = tmp_path / "c.h5"
+    commit(path, range(3))
+    partial = Path(f"{path}.shards/k/{'1' * 32}.h5.tmp")
+    partial.write_bytes(b"half a shard")
+    broken = Path(f"{path}.shards/k/{'2' * 32}.h5")
+    broken.write_bytes(b"not hdf5 at all")  # cannot come from rename-into-place; dropped if it does
+    Writer(path, "k")
+    assert not partial.exists() and not broken.exists() and len(stored(path)) == 3
+
+
+def test_deleted_rows_are_compacted_away_touching_only_their_shard(tmp_path):
+    path = tmp_path / "c.h5"
+    commit(path, range(100))
+    commit(path, range(100, 200))  # a second shard
+    first, second = (shard for shard in shard_files(path))
+    by_rows = {len(h5py.File(shard, "r")["features"]): shard for shard in (first, second)}
+    assert set(by_rows) == {100}
+    writer = commit(path, [n for n in range(200) if n < 100 or n % 4 == 0])  # 75 of the second shard's rows die
+    kept = [shard for shard in shard_files(path)]
+    assert writer.finish() == 25  # the second shard's 25 live rows rewritten, nothing else
+    after = shard_files(path)
+    assert len(after) == 2 and len(set(after) & set(kept)) == 1
+    assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(200) if n < 100 or n % 4 == 0}
+
+
+def test_small_shards_are_merged_past_the_threshold(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "MERGE_SMALL_AT", 4)
+    path = tmp_path / "c.h5"
+    for last in range(1, 4):
+        assert commit(path, range(last * 10)).finish() == 0  # 1, 2, 3 small shards: not yet
+    writer = commit(path, range(40))
+    assert len(shard_files(path)) == 4
+    assert writer.finish() == 40 and len(shard_files(path)) == 1
+    assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(40)}
+    with FeatureCache(path) as cache, h5py.File(path, "r") as file:
+        assert len(file["configs/k/shards/path"]) == 1
+        np.testing.assert_array_equal(file["configs/k/features"][:], cache.features())
+
+
+@pytest.mark.parametrize("step", range(6))
+def test_compaction_cut_off_at_any_step_leaves_a_cache_that_reads_right(tmp_path, monkeypatch, step):
+    """Each file-system step of a compaction (shard written, catalog committed, old shards
+    deleted) in turn is the last one before a kill; the cache reads right after it, and
+    the next writer tidies up."""
+    path = tmp_path / "c.h5"
+    for last in range(1, 5):
+        commit(path, range(last * 5))
+    expected = {f"c{n % 2}/{n}.png": n for n in range(20)}
+    writer = Writer(path, "k")
+    steps = {"count": 0}
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            if steps["count"] == step:
+                raise KeyboardInterrupt  # the kill
+            steps["count"] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(writer_module, "write_shard", counted(writer_module.write_shard))
+    monkeypatch.setattr(writer_module, "write_catalog", counted(writer_module.write_catalog))
+    monkeypatch.setattr(Path, "unlink", counted(Path.unlink))
+    try:
+        writer.finish("full")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert stored(path) == expected
+    Writer(path, "k").finish("never")
+    assert stored(path) == expected
+    with h5py.File(path, "r") as file:
+        listed = set(file["configs/k/shards/path"].asstr()[:])
+    assert {str(shard.relative_to(tmp_path)) for shard in shard_files(path)} == listed  # no stray shard
+
+
+def test_repair_forgets_only_the_rows_of_a_damaged_shard(tmp_path):
+    path = tmp_path / "c.h5"
+    commit(path, range(30))
+    commit(path, range(40))
+    (first, second) = sorted(shard_files(path), key=lambda shard: len(h5py.File(shard, "r")["features"]))
+    with h5py.File(second, "r") as file:
+        offset = file["features"].id.get_chunk_info(0).byte_offset
+    with open(second, "r+b") as raw:  # garble a feature chunk: same size, same uuid
+        raw.seek(offset + 10)
+        raw.write(b"\xff" * 8)
+    with pytest.raises(CacheError, match="damaged"):
+        FeatureCache(path).features()
+    writer = Writer(path, "k")
+    assert writer.check(repair=False) == 0  # the index of the shard is fine: only reading tells
+    assert writer.check(repair=True) == 30
+    assert set(writer.state.rows) == {f"c{n % 2}/{n}.png" for n in range(30, 40)}
