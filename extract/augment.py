@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 
 import numpy as np
-from scipy import ndimage
 
 from extract.errors import UsageError
 
@@ -86,6 +85,8 @@ def apply_transform(pixels: np.ndarray, parameters: dict) -> np.ndarray:
         matrix = matrix @ [[parameters["zx"], 0, 0], [0, parameters["zy"], 0], [0, 0, 1]]
     result = np.asarray(pixels, dtype=np.float32)
     if not np.array_equal(matrix, np.eye(3)):
+        from scipy import ndimage  # 0.3 s to import: only when views are made
+
         height, width = result.shape[:2]
         centre = np.array([[1, 0, height / 2 - 0.5], [0, 1, width / 2 - 0.5], [0, 0, 1]])
         back = np.array([[1, 0, 0.5 - height / 2], [0, 1, 0.5 - width / 2], [0, 0, 1]])

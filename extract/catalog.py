@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import h5py
 import numpy as np
@@ -24,8 +24,7 @@ Location = tuple[str, int]  # (shard path relative to the catalog's folder, row 
 _OPEN_SHARDS = 64  # shard files a FeatureCache keeps open at once
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):  # a tuple: made for every image on every run, so it must be cheap
     """One image row of a configuration; its features are those of its `sha256`."""
 
     sha256: str

@@ -152,6 +152,9 @@ def format_summary(summary: ExtractSummary) -> str:
         f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped; "
         f"{computed}, {summary.reused} reused; {summary.seconds:.1f} s",
     ]
+    if summary.compacted or summary.repaired:
+        lines.append(f"Shards: {summary.repaired} rows of damaged shards computed again, "
+                     f"{summary.compacted} rows compacted into new shards")
     if summary.views_per_image:
         transforms = summary.augmentation
         lines.insert(3, (
@@ -164,6 +167,8 @@ def format_summary(summary: ExtractSummary) -> str:
             "Tip:    this CPU computes bfloat16 natively: --precision mixed_bfloat16 ran 6.8x faster at 224 px "
             "on the development machine, features within cosine 0.9999 of float32 (a separate configuration)."
         )
+    if summary.compaction_error:
+        lines.append(f"Note:   the run is saved, but compaction could not run: {summary.compaction_error}")
     for path, reason in summary.failures[:SHOWN_FAILURES]:
         lines.append(f"  failed: {path}: {reason}")
     if summary.failed > SHOWN_FAILURES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import uuid
 from pathlib import Path
 
 import h5py
@@ -173,18 +174,24 @@ def upgrade_v1(path: Path) -> None:
     """Turn a format-1 cache into a catalog and shards, every configuration and views table
     at once. A format-1 features dataset is copied into its shard as it is stored (raw
     chunks, no recompression); the shard's row i is the old row i."""
-    with open_cache(path) as old:
-        states = {name: load_state(old, name) for name in old["configs"]}
-        last_config = old.attrs.get("last_config", "")
-        for name, state in states.items():
-            group = old["configs"][name]
-            tables = [(None, group, [sha256.decode() for sha256 in group["sha256"][:]])]
-            for table_name, table in group.get("views", {}).items():
-                keys = [view_key(sha256.decode(), table_name, int(view)) for sha256, view in zip(table["sha256"][:], table["view"][:])]
-                tables.append((table_name, table, keys))
-            for table_name, table, keys in tables:
-                shard = v1_shard(path, name, table_name)
-                state.shards[shard] = _copy_v1(table, path.parent / shard, path.parent, name, keys)
+    try:
+        with open_cache(path) as old:
+            states = {name: load_state(old, name) for name in old["configs"]}
+            last_config = old.attrs.get("last_config", "")
+            for name, state in states.items():
+                group = old["configs"][name]
+                tables = [(None, group, [sha256.decode() for sha256 in group["sha256"][:]])]
+                for table_name, table in group.get("views", {}).items():
+                    keys = [view_key(sha256.decode(), table_name, int(view)) for sha256, view in zip(table["sha256"][:], table["view"][:])]
+                    tables.append((table_name, table, keys))
+                for table_name, table, keys in tables:
+                    shard = v1_shard(path, name, table_name)
+                    state.shards[shard] = _copy_v1(table, path.parent / shard, path.parent, name, keys)
+    except (OSError, RuntimeError) as error:
+        raise CacheError(
+            f"Could not upgrade the cache {str(path)!r} to shards ({reason(error)}); it is unchanged. "
+            f"Free some space or choose another place with --cache."
+        ) from error
     write_catalog(path, states, last_config)
 
 
@@ -196,7 +203,7 @@ def _copy_v1(table, target: Path, base: Path, fingerprint: str, keys: list[str])
         parts = [split_key(key) for key in keys]
         for position, (column, column_type) in enumerate(SHARD_KEYS.items()):
             shard.create_dataset(column, data=np.array([part[position] for part in parts], dtype=column_type))
-        identity = os.urandom(16).hex()
+        identity = uuid.uuid4().hex
         shard.attrs.update(format=SHARD_FORMAT, fingerprint=fingerprint, uuid=identity, rows=len(keys), created=now())
     sync(temporary)
     os.replace(temporary, target)

@@ -18,7 +18,7 @@ from extract.catalog import ConfigState
 from extract.commit import WriterLock
 from extract.config import PREPROCESSING, FeatureConfig, fingerprint
 from extract.engine import Engine
-from extract.errors import UsageError
+from extract.errors import CacheError, UsageError
 from extract.layout import ImageFile, Scan, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
 from extract.reader import ViewRequest
@@ -58,6 +58,7 @@ class ExtractSummary:
     images_per_second: float = 0.0  # images and views computed, over the reading-and-computing time
     save_seconds: float = 0.0  # writing shards and committing the catalog, compaction included
     compacted: int = 0  # rows compaction rewrote into new shards
+    compaction_error: str | None = None  # why compaction could not run (the run's commit stands)
     repaired: int = 0  # features forgotten by --repair (in damaged shards), computed again
     device: str | None = None  # None when nothing needed VGG16
     class_names: list[str] = field(default_factory=list)
@@ -226,10 +227,11 @@ class _Run:
         attrs = {name: value for name, value in attrs.items() if value is not None}
         return ConfigState(attrs=attrs, rows=rows, failures=failures, views=views)
 
-    def commit(self) -> None:
-        """Store the run as it is now: a checkpoint (atomic; see writer.Writer.commit)."""
+    def commit(self, state: ConfigState | None = None) -> None:
+        """Store the run as it is now (`state()`, unless given): a checkpoint (atomic; see
+        writer.Writer.commit)."""
         started = time.perf_counter()
-        state = self.state()
+        state = state or self.state()
         state.attrs["updated"] = now()
         self.writer.commit(state)
         self.summary.save_seconds += time.perf_counter() - started
@@ -243,9 +245,12 @@ class _Run:
             and {name: table.keys for name, table in state.views.items()} == {name: table.keys for name, table in stored.views.items()}
         )
         if not unchanged:
-            self.commit()
+            self.commit(state)
         started = time.perf_counter()
-        self.summary.compacted = self.writer.finish(compact)
+        try:
+            self.summary.compacted = self.writer.finish(compact)
+        except CacheError as error:  # the run is committed; compaction is tried again next time
+            self.summary.compaction_error = str(error)
         self.summary.save_seconds = round(self.summary.save_seconds + time.perf_counter() - started, 3)
         self._count(self.writer.state)
 
@@ -282,12 +287,12 @@ def _clean_leftovers(cache: Path, rebuild: bool) -> None:
     and its shards aside together (never delete them) so the run starts a new one."""
     for leftover in glob.glob(glob.escape(str(cache)) + ".tmp-*"):
         os.unlink(leftover)
-    if rebuild and cache.exists():
+    shards = shards_folder(cache)
+    if rebuild and (cache.exists() or shards.exists()):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = next(folder for number in range(1, 1000)
                      if not (folder := cache.with_name(f"{cache.name}.replaced-{stamp}" + (f"-{number}" if number > 1 else ""))).exists())
         aside.mkdir()
-        os.replace(cache, aside / cache.name)
-        shards = shards_folder(cache)
-        if shards.exists():  # pending batches go too: they are valid, but a rebuild starts from nothing
-            shutil.move(shards, aside / shards.name)
+        for part in (cache, shards):  # pending batches go too: a rebuild starts from nothing
+            if part.exists():
+                shutil.move(part, aside / part.name)

@@ -46,6 +46,7 @@ class Writer:
                 self.state = load_state(file, fingerprint)
         self.pending = Pending(self.folder / "pending").open()
         self.pending_bytes = 0
+        self.changed = False  # whether this writer committed, or found what an interrupted run left
         if self.version >= 2:
             self._adopt()
 
@@ -95,7 +96,7 @@ class Writer:
         if new:
             self._write_shard(new, lambda a, b: np.stack([self.pending.features(key) for key in new[a:b]]))
         write_catalog(self.path, {self.fingerprint: self.state}, self.fingerprint)
-        self.last_config = self.fingerprint
+        self.last_config, self.changed = self.fingerprint, True
         self.pending.clear()
         self.pending_bytes = 0
 
@@ -104,6 +105,8 @@ class Writer:
         ("auto": past the thresholds; "full": every shard with a dead row, and every small
         one; "never"). Returns the number of rows compaction rewrote."""
         if not self.state.attrs:  # never committed: every shard here is still to be adopted
+            return 0
+        if compact == "auto" and not self.changed:  # nothing written, nothing left over: no threshold newly passed
             return 0
         used = referenced(self.state)
         for path in [path for path in self.state.shards if path not in used]:
@@ -152,10 +155,12 @@ class Writer:
         delete those whose every row is stored elsewhere, and partial ones."""
         for partial in self.folder.glob("*.h5.tmp"):
             partial.unlink()
+            self.changed = True  # an interrupted checkpoint or compaction: see to compaction again
         for file in sorted(self.folder.glob("*.h5")):
             path = os.path.relpath(file, self.path.parent)
             if path in self.state.shards:
                 continue
+            self.changed = True
             try:
                 keys, identity = read_keys(file)
             except (OSError, KeyError, ValueError):

@@ -329,3 +329,41 @@ def test_transform_options_need_augment(extract, dataset):
         extract(dataset, augmentation=Augmentation(shear=1))
     with pytest.raises(UsageError, match="--augment K with K >= 0"):
         extract(dataset, augment=-1)
+
+
+# Shards and compaction
+
+def test_checkpoints_leave_small_shards_that_compaction_merges(extract, dataset, tmp_path):
+    first = extract(dataset, batch_size=1, save_every=0, compact="never")
+    shards = tmp_path / "cache" / "features.h5.shards" / first.fingerprint
+    assert len(list(shards.glob("*.h5"))) == 6  # one a checkpoint, one image each
+    before = cached_features(first.cache)
+    again = extract(dataset, compact="full")
+    assert again.compacted == 6 and again.computed == 0 and len(list(shards.glob("*.h5"))) == 1
+    for path, feature in cached_features(again.cache).items():
+        np.testing.assert_array_equal(feature, before[path])
+
+
+def test_a_failed_compaction_leaves_the_run_saved(extract, dataset, monkeypatch):
+    from extract.errors import CacheError
+
+    extract(dataset, batch_size=2, save_every=0, compact="never")
+    make_image(dataset / "train/cat/new.png", seed=42)
+
+    def full_disk(*args, **kwargs):
+        raise CacheError("Could not write a shard (No space left on device); the cache is unchanged.")
+
+    monkeypatch.setattr("extract.writer.write_shard", full_disk)
+    with pytest.raises(CacheError):  # the run's own shard cannot be written either
+        extract(dataset, compact="full")
+    monkeypatch.undo()
+    extract(dataset, compact="never")
+    monkeypatch.setattr("extract.writer.write_shard", full_disk)
+    summary = extract(dataset, compact="full")
+    assert "No space left" in summary.compaction_error and summary.rows == 7
+    assert len(cached_features(summary.cache)) == 7
+
+
+def test_compact_must_be_a_known_choice(extract, dataset):
+    with pytest.raises(UsageError, match="--compact"):
+        extract(dataset, compact="sometimes")
