@@ -70,8 +70,9 @@ def open_cache(path) -> h5py.File:
     """Open a catalog read-only, refusing anything that is not a cache this code understands."""
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not a feature cache" if path.is_dir() else "holds no feature cache"
-        raise CacheError(f"{str(path)!r} {what}; run extract-features first (or pass the cache file with --cache).")
+        if path.is_dir():
+            raise CacheError(f"{str(path)!r} is a folder, not a feature cache; pass the cache's file with --cache.")
+        raise CacheError(f"No feature cache at {str(path)!r}; run extract-features first.")
     try:
         file = h5py.File(path, "r")
     except OSError as error:
@@ -104,10 +105,10 @@ def list_configs(path) -> list[dict]:
         ]
 
 
-def v1_shard(catalog: Path, fingerprint: str, table: str | None = None) -> str:
+def v1_shard(fingerprint: str, table: str | None = None) -> str:
     """The shard a version-1 group's features (or views table's) become when upgraded."""
     name = "v1-features.h5" if table is None else f"v1-views-{table}.h5"
-    return f"{shards_folder(catalog).name}/{fingerprint}/{name}"
+    return f"{fingerprint}/{name}"
 
 
 def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
@@ -118,7 +119,6 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
         return ConfigState()
     state = ConfigState(attrs=read_attrs(group))
     version = int(file.attrs["format_version"])
-    catalog = Path(file.filename)
     if version >= 2:
         table = group["shards"]
         for path, rows, size, uuid in zip(table["path"].asstr()[:], table["rows"][:], table["bytes"][:], table["uuid"][:]):
@@ -127,14 +127,14 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
     columns = [read_column(group, name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")]
     for number, (path, sha256, label, split, size, mtime_ns) in enumerate(zip(*columns)):
         state.rows[path] = Row(sha256.decode(), label, split, int(size), int(mtime_ns))
-    state.located.update(_locations(group, columns[1], shards, v1_shard(catalog, fingerprint)))
+    state.located.update(_locations(group, columns[1], shards, v1_shard(fingerprint)))
     failures = group["failures"]
     state.failures = sorted(zip(failures["path"].asstr()[:], failures["reason"].asstr()[:]))
     for name, table in group.get("views", {}).items():
         hashes, views = [sha256.decode() for sha256 in table["sha256"][:]], table["view"][:].tolist()
         state.views[name] = ViewTable(read_attrs(table), list(zip(hashes, views)))
         keys = [view_key(sha256, name, view) for sha256, view in zip(hashes, views)]
-        state.located.update(_locations(table, keys, shards, v1_shard(catalog, fingerprint, name)))
+        state.located.update(_locations(table, keys, shards, v1_shard(fingerprint, name)))
     return state
 
 
@@ -147,14 +147,15 @@ def _locations(group, keys, shards: list[str], v1_path: str) -> dict[str, Locati
 
 def damaged_shards(catalog: Path, state: ConfigState) -> list[tuple[ShardInfo, str]]:
     """The shards of a state that are missing, truncated or not this cache's, with why."""
-    found = ((shard, problem(catalog.parent, shard)) for shard in state.shards.values())
+    found = ((shard, problem(shards_folder(catalog), shard)) for shard in state.shards.values())
     return [(shard, why) for shard, why in found if why]
 
 
 def damage_message(catalog: Path, shard: str, why: str, rows: int | None = None) -> str:
     what = f"its {rows} rows" if rows is not None else "the rows whose features it holds"
     return (
-        f"The shard {shard!r} of the cache {str(catalog)!r} is {why}; run extract-features with --repair "
+        f"The shard {str(shards_folder(catalog) / shard)!r} of the cache {str(catalog)!r} is {why}; "
+        f"run extract-features with --repair "
         f"to drop {what} and compute only them again, or with --rebuild to start a new cache."
     )
 
@@ -311,7 +312,7 @@ class FeatureCache:
         if path not in self._open:
             if len(self._open) >= _OPEN_SHARDS:
                 self._open.pop(next(iter(self._open))).close()
-            self._open[path] = h5py.File(self.path.parent / path, "r")
+            self._open[path] = h5py.File(shards_folder(self.path) / path, "r")
         return self._open[path]
 
     def _check_shards(self) -> None:
@@ -319,7 +320,7 @@ class FeatureCache:
             return
         table = self._group["shards"]
         for path, rows, size, uuid in zip(self._shards, table["rows"][:], table["bytes"][:], table["uuid"][:]):
-            why = problem(self.path.parent, ShardInfo(path, int(rows), int(size), uuid.decode()))
+            why = problem(shards_folder(self.path), ShardInfo(path, int(rows), int(size), uuid.decode()))
             if why:
                 raise CacheError(damage_message(self.path, path, why, int(np.sum(self._group["shard"][:] == self._shards.index(path)))))
             self._shard(path)  # kept open: a later compaction may replace it

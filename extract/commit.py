@@ -19,12 +19,13 @@ import h5py
 import numpy as np
 
 from extract.catalog import ConfigState, load_state, open_cache, v1_shard
+from extract.schema import shards_folder
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
     COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_FORMAT, SHARD_KEYS, SHARD_TABLE, TEXT, VIEW_COLUMNS,
     now, write_attrs, write_column,
 )
-from extract.shards import ShardInfo, reason, split_key, sync, view_key
+from extract.shards import ShardInfo, advice, reason, split_key, sync, view_key
 
 
 class WriterLock:
@@ -85,20 +86,20 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
                         raise RuntimeError("a format-1 catalog is upgraded whole (upgrade_v1), not copied")
                     old.copy(old["configs"][name], configs, name=name)
             for name, state in states.items():
-                _write_config(configs.create_group(name), state)
+                _write_config(configs.create_group(name), state, shards_folder(path).name)
         sync(temporary)
         os.replace(temporary, path)
         sync(path.parent)
     except (OSError, RuntimeError) as error:  # h5py reports some failed writes as RuntimeError
         raise CacheError(
-            f"Could not write the cache {str(path)!r} ({reason(error)}); "
-            f"it is unchanged. Free some space or choose another place with --cache."
+            f"Could not write the cache {str(path)!r} ({reason(error)}); it is unchanged. {advice(error)}."
         ) from error
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def _write_config(group, state: ConfigState) -> None:
+def _write_config(group, state: ConfigState, folder: str) -> None:
+    """One configuration's group; `folder` is the shards folder's name, beside the catalog."""
     shape, dtype = tuple(state.attrs["feature_shape"]), state.attrs["dtype"]
     used = referenced(state)
     shards = [info for path, info in state.shards.items() if path in used]
@@ -112,7 +113,7 @@ def _write_config(group, state: ConfigState) -> None:
     paths = sorted(state.rows, key=lambda path: _order(state, number, state.rows[path].sha256))
     rows = [state.rows[path] for path in paths]
     columns = {"path": paths, **{name: [getattr(row, name) for row in rows] for name in list(COLUMNS)[1:]}}
-    _write_table(group, columns, COLUMNS, where([row.sha256 for row in rows]), shards, shape, dtype)
+    _write_table(group, columns, COLUMNS, where([row.sha256 for row in rows]), shards, folder, shape, dtype)
     write_column(group, "class_names", sorted({row.label for row in rows} - {""}), TEXT)
     failures = group.create_group("failures")
     write_column(failures, "path", [path for path, _ in state.failures], TEXT)
@@ -125,7 +126,7 @@ def _write_config(group, state: ConfigState) -> None:
         table = group.create_group(f"views/{name}")
         columns = {"sha256": [sha256 for sha256, _ in keys], "view": [view for _, view in keys]}
         _write_table(table, columns, VIEW_COLUMNS, where([view_key(sha256, name, view) for sha256, view in keys]),
-                     shards, shape, dtype)
+                     shards, folder, shape, dtype)
         write_attrs(table, views.attrs)
     write_attrs(group, state.attrs)
 
@@ -136,17 +137,18 @@ def _order(state: ConfigState, number: dict, key: str) -> tuple[int, int]:
     return number[path], row
 
 
-def _write_table(group, columns: dict, types: dict, location, shards: list[ShardInfo], shape, dtype) -> None:
+def _write_table(group, columns: dict, types: dict, location, shards: list[ShardInfo], folder: str, shape, dtype) -> None:
     for name, values in columns.items():
         write_column(group, name, values, types[name])
     for (name, column_type), values in zip(LOCATION_COLUMNS.items(), location):
         write_column(group, name, values, column_type)
-    _write_virtual(group, *location, shards, shape, dtype)
+    _write_virtual(group, *location, shards, folder, shape, dtype)
 
 
-def _write_virtual(group, shard: np.ndarray, shard_row: np.ndarray, shards: list[ShardInfo], shape, dtype) -> None:
+def _write_virtual(group, shard: np.ndarray, shard_row: np.ndarray, shards: list[ShardInfo], folder: str, shape, dtype) -> None:
     """`features`: one virtual dataset of the rows' features, a mapping per run of rows
-    that lie one after another in one shard. Paths are relative to the catalog's folder."""
+    that lie one after another in one shard. Source paths are relative to the catalog's
+    folder (`folder`/`shard path`), so catalog and shards read from anywhere together."""
     count = len(shard_row)
     if not count:
         group.create_dataset("features", shape=(0, *shape), dtype=dtype)
@@ -157,7 +159,8 @@ def _write_virtual(group, shard: np.ndarray, shard_row: np.ndarray, shards: list
     for start, stop in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [count]])):
         info = shards[shard[start]]
         if info.path not in sources:  # "%" would start a printf-style pattern in HDF5's source names
-            sources[info.path] = h5py.VirtualSource(info.path.replace("%", "%%"), "features", shape=(info.rows, *shape), dtype=dtype)
+            source = f"{folder}/{info.path}".replace("%", "%%")
+            sources[info.path] = h5py.VirtualSource(source, "features", shape=(info.rows, *shape), dtype=dtype)
         first = int(shard_row[start])
         layout[int(start):int(stop)] = sources[info.path][first : first + int(stop - start)]
     group.create_virtual_dataset("features", layout, fillvalue=np.nan)
@@ -185,12 +188,12 @@ def upgrade_v1(path: Path) -> None:
                     keys = [view_key(sha256.decode(), table_name, int(view)) for sha256, view in zip(table["sha256"][:], table["view"][:])]
                     tables.append((table_name, table, keys))
                 for table_name, table, keys in tables:
-                    shard = v1_shard(path, name, table_name)
-                    state.shards[shard] = _copy_v1(table, path.parent / shard, path.parent, name, keys)
+                    shard = v1_shard(name, table_name)
+                    state.shards[shard] = _copy_v1(table, shards_folder(path) / shard, shards_folder(path), name, keys)
     except (OSError, RuntimeError) as error:
         raise CacheError(
             f"Could not upgrade the cache {str(path)!r} to shards ({reason(error)}); it is unchanged. "
-            f"Free some space or choose another place with --cache."
+            f"{advice(error)}."
         ) from error
     write_catalog(path, states, last_config)
 

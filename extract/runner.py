@@ -241,6 +241,7 @@ class _Run:
         state, stored = self.state(), self.stored
         unchanged = (
             state.rows == stored.rows and state.failures == stored.failures and not self.writer.pending
+            and not self.writer.relocated
             and self.writer.last_config == self.key and not _changed(stored.attrs, state.attrs)
             and {name: table.keys for name, table in state.views.items()} == {name: table.keys for name, table in stored.views.items()}
         )

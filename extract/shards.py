@@ -15,6 +15,7 @@ place when complete. A checkpoint turns the pending batches into one compressed 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -84,17 +85,18 @@ def write_shard(folder: Path, base: Path, fingerprint: str, keys: list[str],
         temporary.unlink(missing_ok=True)
         raise CacheError(
             f"Could not write a shard to {str(folder)!r} ({reason(error)}); the cache is unchanged. "
-            f"Free some space or choose another place with --cache."
+            f"{advice(error)}."
         ) from error
     return ShardInfo(os.path.relpath(path, base), len(keys), path.stat().st_size, name)
 
 
-def read_keys(path: Path) -> tuple[list[str], str]:
+def read_keys(path: Path, fingerprint: str) -> tuple[list[str], str]:
     """The keys of a shard's rows, in row order, and its uuid. Raises OSError, KeyError or
-    ValueError on a file that is not a complete shard."""
+    ValueError on a file that is not a complete shard of the configuration `fingerprint`."""
     with h5py.File(path, "r") as file:
-        if file.attrs.get("format") != SHARD_FORMAT or len(file["features"]) != file.attrs["rows"]:
-            raise ValueError(f"{path} is not a complete shard")
+        if (file.attrs.get("format"), file.attrs.get("fingerprint")) != (SHARD_FORMAT, fingerprint) \
+                or len(file["features"]) != file.attrs["rows"]:
+            raise ValueError(f"{path} is not a complete shard of configuration {fingerprint}")
         keys = [
             sha256.decode() if not view else view_key(sha256.decode(), augmentation.decode(), int(view))
             for sha256, view, augmentation in zip(file["sha256"][:], file["view"][:], file["augmentation"][:])
@@ -138,8 +140,11 @@ class Pending:
         if not self.folder.is_dir():
             return self
         for stale in self.folder.glob("*.tmp"):
-            stale.unlink()  # a batch whose writing was interrupted: never renamed, never counted
+            if stale.is_file():  # regular files only: never open a FIFO or a device
+                stale.unlink()  # a batch whose writing was interrupted: never renamed, never counted
         for batch in sorted(self.folder.glob("batch-*.npz")):
+            if not batch.is_file() or not re.fullmatch(r"batch-\d+\.npz", batch.name):
+                continue  # not a batch this code wrote: left alone
             try:
                 with np.load(batch, allow_pickle=False) as arrays:
                     keys = arrays["key"]
@@ -173,7 +178,7 @@ class Pending:
             temporary.unlink(missing_ok=True)
             raise CacheError(
                 f"Could not write a batch to {str(self.folder)!r} ({error.strerror or error}); the cache and "
-                f"the batches before this one are kept. Free some space (or choose another --cache) and run again."
+                f"the batches before this one are kept. {advice(error)}, then run again."
             ) from error
         for row, key in enumerate(keys):
             self.index[key] = (name, row)
@@ -199,6 +204,13 @@ def reason(error: Exception) -> str:
     if found:
         return os.strerror(int(found.group(1)))
     return " ".join(str(getattr(error, "strerror", None) or error).split())[:200]
+
+
+def advice(error: Exception) -> str:
+    """What to do about a failed write: permissions, or space."""
+    if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission" in str(error):
+        return "Make the cache's folder writable, or choose another place with --cache"
+    return "Free some space, or choose another place with --cache"
 
 
 def sync(path: Path) -> None:

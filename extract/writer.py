@@ -14,6 +14,7 @@ before the old ones are deleted, so a kill at any moment leaves a cache that rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -37,18 +38,29 @@ class Writer:
 
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = path, fingerprint
-        self.folder = shards_folder(path) / fingerprint
+        self.base = shards_folder(path)  # shard paths are relative to it
+        self.folder = self.base / fingerprint
         self.version, self.last_config, self.state = FORMAT_VERSION, None, ConfigState()
+        self.changed = False  # whether this writer committed, or found what an interrupted run left
+        self.relocated = False  # whether where features are differs from what the catalog says
+        self.discard: list[str] = []  # damaged shards, deleted after the commit that drops them
         if path.exists():
             with open_cache(path) as file:  # refuses a damaged or foreign file before any work is done
                 self.version = int(file.attrs["format_version"])
                 self.last_config = file.attrs.get("last_config")
                 self.state = load_state(file, fingerprint)
-        self.pending = Pending(self.folder / "pending").open()
-        self.pending_bytes = 0
-        self.changed = False  # whether this writer committed, or found what an interrupted run left
-        if self.version >= 2:
-            self._adopt()
+                self.relocated = _stale_links(file["configs"].get(fingerprint), self.base.name)
+        self.damaged = damaged_shards(self.path, self.state)
+        try:
+            self.pending = Pending(self.folder / "pending").open()
+            self.pending_bytes = 0
+            if self.version >= 2:
+                self._adopt()
+        except OSError as error:
+            raise CacheError(
+                f"Cannot read the shard folder {str(self.folder)!r} ({error.strerror or error}); "
+                f"make it readable and writable, or choose another place with --cache."
+            ) from error
 
     def knows(self, key: str) -> bool:
         """Whether the features of `key` are stored (in a shard or a pending batch)."""
@@ -61,15 +73,21 @@ class Writer:
     def check(self, repair: bool) -> int:
         """Refuse damaged shards, naming the first and the way out; with `repair`, read
         every shard whole (each chunk's checksum) and forget the rows of damaged ones, so
-        that the run computes them again. Returns the number of keys forgotten."""
-        damaged = damaged_shards(self.path, self.state)
+        that the run computes them again. A damaged shard whose every row was found in a
+        shard left behind (see `_adopt`) is dropped quietly. Returns the number of keys forgotten."""
+        counts = {}
+        for path, _ in self.state.located.values():
+            counts[path] = counts.get(path, 0) + 1
+        damaged = list(self.damaged)
         if repair:
             damaged += [(shard, why) for shard in self.state.shards.values() if shard not in dict(damaged)
-                        for why in [_unreadable(self.path.parent / shard.path)] if why]
-        elif damaged:
-            shard, why = damaged[0]
-            count = sum(path == shard.path for path, _ in self.state.located.values())
-            raise CacheError(damage_message(self.path, shard.path, why, count))
+                        for why in [_unreadable(self.base / shard.path)] if why]
+        needed = [(shard, why) for shard, why in damaged if counts.get(shard.path)]
+        if needed and not repair:
+            shard, why = needed[0]
+            raise CacheError(damage_message(self.path, shard.path, why, counts[shard.path]))
+        self.discard = [shard.path for shard, _ in damaged]  # deleted once the repaired catalog is committed
+        self.relocated |= bool(damaged)
         lost = {shard.path for shard, _ in damaged}
         forgotten = [key for key, (path, _) in self.state.located.items() if path in lost]
         for key in forgotten:
@@ -96,7 +114,7 @@ class Writer:
         if new:
             self._write_shard(new, lambda a, b: np.stack([self.pending.features(key) for key in new[a:b]]))
         write_catalog(self.path, {self.fingerprint: self.state}, self.fingerprint)
-        self.last_config, self.changed = self.fingerprint, True
+        self.last_config, self.changed, self.relocated = self.fingerprint, True, False
         self.pending.clear()
         self.pending_bytes = 0
 
@@ -109,9 +127,11 @@ class Writer:
         if compact == "auto" and not self.changed:  # nothing written, nothing left over: no threshold newly passed
             return 0
         used = referenced(self.state)
-        for path in [path for path in self.state.shards if path not in used]:
-            (self.path.parent / path).unlink(missing_ok=True)
-            del self.state.shards[path]
+        for path in [path for path in self.state.shards if path not in used] + self.discard:
+            with contextlib.suppress(OSError):  # a damaged shard may be unreadable, even to delete
+                (self.base / path).unlink(missing_ok=True)
+            self.state.shards.pop(path, None)
+        self.discard = []
         self.state.located = {key: place for key, place in self.state.located.items() if place[0] in self.state.shards}
         if not self.folder.is_dir() or compact == "never" or not self.state.shards:
             return 0
@@ -130,7 +150,7 @@ class Writer:
         if not chosen or (len(chosen) == 1 and len(live[chosen[0]]) == shards[chosen[0]].rows):
             return 0
         moving = [(path, row, live[path][row]) for path in chosen for row in sorted(live[path])]
-        handles = {path: h5py.File(self.path.parent / path, "r") for path in chosen}
+        handles = {path: h5py.File(self.base / path, "r") for path in chosen}
         try:
             for piece in _pieces(moving, {path: shards[path].bytes / max(1, shards[path].rows) for path in chosen}):
                 self._write_shard([key for _, _, key in piece], lambda a, b, piece=piece: _gather(handles, piece[a:b]))
@@ -139,39 +159,46 @@ class Writer:
                 handle.close()
         write_catalog(self.path, {self.fingerprint: self.state}, self.last_config or self.fingerprint)
         for path in chosen:
-            (self.path.parent / path).unlink(missing_ok=True)
+            (self.base / path).unlink(missing_ok=True)
             del self.state.shards[path]
         return len(moving)
 
     def _write_shard(self, keys: list[str], rows) -> None:
         shape, dtype = tuple(self.state.attrs["feature_shape"]), self.state.attrs["dtype"]
-        shard = write_shard(self.folder, self.path.parent, self.fingerprint, keys, rows, shape, dtype)
+        shard = write_shard(self.folder, self.base, self.fingerprint, keys, rows, shape, dtype)
         self.state.shards[shard.path] = shard
         for row, key in enumerate(keys):
             self.state.located[key] = (shard.path, row)
 
     def _adopt(self) -> None:
-        """Take up the complete shards an interrupted run wrote and no catalog points at;
-        delete those whose every row is stored elsewhere, and partial ones."""
+        """Take up the complete shards of this configuration that an interrupted run wrote
+        and no catalog points at; delete those whose every row is stored in a sound shard
+        (a compaction's, a replaced one), and partial ones. A shard found here also stands
+        in for a damaged one for the rows they share. Files that are not shards of this
+        configuration are left alone."""
         for partial in self.folder.glob("*.h5.tmp"):
-            partial.unlink()
-            self.changed = True  # an interrupted checkpoint or compaction: see to compaction again
+            if partial.is_file():  # regular files only: never open a FIFO or a device
+                partial.unlink()
+                self.changed = True  # an interrupted checkpoint or compaction: see to compaction again
+        damaged = {shard.path for shard, _ in self.damaged}
+        located = self.state.located
         for file in sorted(self.folder.glob("*.h5")):
-            path = os.path.relpath(file, self.path.parent)
-            if path in self.state.shards:
+            path = os.path.relpath(file, self.base)
+            if path in self.state.shards or not file.is_file():
                 continue
-            self.changed = True
             try:
-                keys, identity = read_keys(file)
+                keys, identity = read_keys(file, self.fingerprint)
             except (OSError, KeyError, ValueError):
-                file.unlink()  # cannot happen with rename-into-place; recomputed if it does
-                continue
-            if all(key in self.state.located for key in keys):
+                continue  # not a shard of this configuration (or not a shard): not ours to take or delete
+            self.changed = True
+            if all(key in located and located[key][0] not in damaged for key in keys):
                 file.unlink()  # a compaction's or a replaced shard's rows, all stored elsewhere
                 continue
             self.state.shards[path] = ShardInfo(path, len(keys), file.stat().st_size, identity)
             for row, key in enumerate(keys):
-                self.state.located.setdefault(key, (path, row))
+                if key not in located or located[key][0] in damaged:
+                    self.relocated |= key in located
+                    located[key] = (path, row)
 
 
 def _keys(state: ConfigState) -> set[str]:
@@ -202,6 +229,15 @@ def _gather(handles: dict, items: list) -> np.ndarray:
         inside = paths == path
         block[inside] = read_rows(handles[str(path)]["features"], rows[inside])
     return block
+
+
+def _stale_links(group, folder: str) -> bool:
+    """Whether the virtual datasets of a catalog group name another shards folder than
+    `folder` (the catalog and its folder were renamed, or copied): the next commit re-points them."""
+    if group is None or not group["features"].is_virtual:
+        return False
+    sources = group["features"].virtual_sources()
+    return bool(sources) and not sources[0].file_name.replace("%%", "%").startswith(f"{folder}/")
 
 
 def _unreadable(path: Path) -> str | None:

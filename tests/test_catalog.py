@@ -145,19 +145,19 @@ def test_a_damaged_shard_is_found_when_the_cache_opens(tmp_path, damage):
     commit(path, range(5))
     commit(path, range(8))  # a second shard, of 3 rows
     with h5py.File(path, "r") as file:
-        victim = file["configs/k/shards/path"].asstr()[1]
+        victim = tmp_path / "c.h5.shards" / file["configs/k/shards/path"].asstr()[1]
     if damage == "deleted":
-        (tmp_path / victim).unlink()
+        victim.unlink()
     elif damage == "truncated":
-        (tmp_path / victim).write_bytes((tmp_path / victim).read_bytes()[:-100])
+        victim.write_bytes(victim.read_bytes()[:-100])
     else:  # the same rows, written by another cache
         commit(tmp_path / "other.h5", range(8))
         with h5py.File(tmp_path / "other.h5", "r") as file:
-            shutil.copy(tmp_path / file["configs/k/shards/path"].asstr()[0], tmp_path / victim)
+            shutil.copy(tmp_path / "other.h5.shards" / file["configs/k/shards/path"].asstr()[0], victim)
     with pytest.raises(CacheError) as raised:
         FeatureCache(path)
     message = str(raised.value)
-    assert victim in message and "its 3 rows" in message and "--repair" in message and "\n" not in message
+    assert str(victim) in message and "its 3 rows" in message and "--repair" in message and "\n" not in message
 
 
 def test_missing_cache_says_to_extract_first(tmp_path):

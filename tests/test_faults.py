@@ -35,6 +35,15 @@ def start(data, cache, weights_file, *extra):
                             stderr=subprocess.PIPE, text=True)
 
 
+def copy_images(data: Path, target: Path, count: int) -> Path:
+    """The first `count` images of `data` (as sorted), copied into `target`."""
+    for path in sorted(data.rglob("*.png"))[:count]:
+        copy = target / path.relative_to(data)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    return target
+
+
 def batches(cache: Path) -> int:
     """Finished batches on disk: pending ones, and shards (one per checkpoint)."""
     shards = Path(f"{cache}.shards")
@@ -258,11 +267,7 @@ def test_a_damaged_catalog_says_what_to_do(tmp_path, weights_file, capsys, damag
 @pytest.mark.parametrize("damage", ["deleted", "truncated", "foreign", "garbled"])
 def test_a_damaged_shard_is_named_and_repair_computes_only_its_rows(big_folder, tmp_path, weights_file, capsys, damage):
     data, reference = big_folder
-    part = tmp_path / "data"
-    for path in sorted(data.rglob("*.png"))[:50]:
-        target = part / path.relative_to(data)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(path.read_bytes())
+    part = copy_images(data, tmp_path / "data", 50)
     cache = tmp_path / "c.h5"
     arguments = [str(part), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE), "--quiet"]
     moved = [path for path in sorted(part.rglob("*.png"))[:10]]
@@ -312,11 +317,7 @@ def test_sigkill_during_compaction_loses_nothing(big_folder, weights_file, tmp_p
     compaction's commit: after each kill the cache reads right, and the next run leaves
     one shard and no stray file."""
     data, reference = big_folder
-    part = tmp_path / "data"
-    for path in sorted(data.rglob("*.png"))[:120]:
-        target = part / path.relative_to(data)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(path.read_bytes())
+    part = copy_images(data, tmp_path / "data", 120)
     cache, shards, pristine = tmp_path / "c.h5", tmp_path / "c.h5.shards", tmp_path / "pristine"
     made = subprocess.run(command(part, cache, weights_file, "--batch-size", "2", "--save-every", "0", "--compact", "never"),
                           capture_output=True, text=True)

@@ -12,7 +12,9 @@ def test_a_shard_holds_its_keys_and_features(tmp_path):
     shard = write_shard(tmp_path / "c.h5.shards" / "k", tmp_path, "k", keys, lambda a, b: features[a:b], (1, 1, 12), "float32")
     assert shard.path == f"c.h5.shards/k/{shard.uuid}.h5" and shard.rows == 2
     assert shard.bytes == (tmp_path / shard.path).stat().st_size
-    assert read_keys(tmp_path / shard.path) == (keys, shard.uuid)
+    assert read_keys(tmp_path / shard.path, "k") == (keys, shard.uuid)
+    with pytest.raises(ValueError, match="configuration other"):
+        read_keys(tmp_path / shard.path, "other")
     with h5py.File(tmp_path / shard.path, "r") as file:
         np.testing.assert_array_equal(file["features"][:], features)
         assert list(file["view"][:]) == [0, 3] and file["augmentation"][1] == b"aug0"

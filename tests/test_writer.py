@@ -65,15 +65,61 @@ def test_a_shard_whose_rows_are_all_stored_elsewhere_is_deleted_on_adoption(tmp_
     assert shard_files(path) == [shard]
 
 
-def test_a_partial_shard_is_discarded(tmp_path):
+def test_a_partial_shard_is_discarded_and_what_is_not_a_shard_is_left_alone(tmp_path):
+    import os
+
     path = tmp_path / "c.h5"
     commit(path, range(3))
-    partial = Path(f"{path}.shards/k/{'1' * 32}.h5.tmp")
+    folder = Path(f"{path}.shards/k")
+    partial = folder / f"{'1' * 32}.h5.tmp"
     partial.write_bytes(b"half a shard")
-    broken = Path(f"{path}.shards/k/{'2' * 32}.h5")
-    broken.write_bytes(b"not hdf5 at all")  # cannot come from rename-into-place; dropped if it does
-    Writer(path, "k")
-    assert not partial.exists() and not broken.exists() and len(stored(path)) == 3
+    junk = {folder / "notes.h5": "file", folder / "pipe.h5": "fifo", folder / "dir.h5": "dir",
+            folder / "pending" / "batch-000001.npz": "fifo", folder / "pending" / "batch-abc.npz": "file",
+            folder / "pending" / "x.tmp": "dir"}
+    for junk_path, kind in junk.items():
+        junk_path.parent.mkdir(parents=True, exist_ok=True)
+        {"file": lambda p: p.write_bytes(b"not hdf5 at all"), "fifo": os.mkfifo, "dir": os.mkdir}[kind](junk_path)
+    other = commit(tmp_path / "other.h5", range(10, 13), "k2")  # a shard of another configuration, same rows' shape
+    (shard,) = shard_files(tmp_path / "other.h5", "k2")
+    stray = folder / shard.name
+    stray.write_bytes(shard.read_bytes())
+    writer = Writer(path, "k")  # would hang on a FIFO, or fail on a folder, if it opened them
+    assert not partial.exists() and all(junk_path.exists() for junk_path in junk)
+    assert stray.exists() and not writer.knows(sha(10))  # never taken for this configuration's
+    writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(3))))
+    writer.finish("full")
+    assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(3)} and other
+
+
+def test_renamed_with_its_shards_it_reads_and_the_next_run_repoints_plain_h5py(tmp_path):
+    path = tmp_path / "c.h5"
+    commit(path, range(6))
+    commit(path, range(9))
+    path.rename(tmp_path / "e.h5")
+    Path(f"{path}.shards").rename(tmp_path / "e.h5.shards")
+    renamed = tmp_path / "e.h5"
+    assert stored(renamed) == {f"c{n % 2}/{n}.png": n for n in range(9)}
+    with h5py.File(renamed, "r") as file:  # the virtual dataset still names c.h5.shards/: NaN until re-pointed
+        assert np.isnan(file["configs/k/features"][:]).all()
+    writer = Writer(renamed, "k")
+    assert writer.relocated and len(shard_files(renamed)) == 2  # nothing taken for a stray and deleted
+    writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(9))))
+    with FeatureCache(renamed) as cache, h5py.File(renamed, "r") as file:
+        np.testing.assert_array_equal(file["configs/k/features"][:], cache.features())
+
+
+def test_a_shard_left_behind_stands_in_for_a_missing_one(tmp_path):
+    path = tmp_path / "c.h5"
+    commit(path, range(6))
+    (shard,) = shard_files(path)
+    copy = shard.with_name("0" * 32 + ".h5")
+    copy.write_bytes(shard.read_bytes())
+    shard.unlink()
+    writer = Writer(path, "k")
+    assert writer.check(repair=False) == 0 and writer.relocated  # every row is in the copy: nothing lost
+    writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(6))))
+    writer.finish()
+    assert shard_files(path) == [copy] and stored(path) == {f"c{n % 2}/{n}.png": n for n in range(6)}
 
 
 def test_deleted_rows_are_compacted_away_touching_only_their_shard(tmp_path):
@@ -138,7 +184,7 @@ def test_compaction_cut_off_at_any_step_leaves_a_cache_that_reads_right(tmp_path
     assert stored(path) == expected
     with h5py.File(path, "r") as file:
         listed = set(file["configs/k/shards/path"].asstr()[:])
-    assert {str(shard.relative_to(tmp_path)) for shard in shard_files(path)} == listed  # no stray shard
+    assert {str(shard.relative_to(tmp_path / "c.h5.shards")) for shard in shard_files(path)} == listed  # no stray shard
 
 
 def test_repair_forgets_only_the_rows_of_a_damaged_shard(tmp_path):
