@@ -20,7 +20,7 @@ from extract.errors import CacheError
 from extract.schema import FORMAT, FORMAT_VERSION, read_attrs, read_column, shards_folder
 from extract.shards import ShardInfo, problem, reason, view_key
 
-Location = tuple[str, int]  # (shard path relative to the catalog's folder, row in it)
+Location = tuple[str, int]  # (shard path relative to the shards folder, row in it)
 _OPEN_SHARDS = 64  # shard files a FeatureCache keeps open at once
 
 
@@ -120,12 +120,10 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
     state = ConfigState(attrs=read_attrs(group))
     version = int(file.attrs["format_version"])
     if version >= 2:
-        table = group["shards"]
-        for path, rows, size, uuid in zip(table["path"].asstr()[:], table["rows"][:], table["bytes"][:], table["uuid"][:]):
-            state.shards[path] = ShardInfo(path, int(rows), int(size), uuid.decode())
+        state.shards = shard_table(group)
     shards = list(state.shards)
     columns = [read_column(group, name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")]
-    for number, (path, sha256, label, split, size, mtime_ns) in enumerate(zip(*columns)):
+    for path, sha256, label, split, size, mtime_ns in zip(*columns):
         state.rows[path] = Row(sha256.decode(), label, split, int(size), int(mtime_ns))
     state.located.update(_locations(group, columns[1], shards, v1_shard(fingerprint)))
     failures = group["failures"]
@@ -136,6 +134,15 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
         keys = [view_key(sha256, name, view) for sha256, view in zip(hashes, views)]
         state.located.update(_locations(table, keys, shards, v1_shard(fingerprint, name)))
     return state
+
+
+def shard_table(group) -> dict[str, ShardInfo]:
+    """A format-2 group's `shards/` table, by path, in stored order."""
+    table = group["shards"]
+    return {
+        path: ShardInfo(path, int(rows), int(size), uuid.decode())
+        for path, rows, size, uuid in zip(table["path"].asstr()[:], table["rows"][:], table["bytes"][:], table["uuid"][:])
+    }
 
 
 def _locations(group, keys, shards: list[str], v1_path: str) -> dict[str, Location]:
@@ -318,9 +325,8 @@ class FeatureCache:
     def _check_shards(self) -> None:
         if self._v1:
             return
-        table = self._group["shards"]
-        for path, rows, size, uuid in zip(self._shards, table["rows"][:], table["bytes"][:], table["uuid"][:]):
-            why = problem(shards_folder(self.path), ShardInfo(path, int(rows), int(size), uuid.decode()))
+        for path, shard in shard_table(self._group).items():
+            why = problem(shards_folder(self.path), shard)
             if why:
                 raise CacheError(damage_message(self.path, path, why, int(np.sum(self._group["shard"][:] == self._shards.index(path)))))
             self._shard(path)  # kept open: a later compaction may replace it

@@ -19,13 +19,12 @@ import h5py
 import numpy as np
 
 from extract.catalog import ConfigState, load_state, open_cache, v1_shard
-from extract.schema import shards_folder
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
-    COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_FORMAT, SHARD_KEYS, SHARD_TABLE, TEXT, VIEW_COLUMNS,
-    now, write_attrs, write_column,
+    COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, shards_folder,
+    write_attrs, write_column,
 )
-from extract.shards import ShardInfo, advice, reason, split_key, sync, view_key
+from extract.shards import ShardInfo, advice, reason, sync, view_key, write_keys
 
 
 class WriterLock:
@@ -203,11 +202,8 @@ def _copy_v1(table, target: Path, base: Path, fingerprint: str, keys: list[str])
     temporary = target.with_name(target.name + ".tmp")
     with h5py.File(temporary, "w") as shard:
         table.file.copy(table["features"], shard, name="features")
-        parts = [split_key(key) for key in keys]
-        for position, (column, column_type) in enumerate(SHARD_KEYS.items()):
-            shard.create_dataset(column, data=np.array([part[position] for part in parts], dtype=column_type))
         identity = uuid.uuid4().hex
-        shard.attrs.update(format=SHARD_FORMAT, fingerprint=fingerprint, uuid=identity, rows=len(keys), created=now())
+        write_keys(shard, fingerprint, keys, identity)
     sync(temporary)
     os.replace(temporary, target)
     return ShardInfo(os.path.relpath(target, base), len(keys), target.stat().st_size, identity)

@@ -198,7 +198,7 @@ class _Run:
         failures = sorted(self.scan.failures + engine.failures)
         read = {path: sha256 for path, sha256 in engine.read.items() if self.writer.knows(sha256)}
         rows = catalog_rows(self.scan.images, self.cached, read, {path for path, _ in failures})
-        views = {name: table for name, table in self.stored.views.items()}
+        views = dict(self.stored.views)
         in_use = None
         if self.views_per_image:
             in_use = self.augmentation.fingerprint

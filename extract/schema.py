@@ -10,7 +10,7 @@ A cache is a small HDF5 **catalog** (`features.h5`) and a folder of immutable HD
                  path, sha256, label, split, size, mtime_ns     (N,)  one row per image
                  shard        (N,) int32   the row's shard, a position in shards/
                  shard_row    (N,) int64   the row's features in that shard
-                 shards/path  (S,) utf-8   a shard file, relative to the catalog's folder
+                 shards/path  (S,) utf-8   a shard file, relative to the shards folder
                  shards/rows, shards/bytes (S,) int64, shards/uuid (S,) S32   what it must be
                  class_names  (C,) utf-8
                  failures/path, failures/reason   files that could not be used, and why

@@ -35,7 +35,7 @@ from extract.schema import COMPRESSION_LEVEL, SHARD_FORMAT, SHARD_KEYS, feature_
 @dataclass(frozen=True)
 class ShardInfo:
     """What the catalog records of a shard, to know it again: its path relative to the
-    catalog's folder, its row count, its size in bytes and the uuid written inside it."""
+    shards folder (`<fingerprint>/<uuid>.h5`), its row count, its size in bytes and the uuid written inside it."""
 
     path: str
     rows: int
@@ -58,7 +58,7 @@ def split_key(key: str) -> tuple[str, int, str]:
 def write_shard(folder: Path, base: Path, fingerprint: str, keys: list[str],
                 rows: Callable[[int, int], np.ndarray], feature_shape, dtype) -> ShardInfo:
     """Write one shard of `keys` and their features (`rows(a, b)` gives rows a..b) into
-    `folder`; its path is recorded relative to `base`, the catalog's folder."""
+    `folder`; its path is recorded relative to `base`, the shards folder."""
     name = uuid.uuid4().hex
     path = folder / f"{name}.h5"
     temporary = folder / f"{name}.h5.tmp"
@@ -67,11 +67,7 @@ def write_shard(folder: Path, base: Path, fingerprint: str, keys: list[str],
         # No chunk cache: each chunk goes to disk as it is written, so a full disk fails
         # there, as an exception, not later inside HDF5's close.
         with h5py.File(temporary, "w", rdcc_nbytes=0) as file:
-            file.attrs.update(format=SHARD_FORMAT, fingerprint=fingerprint, uuid=name, rows=len(keys), created=now())
-            parts = [split_key(key) for key in keys]
-            for position, (column, column_type) in enumerate(SHARD_KEYS.items()):
-                file.create_dataset(column, data=np.array([part[position] for part in parts], dtype=column_type),
-                                    dtype=column_type)
+            write_keys(file, fingerprint, keys, name)
             chunk = min(max(1, len(keys)), feature_chunk_rows(feature_shape, dtype))
             features = file.create_dataset(
                 "features", shape=(len(keys), *feature_shape), dtype=dtype, chunks=(chunk, *feature_shape),
@@ -88,6 +84,14 @@ def write_shard(folder: Path, base: Path, fingerprint: str, keys: list[str],
             f"{advice(error)}."
         ) from error
     return ShardInfo(os.path.relpath(path, base), len(keys), path.stat().st_size, name)
+
+
+def write_keys(file: h5py.File, fingerprint: str, keys: list[str], identity: str) -> None:
+    """A shard's key columns and attributes (everything but `features`)."""
+    file.attrs.update(format=SHARD_FORMAT, fingerprint=fingerprint, uuid=identity, rows=len(keys), created=now())
+    parts = [split_key(key) for key in keys]
+    for position, (column, column_type) in enumerate(SHARD_KEYS.items()):
+        file.create_dataset(column, data=np.array([part[position] for part in parts], dtype=column_type), dtype=column_type)
 
 
 def read_keys(path: Path, fingerprint: str) -> tuple[list[str], str]:
