@@ -12,8 +12,11 @@ each time, wall time) after each of these changes, `--repeat` times:
   edit       one image rewritten with other content
 Reports the median seconds of each, the cache's size on disk (the catalog and, where there
 are any, its shards), and the ratio of the largest count's medians to the smallest's.
-Also: `add 100`, a checkpoint of 100 new images, timed the same way; and, where the
-summary has it, the median time each run spent writing (`save_seconds`).
+Also: `add 100`, a checkpoint of 100 new images, timed the same way; where the summary
+has it, the median time each run spent writing (`save_seconds`); and what a checkpoint
+costs inside a run (`checkpoint`): on a copy of each cache, the median seconds of
+`Writer.flush()` (pending batches -> one new shard) for 32, 128 and 512 new rows, and of
+`Writer.commit()` with nothing new (the catalog alone).
 """
 
 import argparse
@@ -26,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -89,10 +93,42 @@ def measure(count: int, input_size: int, repeat: int, scratch: Path) -> dict:
     shutil.rmtree(new)
     run(arguments)
     result["cache_mb_after"] = disk_mb(cache)
+    result["checkpoint"] = checkpoints(cache, scratch / f"copy{count}.h5", repeat)
     if SAVES:
         result["save_seconds"] = {name: round(statistics.median(values), 3) for name, values in SAVES.items()}
         SAVES.clear()
     return result
+
+
+def checkpoints(cache: Path, copy: Path, repeat: int) -> dict:
+    """Median seconds of a checkpoint's shard (flush) by rows added, and of a catalog commit."""
+    from extract.catalog import open_cache
+    from extract.writer import Writer
+
+    shutil.copy(cache, copy)
+    shutil.copytree(f"{cache}.shards", f"{copy}.shards")
+    with open_cache(copy) as file:
+        fingerprint = file.attrs["last_config"]
+    writer = Writer(copy, fingerprint)
+    shape = tuple(writer.state.attrs["feature_shape"])
+    rng = np.random.default_rng(0)
+    flush: dict[int, list[float]] = {}
+    for round_ in range(repeat):
+        for rows in (32, 128, 512):
+            keys = [f"{round_:08d}{rows:08d}{row:048d}" for row in range(rows)]
+            writer.append(keys, rng.random((rows, *shape), dtype=np.float32) * (rng.random((rows, *shape)) < 0.3))
+            started = time.perf_counter()
+            writer.flush()
+            flush.setdefault(rows, []).append(time.perf_counter() - started)
+    commits = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        writer.commit(writer.state)
+        commits.append(time.perf_counter() - started)
+    shutil.rmtree(f"{copy}.shards")
+    copy.unlink()
+    return {"flush_seconds": {rows: round(statistics.median(times), 4) for rows, times in flush.items()},
+            "catalog_commit_seconds": round(statistics.median(commits), 4)}
 
 
 def main() -> None:
@@ -108,6 +144,8 @@ def main() -> None:
         shutil.rmtree(scratch)
     small, large = results[0], results[-1]
     ratios = {name: round(large[name] / small[name], 2) for name in ("unchanged", "delete", "add", "edit", "add_100")}
+    ratios["catalog_commit"] = round(large["checkpoint"]["catalog_commit_seconds"] / small["checkpoint"]["catalog_commit_seconds"], 2)
+    ratios["flush_512"] = round(large["checkpoint"]["flush_seconds"][512] / small["checkpoint"]["flush_seconds"][512], 2)
     print(json.dumps({"input_size": args.input_size, "results": results, "largest_over_smallest": ratios}, indent=2))
 
 

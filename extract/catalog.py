@@ -122,18 +122,24 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
     if version >= 2:
         state.shards = shard_table(group)
     shards = list(state.shards)
-    columns = [read_column(group, name) for name in ("path", "sha256", "label", "split", "size", "mtime_ns")]
-    for path, sha256, label, split, size, mtime_ns in zip(*columns):
-        state.rows[path] = Row(sha256.decode(), label, split, int(size), int(mtime_ns))
-    state.located.update(_locations(group, columns[1], shards, v1_shard(fingerprint)))
+    paths, hashes, labels, splits, sizes, times = (
+        read_column(group, name).tolist() for name in ("path", "sha256", "label", "split", "size", "mtime_ns"))
+    hashes = _text(hashes)
+    state.rows = dict(zip(paths, map(Row, hashes, labels, splits, sizes, times)))
+    state.located.update(_locations(group, hashes, shards, v1_shard(fingerprint)))
     failures = group["failures"]
     state.failures = sorted(zip(failures["path"].asstr()[:], failures["reason"].asstr()[:]))
     for name, table in group.get("views", {}).items():
-        hashes, views = [sha256.decode() for sha256 in table["sha256"][:]], table["view"][:].tolist()
+        hashes, views = _text(table["sha256"][:].tolist()), table["view"][:].tolist()
         state.views[name] = ViewTable(read_attrs(table), list(zip(hashes, views)))
         keys = [view_key(sha256, name, view) for sha256, view in zip(hashes, views)]
         state.located.update(_locations(table, keys, shards, v1_shard(fingerprint, name)))
     return state
+
+
+def _text(values: list[bytes]) -> list[str]:
+    """ASCII bytes (a fixed-size string column) as str."""
+    return [value.decode() for value in values]
 
 
 def shard_table(group) -> dict[str, ShardInfo]:
@@ -145,11 +151,10 @@ def shard_table(group) -> dict[str, ShardInfo]:
     }
 
 
-def _locations(group, keys, shards: list[str], v1_path: str) -> dict[str, Location]:
-    keys = [key.decode() if isinstance(key, bytes) else key for key in keys]
+def _locations(group, keys: list[str], shards: list[str], v1_path: str) -> dict[str, Location]:
     if "shard" not in group:  # format version 1: row i of the group's own features
         return {key: (v1_path, row) for row, key in enumerate(keys)}
-    return {key: (shards[shard], int(row)) for key, shard, row in zip(keys, group["shard"][:], group["shard_row"][:])}
+    return dict(zip(keys, zip(map(shards.__getitem__, group["shard"][:].tolist()), group["shard_row"][:].tolist())))
 
 
 def damaged_shards(catalog: Path, state: ConfigState) -> list[tuple[ShardInfo, str]]:

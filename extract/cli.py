@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=PRECISIONS, default="float32", help="compute precision of the network (default float32)")
     add("--dtype", choices=DTYPES, default="float32", help="storage type of the features (float16 halves the cache)")
     add("--save-every", type=float, default=60.0, metavar="SECONDS",
-        help="while running, also commit the cache every SECONDS (default 60; each batch is on disk at once)")
+        help="while running, write the finished batches as a shard every SECONDS (default 60; each batch is on disk at once)")
     add("--rebuild", action="store_true", help="move the existing cache aside (kept as *.replaced-TIME/) and start anew")
     add("--repair", action="store_true",
         help="read every shard whole; forget the rows of damaged ones and compute only those again")

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.catalog import ConfigState, load_state, open_cache, v1_shard
+from extract.catalog import ConfigState, Row, load_state, open_cache, v1_shard
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
     COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, shards_folder,
@@ -103,16 +103,13 @@ def _write_config(group, state: ConfigState, folder: str) -> None:
     used = referenced(state)
     shards = [info for path, info in state.shards.items() if path in used]
     number = {info.path: position for position, info in enumerate(shards)}
-
-    def where(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        located = [state.located[key] for key in keys]
-        return (np.array([number[path] for path, _ in located], dtype=np.int32),
-                np.array([row for _, row in located], dtype=np.int64))
-
-    paths = sorted(state.rows, key=lambda path: _order(state, number, state.rows[path].sha256))
-    rows = [state.rows[path] for path in paths]
-    columns = {"path": paths, **{name: [getattr(row, name) for row in rows] for name in list(COLUMNS)[1:]}}
-    _write_table(group, columns, COLUMNS, where([row.sha256 for row in rows]), shards, folder, shape, dtype)
+    paths = list(state.rows)
+    rows = list(state.rows.values())
+    hashes = [row.sha256 for row in rows]
+    order, location = _on_disk_order(state, number, hashes)
+    fields = list(zip(*rows)) or [()] * len(Row._fields)  # sha256, label, split, size, mtime_ns: COLUMNS after path
+    columns = dict(zip(COLUMNS, ([paths[i] for i in order], *([column[i] for i in order] for column in fields))))
+    _write_table(group, columns, COLUMNS, location, shards, folder, shape, dtype)
     write_column(group, "class_names", sorted({row.label for row in rows} - {""}), TEXT)
     failures = group.create_group("failures")
     write_column(failures, "path", [path for path, _ in state.failures], TEXT)
@@ -121,19 +118,23 @@ def _write_config(group, state: ConfigState, folder: str) -> None:
     for name, column_type in SHARD_TABLE.items():
         write_column(table, name, [getattr(info, name) for info in shards], column_type)
     for name, views in state.views.items():
-        keys = sorted(views.keys, key=lambda key: _order(state, number, view_key(key[0], name, key[1])))
+        order, location = _on_disk_order(state, number, [view_key(sha256, name, view) for sha256, view in views.keys])
+        keys = [views.keys[i] for i in order]
         table = group.create_group(f"views/{name}")
         columns = {"sha256": [sha256 for sha256, _ in keys], "view": [view for _, view in keys]}
-        _write_table(table, columns, VIEW_COLUMNS, where([view_key(sha256, name, view) for sha256, view in keys]),
-                     shards, folder, shape, dtype)
+        _write_table(table, columns, VIEW_COLUMNS, location, shards, folder, shape, dtype)
         write_attrs(table, views.attrs)
     write_attrs(group, state.attrs)
 
 
-def _order(state: ConfigState, number: dict, key: str) -> tuple[int, int]:
-    """Rows are stored in the order of their features on disk: few virtual mappings."""
-    path, row = state.located[key]
-    return number[path], row
+def _on_disk_order(state: ConfigState, number: dict, keys: list[str]) -> tuple[np.ndarray, tuple]:
+    """Rows are stored in the order of their features on disk (few virtual mappings): the
+    order of `keys`, and (shard number, row in it) of each in that order."""
+    located = [state.located[key] for key in keys]
+    shard = np.array([number[path] for path, _ in located], dtype=np.int32)
+    shard_row = np.array([row for _, row in located], dtype=np.int64)
+    order = np.lexsort((shard_row, shard))
+    return order, (shard[order], shard_row[order])
 
 
 def _write_table(group, columns: dict, types: dict, location, shards: list[ShardInfo], folder: str, shape, dtype) -> None:
@@ -147,21 +148,27 @@ def _write_table(group, columns: dict, types: dict, location, shards: list[Shard
 def _write_virtual(group, shard: np.ndarray, shard_row: np.ndarray, shards: list[ShardInfo], folder: str, shape, dtype) -> None:
     """`features`: one virtual dataset of the rows' features, a mapping per run of rows
     that lie one after another in one shard. Source paths are relative to the catalog's
-    folder (`folder`/`shard path`), so catalog and shards read from anywhere together."""
+    folder (`folder`/`shard path`), so catalog and shards read from anywhere together.
+    Mappings are set through h5py's low-level calls (`VirtualSource[...]` copies the
+    source for each one: ten times slower, and a cache may need many)."""
     count = len(shard_row)
     if not count:
         group.create_dataset("features", shape=(0, *shape), dtype=dtype)
         return
     layout = h5py.VirtualLayout(shape=(count, *shape), dtype=dtype)
     breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(shard_row) != 1)) + 1
-    sources = {}
-    for start, stop in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [count]])):
-        info = shards[shard[start]]
-        if info.path not in sources:  # "%" would start a printf-style pattern in HDF5's source names
-            source = f"{folder}/{info.path}".replace("%", "%%")
-            sources[info.path] = h5py.VirtualSource(source, "features", shape=(info.rows, *shape), dtype=dtype)
-        first = int(shard_row[start])
-        layout[int(start):int(stop)] = sources[info.path][first : first + int(stop - start)]
+    rest = (0,) * len(shape)
+    target = h5py.h5s.create_simple((count, *shape))
+    sources = {}  # shard number -> (its file name, relative to the catalog, and its dataspace)
+    for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), count]):
+        number = int(shard[start])
+        if number not in sources:  # "%" would start a printf-style pattern in HDF5's source names
+            info = shards[number]
+            sources[number] = (f"{folder}/{info.path}".replace("%", "%%").encode(), h5py.h5s.create_simple((info.rows, *shape)))
+        name, space = sources[number]
+        target.select_hyperslab((start, *rest), (stop - start, *shape))
+        space.select_hyperslab((int(shard_row[start]), *rest), (stop - start, *shape))
+        layout.dcpl.set_virtual(target, name, b"features", space)
     group.create_virtual_dataset("features", layout, fillvalue=np.nan)
 
 

@@ -4,7 +4,8 @@ Images are read, hashed, decoded and resized on a pool of threads (`reader.load_
 in order, while the network computes. An image whose content is already stored is taken
 as it is; new content (and each missing view) waits for a full batch, goes through VGG16,
 and the batch is written at once to the writer's pending batches. Every `save_every`
-seconds, or when the pending batches reach a shard's size, `checkpoint()` commits.
+seconds, or when the pending batches reach a shard's size, `checkpoint()` writes them as a
+shard (and sometimes commits the catalog: see runner._Run.checkpoint).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Engine:
             self._backbone = Backbone(self.config)
             self.device = self._backbone.device
             if not self.writer.path.exists():
-                self.checkpoint()  # from now on there is a cache that opens, whatever happens
+                self.checkpoint()  # the first commits the catalog: from now on there is a cache that opens
         keys = list(self._waiting)
         features = self._backbone(np.stack([self._waiting[key] for key in keys]))
         for key in keys:  # before the batch is stored: a commit takes only what is (see _Run.state)

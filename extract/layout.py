@@ -16,6 +16,7 @@ symbolic links are followed (a link back to a parent folder is reported, not loo
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,45 +139,52 @@ def _place(parts: list[str], layout: str, validation_percent: float):
     return parts[1], SPLIT_FOLDERS[parts[0]]
 
 
-def walk(root: Path):
-    """Yield (relative path, stat, error) for every visible file below `root`, in sorted
-    order, following symbolic links but never into a folder that contains itself.
-    A folder that cannot be entered is yielded with a trailing "/" and its error."""
+def walk(root: Path) -> list[tuple[str, os.stat_result | None, str | None]]:
+    """(relative path, stat, error) for every visible file below `root`, in sorted order,
+    following symbolic links but never into a folder that contains itself. A folder that
+    cannot be entered comes with a trailing "/" and its error. (One list, not nested
+    generators: it runs for every file of every run.)"""
+    found = []
 
-    def visit(directory: str, prefix: str, ancestors: frozenset):
+    def visit(directory: str, prefix: str, ancestors: frozenset) -> None:
         try:
             with os.scandir(directory) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
+                entries = sorted(listing, key=_name)
         except OSError as error:
-            yield prefix or "./", None, f"cannot list folder: {error.strerror}"
+            found.append((prefix or "./", None, f"cannot list folder: {error.strerror}"))
             return
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name[0] == ".":
                 continue
-            path = prefix + entry.name
-            if not _is_utf8(path):
-                yield path.encode("utf-8", "replace").decode(), None, "file name is not valid UTF-8"
+            path = prefix + name
+            if not (name.isascii() or _is_utf8(name)):
+                found.append((path.encode("utf-8", "replace").decode(), None, "file name is not valid UTF-8"))
                 continue
             if _is_visible_dir(entry):
                 key = _identity(entry.path)
                 if key in ancestors:
-                    yield path + "/", None, "symbolic link loop: the folder contains itself"
-                    continue
-                yield from visit(entry.path, path + "/", ancestors | {key})
+                    found.append((path + "/", None, "symbolic link loop: the folder contains itself"))
+                else:
+                    visit(entry.path, path + "/", ancestors | {key})
                 continue
             try:
-                yield path, entry.stat(), None
+                found.append((path, entry.stat(), None))
             except OSError as error:
                 reason = "broken symbolic link" if entry.is_symlink() else error.strerror
-                yield path, None, f"cannot read file: {reason}"
+                found.append((path, None, f"cannot read file: {reason}"))
 
-    yield from visit(str(root), "", frozenset({_identity(root)}))
+    visit(str(root), "", frozenset({_identity(root)}))
+    return found
 
 
 def _extension(name: str) -> str:
     """".jpg" of "a.JPG" (os.path.splitext's answer, faster: it runs for every file)."""
     dot = name.rfind(".")
     return name[dot:].lower() if dot > 0 else ""
+
+
+_name = operator.attrgetter("name")
 
 
 def _is_visible_dir(entry: os.DirEntry) -> bool:

@@ -29,6 +29,7 @@ from extract.writer import Writer
 DEFAULT_CACHE = "cache/features.h5"
 VERSIONED = ("keras", "tensorflow", "h5py", "pillow", "numpy")  # recorded with every configuration
 COMPACTIONS = ("auto", "full", "never")
+CATALOG_SHARE = 0.05  # at most this share of a run's time goes to catalog commits at its checkpoints
 
 
 @dataclass
@@ -95,8 +96,10 @@ def extract_features(
 ) -> ExtractSummary:
     """Run every new or changed image of `data_dir` once through the frozen VGG16 base and
     cache its features in the HDF5 cache `cache`. The keyword arguments mirror the
-    `extract-features` options. The cache is committed every `save_every` seconds and at
-    the end; Ctrl-C commits every finished batch, then re-raises KeyboardInterrupt.
+    `extract-features` options. Every `save_every` seconds the finished batches become a
+    shard (a checkpoint; the catalog is committed with it while that takes under
+    `CATALOG_SHARE` of the run); the end commits all; Ctrl-C commits every finished batch,
+    then re-raises KeyboardInterrupt.
 
     `augment=K` also caches K augmented views of every training image, made as
     `augmentation` says (default: the seed's transforms, seeded by `seed`); `augment=None`
@@ -122,7 +125,7 @@ def extract_features(
     with WriterLock(cache):
         _clean_leftovers(cache, rebuild)
         run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair)
-        engine = Engine(config, run.writer, run.cached_sha256, run.commit, save_every, batch_size)
+        engine = Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size)
         run.engine = engine
         try:
             engine.run(scan.root, run.reading, run.view_request(), run.view_key,
@@ -159,6 +162,7 @@ class _Run:
         self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
         self.engine: Engine | None = None
+        self.committed_at = time.monotonic()  # when the catalog was last committed (or the run began)
         self.reading = to_read(scan.images, self.cached, self.missing_views)
 
     def _choose_views(self, augment: int | None, augmentation: Augmentation) -> tuple[Augmentation, int]:
@@ -228,12 +232,26 @@ class _Run:
         return ConfigState(attrs=attrs, rows=rows, failures=failures, views=views)
 
     def commit(self, state: ConfigState | None = None) -> None:
-        """Store the run as it is now (`state()`, unless given): a checkpoint (atomic; see
-        writer.Writer.commit)."""
+        """Store the run as it is now (`state()`, unless given): pending batches become a
+        shard, then the catalog is replaced (atomic; see writer.Writer.commit)."""
         started = time.perf_counter()
         state = state or self.state()
         state.attrs["updated"] = now()
         self.writer.commit(state)
+        self.committed_at = time.monotonic()
+        self.summary.save_seconds += time.perf_counter() - started
+
+    def checkpoint(self) -> None:
+        """During the run: the finished batches become a shard, at a cost in proportion to
+        their rows. The catalog, whose cost grows with the cache, is committed too only
+        while that keeps its writing under `CATALOG_SHARE` of the time between commits
+        (and always while there is none: from then on there is a cache that opens)."""
+        writer = self.writer
+        if not writer.path.exists() or time.monotonic() - self.committed_at >= writer.catalog_seconds / CATALOG_SHARE:
+            self.commit()
+            return
+        started = time.perf_counter()
+        writer.flush()
         self.summary.save_seconds += time.perf_counter() - started
 
     def finish(self, compact: str) -> None:

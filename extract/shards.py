@@ -196,7 +196,7 @@ class Pending:
         return self._loaded[1][row]
 
     def clear(self) -> None:
-        """Forget every batch: call once they are all in a committed shard."""
+        """Forget every batch: call once they are all in a shard on disk."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.index.clear()
         self._loaded = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import h5py
@@ -44,6 +45,7 @@ class Writer:
         self.changed = False  # whether this writer committed, or found what an interrupted run left
         self.relocated = False  # whether where features are differs from what the catalog says
         self.discard: list[str] = []  # damaged shards, deleted after the commit that drops them
+        self.catalog_seconds = 0.0  # what the last catalog write took
         if path.exists():
             with open_cache(path) as file:  # refuses a damaged or foreign file before any work is done
                 self.version = int(file.attrs["format_version"])
@@ -109,12 +111,20 @@ class Writer:
                 self.state.shards.update(load_state(file, self.fingerprint).shards)
         self.state.attrs, self.state.rows, self.state.failures, self.state.views = (
             state.attrs, state.rows, state.failures, state.views)
+        self.flush()
+        started = time.perf_counter()
+        write_catalog(self.path, {self.fingerprint: self.state}, self.fingerprint)
+        self.catalog_seconds = time.perf_counter() - started
+        self.last_config, self.changed, self.relocated = self.fingerprint, True, False
+
+    def flush(self) -> None:
+        """Write the pending batches as one new shard (a checkpoint between commits: the
+        catalog does not point at it yet, and after a kill the next writer adopts it)."""
         self.pending.open()  # a batch a Ctrl-C cut off after it reached the disk is in it too
         new = [key for key in self.pending.index if key not in self.state.located]
         if new:
             self._write_shard(new, lambda a, b: np.stack([self.pending.features(key) for key in new[a:b]]))
-        write_catalog(self.path, {self.fingerprint: self.state}, self.fingerprint)
-        self.last_config, self.changed, self.relocated = self.fingerprint, True, False
+            self.changed = True
         self.pending.clear()
         self.pending_bytes = 0
 
@@ -236,8 +246,9 @@ def _stale_links(group, folder: str) -> bool:
     `folder` (the catalog and its folder were renamed, or copied): the next commit re-points them."""
     if group is None or not group["features"].is_virtual:
         return False
-    sources = group["features"].virtual_sources()
-    return bool(sources) and not sources[0].file_name.replace("%%", "%").startswith(f"{folder}/")
+    mappings = group["features"].id.get_create_plist()  # the first mapping tells: all name one folder
+    return bool(mappings.get_virtual_count()) and not (
+        mappings.get_virtual_filename(0).replace("%%", "%").startswith(f"{folder}/"))
 
 
 def _unreadable(path: Path) -> str | None:

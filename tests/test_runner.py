@@ -1,6 +1,7 @@
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import keras
@@ -342,6 +343,24 @@ def test_checkpoints_leave_small_shards_that_compaction_merges(extract, dataset,
     assert again.compacted == 6 and again.computed == 0 and len(list(shards.glob("*.h5"))) == 1
     for path, feature in cached_features(again.cache).items():
         np.testing.assert_array_equal(feature, before[path])
+
+
+@pytest.mark.parametrize("share, commits", [(1e-9, 2), (1e9, 7)])
+def test_a_checkpoint_writes_a_shard_and_the_catalog_only_within_its_share(extract, dataset, monkeypatch, share, commits):
+    """Every checkpoint writes its batches as a shard; the catalog (whose cost grows with
+    the cache) is committed at a checkpoint only while its writing stays under
+    CATALOG_SHARE of the run's time: with no share, only the first (there was no cache)
+    and the end; with all the time, every checkpoint and the end."""
+    import extract.runner as runner_module
+    from extract import writer as writer_module
+
+    monkeypatch.setattr(runner_module, "CATALOG_SHARE", share)
+    written = []
+    monkeypatch.setattr(writer_module, "write_catalog", lambda *a, real=writer_module.write_catalog: written.append(a) or real(*a))
+    summary = extract(dataset, batch_size=1, save_every=0, compact="never")
+    shards = list((Path(f"{summary.cache}.shards") / summary.fingerprint).glob("*.h5"))
+    assert len(written) == commits and len(shards) == 6 and summary.computed == 6
+    assert len(cached_features(summary.cache)) == 6
 
 
 def test_a_failed_compaction_leaves_the_run_saved(extract, dataset, monkeypatch):

@@ -53,7 +53,7 @@ def test_a_shard_no_catalog_points_at_is_adopted(tmp_path, monkeypatch):
         writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(10))))
     monkeypatch.undo()
     assert len(stored(path)) == 4 and len(shard_files(path)) == 2  # the catalog as before, the new shard beside it
-    Path(f"{path}.shards/k/pending").rename(tmp_path / "lost")  # only the shard is left to find them in
+    assert not list(Path(f"{path}.shards/k").glob("pending/*"))  # the batches are in the shard now: only it is left
     again = Writer(path, "k")
     assert all(again.knows(sha(n)) for n in range(10))
     again.commit(ConfigState(attrs=attrs(), rows=rows_of(range(10))))
