@@ -9,6 +9,7 @@ A catalog of format version 1 (features inside it, no shards) is read as it is.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -81,11 +82,18 @@ def open_cache(path) -> h5py.File:
             f"with --rebuild to move it aside and start a new one."
         ) from error
     found, version = file.attrs.get("format"), file.attrs.get("format_version")
-    if found != FORMAT or "configs" not in file or not isinstance(version, (int, np.integer)):
+    if found != FORMAT:
         file.close()
         raise CacheError(
             f"{str(path)!r} is an HDF5 file but not a feature cache (format {found!r}); "
             f"pass the cache extract-features wrote, or --rebuild to move this file aside."
+        )
+    if not isinstance(version, (int, np.integer)) or not isinstance(file.get("configs"), h5py.Group):
+        file.close()
+        missing = "its format_version" if not isinstance(version, (int, np.integer)) else "its configs group"
+        raise CacheError(
+            f"{str(path)!r} is named a feature cache but lacks {missing}: damaged, or not written by "
+            f"extract-features; run extract-features with --rebuild to move it aside and start a new one."
         )
     if version > FORMAT_VERSION:
         file.close()
@@ -183,7 +191,7 @@ class FeatureCache:
     """
 
     def __init__(self, path="cache/features.h5", config: str | None = None):
-        self.path = Path(path)
+        self.path = Path(os.path.realpath(path))  # through a link, the shards are beside the real file
         self._file = open_cache(self.path)
         self._open: dict[str, h5py.File] = {}
         self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (shard, shard_row) of its rows

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         )
         return 130
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps(summary.to_dict(), indent=2))  # verbatim: JSON escapes control characters itself
     elif not args.quiet:
         print(format_summary(summary))
     if summary.failed and not summary.rows:
@@ -145,8 +145,8 @@ def format_summary(summary: ExtractSummary) -> str:
     if summary.computed:
         computed += f" on {summary.device} at {summary.images_per_second} images/s"
     lines = [
-        f"Data:   {summary.data_dir} (layout: {summary.layout})",
-        f"Cache:  {summary.cache} [configuration {summary.fingerprint}, features {shape}]",
+        f"Data:   {printable(summary.data_dir)} (layout: {summary.layout})",
+        f"Cache:  {printable(summary.cache)} [configuration {summary.fingerprint}, features {shape}]",
         f"Images: {summary.rows} cached ({splits or 'none'}); {len(summary.class_names)} classes",
         f"Run:    {summary.new} new, {summary.changed} changed, {summary.unchanged} unchanged, "
         f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped; "
@@ -170,14 +170,22 @@ def format_summary(summary: ExtractSummary) -> str:
     if summary.compaction_error:
         lines.append(f"Note:   the run is saved, but compaction could not run: {summary.compaction_error}")
     for path, reason in summary.failures[:SHOWN_FAILURES]:
-        lines.append(f"  failed: {path}: {reason}")
+        lines.append(f"  failed: {printable(path)}: {printable(reason)}")
     if summary.failed > SHOWN_FAILURES:
         lines.append(f"  ... and {summary.failed - SHOWN_FAILURES} more (--json lists all)")
     return "\n".join(lines)
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control characters (an escape sequence, a
+    newline) and bytes that are not UTF-8 (surrogate escapes) written as Python escapes."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 def _fail(error, status: int) -> int:
-    print(f"extract-features: error: {error}", file=sys.stderr)
+    print(f"extract-features: error: {printable(str(error))}", file=sys.stderr)
     return status
 
 
@@ -185,7 +193,14 @@ def run() -> None:
     """Console-script entry point. SIGTERM (a batch scheduler's stop) is handled like Ctrl-C."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     signal.signal(signal.SIGTERM, _interrupt)
-    sys.exit(main())
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): the cache is saved, say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's docs: so that the flush at exit fails no more
+        status = 1
+    sys.exit(status)
 
 
 def _interrupt(signum, frame):

@@ -10,8 +10,10 @@ whose features are not complete on disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -38,12 +40,22 @@ class WriterLock:
     def __enter__(self) -> "WriterLock":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(self.path, "a+")
+            # Without blocking (a FIFO put there would block the open forever) and without
+            # following a link (the process id is written into it: never into another file).
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise CacheError(
+                    f"The lock file {str(self.path)!r} is a symbolic link; remove it (it is remade) and run again."
+                ) from error
             raise CacheError(
                 f"Cannot write the cache folder {str(self.path.parent)!r} ({error.strerror}); "
                 f"choose a writable place with --cache PATH."
             ) from error
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise CacheError(f"The lock file {str(self.path)!r} is not a regular file; remove it (it is remade) and run again.")
+        file = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -19,6 +19,9 @@ DECODES = ("exact", "draft")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DTYPES = ("float32", "float16")
 MIN_INPUT_SIZE = 32
+# 1024 px is 21x the pixels of VGG16's 224: one image's first-layer activations take 268 MB,
+# a batch of 32 about 8.6 GB. Larger sides only exhaust memory (100000 px would need 2.5 TB).
+MAX_INPUT_SIZE = 1024
 FEATURE_CHANNELS = 512
 PREPROCESSING = (
     "keras.applications.vgg16.preprocess_input: caffe mode, RGB to BGR, "
@@ -43,11 +46,9 @@ class FeatureConfig:
     decode: str = "exact"  # "draft": JPEGs decoded at reduced size first (see reader.decode)
 
     def validate(self) -> None:
-        if not isinstance(self.input_size, int) or self.input_size < MIN_INPUT_SIZE:
-            raise UsageError(
-                f"Expected --input-size >= {MIN_INPUT_SIZE} (VGG16's minimum without its top); "
-                f"received {self.input_size}."
-            )
+        check_range("--input-size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE,
+                    f"{MIN_INPUT_SIZE} (VGG16's minimum without its top) and {MAX_INPUT_SIZE}")
+        check_range("--seed", self.seed, 0, 2**32 - 1)
         for name, value, allowed in (
             ("--interpolation", self.interpolation, tuple(INTERPOLATIONS)),
             ("--pooling", self.pooling, POOLINGS),
@@ -57,6 +58,8 @@ class FeatureConfig:
         ):
             if value not in allowed:
                 raise UsageError(f"Expected {name} to be one of {', '.join(allowed)}; received {value!r}.")
+        if self.weights not in ("imagenet", "random"):
+            path_text("--weights", self.weights)
         if self.weights not in ("imagenet", "random") and not Path(self.weights).is_file():
             raise UsageError(
                 f"Expected --weights to be imagenet, random or a weights file; "
@@ -99,6 +102,25 @@ class FeatureConfig:
             if facts["weights"] == "file":
                 facts["weights_sha256"] = sha256
         return facts
+
+
+def check_range(name: str, value, low, high, between: str | None = None) -> None:
+    """Refuse a number outside [low, high] (NaN included), saying what was expected."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise UsageError(f"Expected {name} between {between or f'{low} and {high}'}; received {value}.")
+
+
+def path_text(name: str, path) -> str:
+    """A path argument as text the cache can record (UTF-8); refuses one that is not."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"Expected {name} to be a path in UTF-8 (the cache records it as text); received {text!r}. "
+            f"Rename it, or pass a link to it whose name is UTF-8."
+        ) from None
+    return text
 
 
 def fingerprint(identity: dict) -> str:

@@ -83,7 +83,7 @@ class Engine:
         if self._backbone is None:
             self._backbone = Backbone(self.config)
             self.device = self._backbone.device
-            if not self.writer.path.exists():
+            if self.writer.new:
                 self.checkpoint()  # the first commits the catalog: from now on there is a cache that opens
         keys = list(self._waiting)
         features = self._backbone(np.stack([self._waiting[key] for key in keys]))

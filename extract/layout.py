@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from extract.errors import UsageError
 
+MAX_DEPTH = 200  # folders below DATA_DIR; deeper ones are a failure row (and Python's recursion stays bounded)
 LAYOUTS = ("auto", "splits", "classes", "unlabeled")
 SPLITS = ("train", "validation", "test", "unlabeled")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
@@ -141,12 +143,19 @@ def _place(parts: list[str], layout: str, validation_percent: float):
 
 def walk(root: Path) -> list[tuple[str, os.stat_result | None, str | None]]:
     """(relative path, stat, error) for every visible file below `root`, in sorted order,
-    following symbolic links but never into a folder that contains itself. A folder that
-    cannot be entered comes with a trailing "/" and its error. (One list, not nested
-    generators: it runs for every file of every run.)"""
+    following symbolic links. Each real folder is listed once, by the first path that
+    reaches it: a link to a folder already listed (or to one that contains it) comes with
+    a trailing "/" and why it was not entered, as does a folder that cannot be entered or
+    lies deeper than `MAX_DEPTH`. A file that is not a regular one (a FIFO, a device, a
+    socket) comes with its reason: it is never opened. (One list, not nested generators:
+    it runs for every file of every run.)"""
     found = []
+    first: dict[tuple[int, int], str] = {}  # (device, inode) of each folder listed -> its path
 
     def visit(directory: str, prefix: str, ancestors: frozenset) -> None:
+        if prefix.count("/") > MAX_DEPTH:
+            found.append((prefix, None, f"folders nested deeper than {MAX_DEPTH} levels; not listed"))
+            return
         try:
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=_name)
@@ -158,24 +167,49 @@ def walk(root: Path) -> list[tuple[str, os.stat_result | None, str | None]]:
             if name[0] == ".":
                 continue
             path = prefix + name
-            if not (name.isascii() or _is_utf8(name)):
-                found.append((path.encode("utf-8", "replace").decode(), None, "file name is not valid UTF-8"))
+            if not (name.isascii() or _is_utf8(name)):  # the cache stores paths as UTF-8 text
+                if _is_visible_dir(entry):
+                    found.append((_shown(path) + "/", None, "folder name is not valid UTF-8; not listed (rename it)"))
+                else:
+                    found.append((_shown(path), None, "file name is not valid UTF-8 (rename it)"))
                 continue
             if _is_visible_dir(entry):
-                key = _identity(entry.path)
+                try:
+                    key = _identity(entry.path)
+                except OSError as error:
+                    found.append((path + "/", None, f"cannot list folder: {error.strerror}"))
+                    continue
                 if key in ancestors:
                     found.append((path + "/", None, "symbolic link loop: the folder contains itself"))
+                elif key in first:
+                    found.append((path + "/", None, f"the same folder as {first[key]} (reached again through a link); listed once"))
                 else:
+                    first[key] = path + "/"
                     visit(entry.path, path + "/", ancestors | {key})
                 continue
             try:
-                found.append((path, entry.stat(), None))
+                info = entry.stat()
+                found.append((path, info, not_regular(info.st_mode)))
             except OSError as error:
                 reason = "broken symbolic link" if entry.is_symlink() else error.strerror
                 found.append((path, None, f"cannot read file: {reason}"))
 
-    visit(str(root), "", frozenset({_identity(root)}))
+    top = _identity(root)
+    first[top] = "./"
+    visit(str(root), "", frozenset({top}))
     return found
+
+
+def not_regular(mode: int) -> str | None:
+    """Why a file of this `st_mode` is never opened ("not a regular file (a FIFO)"); None
+    for a regular file. A FIFO would block a reader forever, a device never end."""
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 def _extension(name: str) -> str:
@@ -197,6 +231,11 @@ def _is_visible_dir(entry: os.DirEntry) -> bool:
 def _identity(path) -> tuple[int, int]:
     stat = os.stat(path)
     return stat.st_dev, stat.st_ino
+
+
+def _shown(path: str) -> str:
+    """A path with undecodable bytes (surrogate escapes) as UTF-8 text, each such byte as "\\xNN"."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_utf8(text: str) -> bool:

@@ -16,8 +16,10 @@ times faster on large photos, and the pixels differ slightly from `load_img`'s.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extract.augment import Augmentation
-from extract.layout import ImageFile
+from extract.layout import ImageFile, not_regular
 
 # The names keras.utils.load_img accepts, mapped to the same Pillow filters.
 INTERPOLATIONS = {
@@ -41,6 +43,14 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# The most read of one file: 256 MiB holds an uncompressed 8-bit RGB image of 89.5 million
+# pixels, where Pillow starts warning of a decompression bomb (Image.MAX_IMAGE_PIXELS); a
+# camera's JPEG is 5-50 MB. Past it a file is refused by its size, before it is read.
+MAX_FILE_BYTES = 256 * 2**20
+# A file larger than this has its header checked (Pillow's open reads only the header)
+# before it is read whole, so a large file that is no image costs a few bytes, not its size.
+HEADER_CHECK_BYTES = 4 * 2**20
+
 
 
 @dataclass
@@ -62,6 +72,7 @@ class ViewRequest:
 
     augmentation: Augmentation
     missing: Callable[[ImageFile, str], Sequence[int]]
+    per_image: int = 1  # the most views one image can need (bounds what is in flight)
 
 
 def decode(data: bytes, size: int, interpolation: str = "bilinear", draft: bool = False) -> np.ndarray:
@@ -89,9 +100,12 @@ def load(
     """Read, hash and decode one image file, unless its hash is in `known` and it needs
     no views; make the views `views` asks for."""
     try:
-        data = (root / image.path).read_bytes()
+        with open_regular(root / image.path) as file:
+            data, refused = read_image_bytes(file)
     except OSError as error:
         return Loaded(image, error=f"cannot read file: {error.strerror or error}")
+    if refused:
+        return Loaded(image, error=refused)
     sha256 = hashlib.sha256(data).hexdigest()
     missing = views.missing(image, sha256) if views else ()
     if sha256 in known and not missing:
@@ -101,6 +115,48 @@ def load(
     except Exception as error:  # any decoder failure is a failure of this file only
         return Loaded(image, sha256, error=describe_failure(error, data))
     return Loaded(image, sha256, pixels, views={view: views.augmentation.view(pixels, sha256, view) for view in missing})
+
+
+def open_regular(path) -> io.BufferedReader:
+    """Open a file for reading, refusing anything but a regular file with an OSError: a
+    FIFO would block forever, a device never end. Opened without blocking, then checked
+    on the descriptor itself, so a file swapped after the folder was listed is caught too."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ENXIO:  # a socket (or a FIFO with no writer, on some systems)
+            raise OSError(errno.ENXIO, "not a regular file (a socket)") from None
+        raise
+    try:
+        why = not_regular(os.fstat(descriptor).st_mode)
+        if why:
+            raise OSError(errno.EINVAL, why)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_image_bytes(file) -> tuple[bytes, str | None]:
+    """The bytes of an open image file, and None; or b"" and why it was not read whole:
+    over `MAX_FILE_BYTES`, or, when large, a header that is not an image's."""
+    size = os.fstat(file.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        return b"", f"file too large: {size} bytes (at most {MAX_FILE_BYTES} are read for one image)"
+    if size > HEADER_CHECK_BYTES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                Image.open(file)  # reads the header only (not closed: that would close our file)
+        except Exception as error:
+            return b"", describe_failure(error, b"?")
+        file.seek(0)
+    data = file.read(size + 1)  # not read(MAX_FILE_BYTES): that would allocate it for every file
+    if len(data) > size:  # it grew since (or, like /proc's files, it does not know its size)
+        data += file.read(MAX_FILE_BYTES + 1 - len(data))
+    if len(data) > MAX_FILE_BYTES:
+        return b"", f"file too large: over {MAX_FILE_BYTES} bytes (at most {MAX_FILE_BYTES} are read for one image)"
+    return data, None
 
 
 def load_all(
@@ -115,14 +171,17 @@ def load_all(
     draft: bool = False,
 ) -> Iterator[Loaded]:
     """`load` every image on a pool of threads (Pillow and hashlib release the GIL),
-    yielding results in input order with at most `prefetch` images in flight."""
+    yielding results in input order with at most `prefetch` images and views in flight
+    (an image that may need K views counts 1 + K; one image is always let through), so
+    memory stays bounded whatever K."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
     pending: deque = deque()
+    weight = 1 + (views.per_image if views else 0)
     todo = iter(images)
     try:
         for image in todo:
             pending.append(pool.submit(load, root, image, size, interpolation, known, views, draft))
-            if len(pending) >= prefetch:
+            if len(pending) * weight >= prefetch:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -5,9 +5,8 @@ and sums up what it did. See `plan` for what is computed and `writer` for how it
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,19 +15,27 @@ from extract import __version__
 from extract.augment import METHOD, Augmentation
 from extract.catalog import ConfigState
 from extract.commit import WriterLock
-from extract.config import PREPROCESSING, FeatureConfig, fingerprint
+from extract.config import PREPROCESSING, FeatureConfig, check_range, fingerprint, path_text
 from extract.engine import Engine
 from extract.errors import CacheError, UsageError
-from extract.layout import ImageFile, Scan, scan_folder
+from extract.layout import ImageFile, Scan, not_regular, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
 from extract.reader import ViewRequest
-from extract.schema import now, package_versions, shards_folder
+from extract.schema import now, package_versions
 from extract.shards import view_key
 from extract.writer import Writer
 
 DEFAULT_CACHE = "cache/features.h5"
 VERSIONED = ("keras", "tensorflow", "h5py", "pillow", "numpy")  # recorded with every configuration
 COMPACTIONS = ("auto", "full", "never")
+# Bounds of the numeric options: past them a run only exhausts memory or never ends.
+LIMITS = (
+    ("--batch-size", 1, 1024),  # a batch of 1024 at 224 px already holds 13 GB of first-layer activations
+    ("--workers", 1, 64),  # each thread holds an image and its views in flight; more only contend
+    ("--save-every", 0, 86400),  # seconds: at least one checkpoint a day
+    ("--augment", 0, 100),  # views per training image; 100 already multiplies the run by 101
+)
+BATCH_PIXELS = 32 * 1024**2  # pixels of one batch: the default 32 images up to 1024 px, fewer above 181 px
 CATALOG_SHARE = 0.05  # at most this share of a run's time goes to catalog commits at its checkpoints
 
 
@@ -109,29 +116,37 @@ def extract_features(
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
-    for name, value in (("--batch-size", batch_size), ("--workers", workers)):
-        if value is not None and value < 1:
-            raise UsageError(f"Expected {name} >= 1; received {value}.")
-    if augment is not None and augment < 0:
-        raise UsageError(f"Expected --augment K with K >= 0; received {augment}.")
+    for name, low, high in LIMITS:
+        given = {"--batch-size": batch_size, "--workers": workers, "--save-every": save_every, "--augment": augment}[name]
+        if given is not None:
+            check_range(name, given, low, high)
+    if batch_size * input_size**2 > BATCH_PIXELS:
+        raise UsageError(
+            f"Expected --batch-size x --input-size² at most 32 x 1024² (VGG16's first layer alone then holds "
+            f"8.6 GB); received {batch_size} x {input_size}². Lower --batch-size."
+        )
     if augmentation is not None and augment is None:
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
     if compact not in COMPACTIONS:
         raise UsageError(f"Expected --compact to be one of {', '.join(COMPACTIONS)}; received {compact!r}.")
     augmentation = augmentation or Augmentation(seed=seed)
     augmentation.validate()
+    path_text("DATA_DIR", Path(data_dir).resolve())
+    shown = path_text("--cache", cache)
     scan = scan_folder(data_dir, layout, validation_percent)
-    cache = Path(cache)
+    cache = _real_cache(cache, scan.root)
     with WriterLock(cache):
-        _clean_leftovers(cache, rebuild)
-        run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair)
+        _clean_leftovers(cache)
+        run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair, rebuild)
+        run.summary.cache = shown
         engine = Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size)
         run.engine = engine
         try:
             engine.run(scan.root, run.reading, run.view_request(), run.view_key,
                        workers or max(2, min(8, os.cpu_count() or 1)), progress)
         except KeyboardInterrupt:
-            run.commit()
+            if not run.writer.rebuild:  # a rebuild not begun has nothing to keep: the old cache stays
+                run.commit()
             raise  # pending batches stay: they may hold images this run did not reach
         run.finish(compact)
     run.summary.seconds = round(time.perf_counter() - started, 3)
@@ -141,11 +156,12 @@ def extract_features(
 class _Run:
     """One run's decisions, and the committing of them."""
 
-    def __init__(self, scan: Scan, config: FeatureConfig, cache: Path, validation_percent, augment, repair: bool):
+    def __init__(self, scan: Scan, config: FeatureConfig, cache: Path, validation_percent, augment, repair: bool,
+                 rebuild: bool):
         self.scan, self.config, self.validation_percent = scan, config, validation_percent
         self.identity = config.identity()
         self.key = fingerprint(self.identity)
-        self.writer = Writer(cache, self.key)
+        self.writer = Writer(cache, self.key, rebuild)
         self.stored = self.writer.state
         self.original = dict(self.stored.rows)  # as the run found them, for the counts
         data_root = str(scan.root.resolve())
@@ -190,7 +206,7 @@ class _Run:
         return [view for view in range(1, self.views_per_image + 1) if not self.writer.knows(self.view_key(sha256, view))]
 
     def view_request(self) -> ViewRequest | None:
-        return ViewRequest(self.augmentation, self.missing_views) if self.views_per_image else None
+        return ViewRequest(self.augmentation, self.missing_views, self.views_per_image) if self.views_per_image else None
 
     def cached_sha256(self, path: str) -> str | None:
         row = self.cached.get(path)
@@ -247,7 +263,7 @@ class _Run:
         while that keeps its writing under `CATALOG_SHARE` of the time between commits
         (and always while there is none: from then on there is a cache that opens)."""
         writer = self.writer
-        if not writer.path.exists() or time.monotonic() - self.committed_at >= writer.catalog_seconds / CATALOG_SHARE:
+        if writer.new or time.monotonic() - self.committed_at >= writer.catalog_seconds / CATALOG_SHARE:
             self.commit()
             return
         started = time.perf_counter()
@@ -301,17 +317,32 @@ def _changed(old: dict, new: dict) -> bool:
     return {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}
 
 
-def _clean_leftovers(cache: Path, rebuild: bool) -> None:
-    """Remove temporary catalogs of a writer that was killed; with `rebuild`, move the cache
-    and its shards aside together (never delete them) so the run starts a new one."""
-    for leftover in glob.glob(glob.escape(str(cache)) + ".tmp-*"):
-        os.unlink(leftover)
-    shards = shards_folder(cache)
-    if rebuild and (cache.exists() or shards.exists()):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = next(folder for number in range(1, 1000)
-                     if not (folder := cache.with_name(f"{cache.name}.replaced-{stamp}" + (f"-{number}" if number > 1 else ""))).exists())
-        aside.mkdir()
-        for part in (cache, shards):  # pending batches go too: a rebuild starts from nothing
-            if part.exists():
-                shutil.move(part, aside / part.name)
+def _real_cache(cache, data_root: Path) -> Path:
+    """The cache's real path (a link to a catalog is written through, under the real file's
+    lock), refusing a folder and a place inside the data folder."""
+    real = Path(os.path.realpath(cache))
+    if real.is_dir():
+        raise UsageError(
+            f"Expected --cache to be the path of a cache file; {str(cache)!r} is a folder. "
+            f"Pass a file path such as {str(Path(cache) / 'features.h5')!r}."
+        )
+    why = real.exists() and not_regular(real.stat().st_mode)
+    if why:
+        raise UsageError(f"Expected --cache to be the path of a cache file; {str(cache)!r} is {why}.")
+    data = os.path.realpath(data_root)
+    if os.path.commonpath([data, real]) == data:
+        raise UsageError(
+            f"Expected --cache outside DATA_DIR; {str(cache)!r} is inside {str(data_root)!r}, where its shards "
+            f"would be listed with the images. Put the cache outside the data folder."
+        )
+    return real
+
+
+def _clean_leftovers(cache: Path) -> None:
+    """Remove the temporary catalogs of a writer that was killed (names made by
+    commit.write_catalog: exactly `<cache>.tmp-<process id>`)."""
+    prefix = f"{cache.name}.tmp-"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(cache.parent):
+            if entry.name.startswith(prefix) and entry.name[len(prefix):].isdigit() and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)

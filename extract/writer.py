@@ -26,7 +26,7 @@ from extract.catalog import ConfigState, damage_message, damaged_shards, load_st
 from extract.commit import referenced, upgrade_v1, write_catalog
 from extract.errors import CacheError
 from extract.schema import FORMAT_VERSION, shards_folder
-from extract.shards import Pending, ShardInfo, read_keys, reason, view_key, write_shard
+from extract.shards import Pending, ShardInfo, advice, read_keys, reason, view_key, write_shard
 
 TARGET_SHARD_BYTES = 128 * 2**20  # a run's pending batches become a shard at least this often
 SMALL_SHARD_BYTES = TARGET_SHARD_BYTES // 8
@@ -37,26 +37,37 @@ LIVE_SHARE = 0.5  # a shard with fewer live rows than this share of its rows is 
 class Writer:
     """One configuration's state as stored, and every write of it."""
 
-    def __init__(self, path: Path, fingerprint: str):
+    def __init__(self, path: Path, fingerprint: str, rebuild: bool = False):
         self.path, self.fingerprint = path, fingerprint
         self.base = shards_folder(path)  # shard paths are relative to it
         self.folder = self.base / fingerprint
         self.version, self.last_config, self.state = FORMAT_VERSION, None, ConfigState()
+        # With `rebuild`, the old cache is read not at all, and moved aside only at the first
+        # write (`_begin`): until then (TensorFlow's start takes seconds) it stays in place.
+        self.rebuild = rebuild and (path.exists() or self.base.exists())
         self.changed = False  # whether this writer committed, or found what an interrupted run left
         self.relocated = False  # whether where features are differs from what the catalog says
         self.discard: list[str] = []  # damaged shards, deleted after the commit that drops them
         self.catalog_seconds = 0.0  # what the last catalog write took
-        if path.exists():
+        if path.exists() and not self.rebuild:
             with open_cache(path) as file:  # refuses a damaged or foreign file before any work is done
                 self.version = int(file.attrs["format_version"])
                 self.last_config = file.attrs.get("last_config")
-                self.state = load_state(file, fingerprint)
-                self.relocated = _stale_links(file["configs"].get(fingerprint), self.base.name)
+                try:
+                    self.state = load_state(file, fingerprint)
+                    self.relocated = _stale_links(file["configs"].get(fingerprint), self.base.name)
+                except (KeyError, ValueError, TypeError, OSError) as error:  # a group lacks a column, or one is garbled
+                    raise CacheError(
+                        f"The cache {str(path)!r} is damaged ({reason(error)}); run extract-features with "
+                        f"--rebuild, which moves it aside and starts a new one."
+                    ) from error
         self.damaged = damaged_shards(self.path, self.state)
         try:
-            self.pending = Pending(self.folder / "pending").open()
+            self.pending = Pending(self.folder / "pending")
             self.pending_bytes = 0
-            if self.version >= 2:
+            if not self.rebuild:
+                self.pending.open()
+            if self.version >= 2 and not self.rebuild:
                 self._adopt()
         except OSError as error:
             raise CacheError(
@@ -64,11 +75,23 @@ class Writer:
                 f"make it readable and writable, or choose another place with --cache."
             ) from error
 
+    @property
+    def new(self) -> bool:
+        """Whether there is no catalog of this writer's yet (none, or one a rebuild replaces)."""
+        return self.rebuild or not self.path.exists()
+
+    def _begin(self) -> None:
+        """Before the first write of a rebuild: move the old cache aside."""
+        if self.rebuild:
+            move_aside(self.path)
+            self.rebuild = False
+
     def knows(self, key: str) -> bool:
         """Whether the features of `key` are stored (in a shard or a pending batch)."""
         return key in self.state.located or key in self.pending
 
     def append(self, keys: list[str], features: np.ndarray) -> None:
+        self._begin()
         self.pending.append(keys, features)
         self.pending_bytes += features.nbytes
 
@@ -104,6 +127,7 @@ class Writer:
     def commit(self, state: ConfigState) -> None:
         """Store `state` (rows, failures, views, attrs; where features are is the writer's):
         pending batches become a shard, then the catalog is replaced."""
+        self._begin()
         if self.version < 2:
             upgrade_v1(self.path)
             self.version = 2
@@ -120,6 +144,7 @@ class Writer:
     def flush(self) -> None:
         """Write the pending batches as one new shard (a checkpoint between commits: the
         catalog does not point at it yet, and after a kill the next writer adopts it)."""
+        self._begin()
         self.pending.open()  # a batch a Ctrl-C cut off after it reached the disk is in it too
         new = [key for key in self.pending.index if key not in self.state.located]
         if new:
@@ -209,6 +234,26 @@ class Writer:
                 if key not in located or located[key][0] in damaged:
                     self.relocated |= key in located
                     located[key] = (path, row)
+
+
+def move_aside(cache: Path) -> Path:
+    """Move a cache and its shards aside together, as `<cache>.replaced-TIME/` (never
+    deleted: a rebuild keeps what it replaces). Returns the folder they are in."""
+    shards = shards_folder(cache)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = next(folder for number in range(1, 1000)
+                 if not (folder := cache.with_name(f"{cache.name}.replaced-{stamp}" + (f"-{number}" if number > 1 else ""))).exists())
+    try:
+        aside.mkdir()
+        for part in (cache, shards):  # pending batches go too: a rebuild starts from nothing
+            if part.exists():
+                os.rename(part, aside / part.name)
+    except OSError as error:
+        raise CacheError(
+            f"Could not move the cache {str(cache)!r} aside for --rebuild ({error.strerror or error}); "
+            f"{advice(error)}."
+        ) from error
+    return aside
 
 
 def _keys(state: ConfigState) -> set[str]:

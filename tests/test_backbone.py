@@ -21,7 +21,7 @@ def random_pixels(count=2, size=SIZE, seed=0):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"input_size": 16}, "Expected --input-size >= 32 (VGG16's minimum without its top); received 16."),
+        ({"input_size": 16}, "Expected --input-size between 32 (VGG16's minimum without its top) and 1024; received 16."),
         ({"pooling": "mean"}, "Expected --pooling to be one of none, avg, max; received 'mean'."),
         ({"interpolation": "cubic"}, "Expected --interpolation"),
         ({"precision": "float64"}, "Expected --precision"),

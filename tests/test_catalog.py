@@ -175,8 +175,10 @@ def test_damaged_catalog_says_how_to_recover(tmp_path):
         FeatureCache(path)
 
 
-@pytest.mark.parametrize("content", ["other", "no_version", "no_configs"])
-def test_other_hdf5_files_are_not_taken_for_caches(tmp_path, content):
+@pytest.mark.parametrize("content, message", [
+    ("other", "not a feature cache"), ("no_version", "lacks its format_version"), ("no_configs", "lacks its configs group"),
+])
+def test_other_hdf5_files_are_not_taken_for_caches(tmp_path, content, message):
     path = tmp_path / "other.h5"
     with h5py.File(path, "w") as file:
         file["x"] = [1, 2]
@@ -187,7 +189,7 @@ def test_other_hdf5_files_are_not_taken_for_caches(tmp_path, content):
     if content == "no_configs":
         with h5py.File(path, "a") as file:
             file.attrs["format_version"] = 2
-    with pytest.raises(CacheError, match="not a feature cache"):
+    with pytest.raises(CacheError, match=message):
         FeatureCache(path)
 
 

@@ -44,10 +44,10 @@ def test_human_summary_reports_counts(capsys, dataset, weights_file, tmp_path):
     [
         (["{missing}"], "is not a folder"),
         (["{empty}"], "Found no images"),
-        (["{data}", "--input-size", "16"], "Expected --input-size >= 32"),
+        (["{data}", "--input-size", "16"], "Expected --input-size between 32 (VGG16's minimum without its top) and 1024"),
         (["{data}", "--pooling", "mean"], "argument --pooling: invalid choice"),
-        (["{data}", "--batch-size", "0"], "Expected --batch-size >= 1; received 0."),
-        (["{data}", "--workers", "0"], "Expected --workers >= 1; received 0."),
+        (["{data}", "--batch-size", "0"], "Expected --batch-size between 1 and 1024; received 0."),
+        (["{data}", "--workers", "0"], "Expected --workers between 1 and 64; received 0."),
         (["{data}", "--weights", "{missing}/w.h5"], "is not a file"),
         (["{data}", "--weights", "{data}/train/cat/0.png"], "not a weights file for VGG16"),
         (["{data}", "--input-size", "big"], "invalid int value"),

@@ -328,7 +328,7 @@ def test_transform_options_need_augment(extract, dataset):
 
     with pytest.raises(UsageError, match="need --augment"):
         extract(dataset, augmentation=Augmentation(shear=1))
-    with pytest.raises(UsageError, match="--augment K with K >= 0"):
+    with pytest.raises(UsageError, match="Expected --augment between 0 and 100"):
         extract(dataset, augment=-1)
 
 
