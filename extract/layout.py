@@ -10,7 +10,9 @@ Three layouts, detected automatically (`layout="auto"`) or named:
 
 Files are images by their name (`IMAGE_EXTENSIONS`); what is inside is the reader's
 business, so a WebP named ``.jpeg`` is read as WebP. Hidden entries are ignored,
-symbolic links are followed (a link back to a parent folder is reported, not looped).
+symbolic links are followed, but each real folder is listed once (a link back to a parent,
+or a second way into a folder, is a failure row naming the first) and no deeper than
+`MAX_DEPTH`; a FIFO, device or socket named like an image is a failure row, never opened.
 """
 
 from __future__ import annotations

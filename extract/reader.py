@@ -1,8 +1,11 @@
 """Read image files: bytes -> SHA-256 -> decoded, resized RGB pixels.
 
 A file that cannot be read or decoded becomes a `Loaded` with an `error`, never an
-exception: one broken image must not stop a run over a folder nobody curated. Augmented
-views (see `augment`) are made here too, from the decoded pixels, off the network's path.
+exception: one broken image must not stop a run over a folder nobody curated. Only regular
+files are opened (`open_regular`: without blocking, checked on the descriptor), and no more
+than `MAX_FILE_BYTES` of one is read; a large file's header is checked before it is read
+whole. Augmented views (see `augment`) are made here too, from the decoded pixels, off the
+network's path, with images and views in flight bounded (`load_all`).
 
 For an image without EXIF rotation, `decode` returns exactly
 ``keras.utils.img_to_array(keras.utils.load_img(path, target_size=(S, S),

@@ -353,3 +353,18 @@ def test_a_cache_path_that_is_a_fifo_is_refused(dataset, tmp_path, weights_file)
 def test_a_batch_too_large_for_memory_is_refused(dataset, tmp_path, weights_file):
     done = run(dataset, tmp_path / "c.h5", weights_file, "--batch-size", "1024", "--input-size", "1024", timeout=60)
     one_line(done, 2, "received 1024 x 1024²", "Lower --batch-size")
+
+
+def test_a_file_swapped_for_a_fifo_after_listing_is_not_waited_on(tmp_path):
+    """The reader checks the opened descriptor itself: a FIFO put where a listed image was
+    fails at once (the alarm would end a blocking open)."""
+    from extract.layout import ImageFile
+    from extract.reader import load
+
+    os.mkfifo(tmp_path / "x.png")
+    signal.alarm(10)
+    try:
+        loaded = load(tmp_path, ImageFile("x.png", "", "unlabeled", 10, 0), SIZE, "bilinear")
+    finally:
+        signal.alarm(0)
+    assert loaded.error == "cannot read file: not a regular file (a FIFO)"
