@@ -1,19 +1,27 @@
-"""A trained head on disk: a folder anyone can inspect, and that refuses to be tampered with.
+"""A trained head on disk: a folder anyone can inspect, and that refuses to be changed.
 
     head.joblib      the fitted estimator (a Keras model inside is stored in .keras format)
     head.json        classes, the feature configuration (fingerprint and facts), scores,
-                     arguments, versions, and the SHA-256 of every other file here
+                     arguments, versions
     metrics.json     every score of every split
     confusion_<split>.png, learning_curve.png (mlp)
+    SHA256SUMS       the SHA-256 of every other file, head.json included (`sha256sum -c SHA256SUMS`)
 
-A joblib file is a pickle, and loading a pickle runs code: `load_head` checks each file
-against the SHA-256 recorded in head.json before loading anything. Only load heads you trust.
+A joblib file is a pickle, and loading a pickle runs code: `load_head` reads each file
+once, checks its bytes against SHA256SUMS, and unpickles those same bytes. The check
+catches accidental damage and a changed file; it cannot stop someone who can rewrite the
+whole folder (SHA256SUMS with it). Only load heads you trust.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +33,11 @@ from extract import UsageError
 
 ARTIFACT = "head.joblib"
 INFO = "head.json"
+SUMS = "SHA256SUMS"
+MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file (a large random forest is ~100 MB)
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_path", "input_size",
                 "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
+_SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\\n]+)")
 
 
 def describe_config(facts: dict) -> str:
@@ -36,7 +47,7 @@ def describe_config(facts: dict) -> str:
 
 
 def save_head(folder: Path, estimator, info: dict, scores: dict) -> None:
-    """Write a head folder (which must be new or empty)."""
+    """Write a head folder (which must be new or empty), SHA256SUMS last."""
     folder.mkdir(parents=True, exist_ok=True)
     joblib.dump(estimator, folder / ARTIFACT)
     (folder / "metrics.json").write_text(json.dumps(scores, indent=2))
@@ -44,9 +55,9 @@ def save_head(folder: Path, estimator, info: dict, scores: dict) -> None:
         plot_confusion(split_scores, estimator.classes_, f"{info['head']} on {split}", folder / f"confusion_{split}.png")
     if getattr(estimator, "history_", None):
         plot_learning_curve(estimator.history_, f"{info['head']}: learning curve", folder / "learning_curve.png")
-    files = sorted(path.name for path in folder.iterdir() if path.name != INFO)
-    info = dict(info, files={name: _sha256(folder / name) for name in files})
     (folder / INFO).write_text(json.dumps(info, indent=2))
+    names = sorted(path.name for path in folder.iterdir() if path.name != SUMS)
+    (folder / SUMS).write_text("".join(f"{_sha256(_read(folder / name))}  {name}\n" for name in names))
 
 
 @dataclass
@@ -85,28 +96,105 @@ class LoadedHead:
 
 
 def load_head(folder) -> LoadedHead:
-    """Load a head folder written by train-head, after checking every file's SHA-256."""
+    """Load a head folder written by train-head. Every file listed in SHA256SUMS is read
+    once and checked; head.json is parsed and head.joblib unpickled from the checked
+    bytes (never opened again), and head.json's classes must be the estimator's."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (not a folder).")
     try:
-        info = json.loads((folder / INFO).read_text())
-        recorded = info["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (no readable {INFO}).") from error
+        listing = _read(folder / SUMS).decode("ascii")
+    except FileNotFoundError:
+        if (folder / INFO).exists():
+            raise UsageError(f"{str(folder)!r} has no {SUMS} (written by train-head since this version, covering "
+                             f"{INFO} too); retrain the head.") from None
+        raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (no {SUMS}).") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"Cannot read {str(folder / SUMS)!r} ({_why(error)}); restore it or retrain.") from None
+    recorded = {}
+    for line in listing.splitlines():
+        match = _SUMS_LINE.fullmatch(line)
+        if not match or match[2] in recorded:
+            raise UsageError(f"{str(folder / SUMS)!r} is not a SHA256SUMS file written by train-head "
+                             f"(line {line[:60]!r}); restore it or retrain.")
+        recorded[match[2]] = match[1]
+    for name in (INFO, ARTIFACT):
+        if name not in recorded:
+            raise UsageError(f"{str(folder / SUMS)!r} does not list {name}; retrain the head.")
+    contents = {}
     for name, digest in recorded.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        try:
+            contents[name] = _read(path)
+        except OSError as error:
+            raise UsageError(f"Cannot read {str(path)!r} ({_why(error)}): it was removed or replaced after training; "
+                             f"restore it or retrain.") from None
+        if _sha256(contents[name]) != digest:
             raise UsageError(
-                f"{str(path)!r} does not match the SHA-256 recorded in {INFO}: it was changed or removed "
+                f"{str(path)!r} does not match the SHA-256 recorded in {SUMS}: it was changed "
                 f"after training. Refusing to load it (a joblib file can run code); restore it or retrain."
             )
-    if ARTIFACT not in recorded:
-        raise UsageError(f"{str(folder)!r} has no recorded {ARTIFACT}; retrain the head.")
-    return LoadedHead(folder, joblib.load(folder / ARTIFACT), info)
+    info = _parse_info(folder / INFO, contents[INFO])
+    try:
+        estimator = joblib.load(io.BytesIO(contents[ARTIFACT]))
+    except Exception as error:  # the bytes are the ones written: another version of a library
+        raise UsageError(f"Cannot load {str(folder / ARTIFACT)!r} with these library versions "
+                         f"({type(error).__name__}: {_first_line(error)}); retrain the head.") from None
+    classes = [str(label) for label in getattr(estimator, "classes_", [])]
+    if classes != info["classes"]:
+        raise UsageError(f"{str(folder / INFO)!r} lists the classes {info['classes']!r}, but the model predicts "
+                         f"{classes!r}; refusing to relabel its predictions. Retrain the head.")
+    return LoadedHead(folder, estimator, info)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _parse_info(path: Path, data: bytes) -> dict:
+    """head.json, checked to hold what scoring and export read."""
+    try:
+        info = json.loads(data)
+    except ValueError as error:
+        raise UsageError(f"{str(path)!r} is not JSON ({error}); retrain the head.") from None
+    problem = None
+    if not isinstance(info, dict):
+        problem = f"a JSON {type(info).__name__}, not an object"
+    elif not isinstance(info.get("head"), str):
+        problem = "no head name"
+    elif not (isinstance(info.get("classes"), list) and len(info["classes"]) >= 2
+              and all(isinstance(label, str) for label in info["classes"])):
+        problem = "no list of at least 2 class names"
+    elif not isinstance(info.get("fingerprint"), str):
+        problem = "no fingerprint"
+    elif not isinstance(info.get("feature_config"), dict):
+        problem = "no feature_config"
+    elif not (isinstance(info["feature_config"].get("feature_shape"), list)
+              and all(isinstance(n, int) and n > 0 for n in info["feature_config"]["feature_shape"])):
+        problem = "no feature_config.feature_shape"
+    if problem:
+        raise UsageError(f"{str(path)!r} is not a head.json written by train-head ({problem}); retrain the head.")
+    return info
+
+
+def _read(path: Path) -> bytes:
+    """A regular file's bytes (a FIFO or device is refused, not waited on), at most MAX_FILE_BYTES."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if status.st_size > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"over {MAX_FILE_BYTES} bytes")
+        data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"over {MAX_FILE_BYTES} bytes")
+        return data
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _why(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]

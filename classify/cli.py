@@ -7,13 +7,17 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
+import unicodedata
 import warnings
-from contextlib import nullcontext
+from pathlib import Path
 
 from classify.evaluation import format_scores
 from classify.export import EXPORTABLE, export_model
 from classify.heads import HEADS
+from classify.artifacts import load_head
 from classify.scoring import score_images
 from classify.training import HeadWarning, Training, train_head
 from extract import DEFAULT_CACHE, CacheError, ExtractError, UsageError
@@ -62,6 +66,8 @@ def main(argv=None) -> int:
     if args.export and args.head not in EXPORTABLE:
         return _fail(f"A {args.head} head cannot be exported as one Keras model; export works for "
                      f"{', '.join(EXPORTABLE)}.", 2)
+    if args.export and (not args.export.endswith(".keras") or Path(args.export).is_dir()):
+        return _fail(f"Expected --export to name a .keras file; received {args.export!r}.", 2)
     options = {name: getattr(args, name) for name in MLP_OPTIONS if getattr(args, name) is not None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HeadWarning)
@@ -71,22 +77,34 @@ def main(argv=None) -> int:
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
                 augment=args.augment, progress=not (args.quiet or args.json), **options,
             )
-            if args.export:
-                export_model(training.results[0].folder, args.export)
         except (UsageError, CacheError) as error:
             return _fail(error, 2)
         except ExtractError as error:
             return _fail(error, 1)
+        except OSError as error:
+            return _fail(f"cannot write the head ({_why(error)}); nothing was saved.", 1)
+        except KeyboardInterrupt:
+            return _fail("interrupted; nothing was saved.", 130)
         finally:
             for warning in caught:
                 if issubclass(warning.category, HeadWarning) and not args.quiet:
-                    print(f"train-head: warning: {warning.message}", file=sys.stderr)
-    if args.export and not (args.json or args.quiet):
-        print(f"exported to {args.export}", file=sys.stderr)
+                    print(f"train-head: warning: {_printable(str(warning.message))}", file=sys.stderr)
+    if args.export:
+        try:
+            export_model(training.results[0].folder, args.export)
+        except (UsageError, CacheError) as error:
+            return _fail(f"{error} The head is saved in {str(training.folder)!r}.", 2)
+        except (ExtractError, OSError) as error:
+            return _fail(f"cannot write --export {args.export!r} ({_why(error)}); nothing was written there. "
+                         f"The head is saved in {str(training.folder)!r}.", 1)
+        except KeyboardInterrupt:
+            return _fail(f"interrupted; --export was not written. The head is saved in {str(training.folder)!r}.", 130)
+        if not (args.json or args.quiet):
+            print(f"exported to {_printable(args.export)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(to_dict(training), indent=2))
+        _print(json.dumps(to_dict(training), indent=2))
     elif not args.quiet:
-        print(format_training(training))
+        _print(_printable(format_training(training), keep="\n"))
     return 0
 
 
@@ -163,24 +181,41 @@ def score_main(argv=None) -> int:
     args = build_score_parser().parse_args(argv)
     kind = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
     counts = {"ok": 0, "error": 0}
-    try:
-        rows = score_images(args.paths, args.head, cache=args.cache or DEFAULT_CACHE,
+    aside = None
+    try:  # everything is checked before --output is touched
+        if not args.output and sys.stdout is None:
+            raise UsageError("stdout is closed; pass --output FILE.")
+        head = load_head(args.head)
+        rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
                             cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
                             batch_size=args.batch_size, progress=not args.quiet)
-        with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as stream:
-            write = _row_writer(stream, kind, args.top_k)
+        aside = _aside(args.output) if args.output else None
+        stream = open(aside, "w", newline="", encoding="utf-8") if aside else sys.stdout
+        with stream if aside else _kept_open(stream):
+            write = _row_writer(stream, kind, min(args.top_k, len(head.classes)), terminal=_is_terminal(stream))
             for row in rows:
                 write(row)
                 counts[row.status] += 1
+        if aside:
+            os.replace(aside, args.output)
+            aside = None
     except (UsageError, CacheError) as error:
         return _fail(error, 2, "score-images")
     except ExtractError as error:
         return _fail(error, 1, "score-images")
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
     except OSError as error:
-        return _fail(f"cannot write {args.output!r} ({error.strerror}).", 1, "score-images")
+        where = f"--output {args.output!r}" if args.output else "stdout"
+        kept = "; it is unchanged" if args.output and os.path.exists(args.output) else ""
+        return _fail(f"cannot write {where} ({_why(error)}){kept}.", 1, "score-images")
+    except KeyboardInterrupt:
+        return _fail("interrupted" + (f"; --output {args.output!r} was not written." if args.output else "."),
+                     130, "score-images")
+    finally:
+        if aside:
+            _remove(aside)
     if not args.quiet:
         print(f"scored {counts['ok']} images, {counts['error']} errors", file=sys.stderr)
     if counts["ok"] == 0:
@@ -188,7 +223,40 @@ def score_main(argv=None) -> int:
     return 0
 
 
-def _row_writer(stream, kind: str, top_k: int):
+class _kept_open:
+    """`with` for a stream the command does not own (stdout): flushed, never closed."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, *exc):
+        self.stream.flush()
+
+
+def _aside(output: str) -> str:
+    """A new file beside --output to write into; renamed over --output when complete, so
+    a failed or interrupted run leaves --output as it was, and two runs never interleave."""
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"--output {output!r} is a folder; name a file.")
+    try:
+        descriptor, path = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    except OSError as error:
+        raise UsageError(f"Cannot write --output {output!r} ({_why(error)}).") from None
+    os.close(descriptor)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)  # as a file made by open() would be
+    return path
+
+
+def _row_writer(stream, kind: str, top_k: int, terminal: bool = False):
+    """Rows as JSON lines (verbatim: JSON escapes what it must), or CSV with every text
+    cell defended against spreadsheet formulas (OWASP: a cell starting with = + - @, tab
+    or carriage return gets a leading '), and, on a terminal, control characters escaped."""
     if kind == "jsonl":
         def write(row):
             stream.write(json.dumps(row.to_dict()) + "\n")
@@ -199,12 +267,63 @@ def _row_writer(stream, kind: str, top_k: int):
     writer = csv.writer(stream)
     writer.writerow(columns + ["error"])
 
+    def cell(text: str | None) -> str:
+        text = text or ""
+        if text[:1] in FORMULA_STARTS:
+            text = "'" + text
+        return _printable(text) if terminal else text
+
     def write(row):
-        ranked = [value for label, probability in row.top for value in (label, f"{probability:.6f}")]
+        ranked = [value for label, probability in row.top for value in (cell(label), f"{probability:.6f}")]
         ranked += [""] * (2 * top_k - len(ranked))
         probability = "" if row.probability is None else f"{row.probability:.6f}"
-        writer.writerow([row.path, row.status, row.label or "", probability, *ranked, row.error or ""])
+        writer.writerow([cell(row.path), row.status, cell(row.label), probability, *ranked, cell(row.error)])
     return write
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _printable(text: str, keep: str = "") -> str:
+    """Text safe to show on a terminal: control characters (escape sequences, bidi
+    overrides) as \\x.. / \\u.... escapes, except those in `keep`."""
+    return "".join(
+        char if char in keep or unicodedata.category(char) not in ("Cc", "Cf") else
+        (f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}")
+        for char in text
+    )
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _print(text: str) -> None:
+    if sys.stdout is not None:
+        print(text)
+        sys.stdout.flush()
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the flush at exit fails no more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _why(error: Exception) -> str:
+    return getattr(error, "strerror", None) or " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _fail(error, status: int, prog: str = "train-head") -> int:
@@ -219,11 +338,31 @@ def _quiet_tensorflow() -> None:
 
 def run() -> None:
     """Console-script entry point of train-head."""
-    _quiet_tensorflow()
-    sys.exit(main())
+    sys.exit(_entry(main, "train-head"))
 
 
 def run_score() -> None:
     """Console-script entry point of score-images."""
+    sys.exit(_entry(score_main, "score-images"))
+
+
+def _entry(command, prog: str) -> int:
+    """Run a command: SIGTERM as Ctrl-C, Ctrl-C outside the command's own handling one
+    line and 130, a reader of stdout that went away (`| head`) a quiet exit."""
     _quiet_tensorflow()
-    sys.exit(score_main())
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        status = command()
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

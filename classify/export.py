@@ -12,6 +12,8 @@ SVM's sigmoids and their normalization included). Only built-in layers are used,
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +49,22 @@ def export_model(head, path, *, weights: str | None = None):
     outputs = _head_layers(keras, name, head.estimator, x)
     model = keras.Model(inputs, outputs, name=f"vgg16_{name.replace('-', '_')}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    descriptor, aside = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=".keras", dir=path.parent)
+    os.close(descriptor)
+    try:  # written aside, then renamed: a full disk or Ctrl-C never leaves a truncated model
+        model.save(aside)
+        os.chmod(aside, 0o666 & ~_umask())
+        os.replace(aside, path)
+    finally:
+        if os.path.exists(aside):
+            os.unlink(aside)
     return model
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _caffe_preprocessing(keras):

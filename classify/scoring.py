@@ -9,6 +9,7 @@ configuration is not run through VGG16 again.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -58,6 +59,12 @@ def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
     return config
 
 
+MAX_TOP_K = 1000
+MAX_BATCH_SIZE = 4096
+MAX_LIST_BYTES = 256 * 2**20  # a list file of paths; more is not a list
+MAX_LIST_DEPTH = 32
+
+
 def score_images(
     paths: Iterable[str],
     head,
@@ -71,22 +78,33 @@ def score_images(
     progress: bool = False,
 ) -> Iterator[ScoreRow]:
     """Score image files, folders (recursively) and `@list.txt` files (a path a line) with
-    a head (a folder or a `LoadedHead`). Yields one row per input image, in input order,
-    holding at most a few batches in memory. Features already in `cache` are reused; a
-    cache without the head's configuration is an error unless `cache_required` is False."""
+    a head (a folder or a `LoadedHead`). Everything that can be checked before scoring is
+    checked at the call (the head, its weights, the cache, the options, the lists), raising
+    UsageError; then the rows come, one per input image, in input order, holding at most a
+    few batches in memory. Features already in `cache` are reused; a cache without the
+    head's configuration is an error unless `cache_required` is False."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
-    if top_k < 1 or batch_size < 1:
-        raise UsageError(f"Expected --top-k and --batch-size >= 1; received {top_k} and {batch_size}.")
+    for name, value, high in (("--top-k", top_k, MAX_TOP_K), ("--batch-size", batch_size, MAX_BATCH_SIZE)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
+    top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
+    inputs = list(expand_inputs(paths))  # a broken list is refused before any output
     known = _CachedFeatures(cache, head.fingerprint, cache_required)
+    return _score(inputs, head, config, known, top_k, batch_size, workers, progress)
+
+
+def _score(inputs: list[str], head: LoadedHead, config: FeatureConfig, known, top_k: int, batch_size: int,
+           workers: int | None, progress: bool) -> Iterator[ScoreRow]:
     compute = _LazyBackbone(config)
-    loaded = load_all(
-        Path(""), (ImageFile(path, "", "", 0, 0) for path in expand_inputs(paths)), config.input_size,
-        config.interpolation, known.rows, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
-        draft=config.decode == "draft",
-    )
     try:
-        with tqdm(unit="img", desc="scoring", disable=None if progress else True) as bar:
+        known.open()
+        loaded = load_all(
+            Path(""), (ImageFile(path, "", "", 0, 0) for path in inputs), config.input_size,
+            config.interpolation, known.rows, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
+            draft=config.decode == "draft",
+        )
+        with tqdm(total=len(inputs), unit="img", desc="scoring", disable=None if progress else True) as bar:
             while batch := list(islice(loaded, batch_size)):
                 yield from _score_batch(batch, head, known, compute, top_k)
                 bar.update(len(batch))
@@ -94,23 +112,45 @@ def score_images(
         known.close()
 
 
-def expand_inputs(paths: Iterable[str]) -> Iterator[str]:
+def expand_inputs(paths: Iterable[str], _lists: tuple[str, ...] = ()) -> Iterator[str]:
     """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
-    the paths it lists (one a line, relative to the current folder; # starts a comment)."""
+    the paths it lists (one a line, UTF-8, relative to the current folder; # starts a
+    comment). A list that includes itself, directly or not, is refused."""
     for path in paths:
         path = str(path)
         if path.startswith("@"):
-            try:
-                lines = Path(path[1:]).read_text().splitlines()
-            except OSError as error:
-                raise UsageError(f"Cannot read the list {path[1:]!r} ({error.strerror}).") from error
-            yield from expand_inputs(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+            lines = _read_list(path[1:], _lists)
+            yield from expand_inputs((line.strip() for line in lines if line.strip() and not line.startswith("#")),
+                                     (*_lists, os.path.realpath(path[1:])))
         elif Path(path).is_dir():
             for relative, _, error in walk(Path(path)):
                 if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
                     yield os.path.join(path, relative)
         else:
             yield path
+
+
+def _read_list(name: str, including: tuple[str, ...]) -> list[str]:
+    if os.path.realpath(name) in including:
+        raise UsageError(f"The list {name!r} includes itself (through @-lines); remove that line.")
+    if len(including) >= MAX_LIST_DEPTH:
+        raise UsageError(f"The list {name!r} is nested more than {MAX_LIST_DEPTH} lists deep; flatten the lists.")
+    try:
+        descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(descriptor, "rb") as file:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise UsageError(f"The list {name!r} is not a regular file (a FIFO, device or socket); "
+                                 f"pass a file of paths.")
+            data = file.read(MAX_LIST_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"Cannot read the list {name!r} ({error.strerror or error}).") from None
+    if len(data) > MAX_LIST_BYTES:
+        raise UsageError(f"The list {name!r} is over {MAX_LIST_BYTES} bytes; not a list of paths.")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"The list {name!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8.") from None
 
 
 def _score_batch(batch, head: LoadedHead, known, compute, top_k: int) -> Iterator[ScoreRow]:
@@ -147,22 +187,27 @@ class _LazyBackbone:
 
 
 class _CachedFeatures:
-    """Features of one configuration in a cache, found by content hash."""
+    """Features of one configuration in a cache, found by content hash. Checked when
+    made; opened (`open`) when scoring starts."""
 
     def __init__(self, cache, key: str, required: bool):
         self.rows: dict[str, int] = {}
         self.cache = None
+        self.path, self.key, self.usable = cache, key, False
         if cache is None or not (required or Path(cache).is_file()):
             return
         configurations = [config["fingerprint"] for config in list_configs(cache)]
-        if key in configurations:
-            self.cache = FeatureCache(cache, key)
-            self.rows = {sha256: row for row, sha256 in enumerate(self.cache.sha256())}
-        elif required:
+        self.usable = key in configurations
+        if not self.usable and required:
             raise UsageError(
                 f"The cache {str(cache)!r} holds no features of the head's configuration {key} "
                 f"(it holds {', '.join(configurations) or 'none'}); leave out --cache or extract with the head's settings."
             )
+
+    def open(self) -> None:
+        if self.usable:
+            self.cache = FeatureCache(self.path, self.key)
+            self.rows = {sha256: row for row, sha256 in enumerate(self.cache.sha256())}
 
     def features(self, hashes: list[str]) -> np.ndarray:
         return self.cache.features_at([self.rows[sha256] for sha256 in hashes])

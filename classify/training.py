@@ -7,7 +7,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,6 +34,26 @@ from extract.schema import package_versions
 
 DEFAULT_HEADS_FOLDER = "heads"
 CLASS_WEIGHTS = (None, "balanced")
+# Every numeric option's bounds: (low, high, low excluded, high excluded).
+BOUNDS = {
+    "seed": (0, 2**32 - 1, False, False),  # numpy's RandomState takes no more
+    "cv": (2, 100, False, False),
+    "validation_fraction": (0, 1, True, True),
+    "hidden_units": (1, 65536, False, False),
+    "dropout_rate": (0, 1, False, True),
+    "epochs": (1, 10000, False, False),
+    "learning_rate": (0, 10, True, False),
+}
+
+
+def check_bounds(name: str, value, bounds: dict = BOUNDS) -> None:
+    """Refuse a numeric option outside its bounds, in one message format."""
+    low, high, low_open, high_open = bounds[name]
+    ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if isinstance(value, bool) or not ok or value != value:
+        excluded = " and ".join(str(end) for end, is_open in ((low, low_open), (high, high_open)) if is_open)
+        raise UsageError(f"Expected --{name.replace('_', '-')} between {low} and {high}"
+                         f"{f' ({excluded} excluded)' if excluded else ''}; received {value}.")
 
 
 class HeadWarning(UserWarning):
@@ -127,23 +152,56 @@ def train_head(
     names = _head_names(head)
     if options and "mlp" not in names:
         raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
+    unknown = set(options) - set(BOUNDS) - {"early_stopping"}
+    if unknown:
+        raise UsageError(f"Unknown mlp option(s) {', '.join(sorted(unknown))}.")
     if class_weight not in CLASS_WEIGHTS:
         raise UsageError(f"Expected --class-weight balanced (or none); received {class_weight!r}.")
-    if cv is not None and cv < 2:
-        raise UsageError(f"Expected --cv K with K >= 2; received {cv}.")
+    if cv is not None:
+        check_bounds("cv", cv)
+    check_bounds("seed", seed)
+    check_bounds("validation_fraction", validation_fraction)
+    for name, value in options.items():
+        if name != "early_stopping":
+            check_bounds(name, value)
+    final = _check_out(out)
     splits = load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment)
-    folder = _new_folder(out, "all" if len(names) > 1 else names[0])
+    final = final or _new_folder("all" if len(names) > 1 else names[0])
+    partial = _partial_folder(final)
+    try:
+        training = _train_all(names, splits, partial, final, _Plan(search, cv, class_weight, seed, validation_fraction,
+                                                                   augment), options, progress)
+        _commit(partial, final, reserved=out is None)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if out is None:
+            _remove_empty(final)
+        raise
+    return training
+
+
+def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan", options: dict, progress: bool):
+    """Every head of `names` into `partial` (as it will be once renamed to `final`). With
+    several heads, one that cannot be trained on these data is a warning, not a stop."""
     results = []
-    plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment)
     bar = tqdm(names, unit="head", desc="training", disable=None if progress and len(names) > 1 else True)
     for name in bar:
         bar.set_postfix_str(name)
-        target = folder / name if len(names) > 1 else folder
-        results.append(_train_one(name, splits, target, plan, options if name == "mlp" else {}))
-    training = Training(results, folder, splits.fingerprint, splits.validation_source, len(splits.y_train),
+        try:
+            fitted = _fit_one(name, splits, plan, options if name == "mlp" else {})
+        except _CannotTrain as error:
+            if len(names) == 1:
+                raise UsageError(str(error)) from None
+            warnings.warn(f"{error}; it is left out of the leaderboard.", HeadWarning)
+            continue
+        relative = Path(name) if len(names) > 1 else Path()
+        results.append(_save_one(fitted, splits, partial / relative, final / relative))
+    if not results:
+        raise UsageError("No head could be trained on these data (see the warnings); add training images.")
+    training = Training(results, final, splits.fingerprint, splits.validation_source, len(splits.y_train),
                         0 if splits.X_views is None else len(splits.X_views))
     if len(names) > 1:
-        (folder / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
+        (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     return training
 
 
@@ -152,8 +210,7 @@ def load_splits(
 ) -> Splits:
     """Read the labeled rows of a cache (and, with `augment`, the views of its training
     images) and check they can train a classifier."""
-    if not 0 < validation_fraction < 1:
-        raise UsageError(f"Expected --validation-fraction in (0, 1); received {validation_fraction}.")
+    check_bounds("validation_fraction", validation_fraction)
     with FeatureCache(cache, config) as features:
         labels, splits = features.labels(), features.splits()
         X = features.features().reshape(len(features), -1).astype(np.float32)
@@ -185,6 +242,14 @@ def load_splits(
         if count < 5:
             warnings.warn(f"class {name!r} has only {count} training images; its scores will say little.", HeadWarning)
     train_rows = np.flatnonzero(train)
+    if drawn:
+        held_out = math.ceil(validation_fraction * len(train_rows))  # as train_test_split counts
+        if not len(classes) <= held_out <= len(train_rows) - len(classes):
+            raise UsageError(
+                f"--validation-fraction {validation_fraction} holds out {held_out} of {len(train_rows)} training images; "
+                f"a stratified split needs between {len(classes)} and {len(train_rows) - len(classes)} "
+                f"(one image of each of the {len(classes)} classes on each side). Choose another fraction."
+            )
     if drawn:  # split images, not rows: the views of a held-out image are held out with it
         train_rows, validation_rows = train_test_split(
             train_rows, test_size=validation_fraction, stratify=labels[train_rows], random_state=seed
@@ -217,33 +282,59 @@ class _Plan:
     augment: bool
 
 
-def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: dict) -> HeadResult:
+class _CannotTrain(Exception):
+    """A head that cannot be fitted on these data (e.g. too few images of a class for its folds)."""
+
+
+@dataclass
+class _Fitted:
+    name: str
+    estimator: object
+    scores: dict
+    fit_seconds: float
+    plan: _Plan
+    options: dict
+    cross_validation: dict | None
+    search: list | None
+
+
+def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
     spec = HEADS[name]
     if plan.class_weight and not spec.class_weights:
         warnings.warn(f"{name} has no class weights; --class-weight {plan.class_weight} is ignored for it.", HeadWarning)
     class_weight = plan.class_weight if spec.class_weights else None
-    estimator = spec.build(random_state=plan.seed, class_weight=class_weight, **options)
-    if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > len(splits.y_train):
-        estimator.set_params(n_neighbors=len(splits.y_train))
-    table = None
-    if plan.search:
-        best, table = _search(estimator, spec.grid, splits)
-        estimator.set_params(**best)
-    cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
-    X, y, images = splits.training_set
-    fit_options = {}
-    if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
-        fit_options.update(image_index=images, validation_data=(splits.X_validation, splits.y_validation))
-    started = time.perf_counter()
-    estimator.fit(X, y, **fit_options)
-    fit_seconds = time.perf_counter() - started
-    scores = {"validation": evaluate(estimator, splits.X_validation, splits.y_validation)}
-    if splits.X_test is not None:
-        scores["test"] = evaluate(estimator, splits.X_test, splits.y_test)
+    try:
+        estimator = spec.build(random_state=plan.seed, class_weight=class_weight, **options)
+        if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > len(splits.y_train):
+            estimator.set_params(n_neighbors=len(splits.y_train))
+        table = None
+        if plan.search:
+            best, table = _search(estimator, spec.grid, splits)
+            estimator.set_params(**best)
+        cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
+        X, y, images = splits.training_set
+        fit_options = {}
+        if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
+            fit_options.update(image_index=images, validation_data=(splits.X_validation, splits.y_validation))
+        started = time.perf_counter()
+        estimator.fit(X, y, **fit_options)
+        fit_seconds = time.perf_counter() - started
+        scores = {"validation": evaluate(estimator, splits.X_validation, splits.y_validation)}
+        if splits.X_test is not None:
+            scores["test"] = evaluate(estimator, splits.X_test, splits.y_test)
+    except (ValueError, ArithmeticError) as error:  # what estimators raise on data they cannot fit
+        reason = " ".join(str(error).split())[:300]
+        raise _CannotTrain(f"{name} cannot be trained on these data ({reason})") from error
+    return _Fitted(name, estimator, scores, fit_seconds, plan, options, cross_validation, table)
+
+
+def _save_one(fitted: _Fitted, splits: Splits, folder: Path, final: Path) -> HeadResult:
+    """Write a fitted head into `folder`; its result names `final`, where it will be."""
+    name, estimator, scores, plan = fitted.name, fitted.estimator, fitted.scores, fitted.plan
     params = {key: value for key, value in estimator.get_params().items() if isinstance(value, (bool, int, float, str, type(None)))}
     info = {
         "head": name,
-        "description": spec.description,
+        "description": HEADS[name].description,
         "classes": [str(label) for label in estimator.classes_],
         "fingerprint": splits.fingerprint,
         "feature_config": splits.config,
@@ -252,18 +343,18 @@ def _train_one(name: str, splits: Splits, folder: Path, plan: _Plan, options: di
         "training_views": 0 if splits.X_views is None else len(splits.X_views),
         "augmentation": splits.augmentation,
         "params": params,
-        "arguments": dict(asdict(plan), options=options),
+        "arguments": dict(asdict(plan), options=fitted.options),
         "validation_source": splits.validation_source,
         "metrics": {split: {key: value[key] for key in ("images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")}
                     for split, value in scores.items()},
-        "cross_validation": cross_validation,
-        "search": table,
-        "fit_seconds": round(fit_seconds, 3),
+        "cross_validation": fitted.cross_validation,
+        "search": fitted.search,
+        "fit_seconds": round(fitted.fit_seconds, 3),
         "versions": package_versions(("bottleneck-features", "scikit-learn", "keras", "tensorflow", "numpy")),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     save_head(folder, estimator, info, scores)
-    return HeadResult(name, estimator, scores, fit_seconds, folder, params, cross_validation, table)
+    return HeadResult(name, estimator, scores, fitted.fit_seconds, final, params, fitted.cross_validation, fitted.search)
 
 
 def _search(estimator, grid: dict, splits: Splits):
@@ -320,14 +411,62 @@ def _head_names(head: str) -> list[str]:
     return [head]
 
 
-def _new_folder(out, name: str) -> Path:
-    """`out` if it is new or empty; by default a new folder under heads/ (never an old one)."""
-    if out is not None:
-        out = Path(out)
-        if out.exists() and any(out.iterdir()):
+def _check_out(out) -> Path | None:
+    """--out, refused early if it cannot become the new head folder."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_symlink() or out.exists():
+        if not out.is_dir() or out.is_symlink():
+            raise UsageError(f"--out {str(out)!r} exists and is not a folder; choose a new folder.")
+        if any(out.iterdir()):
             raise UsageError(f"--out {str(out)!r} exists and is not empty; choose a new folder (runs never overwrite).")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"Cannot make the folder of --out {str(out)!r} ({error.strerror or error}).") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"Cannot write in {str(out.parent)!r}, the folder of --out (permission denied); "
+                         f"choose another --out.")
+    return out
+
+
+def _partial_folder(final: Path) -> Path:
+    """A new folder beside `final` to write into; renamed to `final` when complete."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-", dir=final.parent))
+        mask = os.umask(0o022)
+        os.umask(mask)
+        folder.chmod(0o777 & ~mask)  # as a folder made by mkdir would be
+        return folder
+    except OSError as error:
+        raise UsageError(f"Cannot write in {str(final.parent)!r} ({error.strerror or error}); "
+                         f"choose another --out.") from None
+
+
+def _commit(partial: Path, final: Path, reserved: bool) -> None:
+    """Rename the finished folder into place: atomic, and never over another run's head
+    (a rename onto a folder succeeds only if that folder is empty)."""
+    try:
+        os.rename(partial, final)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise UsageError(
+                f"--out {str(final)!r} was written by another run while this one trained; this run's "
+                f"head is not saved. Run again with a new --out."
+            ) from None
+        raise
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _new_folder(name: str) -> Path:
+    """A new, empty folder under heads/ (never an old one), reserved by making it."""
     stem = Path(DEFAULT_HEADS_FOLDER) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
     for attempt in range(1, 1000):
         folder = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
@@ -336,4 +475,7 @@ def _new_folder(out, name: str) -> Path:
             return folder
         except FileExistsError:
             continue
+        except OSError as error:
+            raise UsageError(f"Cannot make a folder under {DEFAULT_HEADS_FOLDER}/ ({error.strerror or error}); "
+                             f"pass --out.") from None
     raise UsageError(f"Could not make a new folder under {DEFAULT_HEADS_FOLDER}/; pass --out.")

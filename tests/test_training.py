@@ -22,10 +22,12 @@ def test_one_head_is_scored_and_saved(cache, tmp_path):
     assert result.scores["test"]["images"] == 30
     assert np.array(result.scores["validation"]["confusion_matrix"]).sum() == 30
     files = sorted(path.name for path in (tmp_path / "run").iterdir())
-    assert files == ["confusion_test.png", "confusion_validation.png", "head.joblib", "head.json", "metrics.json"]
+    assert files == ["SHA256SUMS", "confusion_test.png", "confusion_validation.png", "head.joblib", "head.json",
+                     "metrics.json"]
     info = json.loads((tmp_path / "run" / "head.json").read_text())
     assert info["classes"] == ["a", "b", "c"] and info["fingerprint"] == "synthetic0000001"
-    assert info["feature_config"]["pooling"] == "avg" and set(info["files"]) == set(files) - {"head.json"}
+    listed = [line.split("  ")[1] for line in (tmp_path / "run" / "SHA256SUMS").read_text().splitlines()]
+    assert info["feature_config"]["pooling"] == "avg" and listed == files[1:]
     assert info["metrics"]["validation"]["accuracy"] == result.scores["validation"]["accuracy"]
 
 
@@ -103,6 +105,7 @@ def test_runs_never_overwrite(cache, tmp_path, monkeypatch):
     assert first != second and first.parent.name == second.parent.name == "heads"
     with pytest.raises(UsageError, match="not empty"):
         train_head(cache, "knn", out=first)
+    assert not list(first.parent.glob("*.partial-*"))
 
 
 @pytest.mark.parametrize(
@@ -131,7 +134,7 @@ def test_a_class_with_few_images_is_a_warning(tmp_path):
     [
         ({"head": "svm"}, "Expected --head to be one of mlp, logreg"),
         ({"head": "knn", "hidden_units": 5}, "Expected --head mlp"),
-        ({"head": "knn", "cv": 1}, "--cv K with K >= 2"),
+        ({"head": "knn", "cv": 1}, "Expected --cv between 2 and 100; received 1."),
         ({"head": "knn", "validation_fraction": 1.5}, "--validation-fraction"),
     ],
 )

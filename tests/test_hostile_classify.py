@@ -1,0 +1,443 @@
+"""Hostile input and faults for stage 2, on the real commands in subprocesses: a head folder
+changed under the loader, concurrent runs, bad options, interrupts, a full disk, odd files
+and names. Each error is one line on stderr, without a traceback, and destroys nothing."""
+
+import csv
+import hashlib
+import io
+import json
+import os
+import pickle
+import pty
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from classify import train_head
+from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
+from extract import extract_features
+
+TRAIN = "import sys; from classify.cli import run; run()"
+SCORE = "import sys; from classify.cli import run_score; run_score()"
+
+
+def command(entry: str, *args) -> list[str]:
+    return [sys.executable, "-c", entry, *map(str, args)]
+
+
+def train_cmd(*args) -> list[str]:
+    return command(TRAIN, *args)
+
+
+def score_cmd(*args) -> list[str]:
+    return command(SCORE, *args)
+
+
+def run(arguments, timeout=180, **options) -> subprocess.CompletedProcess:
+    return subprocess.run(arguments, capture_output=True, text=True, timeout=timeout, **options)
+
+
+def one_line(result, status: int, *fragments: str) -> None:
+    """Exit `status`, one line on stderr holding every fragment, no traceback."""
+    assert result.returncode == status, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, weights_file):
+    """A real extraction of 3 classes at 32 px, a logreg head on it, a synthetic cache, and
+    a few new images."""
+    root = tmp_path_factory.mktemp("hostile")
+    make_dataset(root / "data", per_class=4, classes=("cat", "dog", "fox"))
+    extract_features(root / "data", root / "c.h5", input_size=SIZE, weights=weights_file, progress=False)
+    train_head(root / "c.h5", "logreg", out=root / "head")
+    for i in range(3):
+        make_image(root / "new" / f"{i}.png", seed=700 + i)
+    write_synthetic_cache(root / "s.h5", {"train": (("a", "b"), 20), "validation": (("a", "b"), 6)})
+    write_synthetic_cache(root / "d.h5", {"train": (("a", "b", "c"), 6)})  # no validation split: one is drawn
+    return root
+
+
+def copy_head(world: Path, target: Path) -> Path:
+    shutil.copytree(world / "head", target)
+    return target
+
+
+def rewrite_sums(folder: Path) -> None:
+    """What someone who rewrites the whole folder does: SHA256SUMS made to match."""
+    names = sorted(path.name for path in folder.iterdir() if path.name != "SHA256SUMS")
+    (folder / "SHA256SUMS").write_text(
+        "".join(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in names))
+
+
+def score_new(world: Path, head: Path, *extra) -> subprocess.CompletedProcess:
+    return run(score_cmd(world / "new", "--head", head, "--quiet", *extra))
+
+
+# 1. head.joblib read once: checked bytes are the unpickled bytes
+
+class Plant:
+    """A pickle that, when loaded, creates the file at `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_head_joblib_swapped_after_its_check_is_never_unpickled(world, tmp_path):
+    """An audit hook swaps head.joblib for a foreign pickle when the loader opens the next
+    file after it (by then it has hashed it): the loader must unpickle the bytes it checked,
+    never open the file again."""
+    head, marker = copy_head(world, tmp_path / "head"), tmp_path / "planted"
+    foreign = pickle.dumps(Plant(str(marker)))
+    script = f"""
+import sys
+from pathlib import Path
+from classify.cli import run_score
+target, foreign, state = {str(head / 'head.joblib')!r}, {foreign!r}, {{"seen": False, "busy": False}}
+def hook(event, args):
+    if event != "open" or state["busy"] or isinstance(args[0], int):
+        return
+    if state["seen"] and str(args[0]) != target:
+        state["busy"] = True
+        Path(target).write_bytes(foreign)
+        state["swapped"] = True
+    elif str(args[0]) == target:
+        state["seen"] = True
+sys.addaudithook(hook)
+run_score()
+"""
+    result = run([sys.executable, "-c", script, world / "new", "--head", head, "--quiet"])
+    assert not marker.exists(), "a pickle other than the checked one was loaded"
+    assert result.returncode == 0, result.stderr
+
+
+# 2. head.json covered, its classes and schema checked
+
+def test_rotated_classes_in_head_json_are_refused(world, tmp_path):
+    head = copy_head(world, tmp_path / "head")
+    info = json.loads((head / "head.json").read_text())
+    info["classes"] = info["classes"][1:] + info["classes"][:1]
+    (head / "head.json").write_text(json.dumps(info))
+    one_line(score_new(world, head), 2, "head.json", "does not match the SHA-256")
+    rewrite_sums(head)  # the checksums made to match: the classes are still the model's
+    one_line(score_new(world, head), 2, "refusing to relabel")
+
+
+@pytest.mark.parametrize("content", ["[]", "drop feature_config", "not json"])
+def test_a_malformed_head_json_is_one_line(world, tmp_path, content):
+    head = copy_head(world, tmp_path / "head")
+    if content == "drop feature_config":
+        info = json.loads((head / "head.json").read_text())
+        del info["feature_config"]
+        content = json.dumps(info)
+    (head / "head.json").write_text(content)
+    rewrite_sums(head)
+    one_line(score_new(world, head), 2, "retrain")
+
+
+def test_a_head_without_sha256sums_is_told_to_retrain(world, tmp_path):
+    head = copy_head(world, tmp_path / "head")
+    (head / "SHA256SUMS").unlink()
+    one_line(score_new(world, head), 2, "no SHA256SUMS", "retrain")
+
+
+def test_a_fifo_in_a_head_folder_is_refused_not_waited_on(world, tmp_path):
+    head = copy_head(world, tmp_path / "head")
+    (head / "head.joblib").unlink()
+    os.mkfifo(head / "head.joblib")
+    one_line(run(score_cmd(world / "new", "--head", head, "--quiet"), timeout=60), 2, "not a regular file")
+
+
+# 4. concurrent train-head runs to one --out
+
+def test_two_runs_to_one_out_never_lose_a_result_silently(world, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()  # an empty folder may be --out: both runs pass the first check
+    arguments = train_cmd("--cache", world / "s.h5", "--head", "knn", "--out", out, "--quiet")
+    runs = [subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [process.communicate(timeout=180) + (process.returncode,) for process in runs]
+    assert sorted(status for _, _, status in results) == [0, 2], results
+    (loser,) = [err for _, err, status in results if status == 2]
+    assert loser.count("\n") == 1 and "Traceback" not in loser and "--out" in loser
+    listed = (out / "SHA256SUMS").read_text().splitlines()
+    for line in listed:
+        digest, name = line.split("  ")
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert not list(tmp_path.glob("run.partial-*"))
+
+
+# 5. score-images validates before touching --output
+
+@pytest.mark.parametrize("bad", [["--head", "nope"], ["--top-k", "0"], ["--batch-size", "0"], ["@missing.txt"]])
+def test_bad_arguments_leave_output_as_it_was(world, tmp_path, bad):
+    previous = tmp_path / "prev.csv"
+    previous.write_text("precious\n")
+    arguments = [world / "new", "--head", world / "head", *bad, "--output", previous, "--quiet"]
+    result = run(score_cmd(*arguments), cwd=tmp_path)
+    one_line(result, 2)
+    assert previous.read_text() == "precious\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prev.csv"]
+
+
+# 6. one line, no traceback
+
+def test_a_list_that_includes_itself_is_one_line(world, tmp_path):
+    (tmp_path / "a.txt").write_text(f"{world / 'new' / '0.png'}\n@{tmp_path / 'b.txt'}\n")
+    (tmp_path / "b.txt").write_text(f"@{tmp_path / 'a.txt'}\n")
+    one_line(run(score_cmd(f"@{tmp_path / 'a.txt'}", "--head", world / "head", "--quiet"), timeout=60), 2,
+             "includes itself")
+
+
+def test_a_list_that_is_not_utf8_is_one_line(world, tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"caf\xe9.png\n")
+    one_line(run(score_cmd(f"@{tmp_path / 'list.txt'}", "--head", world / "head", "--quiet")), 2,
+             "not UTF-8", "0xe9")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--seed", "-1", "Expected --seed between 0 and 4294967295; received -1."),
+    ("--hidden-units", "0", "Expected --hidden-units between 1 and 65536; received 0."),
+    ("--dropout-rate", "1.0", "Expected --dropout-rate between 0 and 1 (1 excluded); received 1.0."),
+    ("--epochs", "0", "Expected --epochs between 1 and 10000; received 0."),
+    ("--learning-rate", "-1", "Expected --learning-rate between 0 and 10 (0 excluded); received -1.0."),
+    ("--validation-fraction", "0.01", "--validation-fraction 0.01 holds out 1 of 18 training images"),
+])
+def test_numeric_options_out_of_bounds_are_refused(world, tmp_path, option, value, message):
+    result = run(train_cmd("--cache", world / "d.h5", "--head", "mlp", option, value, "--out", tmp_path / "run",
+                           "--quiet"))
+    one_line(result, 2, message)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run.partial-*"))
+
+
+def test_an_out_that_is_a_file_or_unwritable_is_one_line(world, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    one_line(run(train_cmd("--cache", world / "s.h5", "--head", "knn", "--out", tmp_path / "file", "--quiet")), 2,
+             "not a folder")
+    assert (tmp_path / "file").read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: file permissions cannot be enforced")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    try:
+        result = run([*prefix, *train_cmd("--cache", world / "s.h5", "--head", "knn", "--out", locked / "run", "--quiet")])
+    finally:
+        locked.chmod(0o755)
+    one_line(result, 2, "Cannot write")
+    assert not list(locked.iterdir())
+
+
+def limited(limit: int):
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return small_disk
+
+
+def test_a_full_disk_under_out_leaves_nothing(world, tmp_path):
+    result = run(train_cmd("--cache", world / "s.h5", "--head", "logreg", "--out", tmp_path / "run", "--quiet"),
+                 preexec_fn=limited(2000))
+    one_line(result, 1, "File too large", "nothing was saved")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_export_keeps_the_old_model(world, tmp_path):
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"the old model")
+    result = run(train_cmd("--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "run",
+                           "--export", model, "--quiet"), preexec_fn=limited(2_000_000))
+    one_line(result, 1, "File too large", "The head is saved in")
+    assert model.read_bytes() == b"the old model"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.keras", "run"]
+    assert run(score_cmd(world / "new", "--head", tmp_path / "run", "--quiet")).returncode == 0
+
+
+def test_an_export_name_that_is_not_keras_is_refused_before_training(world, tmp_path):
+    result = run(train_cmd("--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "run",
+                           "--export", tmp_path / "m.h5", "--quiet"))
+    one_line(result, 2, "Expected --export to name a .keras file")
+    assert not (tmp_path / "run").exists()
+
+
+def wait_for(pattern_root: Path, pattern: str, process, timeout=120) -> bool:
+    deadline = time.monotonic() + timeout
+    while not list(pattern_root.glob(pattern)):
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.005)
+    return True
+
+
+def test_ctrl_c_in_train_head_is_one_line_and_leaves_nothing(world, tmp_path):
+    process = subprocess.Popen(train_cmd("--cache", world / "s.h5", "--head", "mlp", "--epochs", "10000",
+                                         "--out", tmp_path / "run", "--quiet"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(tmp_path, "run.partial-*", process), process.communicate()
+    time.sleep(0.5)  # into the epochs
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_score_images_is_one_line_and_keeps_the_output(world, tmp_path):
+    for i in range(300):
+        make_image(tmp_path / "many" / f"{i:03d}.png", seed=i, size=(12, 12))
+    output = tmp_path / "out.csv"
+    output.write_text("precious\n")
+    process = subprocess.Popen(score_cmd(tmp_path / "many", "--head", world / "head", "--batch-size", "1",
+                                         "--output", output, "--quiet"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(tmp_path, ".out.csv.partial-*", process), process.communicate()
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert output.read_text() == "precious\n" and not list(tmp_path.glob(".out.csv.partial-*"))
+
+
+@pytest.mark.parametrize("entry", ["train", "score"])
+def test_a_reader_that_goes_away_is_a_quiet_exit(world, tmp_path, entry):
+    if entry == "train":
+        arguments = train_cmd("--cache", world / "s.h5", "--head", "knn", "--json", "--out", tmp_path / "run")
+    else:
+        arguments = score_cmd(world / "new", world / "new", world / "new", "--head", world / "head", "--quiet",
+                              "--format", "jsonl")
+    shell = " ".join(f"'{argument}'" for argument in arguments) + " | head -c10"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=180)
+    assert len(result.stdout) == 10 and result.stderr == "", result.stderr
+    assert result.returncode == 0
+
+
+def test_a_closed_stdout_is_one_line(world):
+    result = run(score_cmd(world / "new", "--head", world / "head", "--quiet"), preexec_fn=lambda: os.close(1))
+    one_line(result, 2, "stdout is closed")
+
+
+# 7. --head all with heads that cannot be trained on the data
+
+def test_head_all_on_two_images_a_class_trains_what_it_can(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 2), "validation": (("a", "b"), 2)})
+    result = run(train_cmd("--cache", cache, "--head", "all", "--epochs", "1", "--out", tmp_path / "run", "--json"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "cannot be trained" in line]
+    assert any(line.startswith("train-head: warning: linear-svm cannot be trained") for line in warned), result.stderr
+    board = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
+    trained = {row["head"] for row in board}
+    assert "linear-svm" not in trained and {"mlp", "logreg", "knn", "random-forest"} <= trained
+    assert len(trained) + len(warned) == 6
+    assert json.loads(result.stdout)["leaderboard"] == board
+
+
+# 8. names: safe on a terminal, defended in CSV, verbatim in JSONL
+
+@pytest.fixture(scope="module")
+def odd_names(world):
+    folder = world / "odd"
+    names = ["\x1b]0;owned\x07\x1b[31mred.png", "=HYPERLINK(\"http:x\").png", "+1.png", "-1.png"]
+    for i, name in enumerate(names):
+        make_image(folder / name, seed=800 + i)
+    (folder / "list.txt").write_text("".join(f"{name}\n" for name in names))  # relative: each path is the name
+    return folder, names
+
+
+def test_escape_sequences_in_names_never_reach_the_terminal(world, odd_names):
+    folder, names = odd_names
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(score_cmd("@list.txt", "--head", world / "head", "--quiet"), cwd=folder,
+                               stdout=follower, stderr=subprocess.PIPE)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    process.wait(timeout=120)
+    os.close(leader)
+    assert process.returncode == 0
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert b"\\x1b]0;owned\\x07\\x1b[31mred.png" in shown
+
+
+def test_csv_cells_cannot_become_formulas_and_jsonl_is_verbatim(world, odd_names, tmp_path):
+    folder, names = odd_names
+    result = run(score_cmd("@list.txt", "--head", world / "head", "--quiet", "--output", tmp_path / "s.csv"), cwd=folder)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "s.csv", newline="") as file:
+        paths = [row["path"] for row in csv.DictReader(file)]
+    assert paths == [names[0], "'" + names[1], "'" + names[2], "'" + names[3]]
+    result = run(score_cmd("@list.txt", "--head", world / "head", "--quiet", "--format", "jsonl"), cwd=folder)
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == names
+
+
+# 9. a FIFO or a device named as an image
+
+def test_a_fifo_or_a_device_is_an_error_row(world, tmp_path):
+    os.mkfifo(tmp_path / "x.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    result = run(score_cmd(tmp_path / "x.jpg", tmp_path / "zero.jpg", world / "new" / "0.png", "--head", world / "head",
+                           "--quiet", "--format", "jsonl"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["status"] for row in rows] == ["error", "error", "ok"]
+
+
+def test_a_list_that_is_a_fifo_is_one_line(world, tmp_path):
+    os.mkfifo(tmp_path / "list.txt")
+    one_line(run(score_cmd(f"@{tmp_path / 'list.txt'}", "--head", world / "head", "--quiet"), timeout=60), 2,
+             "not a regular file")
+
+
+# the hostile pass
+
+@pytest.mark.parametrize("option, value", [("--top-k", "1000000000"), ("--batch-size", "1000000000")])
+def test_absurd_sizes_are_refused(world, option, value):
+    one_line(score_new(world, world / "head", option, value), 2, f"Expected {option} between 1 and")
+
+
+def test_top_k_beyond_the_classes_lists_the_classes(world, tmp_path):
+    result = score_new(world, world / "head", "--top-k", "50", "--output", tmp_path / "s.csv")
+    assert result.returncode == 0, result.stderr
+    header = (tmp_path / "s.csv").read_text().splitlines()[0].split(",")
+    assert header[-3:] == ["label_3", "probability_3", "error"]
+
+
+def test_an_output_that_is_a_folder_is_refused_before_work(world, tmp_path):
+    one_line(score_new(world, world / "head", "--output", tmp_path), 2, "is a folder")
+
+
+def test_two_scorers_to_one_output_leave_one_whole_file(world, tmp_path):
+    output = tmp_path / "s.jsonl"
+    inputs = [[world / "new"], [world / "data" / "train"]]
+    runs = [subprocess.Popen(score_cmd(*paths, "--head", world / "head", "--quiet", "--output", output),
+                             stderr=subprocess.PIPE, text=True) for paths in inputs]
+    assert [process.wait(timeout=180) for process in runs] == [0, 0]
+    rows = sorted(json.loads(line)["path"] for line in output.read_text().splitlines())
+    assert rows in [sorted(map(str, paths[0].rglob("*.png"))) for paths in inputs]
+    assert not list(tmp_path.glob(".s.jsonl.partial-*"))
+
+
+def test_an_output_keeps_the_usual_permissions(world, tmp_path):
+    result = score_new(world, world / "head", "--output", tmp_path / "s.csv")
+    assert result.returncode == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o666 & ~mask
