@@ -29,12 +29,12 @@ DEFAULT_CACHE = "cache/features.h5"
 VERSIONED = ("keras", "tensorflow", "h5py", "pillow", "numpy")  # recorded with every configuration
 COMPACTIONS = ("auto", "full", "never")
 # Bounds of the numeric options: past them a run only exhausts memory or never ends.
-LIMITS = (
-    ("--batch-size", 1, 1024),  # a batch of 1024 at 224 px already holds 13 GB of first-layer activations
-    ("--workers", 1, 64),  # each thread holds an image and its views in flight; more only contend
-    ("--save-every", 0, 86400),  # seconds: at least one checkpoint a day
-    ("--augment", 0, 100),  # views per training image; 100 already multiplies the run by 101
-)
+LIMITS = {
+    "--batch-size": (1, 1024),  # see also BATCH_PIXELS
+    "--workers": (1, 64),  # threads reading and decoding; more only contend for the cores
+    "--save-every": (0, 86400),  # seconds: at least one checkpoint a day
+    "--augment": (0, 100),  # views per training image; 100 already makes the run 101 times as long
+}
 BATCH_PIXELS = 32 * 1024**2  # pixels of one batch: the default 32 images up to 1024 px, fewer above 181 px
 CATALOG_SHARE = 0.05  # at most this share of a run's time goes to catalog commits at its checkpoints
 
@@ -111,15 +111,17 @@ def extract_features(
     `augment=K` also caches K augmented views of every training image, made as
     `augmentation` says (default: the seed's transforms, seeded by `seed`); `augment=None`
     keeps the views the cache already uses, `augment=0` stops using them (they are kept).
+    A link to a cache is written through (the real file, under its lock); `rebuild=True`
+    moves the old cache aside only at the run's first write, so until then it is in place.
     `repair=True` reads every shard whole and computes again the rows of damaged ones;
     `compact` is "auto" (past the thresholds), "full" or "never"."""
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
-    for name, low, high in LIMITS:
-        given = {"--batch-size": batch_size, "--workers": workers, "--save-every": save_every, "--augment": augment}[name]
-        if given is not None:
-            check_range(name, given, low, high)
+    for name, value in (("--batch-size", batch_size), ("--workers", workers), ("--save-every", save_every),
+                        ("--augment", augment)):
+        if value is not None:
+            check_range(name, value, *LIMITS[name])
     if batch_size * input_size**2 > BATCH_PIXELS:
         raise UsageError(
             f"Expected --batch-size x --input-size² at most 32 x 1024² (VGG16's first layer alone then holds "
