@@ -11,6 +11,10 @@ A joblib file is a pickle, and loading a pickle runs code: `load_head` reads eac
 once, checks its bytes against SHA256SUMS, and unpickles those same bytes. The check
 catches accidental damage and a changed file; it cannot stop someone who can rewrite the
 whole folder (SHA256SUMS with it). Only load heads you trust.
+
+A head folder is written as `<folder>.partial-XXXX` beside it and renamed into place when
+complete, so a crash leaves no half-written head, and a second run to the same folder is
+refused rather than mixed in (a rename onto a folder succeeds only while it is empty).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import json
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import joblib
@@ -34,6 +40,7 @@ from extract import UsageError
 ARTIFACT = "head.joblib"
 INFO = "head.json"
 SUMS = "SHA256SUMS"
+DEFAULT_HEADS_FOLDER = "heads"
 MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file (a large random forest is ~100 MB)
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_path", "input_size",
                 "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
@@ -198,3 +205,74 @@ def _why(error: Exception) -> str:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+
+def check_out(out) -> Path | None:
+    """--out, refused early if it cannot become the new head folder."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_symlink() or out.exists():
+        if not out.is_dir() or out.is_symlink():
+            raise UsageError(f"--out {str(out)!r} exists and is not a folder; choose a new folder.")
+        if any(out.iterdir()):
+            raise UsageError(f"--out {str(out)!r} exists and is not empty; choose a new folder (runs never overwrite).")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"Cannot make the folder of --out {str(out)!r} ({error.strerror or error}).") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"Cannot write in {str(out.parent)!r}, the folder of --out (permission denied); "
+                         f"choose another --out.")
+    return out
+
+
+def partial_folder(final: Path) -> Path:
+    """A new folder beside `final` to write into; renamed to `final` when complete."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-", dir=final.parent))
+        mask = os.umask(0o022)
+        os.umask(mask)
+        folder.chmod(0o777 & ~mask)  # as a folder made by mkdir would be
+        return folder
+    except OSError as error:
+        raise UsageError(f"Cannot write in {str(final.parent)!r} ({error.strerror or error}); "
+                         f"choose another --out.") from None
+
+
+def commit_folder(partial: Path, final: Path) -> None:
+    """Rename the finished folder into place: atomic, and never over another run's head
+    (a rename onto a folder succeeds only if that folder is empty)."""
+    try:
+        os.rename(partial, final)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise UsageError(
+                f"--out {str(final)!r} was written by another run while this one trained; this run's "
+                f"head is not saved. Run again with a new --out."
+            ) from None
+        raise
+
+
+def remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def new_folder(name: str, parent=DEFAULT_HEADS_FOLDER) -> Path:
+    """A new, empty folder under heads/ (never an old one), reserved by making it."""
+    stem = Path(parent) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
+    for attempt in range(1, 1000):
+        folder = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UsageError(f"Cannot make a folder under {parent}/ ({error.strerror or error}); "
+                             f"pass --out.") from None
+    raise UsageError(f"Could not make a new folder under {parent}/; pass --out.")

@@ -7,12 +7,9 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -25,14 +22,15 @@ from sklearn.base import clone
 from tqdm import tqdm
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold, cross_validate, train_test_split
 
-from classify.artifacts import CONFIG_FACTS, save_head
+from classify.artifacts import (
+    CONFIG_FACTS, DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, remove_empty, save_head,
+)
 from classify.evaluation import evaluate
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from extract import DEFAULT_CACHE, FeatureCache, UsageError
 from extract.schema import package_versions
 
-DEFAULT_HEADS_FOLDER = "heads"
 CLASS_WEIGHTS = (None, "balanced")
 # Every numeric option's bounds: (low, high, low excluded, high excluded).
 BOUNDS = {
@@ -164,18 +162,18 @@ def train_head(
     for name, value in options.items():
         if name != "early_stopping":
             check_bounds(name, value)
-    final = _check_out(out)
+    final = check_out(out)
     splits = load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment)
-    final = final or _new_folder("all" if len(names) > 1 else names[0])
-    partial = _partial_folder(final)
+    final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
+    partial = partial_folder(final)
     try:
         training = _train_all(names, splits, partial, final, _Plan(search, cv, class_weight, seed, validation_fraction,
                                                                    augment), options, progress)
-        _commit(partial, final, reserved=out is None)
+        commit_folder(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         if out is None:
-            _remove_empty(final)
+            remove_empty(final)
         raise
     return training
 
@@ -409,73 +407,3 @@ def _head_names(head: str) -> list[str]:
     if head not in HEADS:
         raise UsageError(f"Expected --head to be one of {', '.join(HEADS)} or all; received {head!r}.")
     return [head]
-
-
-def _check_out(out) -> Path | None:
-    """--out, refused early if it cannot become the new head folder."""
-    if out is None:
-        return None
-    out = Path(out)
-    if out.is_symlink() or out.exists():
-        if not out.is_dir() or out.is_symlink():
-            raise UsageError(f"--out {str(out)!r} exists and is not a folder; choose a new folder.")
-        if any(out.iterdir()):
-            raise UsageError(f"--out {str(out)!r} exists and is not empty; choose a new folder (runs never overwrite).")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"Cannot make the folder of --out {str(out)!r} ({error.strerror or error}).") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"Cannot write in {str(out.parent)!r}, the folder of --out (permission denied); "
-                         f"choose another --out.")
-    return out
-
-
-def _partial_folder(final: Path) -> Path:
-    """A new folder beside `final` to write into; renamed to `final` when complete."""
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-", dir=final.parent))
-        mask = os.umask(0o022)
-        os.umask(mask)
-        folder.chmod(0o777 & ~mask)  # as a folder made by mkdir would be
-        return folder
-    except OSError as error:
-        raise UsageError(f"Cannot write in {str(final.parent)!r} ({error.strerror or error}); "
-                         f"choose another --out.") from None
-
-
-def _commit(partial: Path, final: Path, reserved: bool) -> None:
-    """Rename the finished folder into place: atomic, and never over another run's head
-    (a rename onto a folder succeeds only if that folder is empty)."""
-    try:
-        os.rename(partial, final)
-    except OSError as error:
-        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise UsageError(
-                f"--out {str(final)!r} was written by another run while this one trained; this run's "
-                f"head is not saved. Run again with a new --out."
-            ) from None
-        raise
-
-
-def _remove_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
-
-
-def _new_folder(name: str) -> Path:
-    """A new, empty folder under heads/ (never an old one), reserved by making it."""
-    stem = Path(DEFAULT_HEADS_FOLDER) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
-    for attempt in range(1, 1000):
-        folder = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as error:
-            raise UsageError(f"Cannot make a folder under {DEFAULT_HEADS_FOLDER}/ ({error.strerror or error}); "
-                             f"pass --out.") from None
-    raise UsageError(f"Could not make a new folder under {DEFAULT_HEADS_FOLDER}/; pass --out.")
