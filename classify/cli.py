@@ -327,7 +327,8 @@ def _why(error: Exception) -> str:
 
 
 def _fail(error, status: int, prog: str = "train-head") -> int:
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    kind = "" if status == 130 else "error: "  # an interrupt is no error: as extract-features says it
+    print(f"{prog}: {kind}{error}", file=sys.stderr)
     return status
 
 

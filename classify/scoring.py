@@ -43,7 +43,12 @@ class ScoreRow:
 def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
     """The feature configuration the head was trained on, checked to be the same one."""
     facts = head.info["feature_config"]
-    config = FeatureConfig.from_facts(facts, weights)
+    try:
+        config = FeatureConfig.from_facts(facts, weights)
+    except (KeyError, TypeError, ValueError) as error:
+        what = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
+        raise UsageError(f"The feature_config in {str(head.folder / 'head.json')!r} is not one train-head wrote "
+                         f"({what}); retrain the head.") from None
     where = config.weights
     if where not in ("imagenet", "random") and not Path(where).is_file():
         raise UsageError(

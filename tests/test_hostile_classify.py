@@ -134,12 +134,18 @@ def test_rotated_classes_in_head_json_are_refused(world, tmp_path):
     one_line(score_new(world, head), 2, "refusing to relabel")
 
 
-@pytest.mark.parametrize("content", ["[]", "drop feature_config", "not json"])
+@pytest.mark.parametrize("content", ["[]", "drop feature_config", "not json", "bare feature_config", "bad input_size"])
 def test_a_malformed_head_json_is_one_line(world, tmp_path, content):
     head = copy_head(world, tmp_path / "head")
+    info = json.loads((head / "head.json").read_text())
     if content == "drop feature_config":
-        info = json.loads((head / "head.json").read_text())
         del info["feature_config"]
+        content = json.dumps(info)
+    elif content == "bare feature_config":
+        info["feature_config"] = {"feature_shape": info["feature_config"]["feature_shape"]}
+        content = json.dumps(info)
+    elif content == "bad input_size":
+        info["feature_config"]["input_size"] = "big"
         content = json.dumps(info)
     (head / "head.json").write_text(content)
     rewrite_sums(head)
@@ -211,6 +217,7 @@ def test_a_list_that_is_not_utf8_is_one_line(world, tmp_path):
     ("--dropout-rate", "1.0", "Expected --dropout-rate between 0 and 1 (1 excluded); received 1.0."),
     ("--epochs", "0", "Expected --epochs between 1 and 10000; received 0."),
     ("--learning-rate", "-1", "Expected --learning-rate between 0 and 10 (0 excluded); received -1.0."),
+    ("--cv", "1000", "Expected --cv between 2 and 100; received 1000."),
     ("--validation-fraction", "0.01", "--validation-fraction 0.01 holds out 1 of 18 training images"),
 ])
 def test_numeric_options_out_of_bounds_are_refused(world, tmp_path, option, value, message):
@@ -401,6 +408,12 @@ def test_a_fifo_or_a_device_is_an_error_row(world, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["status"] for row in rows] == ["error", "error", "ok"]
+
+
+def test_a_cache_that_is_a_fifo_is_not_waited_on(world, tmp_path):
+    os.mkfifo(tmp_path / "c.h5")
+    result = run(score_cmd(world / "new", "--head", world / "head", "--cache", tmp_path / "c.h5", "--quiet"), timeout=60)
+    one_line(result, 2)
 
 
 def test_a_list_that_is_a_fifo_is_one_line(world, tmp_path):
