@@ -69,7 +69,8 @@ def features(cache: Path) -> dict:
 def assert_rows_match(cache: Path, reference: dict) -> int:
     saved = features(cache)
     for path, feature in saved.items():
-        np.testing.assert_array_equal(feature, reference[path], err_msg=path)
+        # Batches of another size may round differently in oneDNN's kernels (seen: 2.5e-7).
+        np.testing.assert_allclose(feature, reference[path], rtol=1e-5, atol=1e-6, err_msg=path)
     return len(saved)
 
 
@@ -307,7 +308,7 @@ def test_a_damaged_shard_is_named_and_repair_computes_only_its_rows(big_folder, 
     assert main([*arguments, "--repair", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["computed"], summary["repaired"], summary["rows"]) == (10, 10, 50)
-    assert_rows_match(cache, reference) == 50
+    assert assert_rows_match(cache, reference) == 50
 
 
 def test_sigkill_during_compaction_loses_nothing(big_folder, weights_file, tmp_path):
