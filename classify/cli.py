@@ -20,7 +20,7 @@ from classify.heads import HEADS
 from classify.artifacts import load_head
 from classify.scoring import score_images
 from classify.training import HeadWarning, Training, train_head
-from extract import DEFAULT_CACHE, CacheError, ExtractError, UsageError
+from extract import DEFAULT_CACHE, ENGINES, CacheError, ExtractError, UsageError
 from extract.cli import OneLineParser
 
 MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping")
@@ -173,6 +173,10 @@ def build_score_parser() -> OneLineParser:
     add("--output", metavar="FILE", help="write rows to FILE.csv or FILE.jsonl (default: CSV on stdout)")
     add("--format", choices=("csv", "jsonl"), help="output format (default: from --output's extension, else csv)")
     add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
+    add("--engine", choices=ENGINES, default="local",
+        help="local: threads and one model here (default); ray: a Ray Data job over a Ray cluster")
+    add("--ray-address", metavar="ADDRESS",
+        help="with --engine ray: the cluster to join (default: RAY_ADDRESS, else Ray is started here)")
     add("--quiet", action="store_true", help="no progress bar and no summary")
     return parser
 
@@ -188,7 +192,8 @@ def score_main(argv=None) -> int:
         head = load_head(args.head)
         rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
                             cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
-                            batch_size=args.batch_size, progress=not args.quiet)
+                            batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
+                            progress=not args.quiet)
         aside = _aside(args.output) if args.output else None
         stream = open(aside, "w", newline="", encoding="utf-8") if aside else sys.stdout
         with stream if aside else _kept_open(stream):

@@ -13,7 +13,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -22,6 +22,7 @@ from classify.artifacts import LoadedHead, load_head
 from extract import FeatureCache, FeatureConfig, UsageError, fingerprint, list_configs
 from extract.backbone import Backbone
 from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
+from extract.ray_engine import ENGINES, forward, require_ray
 from extract.reader import load_all
 
 
@@ -80,6 +81,8 @@ def score_images(
     top_k: int = 3,
     batch_size: int = 32,
     workers: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
     progress: bool = False,
 ) -> Iterator[ScoreRow]:
     """Score image files, folders (recursively) and `@list.txt` files (a path a line) with
@@ -87,34 +90,71 @@ def score_images(
     checked at the call (the head, its weights, the cache, the options, the lists), raising
     UsageError; then the rows come, one per input image, in input order, holding at most a
     few batches in memory. Features already in `cache` are reused; a cache without the
-    head's configuration is an error unless `cache_required` is False."""
+    head's configuration is an error unless `cache_required` is False. `engine="ray"` reads
+    and computes as a Ray Data job (see `extract.ray_engine`), rows still in input order."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
     for name, value, high in (("--top-k", top_k, MAX_TOP_K), ("--batch-size", batch_size, MAX_BATCH_SIZE)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
+    if engine not in ENGINES:
+        raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
+    if engine == "ray":
+        require_ray()
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
     inputs = list(expand_inputs(paths))  # a broken list is refused before any output
     known = _CachedFeatures(cache, head.fingerprint, cache_required)
-    return _score(inputs, head, config, known, top_k, batch_size, workers, progress)
+    batches = _on_ray(inputs, config, known, batch_size, ray_address) if engine == "ray" else \
+        _on_threads(inputs, config, known, batch_size, workers)
+    return _score(batches, len(inputs), head, known, top_k, progress)
 
 
-def _score(inputs: list[str], head: LoadedHead, config: FeatureConfig, known, top_k: int, batch_size: int,
-           workers: int | None, progress: bool) -> Iterator[ScoreRow]:
-    compute = _LazyBackbone(config)
+def _score(batches: Iterator[list[_Item]], total: int, head: LoadedHead, known, top_k: int,
+           progress: bool) -> Iterator[ScoreRow]:
     try:
         known.open()
-        loaded = load_all(
-            Path(""), (ImageFile(path, "", "", 0, 0) for path in inputs), config.input_size,
-            config.interpolation, known.rows, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
-            draft=config.decode == "draft",
-        )
-        with tqdm(total=len(inputs), unit="img", desc="scoring", disable=None if progress else True) as bar:
-            while batch := list(islice(loaded, batch_size)):
-                yield from _score_batch(batch, head, known, compute, top_k)
+        with tqdm(total=total, unit="img", desc="scoring", disable=None if progress else True) as bar:
+            for batch in batches:
+                yield from _score_batch(batch, head, known, top_k)
                 bar.update(len(batch))
     finally:
+        batches.close()
         known.close()
+
+
+class _Item(NamedTuple):
+    """One input on its way to the head: its features, or the SHA-256 of content the cache
+    holds, or why it failed."""
+
+    path: str
+    error: str | None = None
+    sha256: str | None = None
+    features: np.ndarray | None = None
+
+
+def _on_threads(inputs: list[str], config: FeatureConfig, known, batch_size: int,
+                workers: int | None) -> Iterator[list[_Item]]:
+    """Batches of inputs read by the reader's threads, computed by a backbone in this process."""
+    compute = _LazyBackbone(config)
+    loaded = load_all(
+        Path(""), (ImageFile(path, "", "", 0, 0) for path in inputs), config.input_size,
+        config.interpolation, known, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
+        draft=config.decode == "draft",
+    )
+    while batch := list(islice(loaded, batch_size)):
+        fresh = [item for item in batch if item.pixels is not None and item.error is None]
+        features = dict(zip(map(id, fresh), compute(np.stack([item.pixels for item in fresh])))) if fresh else {}
+        yield [_Item(item.image.path, item.error, item.sha256, features.get(id(item))) for item in batch]
+
+
+def _on_ray(inputs: list[str], config: FeatureConfig, known, batch_size: int,
+            address: str | None) -> Iterator[list[_Item]]:
+    """Batches of inputs read and computed by a Ray Data job, in input order."""
+    known.open()  # the content it holds is not computed again
+    for batch in forward(inputs, config, frozenset(known.rows), batch_size, address=address):
+        yield [_Item(str(path), error or None, sha256 or None, features if key else None)
+               for path, error, sha256, key, features in zip(batch["path"], batch["error"], batch["sha256"],
+                                                             batch["key"], batch["features"])]
 
 
 def expand_inputs(paths: Iterable[str], _lists: tuple[str, ...] = ()) -> Iterator[str]:
@@ -158,25 +198,25 @@ def _read_list(name: str, including: tuple[str, ...]) -> list[str]:
                          f"{error.start}); save it as UTF-8.") from None
 
 
-def _score_batch(batch, head: LoadedHead, known, compute, top_k: int) -> Iterator[ScoreRow]:
-    ok = [i for i, item in enumerate(batch) if item.error is None]
+def _score_batch(batch: list[_Item], head: LoadedHead, known, top_k: int) -> Iterator[ScoreRow]:
+    ok = [item for item in batch if item.error is None]
     features = np.empty((len(ok), *head.info["feature_config"]["feature_shape"]), dtype=np.float32)
-    fresh = [position for position, i in enumerate(ok) if batch[i].pixels is not None]
-    if fresh:
-        features[fresh] = compute(np.stack([batch[ok[position]].pixels for position in fresh]))
-    cached = [position for position, i in enumerate(ok) if batch[i].pixels is None]
+    cached = [position for position, item in enumerate(ok) if item.features is None]
+    for position, item in enumerate(ok):
+        if item.features is not None:
+            features[position] = item.features
     if cached:
-        features[cached] = known.features([batch[ok[position]].sha256 for position in cached])
-    probabilities = head.predict_proba(features, head.fingerprint) if ok else np.empty((0, len(head.classes)))
-    rows = {i: p for i, p in zip(ok, probabilities)}
+        features[cached] = known.features([ok[position].sha256 for position in cached])
+    probabilities = iter(head.predict_proba(features, head.fingerprint) if ok else ())
     classes = head.classes
-    for i, item in enumerate(batch):
-        if i not in rows:
-            yield ScoreRow(item.image.path, "error", error=item.error)
+    for item in batch:
+        if item.error is not None:
+            yield ScoreRow(item.path, "error", error=item.error)
             continue
-        best = np.argsort(-rows[i], kind="stable")[:top_k]
-        top = [(classes[j], float(rows[i][j])) for j in best]
-        yield ScoreRow(item.image.path, "ok", top[0][0], top[0][1], top)
+        row = next(probabilities)
+        best = np.argsort(-row, kind="stable")[:top_k]
+        top = [(classes[j], float(row[j])) for j in best]
+        yield ScoreRow(item.path, "ok", top[0][0], top[0][1], top)
 
 
 class _LazyBackbone:
@@ -209,8 +249,11 @@ class _CachedFeatures:
                 f"(it holds {', '.join(configurations) or 'none'}); leave out --cache or extract with the head's settings."
             )
 
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self.rows
+
     def open(self) -> None:
-        if self.usable:
+        if self.usable and self.cache is None:
             self.cache = FeatureCache(self.path, self.key)
             self.rows = {sha256: row for row, sha256 in enumerate(self.cache.sha256())}
 
@@ -220,3 +263,4 @@ class _CachedFeatures:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+            self.cache = None

@@ -13,6 +13,7 @@ from extract.backbone import cpu_has_bfloat16
 from extract.config import DECODES, DTYPES, POOLINGS, PRECISIONS
 from extract.errors import ExtractError, UsageError
 from extract.layout import LAYOUTS
+from extract.ray_engine import ENGINES
 from extract.reader import INTERPOLATIONS
 from extract.runner import COMPACTIONS, DEFAULT_CACHE, ExtractSummary, extract_features
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compact", choices=COMPACTIONS, default="auto",
         help="after the run, rewrite shards holding dead rows and merge small ones: auto (past thresholds, "
              "the default), full (every such shard) or never")
+    scale = parser.add_argument_group("scale out (Ray: pip install '.[ray]')")
+    scale.add_argument("--engine", choices=ENGINES, default="local",
+                       help="local: threads and one model in this process (default); ray: a Ray Data job over a Ray "
+                            "cluster (the cache must be on a folder every node shares)")
+    scale.add_argument("--ray-address", metavar="ADDRESS",
+                       help="the Ray cluster to join (default: RAY_ADDRESS, else Ray is started here for the run)")
+    scale.add_argument("--ray-actors", type=int, metavar="N", help="backbone actors (default: one per GPU, or 1)")
     add("--strict", action="store_true", help="exit with status 1 if any image failed")
     add("--quiet", action="store_true", help="no progress bar and no summary")
     add("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -107,6 +115,9 @@ def main(argv=None) -> int:
             rebuild=args.rebuild,
             repair=args.repair,
             compact=args.compact,
+            engine=args.engine,
+            ray_address=args.ray_address,
+            ray_actors=args.ray_actors,
             progress=not (args.quiet or args.json),
         )
     except UsageError as error:

@@ -20,6 +20,7 @@ from extract.engine import Engine
 from extract.errors import CacheError, UsageError
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
+from extract.ray_engine import ENGINES, RayEngine, require_ray
 from extract.reader import ViewRequest
 from extract.schema import now, package_versions
 from extract.shards import view_key
@@ -34,6 +35,7 @@ LIMITS = {
     "--workers": (1, 64),  # threads reading and decoding; more only contend for the cores
     "--save-every": (0, 86400),  # seconds: at least one checkpoint a day
     "--augment": (0, 100),  # views per training image; 100 already makes the run 101 times as long
+    "--ray-actors": (1, 1024),  # backbone actors of --engine ray (one per GPU)
 }
 BATCH_PIXELS = 32 * 1024**2  # pixels of one batch: the default 32 images up to 1024 px, fewer above 181 px
 CATALOG_SHARE = 0.05  # at most this share of a run's time goes to catalog commits at its checkpoints
@@ -99,6 +101,9 @@ def extract_features(
     rebuild: bool = False,
     repair: bool = False,
     compact: str = "auto",
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
     progress: bool = True,
 ) -> ExtractSummary:
     """Run every new or changed image of `data_dir` once through the frozen VGG16 base and
@@ -114,7 +119,11 @@ def extract_features(
     A link to a cache is written through (the real file, under its lock); `rebuild=True`
     moves the old cache aside only at the run's first write, so until then it is in place.
     `repair=True` reads every shard whole and computes again the rows of damaged ones;
-    `compact` is "auto" (past the thresholds), "full" or "never"."""
+    `compact` is "auto" (past the thresholds), "full" or "never".
+
+    `engine="ray"` runs the reading and computing as one Ray Data job (see `ray_engine`):
+    on the cluster at `ray_address` (else RAY_ADDRESS, else a Ray started here for the
+    run), with `ray_actors` backbone actors (default: one per GPU, or one)."""
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
@@ -129,6 +138,12 @@ def extract_features(
         )
     if augmentation is not None and augment is None:
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
+    if engine not in ENGINES:
+        raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
+    if engine == "ray":
+        require_ray()
+        if ray_actors is not None:
+            check_range("--ray-actors", ray_actors, *LIMITS["--ray-actors"])
     if compact not in COMPACTIONS:
         raise UsageError(f"Expected --compact to be one of {', '.join(COMPACTIONS)}; received {compact!r}.")
     augmentation = augmentation or Augmentation(seed=seed)
@@ -141,10 +156,13 @@ def extract_features(
         _clean_leftovers(cache)
         run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair, rebuild)
         run.summary.cache = shown
-        engine = Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size)
-        run.engine = engine
+        run.engine = (
+            Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size) if engine == "local"
+            else RayEngine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size,
+                           ray_address, ray_actors)
+        )
         try:
-            engine.run(scan.root, run.reading, run.view_request(), run.view_key,
+            run.engine.run(scan.root, run.reading, run.view_request(), run.view_key,
                        workers or max(2, min(8, os.cpu_count() or 1)), progress)
         except KeyboardInterrupt:
             if not run.writer.rebuild:  # a rebuild not begun has nothing to keep: the old cache stays
@@ -179,7 +197,7 @@ class _Run:
         self.summary.repaired = self.writer.check(repair)
         self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
-        self.engine: Engine | None = None
+        self.engine: Engine | RayEngine | None = None
         self.committed_at = time.monotonic()  # when the catalog was last committed (or the run began)
         self.reading = to_read(scan.images, self.cached, self.missing_views)
 

@@ -43,7 +43,7 @@ class Writer:
         self.folder = self.base / fingerprint
         self.version, self.last_config, self.state = FORMAT_VERSION, None, ConfigState()
         # With `rebuild`, the old cache is read not at all, and moved aside only at the first
-        # write (`_begin`): until then (TensorFlow's start takes seconds) it stays in place.
+        # write (`begin`): until then (TensorFlow's start takes seconds) it stays in place.
         self.rebuild = rebuild and (path.exists() or self.base.exists())
         self.changed = False  # whether this writer committed, or found what an interrupted run left
         self.relocated = False  # whether where features are differs from what the catalog says
@@ -80,7 +80,7 @@ class Writer:
         """Whether there is no catalog of this writer's yet (none, or one a rebuild replaces)."""
         return self.rebuild or not self.path.exists()
 
-    def _begin(self) -> None:
+    def begin(self) -> None:
         """Before the first write of a rebuild: move the old cache aside."""
         if self.rebuild:
             move_aside(self.path)
@@ -91,9 +91,17 @@ class Writer:
         return key in self.state.located or key in self.pending
 
     def append(self, keys: list[str], features: np.ndarray) -> None:
-        self._begin()
+        self.begin()
         self.pending.append(keys, features)
         self.pending_bytes += features.nbytes
+
+    def take_shard(self, shard: ShardInfo, keys: list[str]) -> None:
+        """Take up a shard of this configuration written by another process (a Ray task)
+        for this run: its keys are stored there unless stored already."""
+        self.state.shards[shard.path] = shard
+        for row, key in enumerate(keys):
+            self.state.located.setdefault(key, (shard.path, row))
+        self.changed = True
 
     def check(self, repair: bool) -> int:
         """Refuse damaged shards, naming the first and the way out; with `repair`, read
@@ -127,7 +135,7 @@ class Writer:
     def commit(self, state: ConfigState) -> None:
         """Store `state` (rows, failures, views, attrs; where features are is the writer's):
         pending batches become a shard, then the catalog is replaced."""
-        self._begin()
+        self.begin()
         if self.version < 2:
             upgrade_v1(self.path)
             self.version = 2
@@ -144,7 +152,7 @@ class Writer:
     def flush(self) -> None:
         """Write the pending batches as one new shard (a checkpoint between commits: the
         catalog does not point at it yet, and after a kill the next writer adopts it)."""
-        self._begin()
+        self.begin()
         self.pending.open()  # a batch a Ctrl-C cut off after it reached the disk is in it too
         new = [key for key in self.pending.index if key not in self.state.located]
         if new:

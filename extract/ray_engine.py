@@ -1,0 +1,398 @@
+"""The Ray engine (`--engine ray`): the local engine's work as one Ray Data job, on one
+machine or a cluster of many, with or without GPUs.
+
+The driver plans as for the local engine (`runner`); Ray Data streams the rest:
+
+    images -> read tasks: `reader.load` (read, hash, decode, resize, views; failures are rows;
+              what the cache already has, by content, is hashed and not decoded)
+           -> the backbone in a pool of actors (`Backbone`, built in each actor from the
+              weights file; one GPU per actor where there are GPUs)
+           -> write tasks: each writes its rows as one immutable shard in the cache's folder
+           -> the driver: only keys and shard facts come back; it takes each shard up and
+              commits the catalog at checkpoints, as the local engine does.
+
+So the cache's folder must be one every worker can write (a shared filesystem on a
+cluster); `check_shared` proves it before the job starts. A driver killed at any moment
+leaves complete shards, which the next run (with either engine) adopts.
+
+`forward` is the first two stages alone, in input order, for `score-images --engine ray`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from extract.config import FeatureConfig
+from extract.errors import CacheError, ExtractError, UsageError
+from extract.layout import ImageFile
+from extract.reader import ViewRequest, load
+from extract.shards import ShardInfo, view_key, write_shard
+from extract.writer import TARGET_SHARD_BYTES, Writer
+
+ENGINES = ("local", "ray")
+INSTALL = "pip install 'bottleneck-features[ray]' (in a checkout: pip install '.[ray]')"
+
+
+def require_ray() -> None:
+    """Refuse --engine ray in one line where Ray is not installed."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--engine ray needs Ray Data, which is not installed: {INSTALL}.") from None
+
+
+def connect(address: str | None = None) -> bool:
+    """Join the Ray cluster at `address` (else `RAY_ADDRESS`), or start Ray on this machine
+    when neither is set, as Ray's own tools do. Returns whether this call started Ray
+    here (the caller then stops it with `ray.shutdown()`)."""
+    require_ray()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        ray.shutdown()
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UsageError(
+            f"Cannot connect to the Ray cluster at {address!r} ({first}); check --ray-address or RAY_ADDRESS "
+            f"(`ray status` there says whether it runs)."
+        ) from None
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notes of each job's start and end
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver shows one bar, in images
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    return address is None
+
+
+@contextlib.contextmanager
+def session(address: str | None = None):
+    """Ray connected for the duration, and stopped afterwards if this process started it."""
+    started = connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def check_shared(folder: Path) -> None:
+    """Refuse, in one line, a shard folder that some node of the cluster cannot write or
+    does not share with the driver: the driver writes a marker there, and a task pinned to
+    every alive node must find it and write beside it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".shared-{uuid.uuid4().hex}"
+    marker.write_text("written by the driver\n")
+    try:
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+        answers = ray.get([
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(marker))
+            for node in nodes
+        ])
+    finally:
+        marker.unlink(missing_ok=True)
+    for node, why in zip(nodes, answers):
+        if why:
+            raise UsageError(
+                f"Expected the cache's shard folder {str(folder)!r} to be shared by every Ray node; on node "
+                f"{node.get('NodeManagerAddress')} {why}. Put --cache on a filesystem every node mounts at the same path."
+            )
+
+
+def _probe(marker: str) -> str | None:
+    """On one node: whether the driver's marker is there and a file can be written beside it."""
+    if not os.path.isfile(marker):
+        return "it does not exist (a folder of that node's own, not the driver's)"
+    beside = f"{marker}.{os.getpid()}"
+    try:
+        with open(beside, "w") as file:
+            file.write("written by a worker\n")
+        os.unlink(beside)
+    except OSError as error:
+        return f"it cannot be written ({error.strerror or error})"
+    return None
+
+
+class RayEngine:
+    """The `engine.Engine` contract (`run`, then `read`, `failures` and the counts), on Ray."""
+
+    def __init__(self, config: FeatureConfig, writer: Writer, cached_sha256: Callable[[str], str | None],
+                 checkpoint: Callable[[], None], save_every: float, batch_size: int, address: str | None = None,
+                 actors: int | None = None):
+        self.config, self.writer, self.cached_sha256 = config, writer, cached_sha256
+        self.checkpoint, self.save_every, self.batch_size = checkpoint, save_every, batch_size
+        self.address, self.actors = address, actors
+        self.read: dict[str, str] = {}
+        self.failures: list[tuple[str, str]] = []
+        self.computed = self.views_computed = self.reused = 0
+        self.device: str | None = None
+        self.images_per_second = 0.0
+        self._shards: dict[str, dict[int, str]] = {}  # shard -> its rows come so far (row -> key)
+
+    def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, view_key, workers: int,
+            progress: bool) -> None:
+        if not images:
+            return
+        with session(self.address):
+            self._run(root, images, views, progress)
+
+    def _run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, progress: bool) -> None:
+        import ray
+
+        writer, config = self.writer, self.config
+        writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
+        check_shared(writer.folder)
+        known = ray.put(frozenset(writer.state.located) | frozenset(writer.pending.index))
+        wanted = _Wanted(views.augmentation, views.per_image) if views else None
+        row_bytes = int(np.prod(config.feature_shape)) * np.dtype(config.dtype).itemsize
+        dataset = stream(root, images, config, known, wanted, self.batch_size, self.actors).map_batches(
+            _write, batch_size=max(1, TARGET_SHARD_BYTES // row_bytes), batch_format="numpy",
+            fn_kwargs=dict(folder=str(writer.folder), base=str(writer.base), fingerprint=writer.fingerprint,
+                           shape=tuple(config.feature_shape), dtype=config.dtype),
+        )
+        started = last_save = time.perf_counter()
+        bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
+        with bar, _job_errors():
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(self._take(batch))
+                if writer.new or time.perf_counter() - last_save >= self.save_every:
+                    self.checkpoint()  # the first commits the catalog: from then on there is a cache that opens
+                    last_save = time.perf_counter()
+        elapsed = time.perf_counter() - started
+        if self.computed + self.views_computed and elapsed > 0:
+            self.images_per_second = round((self.computed + self.views_computed) / elapsed, 2)
+
+    def _take(self, batch: dict[str, np.ndarray]) -> int:
+        """Take up one batch of finished rows: each shard once all its rows have come, then
+        what each image read. Returns the number of images in the batch."""
+        for key, shard, row, rows, size, identity in zip(batch["key"], batch["shard"], batch["shard_row"],
+                                                        batch["shard_rows"], batch["shard_bytes"], batch["shard_uuid"]):
+            if shard:
+                keys = self._shards.setdefault(shard, {})
+                keys[int(row)] = key
+                if len(keys) == rows:
+                    self.writer.take_shard(ShardInfo(shard, int(rows), int(size), identity),
+                                           [keys[i] for i in range(int(rows))])
+                    del self._shards[shard]
+        images = 0
+        for path, sha256, error, key, device in zip(batch["path"], batch["sha256"], batch["error"], batch["key"],
+                                                    batch["device"]):
+            if device:
+                self.device = device
+            if key:
+                if "/" in key:
+                    self.views_computed += 1
+                else:
+                    self.computed += 1
+            if not path:
+                continue  # a view's row
+            images += 1
+            if error:
+                self.failures.append((path, error))
+            elif not key and self.cached_sha256(path) != sha256:
+                self.reused += 1
+            if not error:
+                self.read[path] = sha256
+        return images
+
+
+def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known=frozenset(), wanted=None,
+           batch_size: int = 32, actors: int | None = None):
+    """The Ray Data dataset of read tasks feeding a pool of backbone actors: one row per
+    image (path, sha256, error, key, features, device) and one per view computed (its
+    `key`, no path). `key` is empty where nothing was computed: an error, or content
+    in `known` (a set, or a Ray reference to one)."""
+    import ray
+
+    items = [{"path": image.path, "label": image.label, "split": image.split} for image in images]
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    pool = actors or max(1, gpus)
+    # The reads are tasks and the backbone an actor pool that says how much memory it needs
+    # (which also keeps Ray Data from fusing the reads into the actors, as it does when the
+    # resources of a task stage and the next actor stage match).
+    return ray.data.from_items(items).map_batches(
+        _read, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        fn_kwargs=dict(root=str(root), config=config, known=known, wanted=wanted),
+    ).map_batches(
+        Forward, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=dict(config=config),
+        compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=1,
+        memory=actor_memory(config, batch_size),
+    )
+
+
+def actor_memory(config: FeatureConfig, batch_size: int) -> int:
+    """Bytes a backbone actor needs: TensorFlow and the weights (~1 GiB), plus a batch's
+    largest activations (VGG16's first block: two maps of 64 channels at full size, float32)."""
+    return 2**30 + 2 * batch_size * config.input_size**2 * 64 * 4
+
+
+def forward(paths: list[str], config: FeatureConfig, known=frozenset(), batch_size: int = 32,
+            actors: int | None = None, address: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `stream` over image paths (relative to the current folder), in input
+    order, on the Ray cluster at `address` (as `connect`); `features` holds a row's
+    features where `key` is set (content in `known` is hashed, not computed)."""
+    with session(address):
+        import ray
+
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        dataset = stream(Path(""), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known), None,
+                         batch_size, actors)
+        with _job_errors():
+            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class _Wanted:
+    """Which views of an image to compute (`reader.ViewRequest.missing`), picklable: the
+    views 1..K of a training image whose keys are not in `known`."""
+
+    def __init__(self, augmentation, per_image: int):
+        self.augmentation, self.per_image, self.known = augmentation, per_image, frozenset()
+
+    def request(self, known) -> ViewRequest:
+        self.known = known
+        return ViewRequest(self.augmentation, self._missing, self.per_image)
+
+    def _missing(self, image: ImageFile, sha256: str) -> list[int]:
+        if image.split != "train":
+            return []
+        name = self.augmentation.fingerprint
+        return [view for view in range(1, self.per_image + 1) if view_key(sha256, name, view) not in self.known]
+
+
+_KNOWN: dict = {}  # per worker process: the known set of the job, fetched once
+
+
+def _known(known):
+    import ray
+
+    if not isinstance(known, ray.ObjectRef):
+        return known
+    if known.hex() not in _KNOWN:
+        _KNOWN.clear()
+        _KNOWN[known.hex()] = ray.get(known)
+    return _KNOWN[known.hex()]
+
+
+def _read(batch: dict, root: str, config: FeatureConfig, known, wanted: _Wanted | None) -> dict:
+    """A read task: `reader.load` each image of the batch; an image's row, then its views'."""
+    known = _known(known)
+    views = wanted.request(known) if wanted else None
+    rows = {"path": [], "sha256": [], "error": [], "key": [], "pixels": []}
+
+    def add(path, sha256, error, key, pixels):
+        for column, value in zip(rows, (path, sha256, error, key, pixels)):
+            rows[column].append(value)
+
+    empty = np.zeros((0, 0, 3), np.float32)
+    for path, label, split in zip(batch["path"], batch["label"], batch["split"]):
+        loaded = load(Path(root), ImageFile(str(path), str(label), str(split), 0, 0), config.input_size,
+                      config.interpolation, known, views, config.decode == "draft")
+        fresh = loaded.pixels is not None and not loaded.error and loaded.sha256 not in known
+        add(str(path), loaded.sha256 or "", loaded.error or "", loaded.sha256 if fresh else "",
+            loaded.pixels.astype(np.float32) if fresh else empty)
+        for view, pixels in loaded.views.items():
+            add("", loaded.sha256, "", view_key(loaded.sha256, wanted.augmentation.fingerprint, view), pixels)
+    return _columns(rows)
+
+
+class Forward:
+    """A backbone actor: the model is built here, from the weights file, once per actor."""
+
+    def __init__(self, config: FeatureConfig):
+        from extract.backbone import Backbone  # sets TensorFlow's GPU memory growth before anything else
+
+        self.backbone = Backbone(config)
+        self.empty = np.zeros((0,) * len(config.feature_shape), np.dtype(config.dtype))
+
+    def __call__(self, batch: dict) -> dict:
+        keys = batch["key"]
+        fresh = [i for i, key in enumerate(keys) if key]
+        features = [self.empty] * len(keys)
+        if fresh:
+            computed = self.backbone(np.stack([batch["pixels"][i] for i in fresh]))
+            for i, row in zip(fresh, computed):
+                features[i] = row
+        batch = {name: column for name, column in batch.items() if name != "pixels"}
+        batch["features"] = _tensor_column(features)
+        batch["device"] = np.array([self.backbone.device if key else "" for key in keys], dtype=object)
+        return batch
+
+
+def _write(batch: dict, folder: str, base: str, fingerprint: str, shape: tuple, dtype: str) -> dict:
+    """A write task: the batch's computed rows become one shard (a key twice, once)."""
+    keys = batch["key"]
+    first = {}
+    for i, key in enumerate(keys):
+        if key and key not in first:
+            first[key] = i
+    n = len(keys)
+    out = {name: batch[name] for name in ("path", "sha256", "error", "key", "device")}
+    out.update(shard=np.full(n, "", dtype=object), shard_row=np.zeros(n, np.int64), shard_rows=np.zeros(n, np.int64),
+               shard_bytes=np.zeros(n, np.int64), shard_uuid=np.full(n, "", dtype=object))
+    if first:
+        order = list(first.values())
+        shard = write_shard(Path(folder), Path(base), fingerprint, list(first), lambda a, b: np.stack(
+            [batch["features"][i] for i in order[a:b]]), shape, dtype)
+        for row, i in enumerate(order):
+            out["shard"][i], out["shard_row"][i], out["shard_uuid"][i] = shard.path, row, shard.uuid
+            out["shard_rows"][i], out["shard_bytes"][i] = shard.rows, shard.bytes
+    return out
+
+
+def _columns(rows: dict[str, list]) -> dict[str, np.ndarray]:
+    columns = {name: np.array(values, dtype=object) for name, values in rows.items() if name != "pixels"}
+    columns["pixels"] = _tensor_column(rows["pixels"])
+    return columns
+
+
+def _tensor_column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array of arrays of possibly different shapes (Ray Data's variable-shaped tensors)."""
+    column = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        column[i] = array
+    return column
+
+
+@contextlib.contextmanager
+def _job_errors():
+    """A failed Ray job as the project's own error: the first ExtractError among the
+    causes (a full disk in a write task), else one line naming the job's failure."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except ExtractError:
+        raise
+    except Exception as error:
+        cause = error
+        while cause is not None:
+            if isinstance(cause, ExtractError):
+                raise type(cause)(str(cause)) from None
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+            if cause is error:
+                break
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise CacheError(f"The Ray job failed ({(lines[-1] if lines else type(error).__name__)[:300]}); "
+                         f"every shard written before is kept. Run the same command again.") from None

@@ -1,0 +1,218 @@
+"""`--engine ray`: a Ray started by the command itself, and a real two-node cluster started
+by Ray's own test harness; the features, failures and views equal the local engine's.
+Every Ray a test starts is stopped through Ray's API (the command's own `ray.shutdown`,
+the fixture's `cluster.shutdown()`)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SIZE, make_dataset, make_image
+from extract import FeatureCache
+from extract.ray_engine import _probe
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]' (make test installs it)")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+TIMEOUT = 300
+SCORE = "import sys; sys.argv[0] = 'score-images'; from classify.cli import run_score; run_score()"
+
+
+def extract(data, cache, weights_file, *extra, env=None, driver=None):
+    arguments = [str(data), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE),
+                 "--pooling", "avg", "--json", *map(str, extra)]
+    return subprocess.run([*(driver or [sys.executable, "-m", "extract.cli"]), *arguments], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=env)
+
+
+def summary(done) -> dict:
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def on_cluster(address: str) -> dict:
+    return dict(os.environ, RAY_ADDRESS=address)
+
+
+def contents(cache: Path) -> dict:
+    """Everything a cache says of its configuration: rows (path -> sha256, label, split,
+    features), failures, and the views (sha256, view -> features)."""
+    with FeatureCache(cache) as opened:
+        rows = {
+            str(path): (sha256, str(label), str(split), feature)
+            for path, sha256, label, split, feature in zip(
+                opened.paths(), opened.sha256(), opened.labels(), opened.splits(), opened.features())
+        }
+        views = opened.views()
+        hashes = opened.sha256()
+        by_view = {} if views is None else {
+            (hashes[row], int(view)): feature for row, view, feature in zip(views.row, views.view, views.features)
+        }
+        return {"rows": rows, "failures": sorted(map(tuple, opened.failures())), "views": by_view}
+
+
+def assert_same(ray_cache: Path, local_cache: Path) -> None:
+    got, expected = contents(ray_cache), contents(local_cache)
+    assert got["failures"] == expected["failures"]
+    assert got["rows"].keys() == expected["rows"].keys()
+    for path, (sha256, label, split, feature) in expected["rows"].items():
+        assert got["rows"][path][:3] == (sha256, label, split), path
+        np.testing.assert_allclose(got["rows"][path][3], feature, rtol=1e-5, atol=1e-6, err_msg=path)
+    assert got["views"].keys() == expected["views"].keys()
+    for key, feature in expected["views"].items():
+        np.testing.assert_allclose(got["views"][key], feature, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+@pytest.fixture(scope="module")
+def hostile_data(tmp_path_factory, weights_file):
+    """Images with a corrupt one, a FIFO named like an image and a copy of another image's
+    content; and the local engine's cache of them, with two views per training image."""
+    root = tmp_path_factory.mktemp("ray")
+    data = root / "data"
+    make_dataset(data, per_class=6)
+    (data / "train" / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    os.mkfifo(data / "train" / "dog" / "pipe.jpg")
+    (data / "validation" / "dog" / "copy.png").write_bytes((data / "train" / "cat" / "0.png").read_bytes())
+    local = summary(extract(data, root / "local.h5", weights_file, "--augment", "2"))
+    assert local["failed"] == 2 and local["views"] > 0
+    return data, root / "local.h5", local
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real two-node Ray cluster on this machine (a head and one more node, one CPU each)."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_a_ray_started_here_gives_the_local_engines_features_failures_and_views(hostile_data, weights_file, tmp_path):
+    data, local_cache, local = hostile_data
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = summary(extract(data, tmp_path / "ray.h5", weights_file, "--augment", "2", "--engine", "ray", env=env))
+    assert (done["rows"], done["failed"], done["views"]) == (local["rows"], local["failed"], local["views"])
+    # The copy's content may go through VGG16 twice (its reads are in different tasks), stored once.
+    assert local["computed"] <= done["computed"] <= local["computed"] + 1
+    assert done["views_computed"] == local["views_computed"]
+    assert done["device"] == "CPU"
+    assert_same(tmp_path / "ray.h5", local_cache)
+
+
+def test_a_two_node_cluster_gives_the_same_and_a_rerun_computes_nothing(hostile_data, weights_file, cluster, tmp_path):
+    data, local_cache, local = hostile_data
+    env = on_cluster(cluster.address)
+    first = summary(extract(data, tmp_path / "ray.h5", weights_file, "--augment", "2", "--engine", "ray", env=env))
+    assert first["rows"] == local["rows"] and first["failed"] == 2
+    assert_same(tmp_path / "ray.h5", local_cache)
+    again = summary(extract(data, tmp_path / "ray.h5", weights_file, "--engine", "ray", env=env))
+    assert (again["computed"], again["views_computed"], again["rows"]) == (0, 0, local["rows"])
+    assert_same(tmp_path / "ray.h5", local_cache)
+
+
+def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_file, cluster, tmp_path):
+    """Shards of four rows (set in the driver's process only), the driver killed once two
+    exist; the next run, with the local engine, computes only what no complete shard holds
+    and ends with the features of an uninterrupted run."""
+    data = tmp_path / "data"
+    for i in range(40):
+        make_image(data / f"{i:02d}.png", seed=i)
+    reference = summary(extract(data, tmp_path / "reference.h5", weights_file))
+    shards = tmp_path / "c.h5.shards"
+    small_shards = [sys.executable, "-c",
+                    "import sys, extract.ray_engine as engine; engine.TARGET_SHARD_BYTES = 4 * 512 * 4; "
+                    "sys.argv[0] = 'extract-features'; from extract.cli import run; run()"]
+    arguments = [str(data), "--cache", str(tmp_path / "c.h5"), "--weights", str(weights_file), "--input-size",
+                 str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "4", "--quiet"]
+    process = subprocess.Popen([*small_shards, *arguments], env=on_cluster(cluster.address),
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(shards.glob("*/*.h5"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    written = len(list(shards.glob("*/*.h5")))
+    assert written >= 2
+    rerun = summary(extract(data, tmp_path / "c.h5", weights_file))
+    assert rerun["computed"] <= 40 - 8 and rerun["rows"] == 40
+    assert_same(tmp_path / "c.h5", tmp_path / "reference.h5")
+    assert reference["rows"] == 40
+
+
+def test_ctrl_c_stops_the_job_in_one_line_and_keeps_what_is_done(weights_file, cluster, tmp_path):
+    data = tmp_path / "data"
+    for i in range(40):
+        make_image(data / f"{i:02d}.png", seed=i)
+    arguments = [str(data), "--cache", str(tmp_path / "c.h5"), "--weights", str(weights_file), "--input-size",
+                 str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "4", "--quiet"]
+    process = subprocess.Popen([sys.executable, "-m", "extract.cli", *arguments], env=on_cluster(cluster.address),
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "c.h5.shards").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 130, err
+    assert err.count("\n") == 1 and "interrupted" in err, err
+    finished = summary(extract(data, tmp_path / "c.h5", weights_file))
+    assert finished["rows"] == 40
+
+
+def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, weights_file, cluster, tmp_path):
+    data, local_cache, _ = hostile_data
+    from classify import train_head
+
+    train_head(local_cache, head="logreg", out=tmp_path / "head")
+    inputs = [str(path) for path in sorted(data.rglob("*.png"))][::-1] + [str(data / "train" / "dog" / "pipe.jpg")]
+
+    def score(*extra, env=None):
+        done = subprocess.run([sys.executable, "-c", SCORE, *inputs, "--head", str(tmp_path / "head"),
+                               "--weights", str(weights_file), "--format", "jsonl", "--quiet", *extra],
+                              capture_output=True, text=True, timeout=TIMEOUT, env=env)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    local = score()
+    remote = score("--engine", "ray", env=on_cluster(cluster.address))
+    assert [row["path"] for row in remote] == inputs == [row["path"] for row in local]
+    assert [row["status"] for row in remote] == [row["status"] for row in local]
+    assert sum(row["status"] == "error" for row in remote) == 2  # the corrupt image and the FIFO
+    for got, expected in zip(remote, local):
+        assert got["label"] == expected["label"]
+        if expected["probability"] is not None:
+            assert got["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+
+
+def test_without_ray_installed_the_engine_is_refused_in_one_line(dataset, tmp_path, weights_file):
+    no_ray = [sys.executable, "-c",
+              "import sys; sys.modules['ray'] = None; sys.argv[0] = 'extract-features'; "
+              "from extract.cli import run; run()"]
+    done = extract(dataset, tmp_path / "c.h5", weights_file, "--engine", "ray", driver=no_ray)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "pip install" in done.stderr and "[ray]" in done.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_folder_a_node_does_not_share_is_named(tmp_path):
+    """What a node answers about the cache's folder (`check_shared` asks every node)."""
+    marker = tmp_path / ".shared-1"
+    assert "does not exist" in _probe(str(marker))
+    marker.write_text("")
+    assert _probe(str(marker)) is None
+    tmp_path.chmod(0o555)
+    try:
+        if os.access(tmp_path, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        assert "cannot be written" in _probe(str(marker))
+    finally:
+        tmp_path.chmod(0o755)
