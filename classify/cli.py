@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -186,24 +187,26 @@ def score_main(argv=None) -> int:
     kind = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
     counts = {"ok": 0, "error": 0}
     aside = None
+    stdout = sys.stdout  # the rows go here; what libraries print meanwhile (Ray: "a worker died") to stderr
     try:  # everything is checked before --output is touched
-        if not args.output and sys.stdout is None:
-            raise UsageError("stdout is closed; pass --output FILE.")
-        head = load_head(args.head)
-        rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
-                            cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
-                            batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
-                            progress=not args.quiet)
-        aside = _aside(args.output) if args.output else None
-        stream = open(aside, "w", newline="", encoding="utf-8") if aside else sys.stdout
-        with stream if aside else _kept_open(stream):
-            write = _row_writer(stream, kind, min(args.top_k, len(head.classes)), terminal=_is_terminal(stream))
-            for row in rows:
-                write(row)
-                counts[row.status] += 1
-        if aside:
-            os.replace(aside, args.output)
-            aside = None
+        with contextlib.redirect_stdout(sys.stderr):
+            if not args.output and stdout is None:
+                raise UsageError("stdout is closed; pass --output FILE.")
+            head = load_head(args.head)
+            rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
+                                cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
+                                batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
+                                progress=not args.quiet)
+            aside = _aside(args.output) if args.output else None
+            stream = open(aside, "w", newline="", encoding="utf-8") if aside else stdout
+            with stream if aside else _kept_open(stream):
+                write = _row_writer(stream, kind, min(args.top_k, len(head.classes)), terminal=_is_terminal(stream))
+                for row in rows:
+                    write(row)
+                    counts[row.status] += 1
+            if aside:
+                os.replace(aside, args.output)
+                aside = None
     except (UsageError, CacheError) as error:
         return _fail(error, 2, "score-images")
     except ExtractError as error:

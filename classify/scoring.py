@@ -98,8 +98,10 @@ def score_images(
             raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
     if engine not in ENGINES:
         raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
+    if engine == "local" and ray_address:
+        raise UsageError("--ray-address needs --engine ray.")
     if engine == "ray":
-        require_ray()
+        require_ray(ray_address)
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
     inputs = list(expand_inputs(paths))  # a broken list is refused before any output

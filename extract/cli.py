@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -94,32 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = extract_features(
-            args.data_dir,
-            args.cache,
-            input_size=args.input_size,
-            interpolation=args.interpolation,
-            pooling=args.pooling,
-            weights=args.weights,
-            seed=args.seed,
-            precision=args.precision,
-            dtype=args.dtype,
-            decode=args.decode,
-            layout=args.layout,
-            validation_percent=args.validation_percent,
-            augment=args.augment,
-            augmentation=_augmentation(args),
-            batch_size=args.batch_size,
-            workers=args.workers,
-            save_every=args.save_every,
-            rebuild=args.rebuild,
-            repair=args.repair,
-            compact=args.compact,
-            engine=args.engine,
-            ray_address=args.ray_address,
-            ray_actors=args.ray_actors,
-            progress=not (args.quiet or args.json),
-        )
+        # What libraries print while it runs (Ray: "a worker died") goes to stderr: stdout is for --json.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = extract_features(
+                args.data_dir,
+                args.cache,
+                input_size=args.input_size,
+                interpolation=args.interpolation,
+                pooling=args.pooling,
+                weights=args.weights,
+                seed=args.seed,
+                precision=args.precision,
+                dtype=args.dtype,
+                decode=args.decode,
+                layout=args.layout,
+                validation_percent=args.validation_percent,
+                augment=args.augment,
+                augmentation=_augmentation(args),
+                batch_size=args.batch_size,
+                workers=args.workers,
+                save_every=args.save_every,
+                rebuild=args.rebuild,
+                repair=args.repair,
+                compact=args.compact,
+                engine=args.engine,
+                ray_address=args.ray_address,
+                ray_actors=args.ray_actors,
+                progress=not (args.quiet or args.json),
+            )
     except UsageError as error:
         return _fail(error, 2)
     except ExtractError as error:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -39,23 +40,29 @@ from extract.shards import ShardInfo, view_key, write_shard
 from extract.writer import TARGET_SHARD_BYTES, Writer
 
 ENGINES = ("local", "ray")
+CONNECT_SECONDS = 10
 INSTALL = "pip install 'bottleneck-features[ray]' (in a checkout: pip install '.[ray]')"
 
 
-def require_ray() -> None:
-    """Refuse --engine ray in one line where Ray is not installed."""
+def require_ray(address: str | None = None) -> None:
+    """Refuse --engine ray in one line where Ray is not installed, or where the cluster
+    `address` (else RAY_ADDRESS) names does not answer."""
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
     except ImportError:
         raise UsageError(f"--engine ray needs Ray Data, which is not installed: {INSTALL}.") from None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _reachable(address)
 
 
 def connect(address: str | None = None) -> bool:
     """Join the Ray cluster at `address` (else `RAY_ADDRESS`), or start Ray on this machine
-    when neither is set, as Ray's own tools do. Returns whether this call started Ray
-    here (the caller then stops it with `ray.shutdown()`)."""
-    require_ray()
+    when neither is set, as Ray's own tools do. Returns whether this call connected (False
+    when Ray was connected already); the caller then disconnects with `ray.shutdown()`,
+    which also stops a Ray this call started."""
+    require_ray(address)
     import ray
 
     if ray.is_initialized():
@@ -71,33 +78,48 @@ def connect(address: str | None = None) -> bool:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UsageError(
             f"Cannot connect to the Ray cluster at {address!r} ({first}); check --ray-address or RAY_ADDRESS "
-            f"(`ray status` there says whether it runs)."
+            f"(`ray status` on the head node says whether it runs)."
         ) from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notes of each job's start and end
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar, in images
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
-    return address is None
+    return True
+
+
+def _reachable(address: str) -> None:
+    """Refuse at once a cluster address nothing answers at (`ray.init` waits for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray's own ways of finding a cluster
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise UsageError(
+            f"Cannot connect to the Ray cluster at {address!r} ({error.strerror or error}); check --ray-address or "
+            f"RAY_ADDRESS (`ray status` on the head node says whether it runs)."
+        ) from None
 
 
 @contextlib.contextmanager
 def session(address: str | None = None):
-    """Ray connected for the duration, and stopped afterwards if this process started it."""
-    started = connect(address)
+    """Ray connected for the duration, then disconnected (and stopped, if started here)."""
+    connected = connect(address)
     try:
         yield
     finally:
-        if started:
+        if connected:
             import ray
 
             ray.shutdown()
 
 
-def check_shared(folder: Path) -> None:
+def check_shared(folder: Path, sample: Path | None = None) -> None:
     """Refuse, in one line, a shard folder that some node of the cluster cannot write or
-    does not share with the driver: the driver writes a marker there, and a task pinned to
-    every alive node must find it and write beside it."""
+    does not share with the driver (the driver writes a marker there; a task pinned to
+    every alive node must find it and write beside it), or an image (`sample`, one of
+    DATA_DIR's) that some node cannot see at the driver's path."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -108,7 +130,8 @@ def check_shared(folder: Path) -> None:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
         answers = ray.get([
-            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(marker))
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+                str(marker), sample and str(sample))
             for node in nodes
         ])
     finally:
@@ -116,22 +139,25 @@ def check_shared(folder: Path) -> None:
     for node, why in zip(nodes, answers):
         if why:
             raise UsageError(
-                f"Expected the cache's shard folder {str(folder)!r} to be shared by every Ray node; on node "
-                f"{node.get('NodeManagerAddress')} {why}. Put --cache on a filesystem every node mounts at the same path."
+                f"Expected DATA_DIR and the cache's folder at the same paths on every Ray node; on node "
+                f"{node.get('NodeManagerAddress')} {why}. Put both on a filesystem every node mounts at the same path."
             )
 
 
-def _probe(marker: str) -> str | None:
-    """On one node: whether the driver's marker is there and a file can be written beside it."""
+def _probe(marker: str, sample: str | None = None) -> str | None:
+    """On one node: whether the driver's marker is there and a file can be written beside
+    it, and whether the sample image is there. None if all is well, else why not."""
+    if sample and not os.path.exists(sample):
+        return f"the image {sample!r} does not exist"
     if not os.path.isfile(marker):
-        return "it does not exist (a folder of that node's own, not the driver's)"
+        return f"the shard folder {os.path.dirname(marker)!r} is not the driver's (its marker is not there)"
     beside = f"{marker}.{os.getpid()}"
     try:
         with open(beside, "w") as file:
             file.write("written by a worker\n")
         os.unlink(beside)
     except OSError as error:
-        return f"it cannot be written ({error.strerror or error})"
+        return f"the shard folder {os.path.dirname(marker)!r} cannot be written ({error.strerror or error})"
     return None
 
 
@@ -162,8 +188,7 @@ class RayEngine:
         import ray
 
         writer, config = self.writer, self.config
-        writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
-        check_shared(writer.folder)
+        root = root.absolute()  # the workers' current folder is not the driver's
         known = ray.put(frozenset(writer.state.located) | frozenset(writer.pending.index))
         wanted = _Wanted(views.augmentation, views.per_image) if views else None
         row_bytes = int(np.prod(config.feature_shape)) * np.dtype(config.dtype).itemsize
@@ -172,6 +197,8 @@ class RayEngine:
             fn_kwargs=dict(folder=str(writer.folder), base=str(writer.base), fingerprint=writer.fingerprint,
                            shape=tuple(config.feature_shape), dtype=config.dtype),
         )
+        writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
+        check_shared(writer.folder, root / images[0].path)
         started = last_save = time.perf_counter()
         bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
         with bar, _job_errors():
@@ -227,8 +254,16 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
     import ray
 
     items = [{"path": image.path, "label": image.label, "split": image.split} for image in images]
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     pool = actors or max(1, gpus)
+    if gpus and pool > gpus:
+        raise UsageError(f"Expected --ray-actors at most {gpus}, the GPUs of the Ray cluster (one each); received {pool}.")
+    if not gpus and pool >= cpus:
+        raise UsageError(
+            f"Expected --ray-actors below the Ray cluster's {cpus} CPUs (one each, and one at least for the read "
+            f"tasks); received {pool}. Lower --ray-actors, or add a node."
+        )
     # The reads are tasks and the backbone an actor pool that says how much memory it needs
     # (which also keeps Ray Data from fusing the reads into the actors, as it does when the
     # resources of a task stage and the next actor stage match).
@@ -257,8 +292,8 @@ def forward(paths: list[str], config: FeatureConfig, known=frozenset(), batch_si
         import ray
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        dataset = stream(Path(""), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known), None,
-                         batch_size, actors)
+        dataset = stream(Path.cwd(), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known),
+                         None, batch_size, actors)
         with _job_errors():
             yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -296,25 +331,25 @@ def _known(known):
 
 
 def _read(batch: dict, root: str, config: FeatureConfig, known, wanted: _Wanted | None) -> dict:
-    """A read task: `reader.load` each image of the batch; an image's row, then its views'."""
+    """A read task: `reader.load` each image of the batch; an image's row, then its views'.
+    Pixels travel as they are made: an image's as uint8, a view's as float32 (`view`)."""
     known = _known(known)
     views = wanted.request(known) if wanted else None
-    rows = {"path": [], "sha256": [], "error": [], "key": [], "pixels": []}
-
-    def add(path, sha256, error, key, pixels):
-        for column, value in zip(rows, (path, sha256, error, key, pixels)):
-            rows[column].append(value)
-
-    empty = np.zeros((0, 0, 3), np.float32)
+    rows = {"path": [], "sha256": [], "error": [], "key": [], "pixels": [], "view": []}
+    none, no_view = np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0, 3), np.float32)
     for path, label, split in zip(batch["path"], batch["label"], batch["split"]):
         loaded = load(Path(root), ImageFile(str(path), str(label), str(split), 0, 0), config.input_size,
                       config.interpolation, known, views, config.decode == "draft")
         fresh = loaded.pixels is not None and not loaded.error and loaded.sha256 not in known
-        add(str(path), loaded.sha256 or "", loaded.error or "", loaded.sha256 if fresh else "",
-            loaded.pixels.astype(np.float32) if fresh else empty)
-        for view, pixels in loaded.views.items():
-            add("", loaded.sha256, "", view_key(loaded.sha256, wanted.augmentation.fingerprint, view), pixels)
-    return _columns(rows)
+        for column, value in zip(rows, (str(path), loaded.sha256 or "", loaded.error or "",
+                                        loaded.sha256 if fresh else "", loaded.pixels if fresh else none, no_view)):
+            rows[column].append(value)
+        for number, pixels in loaded.views.items():
+            key = view_key(loaded.sha256, wanted.augmentation.fingerprint, number)
+            for column, value in zip(rows, ("", loaded.sha256, "", key, none, pixels)):
+                rows[column].append(value)
+    return {name: _tensor_column(values) if name in ("pixels", "view") else np.array(values, dtype=object)
+            for name, values in rows.items()}
 
 
 class Forward:
@@ -331,10 +366,11 @@ class Forward:
         fresh = [i for i, key in enumerate(keys) if key]
         features = [self.empty] * len(keys)
         if fresh:
-            computed = self.backbone(np.stack([batch["pixels"][i] for i in fresh]))
-            for i, row in zip(fresh, computed):
+            pixels = np.stack([batch["pixels"][i] if batch["pixels"][i].size else batch["view"][i] for i in fresh]
+                              ).astype(np.float32)
+            for i, row in zip(fresh, self.backbone(pixels)):
                 features[i] = row
-        batch = {name: column for name, column in batch.items() if name != "pixels"}
+        batch = {name: column for name, column in batch.items() if name not in ("pixels", "view")}
         batch["features"] = _tensor_column(features)
         batch["device"] = np.array([self.backbone.device if key else "" for key in keys], dtype=object)
         return batch
@@ -359,12 +395,6 @@ def _write(batch: dict, folder: str, base: str, fingerprint: str, shape: tuple, 
             out["shard"][i], out["shard_row"][i], out["shard_uuid"][i] = shard.path, row, shard.uuid
             out["shard_rows"][i], out["shard_bytes"][i] = shard.rows, shard.bytes
     return out
-
-
-def _columns(rows: dict[str, list]) -> dict[str, np.ndarray]:
-    columns = {name: np.array(values, dtype=object) for name, values in rows.items() if name != "pixels"}
-    columns["pixels"] = _tensor_column(rows["pixels"])
-    return columns
 
 
 def _tensor_column(arrays: list[np.ndarray]) -> np.ndarray:

@@ -140,8 +140,10 @@ def extract_features(
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
     if engine not in ENGINES:
         raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
+    if engine == "local" and (ray_address or ray_actors):
+        raise UsageError("--ray-address and --ray-actors need --engine ray.")
     if engine == "ray":
-        require_ray()
+        require_ray(ray_address)
         if ray_actors is not None:
             check_range("--ray-actors", ray_actors, *LIMITS["--ray-actors"])
     if compact not in COMPACTIONS:

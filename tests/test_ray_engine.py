@@ -149,6 +149,34 @@ def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_fil
     assert reference["rows"] == 40
 
 
+def test_a_backbone_worker_killed_mid_batch_is_retried_and_the_features_are_the_same(weights_file, cluster,
+                                                                                      tmp_path):
+    """Fault injection: the actor's worker process (its title names the job's Forward actor
+    and the batch it is computing) SIGKILLed once; Ray restarts it and retries the batch."""
+    data = tmp_path / "data"
+    for i in range(60):
+        make_image(data / f"{i:02d}.png", seed=i)
+    reference = summary(extract(data, tmp_path / "reference.h5", weights_file))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "extract.cli", str(data), "--cache", str(tmp_path / "c.h5"), "--weights",
+         str(weights_file), "--input-size", str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "2",
+         "--json"], env=on_cluster(cluster.address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.monotonic() + TIMEOUT
+    while killed is None and process.poll() is None and time.monotonic() < deadline:
+        listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        working = [line.split()[0] for line in listing.splitlines()
+                   if "ray::MapWorker(MapBatches(Forward)).submit" in line]
+        if working:
+            killed = subprocess.run(["kill", "-9", working[0]]).returncode == 0
+        time.sleep(0.1)
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert killed, "the run ended before its backbone worker could be killed"
+    assert process.returncode == 0, err
+    done = json.loads(out)  # stdout holds only the summary, whatever Ray says of the dead worker
+    assert done["rows"] == reference["rows"] == 60 and done["failed"] == 0
+    assert_same(tmp_path / "c.h5", tmp_path / "reference.h5")
+
+
 def test_ctrl_c_stops_the_job_in_one_line_and_keeps_what_is_done(weights_file, cluster, tmp_path):
     data = tmp_path / "data"
     for i in range(40):
@@ -193,6 +221,17 @@ def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, w
             assert got["probability"] == pytest.approx(expected["probability"], abs=1e-5)
 
 
+def test_more_actors_than_the_cluster_holds_and_an_address_nobody_answers_are_one_line(dataset, weights_file,
+                                                                                        cluster, tmp_path):
+    done = extract(dataset, tmp_path / "c.h5", weights_file, "--engine", "ray", "--ray-actors", "2",
+                   env=on_cluster(cluster.address))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--ray-actors below the Ray cluster's 2 CPUs" in done.stderr
+    done = extract(dataset, tmp_path / "c.h5", weights_file, "--engine", "ray", "--ray-address", "127.0.0.1:1")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "Cannot connect to the Ray cluster at '127.0.0.1:1'" in done.stderr
+
+
 def test_without_ray_installed_the_engine_is_refused_in_one_line(dataset, tmp_path, weights_file):
     no_ray = [sys.executable, "-c",
               "import sys; sys.modules['ray'] = None; sys.argv[0] = 'extract-features'; "
@@ -203,16 +242,14 @@ def test_without_ray_installed_the_engine_is_refused_in_one_line(dataset, tmp_pa
     assert not (tmp_path / "c.h5").exists()
 
 
-def test_a_folder_a_node_does_not_share_is_named(tmp_path):
-    """What a node answers about the cache's folder (`check_shared` asks every node)."""
-    marker = tmp_path / ".shared-1"
-    assert "does not exist" in _probe(str(marker))
+def test_what_a_node_that_does_not_share_the_folders_answers(tmp_path):
+    """What a node answers about the cache's folder and DATA_DIR (`check_shared` asks every
+    node, and refuses in one line when one answers something)."""
+    marker, image = tmp_path / ".shared-1", make_image(tmp_path / "data" / "a.png")
+    assert "is not the driver's" in _probe(str(marker), str(image))
     marker.write_text("")
-    assert _probe(str(marker)) is None
-    tmp_path.chmod(0o555)
-    try:
-        if os.access(tmp_path, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
-        assert "cannot be written" in _probe(str(marker))
-    finally:
-        tmp_path.chmod(0o755)
+    assert _probe(str(marker), str(image)) is None
+    assert "does not exist" in _probe(str(marker), str(tmp_path / "elsewhere" / "a.png"))
+    if not Path("/proc/version").is_file():
+        pytest.skip("needs /proc (Linux): a folder where nobody, not even root, can create a file")
+    assert "cannot be written" in _probe("/proc/version")
