@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -32,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from extract import errors
 from extract.config import FeatureConfig
 from extract.errors import CacheError, ExtractError, UsageError
 from extract.layout import ImageFile
@@ -41,6 +43,8 @@ from extract.writer import TARGET_SHARD_BYTES, Writer
 
 ENGINES = ("local", "ray")
 CONNECT_SECONDS = 10
+VGG16_CONVOLUTIONS = frozenset(f"block{block}_conv{conv}" for block, convs in enumerate((2, 2, 3, 3, 3), 1)
+                               for conv in range(1, convs + 1))
 INSTALL = "pip install 'bottleneck-features[ray]' (in a checkout: pip install '.[ray]')"
 
 
@@ -80,7 +84,7 @@ def connect(address: str | None = None) -> bool:
             f"Cannot connect to the Ray cluster at {address!r} ({first}); check --ray-address or RAY_ADDRESS "
             f"(`ray status` on the head node says whether it runs)."
         ) from None
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notes of each job's start and end
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its notes, and failures: said in one line here
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar, in images
     context.enable_operator_progress_bars = False
@@ -254,6 +258,7 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
     import ray
 
     items = [{"path": image.path, "label": image.label, "split": image.split} for image in images]
+    _check_weights(config)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     pool = actors or max(1, gpus)
@@ -275,6 +280,31 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
         compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=1,
         memory=actor_memory(config, batch_size),
     )
+
+
+def _check_weights(config: FeatureConfig) -> None:
+    """Refuse here, in one line, a weights file Keras will not take for VGG16: in the actors
+    it would fail as many times as Ray starts them, each failure a page of Ray's notes.
+    Keras's legacy HDF5 layout (the ImageNet file's) must name VGG16's convolutions; a
+    Keras 3 weights file (`.keras`, or HDF5 with a `layers` group) is left to Keras."""
+    if config.weights in ("imagenet", "random") or config.weights.endswith(".keras"):
+        return
+    import h5py
+
+    try:
+        with h5py.File(config.weights, "r") as file:
+            if "layer_names" not in file.attrs and "layers" in file:
+                return
+            names = {name.decode() if isinstance(name, bytes) else str(name) for name in file.attrs.get("layer_names", [])}
+    except OSError:
+        names = set()
+    missing = sorted(VGG16_CONVOLUTIONS - names)
+    if missing:
+        raise UsageError(
+            f"--weights {config.weights}: not a weights file for VGG16 without its top (no layer {missing[0]}). "
+            f"Expected vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 or weights saved from "
+            f"keras.applications.VGG16(include_top=False)."
+        )
 
 
 def actor_memory(config: FeatureConfig, batch_size: int) -> int:
@@ -407,13 +437,13 @@ def _tensor_column(arrays: list[np.ndarray]) -> np.ndarray:
 
 @contextlib.contextmanager
 def _job_errors():
-    """A failed Ray job as the project's own error: the first ExtractError among the
-    causes (a full disk in a write task), else one line naming the job's failure."""
+    """A failed Ray job as the project's own error, in one line: the ExtractError a task
+    or actor raised (a weights file that is not VGG16's, a full disk), found among the
+    causes or, as Ray passes a remote error on as text, in its message; else one line
+    naming the job's failure."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise
-    except ExtractError:
+    except (KeyboardInterrupt, ExtractError):
         raise
     except Exception as error:
         cause = error
@@ -421,8 +451,10 @@ def _job_errors():
             if isinstance(cause, ExtractError):
                 raise type(cause)(str(cause)) from None
             cause = cause.__cause__ or getattr(cause, "cause", None)
-            if cause is error:
-                break
+        raised = re.findall(r"^extract\.errors\.(\w+): (.+)$", str(error), re.MULTILINE)
+        kind = raised and getattr(errors, raised[-1][0], None)
+        if isinstance(kind, type) and issubclass(kind, ExtractError):
+            raise kind(raised[-1][1]) from None
         lines = [line for line in str(error).splitlines() if line.strip()]
         raise CacheError(f"The Ray job failed ({(lines[-1] if lines else type(error).__name__)[:300]}); "
                          f"every shard written before is kept. Run the same command again.") from None

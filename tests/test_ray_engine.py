@@ -221,8 +221,15 @@ def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, w
             assert got["probability"] == pytest.approx(expected["probability"], abs=1e-5)
 
 
-def test_more_actors_than_the_cluster_holds_and_an_address_nobody_answers_are_one_line(dataset, weights_file,
+def test_wrong_weights_more_actors_than_the_cluster_holds_and_an_address_nobody_answers_are_one_line(dataset, weights_file,
                                                                                         cluster, tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as file:  # an HDF5 file, not VGG16's weights
+        file["x"] = 1
+    done = extract(dataset, tmp_path / "c.h5", tmp_path / "other.h5", "--engine", "ray", env=on_cluster(cluster.address))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr  # not a page per actor started
+    assert "not a weights file for VGG16" in done.stderr
     done = extract(dataset, tmp_path / "c.h5", weights_file, "--engine", "ray", "--ray-actors", "2",
                    env=on_cluster(cluster.address))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
