@@ -43,6 +43,10 @@ from extract.writer import TARGET_SHARD_BYTES, Writer
 
 ENGINES = ("local", "ray")
 CONNECT_SECONDS = 10
+# Rows a write task gathers into one shard, at most (fewer when they pass TARGET_SHARD_BYTES):
+# what the driver cannot take up before the task ends, so a bound on what a killed run
+# recomputes. Small shards (pooled features: 2 MB) are merged by the compaction at the end.
+SHARD_ROWS = 1024
 VGG16_CONVOLUTIONS = frozenset(f"block{block}_conv{conv}" for block, convs in enumerate((2, 2, 3, 3, 3), 1)
                                for conv in range(1, convs + 1))
 INSTALL = "pip install 'bottleneck-features[ray]' (in a checkout: pip install '.[ray]')"
@@ -119,40 +123,46 @@ def session(address: str | None = None):
             ray.shutdown()
 
 
-def check_shared(folder: Path, sample: Path | None = None) -> None:
+def check_shared(folder: Path | None, needed: list[Path] = ()) -> None:
     """Refuse, in one line, a shard folder that some node of the cluster cannot write or
     does not share with the driver (the driver writes a marker there; a task pinned to
-    every alive node must find it and write beside it), or an image (`sample`, one of
-    DATA_DIR's) that some node cannot see at the driver's path."""
+    every alive node must find it and write beside it), or a file every node must read
+    (`needed`: one of DATA_DIR's images, the weights file) that some node cannot see.
+    Without a `folder` (scoring writes no shard), only the files are checked."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / f".shared-{uuid.uuid4().hex}"
-    marker.write_text("written by the driver\n")
+    marker = folder / f".shared-{uuid.uuid4().hex}" if folder else None
+    if marker:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text("written by the driver\n")
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
         answers = ray.get([
             probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
-                str(marker), sample and str(sample))
+                marker and str(marker), [str(path) for path in needed])
             for node in nodes
         ])
     finally:
-        marker.unlink(missing_ok=True)
+        if marker:
+            marker.unlink(missing_ok=True)
     for node, why in zip(nodes, answers):
         if why:
             raise UsageError(
-                f"Expected DATA_DIR and the cache's folder at the same paths on every Ray node; on node "
-                f"{node.get('NodeManagerAddress')} {why}. Put both on a filesystem every node mounts at the same path."
+                f"Expected DATA_DIR, the cache's folder and the weights at the same paths on every Ray node; on node "
+                f"{node.get('NodeManagerAddress')} {why}. Put them on a filesystem every node mounts at the same path."
             )
 
 
-def _probe(marker: str, sample: str | None = None) -> str | None:
+def _probe(marker: str | None, needed: list[str] = ()) -> str | None:
     """On one node: whether the driver's marker is there and a file can be written beside
-    it, and whether the sample image is there. None if all is well, else why not."""
-    if sample and not os.path.exists(sample):
-        return f"the image {sample!r} does not exist"
+    it, and whether the `needed` files are there. None if all is well, else why not."""
+    for path in needed:
+        if not os.path.exists(path):
+            return f"{path!r} does not exist"
+    if marker is None:
+        return None
     if not os.path.isfile(marker):
         return f"the shard folder {os.path.dirname(marker)!r} is not the driver's (its marker is not there)"
     beside = f"{marker}.{os.getpid()}"
@@ -197,12 +207,12 @@ class RayEngine:
         wanted = _Wanted(views.augmentation, views.per_image) if views else None
         row_bytes = int(np.prod(config.feature_shape)) * np.dtype(config.dtype).itemsize
         dataset = stream(root, images, config, known, wanted, self.batch_size, self.actors).map_batches(
-            _write, batch_size=max(1, TARGET_SHARD_BYTES // row_bytes), batch_format="numpy",
+            _write, batch_size=max(1, min(TARGET_SHARD_BYTES // row_bytes, SHARD_ROWS)), batch_format="numpy",
             fn_kwargs=dict(folder=str(writer.folder), base=str(writer.base), fingerprint=writer.fingerprint,
                            shape=tuple(config.feature_shape), dtype=config.dtype),
         )
         writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
-        check_shared(writer.folder, root / images[0].path)
+        check_shared(writer.folder, [root / images[0].path, *_weights_file(config)])
         started = last_save = time.perf_counter()
         bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
         with bar, _job_errors():
@@ -282,6 +292,11 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
     )
 
 
+def _weights_file(config: FeatureConfig) -> list[Path]:
+    """The weights file every actor reads, if the configuration names one."""
+    return [] if config.weights in ("imagenet", "random") else [Path(config.weights).absolute()]
+
+
 def _check_weights(config: FeatureConfig) -> None:
     """Refuse here, in one line, a weights file Keras will not take for VGG16: in the actors
     it would fail as many times as Ray starts them, each failure a page of Ray's notes.
@@ -322,6 +337,8 @@ def forward(paths: list[str], config: FeatureConfig, known=frozenset(), batch_si
         import ray
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
+        readable = next((Path(path).absolute() for path in paths if os.path.isfile(path)), None)
+        check_shared(None, [*_weights_file(config), *([readable] if readable else [])])
         dataset = stream(Path.cwd(), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known),
                          None, batch_size, actors)
         with _job_errors():

@@ -121,7 +121,7 @@ def test_a_two_node_cluster_gives_the_same_and_a_rerun_computes_nothing(hostile_
 
 
 def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_file, cluster, tmp_path):
-    """Shards of four rows (set in the driver's process only), the driver killed once two
+    """Shards of four rows (set in the driver's process), the driver killed once two
     exist; the next run, with the local engine, computes only what no complete shard holds
     and ends with the features of an uninterrupted run."""
     data = tmp_path / "data"
@@ -130,7 +130,7 @@ def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_fil
     reference = summary(extract(data, tmp_path / "reference.h5", weights_file))
     shards = tmp_path / "c.h5.shards"
     small_shards = [sys.executable, "-c",
-                    "import sys, extract.ray_engine as engine; engine.TARGET_SHARD_BYTES = 4 * 512 * 4; "
+                    "import sys, extract.ray_engine as engine; engine.SHARD_ROWS = 4; "
                     "sys.argv[0] = 'extract-features'; from extract.cli import run; run()"]
     arguments = [str(data), "--cache", str(tmp_path / "c.h5"), "--weights", str(weights_file), "--input-size",
                  str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "4", "--quiet"]
@@ -253,10 +253,11 @@ def test_what_a_node_that_does_not_share_the_folders_answers(tmp_path):
     """What a node answers about the cache's folder and DATA_DIR (`check_shared` asks every
     node, and refuses in one line when one answers something)."""
     marker, image = tmp_path / ".shared-1", make_image(tmp_path / "data" / "a.png")
-    assert "is not the driver's" in _probe(str(marker), str(image))
+    assert "is not the driver's" in _probe(str(marker), [str(image)])
     marker.write_text("")
-    assert _probe(str(marker), str(image)) is None
-    assert "does not exist" in _probe(str(marker), str(tmp_path / "elsewhere" / "a.png"))
+    assert _probe(str(marker), [str(image)]) is None
+    assert "'" + str(tmp_path / "elsewhere" / "a.png") + "' does not exist" in _probe(
+        str(marker), [str(image), str(tmp_path / "elsewhere" / "a.png")])
     if not Path("/proc/version").is_file():
         pytest.skip("needs /proc (Linux): a folder where nobody, not even root, can create a file")
     assert "cannot be written" in _probe("/proc/version")
