@@ -71,6 +71,7 @@ class ExtractSummary:
     compaction_error: str | None = None  # why compaction could not run (the run's commit stands)
     repaired: int = 0  # features forgotten by --repair (in damaged shards), computed again
     device: str | None = None  # None when nothing needed VGG16
+    engine: str = "local"  # "ray": read and computed by a Ray Data job
     class_names: list[str] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -157,7 +158,7 @@ def extract_features(
     with WriterLock(cache):
         _clean_leftovers(cache)
         run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair, rebuild)
-        run.summary.cache = shown
+        run.summary.cache, run.summary.engine = shown, engine
         run.engine = (
             Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size) if engine == "local"
             else RayEngine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size,
