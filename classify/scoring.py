@@ -22,7 +22,8 @@ from classify.artifacts import LoadedHead, load_head
 from extract import FeatureCache, FeatureConfig, UsageError, fingerprint, list_configs
 from extract.backbone import Backbone
 from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
-from extract.ray_engine import ENGINES, forward, require_ray
+from extract.cluster import ENGINES, require_ray
+from extract.ray_engine import forward
 from extract.reader import load_all
 
 

@@ -9,7 +9,7 @@ The pipeline, one module each: `config` (what a feature is, its fingerprint), `l
 (folder -> images with labels and splits), `reader` (file -> hash and pixels), `augment`
 (pixels -> deterministic augmented views), `backbone` (pixels -> features), `plan` (folder x
 catalog -> what to read and keep), `engine` (reader threads -> backbone -> pending batches;
-`ray_engine`: the same as a Ray Data job, each task writing a shard),
+`ray_engine`: the same as a Ray Data job, each task writing a shard, on the Ray `cluster`),
 then the cache: `schema` (its format), `shards` (one immutable shard), `catalog` (reading,
 `FeatureCache`), `commit` (the atomic commit), `writer` (a run's writes, compaction);
 `runner` joins them, `cli` is the command.
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 from extract.augment import Augmentation
 from extract.config import FeatureConfig, fingerprint
 from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
-from extract.ray_engine import ENGINES
+from extract.cluster import ENGINES
 from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
 from extract.catalog import FeatureCache, list_configs
 

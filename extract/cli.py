@@ -14,7 +14,7 @@ from extract.backbone import cpu_has_bfloat16
 from extract.config import DECODES, DTYPES, POOLINGS, PRECISIONS
 from extract.errors import ExtractError, UsageError
 from extract.layout import LAYOUTS
-from extract.ray_engine import ENGINES
+from extract.cluster import ENGINES
 from extract.reader import INTERPOLATIONS
 from extract.runner import COMPACTIONS, DEFAULT_CACHE, ExtractSummary, extract_features
 

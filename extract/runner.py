@@ -20,7 +20,8 @@ from extract.engine import Engine
 from extract.errors import CacheError, UsageError
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
-from extract.ray_engine import ENGINES, RayEngine, require_ray
+from extract.cluster import ENGINES, require_ray
+from extract.ray_engine import RayEngine
 from extract.reader import ViewRequest
 from extract.schema import now, package_versions
 from extract.shards import view_key

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SIZE, make_dataset, make_image
 from extract import FeatureCache
-from extract.ray_engine import _probe
+from extract.cluster import _probe
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]' (make test installs it)")
 from ray.cluster_utils import Cluster  # noqa: E402
