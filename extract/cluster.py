@@ -12,7 +12,9 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -31,8 +33,9 @@ def require_ray(address: str | None = None) -> None:
     """Refuse --engine ray in one line where Ray is not installed, or where the cluster
     `address` (else RAY_ADDRESS) names does not answer."""
     try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
+        with _signals_kept():
+            import ray  # noqa: F401
+            import ray.data  # noqa: F401
     except ImportError:
         raise UsageError(f"--engine ray needs Ray Data, which is not installed: {INSTALL}.") from None
     address = address or os.environ.get("RAY_ADDRESS")
@@ -52,10 +55,8 @@ def connect(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        else:
-            ray.init(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+        with _signals_kept():
+            _init(ray, address)
     except (ConnectionError, RuntimeError, ValueError) as error:
         ray.shutdown()
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -69,6 +70,32 @@ def connect(address: str | None = None) -> bool:
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     return True
+
+
+def _init(ray, address: str | None) -> None:
+    if address:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    else:
+        ray.init(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+
+
+@contextlib.contextmanager
+def _signals_kept():
+    """Keep the process's own SIGTERM and SIGINT handlers: Ray's native code replaces them
+    when it is imported and started (with one that prints a stack and dies), which would
+    turn a scheduler's stop into a page of frames instead of a clean, committed exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(kept))  # one that comes meanwhile waits for ours
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:
+                signal.signal(number, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _reachable(address: str) -> None:

@@ -196,6 +196,21 @@ def test_ctrl_c_stops_the_job_in_one_line_and_keeps_what_is_done(weights_file, c
     assert finished["rows"] == 40
 
 
+def test_sigterm_while_ray_starts_is_a_clean_stop_not_rays_stack_dump(dataset, weights_file, tmp_path):
+    """Ray's native code replaces SIGTERM's handler when imported and started; the command
+    keeps its own (a scheduler's stop commits and exits 130 in one line)."""
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "extract.cli", str(dataset), "--cache", str(tmp_path / "c.h5"), "--weights",
+         str(weights_file), "--input-size", str(SIZE), "--engine", "ray", "--quiet"],
+        env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)  # importing or starting Ray, on this machine
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 130, err
+    assert err.count("\n") == 1 and "interrupted" in err, err
+
+
 def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, weights_file, cluster, tmp_path):
     data, local_cache, _ = hostile_data
     from classify import train_head
