@@ -152,8 +152,8 @@ def _on_threads(inputs: list[str], config: FeatureConfig, known, batch_size: int
 
 def _on_ray(inputs: list[str], config: FeatureConfig, known, batch_size: int,
             address: str | None) -> Iterator[list[_Item]]:
-    """Batches of inputs read and computed by a Ray Data job, in input order."""
-    known.open()  # the content it holds is not computed again
+    """Batches of inputs read and computed by a Ray Data job, in input order (`known`,
+    opened by then, names the content not to compute)."""
     for batch in forward(inputs, config, frozenset(known.rows), batch_size, address=address):
         yield [_Item(str(path), error or None, sha256 or None, features if key else None)
                for path, error, sha256, key, features in zip(batch["path"], batch["error"], batch["sha256"],

@@ -86,14 +86,14 @@ def _build_vgg16(keras, config: FeatureConfig):
                 pooling=None if config.pooling == "none" else config.pooling,
             )
         except Exception as error:
-            raise _weights_error(config.weights, error) from error
+            raise weights_error(config.weights, error) from error
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
     model.trainable = False
     return model
 
 
-def _weights_error(weights: str, error: Exception) -> ExtractError:
+def weights_error(weights: str, error: Exception) -> ExtractError:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     if weights == "imagenet":
         return WeightsUnavailableError(

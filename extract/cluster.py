@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from extract import errors
+from extract.backbone import weights_error
 from extract.config import FeatureConfig
 from extract.errors import CacheError, ExtractError, UsageError
 
@@ -200,11 +201,7 @@ def check_weights(config: FeatureConfig) -> None:
         names = set()
     missing = sorted(VGG16_CONVOLUTIONS - names)
     if missing:
-        raise UsageError(
-            f"--weights {config.weights}: not a weights file for VGG16 without its top (no layer {missing[0]}). "
-            f"Expected vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 or weights saved from "
-            f"keras.applications.VGG16(include_top=False)."
-        )
+        raise weights_error(config.weights, ValueError(f"no layer {missing[0]}"))
 
 
 @contextlib.contextmanager
