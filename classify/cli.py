@@ -24,7 +24,7 @@ from classify.training import HeadWarning, Training, train_head
 from extract import DEFAULT_CACHE, ENGINES, CacheError, ExtractError, UsageError
 from extract.cli import OneLineParser
 
-MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping")
+MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping", "standardize")
 
 
 def build_parser() -> OneLineParser:
@@ -45,13 +45,15 @@ def build_parser() -> OneLineParser:
         help="ignore the cached augmented views (extract-features --augment) and train on the images alone")
     add("--validation-fraction", type=float, default=0.2, metavar="F",
         help="with no validation split in the cache: stratified share of training images held out (default 0.2)")
-    mlp = parser.add_argument_group("mlp head (defaults are the seed's)")
+    mlp = parser.add_argument_group("mlp head (defaults are the seed's, but its input is standardized)")
     mlp.add_argument("--hidden-units", type=int, help="units of the hidden layer (256)")
     mlp.add_argument("--dropout-rate", type=float, help="dropout after the hidden layer (0)")
     mlp.add_argument("--epochs", type=int, help="training epochs (10)")
     mlp.add_argument("--learning-rate", type=float, help="Adam's learning rate (0.001)")
     mlp.add_argument("--early-stopping", action="store_true", default=None,
                      help="stop when the validation loss stops improving; keep the best weights")
+    mlp.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                     help="the seed's exact head: features as they are, not standardized inside the model")
     add("--out", metavar="DIR", help="folder for the artifacts (default: a new folder under heads/)")
     add("--export", metavar="FILE.keras",
         help=f"also write one Keras model, raw uint8 RGB images in, probabilities out ({', '.join(EXPORTABLE)})")

@@ -1,7 +1,11 @@
 """The seed's dense head, in Keras, as a scikit-learn classifier.
 
 Flatten -> Dense(256, relu) -> Dense(n, softmax), Adam, categorical cross-entropy,
-10 epochs, batch 32: the defaults are the seed's. Given cached augmented views
+10 epochs, batch 32: the defaults are the seed's, but for one: the input is standardized
+by default (a `Normalization` layer inside the model, set from the training features'
+mean and variance, so an exported model carries it). On unstandardized VGG16 features the
+seed's exact head (`standardize=False`) trains poorly: 0.4958 validation accuracy on the
+demo's cache, where every scikit-learn head (which all standardize) reaches 0.93-0.97. Given cached augmented views
 (`fit(..., image_index=...)`), each epoch sees every image once, as one of its views,
 a different one each epoch, as the seed's generator does. It composes with `Pipeline`,
 `GridSearchCV`, `clone` and joblib like any scikit-learn estimator; pickling stores the
@@ -30,6 +34,8 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         and restore the best weights. The validation data is what `fit` is given as
         `validation_data`, else a stratified `validation_fraction` of the training data.
     class_weight: None or "balanced".
+    standardize: subtract each feature's training mean and divide by its standard deviation
+        (1 where it does not vary, as scikit-learn's StandardScaler), inside the model.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         patience=3,
         validation_fraction=0.1,
         class_weight=None,
+        standardize=True,
         random_state=None,
         verbose=0,
     ):
@@ -55,6 +62,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.validation_fraction = validation_fraction
         self.class_weight = class_weight
+        self.standardize = standardize
         self.random_state = random_state
         self.verbose = verbose
 
@@ -86,7 +94,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             validation_data = (X[out], self.classes_[y_index[out]])
             X, y_index = X[~out], y_index[~out]
             image_index = None if image_index is None else image_index[~out]
-        self.model_ = self._build(keras, X.shape[1], len(self.classes_))
+        self.model_ = self._build(keras, X.shape[1], len(self.classes_), _moments(X) if self.standardize else None)
         callbacks = []
         if self.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(
@@ -117,8 +125,11 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         probabilities = self.predict_proba(X)  # checks that the head is fitted
         return self.classes_[np.argmax(probabilities, axis=1)]
 
-    def _build(self, keras, n_features: int, n_classes: int):
-        layers = [keras.Input((n_features,)), keras.layers.Flatten(), keras.layers.Dense(self.hidden_units, activation="relu")]
+    def _build(self, keras, n_features: int, n_classes: int, moments=None):
+        layers = [keras.Input((n_features,)), keras.layers.Flatten()]
+        if moments is not None:
+            layers.append(keras.layers.Normalization(mean=moments[0], variance=moments[1], name="standardize"))
+        layers.append(keras.layers.Dense(self.hidden_units, activation="relu"))
         if self.dropout_rate:
             layers.append(keras.layers.Dropout(self.dropout_rate))
         layers.append(keras.layers.Dense(n_classes, activation="softmax"))
@@ -154,6 +165,21 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(state.get("model_"), bytes):
             state["model_"] = _model_from_bytes(state["model_"])
         self.__dict__.update(state)
+
+
+def _moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's mean and variance over the rows of X (accumulated in float64, a
+    block of rows at a time); a variance of 0 becomes 1, so that a feature constant in
+    training (a ReLU that never fired) is centred, not blown up by 1/epsilon later."""
+    total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for start in range(0, len(X), 4096):
+        block = X[start:start + 4096].astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / len(X)
+    variance = np.maximum(squares / len(X) - np.square(mean), 0.0)
+    variance[variance <= 1e-12 * np.maximum(1.0, np.square(mean))] = 1.0
+    return mean.astype(np.float32), variance.astype(np.float32)
 
 
 def _one_view_per_epoch(keras, X, targets, image_index, batch_size: int, random):

@@ -146,11 +146,11 @@ def train_head(
     validation split (and test split), and save each under `out` (default: a new folder in
     heads/). With cached augmented views (and `augment`), scikit-learn heads train on every
     view and the mlp on one view of each image per epoch. `options` go to the mlp head:
-    hidden_units, dropout_rate, epochs, learning_rate, early_stopping."""
+    hidden_units, dropout_rate, epochs, learning_rate, early_stopping, standardize."""
     names = _head_names(head)
     if options and "mlp" not in names:
         raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
-    unknown = set(options) - set(BOUNDS) - {"early_stopping"}
+    unknown = set(options) - set(BOUNDS) - {"early_stopping", "standardize"}
     if unknown:
         raise UsageError(f"Unknown mlp option(s) {', '.join(sorted(unknown))}.")
     if class_weight not in CLASS_WEIGHTS:
@@ -160,7 +160,7 @@ def train_head(
     check_bounds("seed", seed)
     check_bounds("validation_fraction", validation_fraction)
     for name, value in options.items():
-        if name != "early_stopping":
+        if name not in ("early_stopping", "standardize"):
             check_bounds(name, value)
     final = check_out(out)
     splits = load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment)

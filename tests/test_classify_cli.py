@@ -43,6 +43,18 @@ def test_mlp_options_reach_the_head(capsys, cache, tmp_path):
     assert status == 0
     assert (params["hidden_units"], params["dropout_rate"], params["epochs"], params["learning_rate"],
             params["early_stopping"]) == (16, 0.2, 3, 0.01, True)
+    assert params["standardize"] is True  # the default
+
+
+def test_no_standardize_is_the_seeds_exact_head(capsys, cache, tmp_path):
+    status, out, _ = cli(capsys, "--cache", cache, "--epochs", "2", "--no-standardize", "--json", "--out", tmp_path / "run")
+    assert status == 0 and json.loads(out)["results"]["mlp"]["params"]["standardize"] is False
+    from classify import load_head
+
+    layers = [type(layer).__name__ for layer in load_head(tmp_path / "run").estimator.model_.layers]
+    assert layers == ["Flatten", "Dense", "Dense"]
+    status, _, err = cli(capsys, "--cache", cache, "--head", "knn", "--no-standardize")
+    assert status == 2 and "Expected --head mlp" in err
 
 
 def test_export_needs_one_head(capsys, cache, tmp_path):

@@ -18,12 +18,14 @@ def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
 
 
-def test_defaults_are_the_seeds_head():
+def test_defaults_are_the_seeds_head_on_standardized_input():
     X, y = blobs()
     head = KerasMLPClassifier(random_state=0).fit(X, y)
     kinds = [type(layer).__name__ for layer in head.model_.layers]
-    assert kinds == ["Flatten", "Dense", "Dense"]
-    hidden, output = head.model_.layers[1], head.model_.layers[2]
+    assert kinds == ["Flatten", "Normalization", "Dense", "Dense"]
+    seeds = KerasMLPClassifier(standardize=False, random_state=0).fit(X, y)
+    assert [type(layer).__name__ for layer in seeds.model_.layers] == ["Flatten", "Dense", "Dense"]
+    hidden, output = head.model_.layers[2], head.model_.layers[3]
     assert (hidden.units, hidden.activation.__name__) == (256, "relu")
     assert (output.units, output.activation.__name__) == (3, "softmax")
     assert type(head.model_.optimizer).__name__ == "Adam"
@@ -32,10 +34,35 @@ def test_defaults_are_the_seeds_head():
     assert len(head.history_["loss"]) == 10 and head.get_params()["batch_size"] == 32
 
 
+def test_standardizing_inside_the_model_rescues_features_far_from_zero():
+    """VGG16's features are ReLU outputs in the hundreds, many of them dead: the seed's head
+    on them as they are learns little; standardized, it learns. A feature that never varied
+    in training (a dead unit) is centred and divided by 1, as StandardScaler does, not by
+    Keras's epsilon (1e-7) when it fires later."""
+    X, y = blobs(per_class=60, features=8)  # what tells the classes apart: small numbers
+    large = 1000 + 300 * np.random.default_rng(0).standard_normal((len(X), 56))  # what does not: large ones
+    X = np.concatenate([X, large], axis=1).astype(np.float32)
+    X[:, 0] = 0.0  # a dead unit
+    train, validation = np.arange(len(X)) % 3 != 0, np.arange(len(X)) % 3 == 0
+    standardized = KerasMLPClassifier(random_state=0).fit(X[train], y[train])
+    assert standardized.score(X[validation], y[validation]) >= 0.9
+    layer = standardized.model_.get_layer("standardize")
+    np.testing.assert_allclose(np.ravel(layer.mean), X[train].mean(axis=0), rtol=1e-5)
+    expected = X[train].var(axis=0)
+    expected[0] = 1.0
+    np.testing.assert_allclose(np.ravel(layer.variance), expected, rtol=1e-4)
+    fired = X[validation].copy()
+    fired[:, 0] = 1e4
+    np.testing.assert_allclose(np.asarray(layer(fired))[:, 0], 1e4)  # (x - 0) / 1, not / 1e-7
+    assert np.all(np.isfinite(standardized.predict_proba(fired)))
+    raw = KerasMLPClassifier(standardize=False, random_state=0).fit(X[train], y[train])
+    assert raw.score(X[validation], y[validation]) <= 0.6  # seen: 0.40, against 0.98 standardized
+
+
 def test_dropout_adds_a_layer_and_is_validated():
     X, y = blobs()
     head = KerasMLPClassifier(dropout_rate=0.5, hidden_units=32, epochs=1, random_state=0).fit(X, y)
-    assert [type(layer).__name__ for layer in head.model_.layers] == ["Flatten", "Dense", "Dropout", "Dense"]
+    assert [type(layer).__name__ for layer in head.model_.layers] == ["Flatten", "Normalization", "Dense", "Dropout", "Dense"]
     with pytest.raises(ValueError, match="dropout_rate"):
         KerasMLPClassifier(dropout_rate=1.5).fit(X, y)
 
