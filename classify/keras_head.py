@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
@@ -168,18 +169,11 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
 
 
 def _moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each feature's mean and variance over the rows of X (accumulated in float64, a
-    block of rows at a time); a variance of 0 becomes 1, so that a feature constant in
-    training (a ReLU that never fired) is centred, not blown up by 1/epsilon later."""
-    total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for start in range(0, len(X), 4096):
-        block = X[start:start + 4096].astype(np.float64)
-        total += block.sum(axis=0)
-        squares += np.square(block).sum(axis=0)
-    mean = total / len(X)
-    variance = np.maximum(squares / len(X) - np.square(mean), 0.0)
-    variance[variance <= 1e-12 * np.maximum(1.0, np.square(mean))] = 1.0
-    return mean.astype(np.float32), variance.astype(np.float32)
+    """Each feature's mean and variance over the rows of X, as scikit-learn's StandardScaler
+    takes them (float64 sums; a feature that never varied, a ReLU that never fired, gets
+    variance 1: centred later, not divided by Keras's epsilon)."""
+    scaler = StandardScaler().fit(X)
+    return scaler.mean_.astype(np.float32), np.square(scaler.scale_).astype(np.float32)
 
 
 def _one_view_per_epoch(keras, X, targets, image_index, batch_size: int, random):
