@@ -22,7 +22,7 @@ from classify.artifacts import LoadedHead, load_head
 from extract import FeatureCache, FeatureConfig, UsageError, fingerprint, list_configs
 from extract.backbone import Backbone
 from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
-from extract.cluster import ENGINES, require_ray
+from extract.cluster import check_engine
 from extract.ray_engine import forward
 from extract.reader import load_all
 
@@ -97,12 +97,7 @@ def score_images(
     for name, value, high in (("--top-k", top_k, MAX_TOP_K), ("--batch-size", batch_size, MAX_BATCH_SIZE)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
-    if engine not in ENGINES:
-        raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
-    if engine == "local" and ray_address:
-        raise UsageError("--ray-address needs --engine ray.")
-    if engine == "ray":
-        require_ray(ray_address)
+    check_engine(engine, ray_address)
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
     inputs = list(expand_inputs(paths))  # a broken list is refused before any output

@@ -30,6 +30,17 @@ VGG16_CONVOLUTIONS = frozenset(f"block{block}_conv{conv}" for block, convs in en
 INSTALL = "pip install 'bottleneck-features[ray]' (in a checkout: pip install '.[ray]')"
 
 
+def check_engine(engine: str, address: str | None = None, actors: int | None = None) -> None:
+    """Refuse, before any work, an unknown engine, Ray's options without `--engine ray`,
+    and `--engine ray` where Ray is missing or its cluster does not answer."""
+    if engine not in ENGINES:
+        raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
+    if engine == "local" and (address or actors):
+        raise UsageError("--ray-address and --ray-actors need --engine ray.")
+    if engine == "ray":
+        require_ray(address)
+
+
 def require_ray(address: str | None = None) -> None:
     """Refuse --engine ray in one line where Ray is not installed, or where the cluster
     `address` (else RAY_ADDRESS) names does not answer."""

@@ -20,7 +20,7 @@ from extract.engine import Engine
 from extract.errors import CacheError, UsageError
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
-from extract.cluster import ENGINES, require_ray
+from extract.cluster import check_engine
 from extract.ray_engine import RayEngine
 from extract.reader import ViewRequest
 from extract.schema import now, package_versions
@@ -140,14 +140,9 @@ def extract_features(
         )
     if augmentation is not None and augment is None:
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
-    if engine not in ENGINES:
-        raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
-    if engine == "local" and (ray_address or ray_actors):
-        raise UsageError("--ray-address and --ray-actors need --engine ray.")
-    if engine == "ray":
-        require_ray(ray_address)
-        if ray_actors is not None:
-            check_range("--ray-actors", ray_actors, *LIMITS["--ray-actors"])
+    check_engine(engine, ray_address, ray_actors)
+    if ray_actors is not None:
+        check_range("--ray-actors", ray_actors, *LIMITS["--ray-actors"])
     if compact not in COMPACTIONS:
         raise UsageError(f"Expected --compact to be one of {', '.join(COMPACTIONS)}; received {compact!r}.")
     augmentation = augmentation or Augmentation(seed=seed)
