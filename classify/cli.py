@@ -45,6 +45,9 @@ def build_parser() -> OneLineParser:
         help="ignore the cached augmented views (extract-features --augment) and train on the images alone")
     add("--validation-fraction", type=float, default=0.2, metavar="F",
         help="with no validation split in the cache: stratified share of training images held out (default 0.2)")
+    add("--memory-budget", metavar="SIZE",
+        help="features needing more memory than this (8G, 512M ...) are streamed from the cache, and only heads "
+             "that stream train (default: half the memory available)")
     mlp = parser.add_argument_group("mlp head (defaults are the seed's, but its input is standardized)")
     mlp.add_argument("--hidden-units", type=int, help="units of the hidden layer (256)")
     mlp.add_argument("--dropout-rate", type=float, help="dropout after the hidden layer (0)")
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
             training = train_head(
                 args.cache, args.head, config=args.config, out=args.out, search=args.search, cv=args.cv,
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
-                augment=args.augment, progress=not (args.quiet or args.json), **options,
+                augment=args.augment, memory_budget=args.memory_budget, progress=not (args.quiet or args.json),
+                **options,
             )
         except (UsageError, CacheError) as error:
             return _fail(error, 2)
@@ -118,6 +122,7 @@ def to_dict(training: Training) -> dict:
         "validation_source": training.validation_source,
         "training_images": training.training_images,
         "training_views": training.training_views,
+        "streamed": training.streamed,
         "leaderboard": training.leaderboard(),
         "results": {result.head: {"scores": result.scores, "params": result.params, "search": result.search,
                                   "cross_validation": result.cross_validation} for result in training.results},
@@ -128,6 +133,8 @@ def format_training(training: Training) -> str:
     lines = []
     if training.validation_source == "drawn":
         lines.append("(no validation split in the cache: a stratified share of the training images was held out)")
+    if training.streamed:
+        lines.append("(the features do not fit in --memory-budget: the heads read them from the cache as they trained)")
     if training.training_views:
         lines.append(f"(trained on {training.training_images} images and {training.training_views} cached views of them; "
                      f"--no-augment ignores the views)")

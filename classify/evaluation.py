@@ -8,12 +8,22 @@ import numpy as np
 from sklearn import metrics
 
 
-def evaluate(estimator, X: np.ndarray, y: np.ndarray) -> dict:
+PREDICT_BATCH = 4096  # rows predicted at once
+
+
+def evaluate(estimator, rows) -> dict:
     """Accuracy, balanced accuracy, macro-F1, log loss (where the head gives
-    probabilities), per-class precision/recall/F1 and the confusion matrix, JSON-ready.
-    Rows and columns of the matrix follow `estimator.classes_`."""
-    classes = list(estimator.classes_)
-    predicted = estimator.predict(X)
+    probabilities), per-class precision/recall/F1 and the confusion matrix, JSON-ready, of
+    a fitted head on `rows` (a `classify.data.Rows`, read a batch at a time). Rows and
+    columns of the matrix follow `estimator.classes_`."""
+    classes, y = list(estimator.classes_), rows.y
+    probabilities = hasattr(estimator, "predict_proba")
+    predicted, proba = [], []
+    for X, _ in rows.batches(PREDICT_BATCH):
+        predicted.append(estimator.predict(X))
+        if probabilities:
+            proba.append(estimator.predict_proba(X))
+    predicted = np.concatenate(predicted)
     scores = {
         "images": int(len(y)),
         "accuracy": float(metrics.accuracy_score(y, predicted)),
@@ -21,9 +31,8 @@ def evaluate(estimator, X: np.ndarray, y: np.ndarray) -> dict:
         "macro_f1": float(metrics.f1_score(y, predicted, labels=classes, average="macro", zero_division=0)),
         "log_loss": None,
     }
-    if hasattr(estimator, "predict_proba"):
-        probabilities = estimator.predict_proba(X)
-        scores["log_loss"] = float(metrics.log_loss(y, probabilities, labels=classes))
+    if probabilities:
+        scores["log_loss"] = float(metrics.log_loss(y, np.concatenate(proba), labels=classes))
     report = metrics.classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
     scores["per_class"] = {
         name: {key: float(report[name][key]) for key in ("precision", "recall", "f1-score", "support")}

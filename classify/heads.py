@@ -3,6 +3,9 @@
 A head is added here, in one place: a builder function registered with `@head(...)`,
 taking `random_state` and `class_weight` (and options of its own), plus the small grid
 `--search` tries for its key hyperparameter. The CLI and `train_head` read `HEADS`.
+A head whose estimator has `fit_rows(rows, validation)` streams: it can learn from rows
+read from the cache a window at a time (see classify.data); the others need every
+training feature in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from classify.keras_head import KerasMLPClassifier
+from classify.sgd_head import SGDLinearClassifier
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class Head:
     build: Callable[..., BaseEstimator]
     grid: dict[str, list] = field(default_factory=dict)  # parameter (as get_params names it) -> values
     class_weights: bool = True  # whether class_weight="balanced" means anything to it
+
+    @property
+    def streams(self) -> bool:
+        return hasattr(self.build(), "fit_rows")
 
 
 HEADS: dict[str, Head] = {}
@@ -47,7 +55,7 @@ def head(name: str, description: str, grid: dict[str, list], class_weights: bool
 
 @head(
     "mlp",
-    "the seed's head in Keras: Flatten, Dense(256, relu), Dense(n, softmax); Adam, 10 epochs",
+    "the seed's head in Keras: Flatten, Dense(256, relu), Dense(n, softmax); Adam, 10 epochs; streams",
     grid={"hidden_units": [128, 256, 512], "dropout_rate": [0.0, 0.5]},
 )
 def mlp(random_state=None, class_weight=None, **options):
@@ -74,6 +82,24 @@ def logreg(random_state=None, class_weight=None):
 def linear_svm(random_state=None, class_weight=None):
     svm = LinearSVC(C=0.01, class_weight=class_weight, random_state=random_state)
     return make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=3))
+
+
+@head(
+    "sgd-logreg",
+    "standardize, then logistic regression by SGD; streams (learns from features that do not fit in memory)",
+    grid={"alpha": [1e-5, 1e-4, 1e-3, 1e-2]},
+)
+def sgd_logreg(random_state=None, class_weight=None):
+    return SGDLinearClassifier(loss="log_loss", class_weight=class_weight, random_state=random_state)
+
+
+@head(
+    "sgd-svm",
+    "standardize, then a linear SVM by SGD (modified Huber loss: a smoothed hinge with probabilities); streams",
+    grid={"alpha": [1e-5, 1e-4, 1e-3, 1e-2]},
+)
+def sgd_svm(random_state=None, class_weight=None):
+    return SGDLinearClassifier(loss="modified_huber", class_weight=class_weight, random_state=random_state)
 
 
 @head(

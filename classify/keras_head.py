@@ -25,7 +25,11 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
+from classify.data import Reader, Rows
 from extract.backbone import import_keras
+
+MOMENT_BATCH = 4096  # rows a StandardScaler.partial_fit call takes
+VALIDATION_BATCH = 256
 
 
 class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
@@ -75,43 +79,45 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             image_index = np.asarray(image_index)
             if image_index.shape != (len(X),):
                 raise ValueError(f"Expected image_index of shape ({len(X)},); received {image_index.shape}.")
-        check_classification_targets(y)
+        validation = None if validation_data is None else Rows.from_arrays(*validation_data)
+        return self.fit_rows(Rows.from_arrays(X, y, image_index), validation)
+
+    def fit_rows(self, rows: Rows, validation: Rows | None = None):
+        """Train on `rows` (a `classify.data.Rows`: in memory, or read from the cache a
+        window at a time), scoring `validation` after each epoch. Rows of one image
+        (`rows.images`) are its views: each epoch uses one of them."""
+        check_classification_targets(rows.y)
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"Expected dropout_rate in [0, 1); received {self.dropout_rate}.")
-        self.classes_, y_index = np.unique(y, return_inverse=True)
+        self.classes_, y_index = np.unique(rows.y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"Expected at least 2 classes in y; received 1 class ({self.classes_[0]!r}).")
+        self.n_features_in_ = rows.n_features
         keras = import_keras()
         random = check_random_state(self.random_state)
         keras.utils.set_random_seed(int(random.randint(2**31 - 1)))
-        if self.early_stopping and validation_data is None:
-            images = np.arange(len(X)) if image_index is None else image_index
-            first = np.unique(images, return_index=True)[1]  # one row (label) per image
+        if self.early_stopping and validation is None:
+            first = np.unique(rows.images, return_index=True)[1]  # one row (label) per image
             _, held_out = train_test_split(
-                images[first], test_size=self.validation_fraction, stratify=y_index[first],
+                rows.images[first], test_size=self.validation_fraction, stratify=y_index[first],
                 random_state=int(check_random_state(self.random_state).randint(2**31 - 1)),
             )
-            out = np.isin(images, held_out)
-            validation_data = (X[out], self.classes_[y_index[out]])
-            X, y_index = X[~out], y_index[~out]
-            image_index = None if image_index is None else image_index[~out]
-        self.model_ = self._build(keras, X.shape[1], len(self.classes_), _moments(X) if self.standardize else None)
+            out = np.isin(rows.images, held_out)
+            validation, rows, y_index = rows.subset(np.flatnonzero(out)), rows.subset(np.flatnonzero(~out)), y_index[~out]
+        self.model_ = self._build(keras, rows.n_features, len(self.classes_), _moments(rows) if self.standardize else None)
         callbacks = []
         if self.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True
             ))
-        targets = keras.utils.to_categorical(y_index, len(self.classes_))
-        data = {"x": X, "y": targets, "batch_size": self.batch_size}
-        if image_index is not None and len(np.unique(image_index)) < len(X):
-            data = {"x": _one_view_per_epoch(keras, X, targets, image_index, self.batch_size, random)}
         history = self.model_.fit(
-            **data,
+            _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random)),
             epochs=self.epochs,
-            validation_data=self._encode(keras, validation_data),
+            validation_data=self._validation(keras, validation),
             class_weight=self._class_weights(y_index),
             callbacks=callbacks,
             verbose=self.verbose,
+            shuffle=False,  # the batches are shuffled already: see classify.data
         )
         self.history_ = {name: [float(v) for v in values] for name, values in history.history.items()}
         return self
@@ -142,13 +148,13 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         )
         return model
 
-    def _encode(self, keras, validation_data):
-        if validation_data is None:
+    def _validation(self, keras, validation: Rows | None):
+        """Batches of the validation rows of classes the head knows, in their order."""
+        if validation is None:
             return None
-        X_val, y_val = validation_data
-        known = np.isin(y_val, self.classes_)
-        indices = np.searchsorted(self.classes_, np.asarray(y_val)[known])
-        return np.asarray(X_val, np.float32)[known], keras.utils.to_categorical(indices, len(self.classes_))
+        validation = validation.subset(np.flatnonzero(np.isin(validation.y, self.classes_)))
+        y_index = np.searchsorted(self.classes_, validation.y)
+        return _batches(keras, validation, y_index, len(self.classes_), VALIDATION_BATCH)
 
     def _class_weights(self, y_index):
         if self.class_weight is None:
@@ -168,43 +174,53 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
 
 
-def _moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each feature's mean and variance over the rows of X, as scikit-learn's StandardScaler
-    takes them (float64 sums; a feature that never varied, a ReLU that never fired, gets
-    variance 1: centred later, not divided by Keras's epsilon)."""
-    scaler = StandardScaler().fit(X)
+def _moments(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's mean and variance over `rows`, as scikit-learn's StandardScaler
+    takes them (float64 sums, a batch at a time; a feature that never varied, a ReLU that
+    never fired, gets variance 1: centred later, not divided by Keras's epsilon)."""
+    scaler = StandardScaler()
+    for X, _ in rows.batches(MOMENT_BATCH):
+        scaler.partial_fit(X)
     return scaler.mean_.astype(np.float32), np.square(scaler.scale_).astype(np.float32)
 
 
-def _one_view_per_epoch(keras, X, targets, image_index, batch_size: int, random):
-    """Batches of one row per image, shuffled; epoch e takes each image's rows in turn,
-    from a random first one, so consecutive epochs see different views."""
+def _epoch_orders(rows: Rows, random):
+    """epoch -> the order of its rows: every row, or with views, one row per image, each
+    image's rows in turn from a random first one (consecutive epochs see different views);
+    shuffled as `Rows.shuffled` does (by blocks, then windows, when streamed)."""
+    if len(np.unique(rows.images)) == len(rows):
+        return lambda epoch: rows.shuffled(random)
+    by_image = np.argsort(rows.images, kind="stable")
+    _, starts, counts = np.unique(rows.images[by_image], return_index=True, return_counts=True)
+    offsets = random.randint(0, counts)  # each image's first view
+    return lambda epoch: rows.shuffled(random, by_image[starts + (offsets + epoch) % counts])
 
-    class OneViewPerEpoch(keras.utils.PyDataset):
+
+def _batches(keras, rows: Rows, y_index, n_classes: int, batch_size: int, orders=None):
+    """A PyDataset of (features, one-hot labels) of `rows`: in the order `orders(epoch)`
+    gives, or as stored when None. Keras asks for batch 0 before the first epoch begins."""
+
+    class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            order = np.argsort(image_index, kind="stable")
-            _, starts, counts = np.unique(image_index[order], return_index=True, return_counts=True)
-            self.order, self.starts, self.counts = order, starts, counts
-            self.offsets = random.randint(0, counts)  # each image's first view
             self.epoch = 0
             self.on_epoch_begin()
 
         def __len__(self):
-            return int(np.ceil(len(self.starts) / batch_size))
+            return int(np.ceil(len(self.reader.order) / batch_size))
 
         def on_epoch_begin(self):
-            chosen = self.order[self.starts + (self.offsets + self.epoch) % self.counts]
-            self.rows = chosen[random.permutation(len(chosen))]
+            self.reader = Reader(rows, np.arange(len(rows)) if orders is None else orders(self.epoch))
 
         def on_epoch_end(self):
             self.epoch += 1
 
         def __getitem__(self, index):
-            rows = self.rows[index * batch_size : (index + 1) * batch_size]
-            return X[rows], targets[rows]
+            start, stop = index * batch_size, min((index + 1) * batch_size, len(self.reader.order))
+            targets = keras.utils.to_categorical(y_index[self.reader.order[start:stop]], n_classes)
+            return self.reader.take(start, stop), targets
 
-    return OneViewPerEpoch()
+    return Batches()
 
 
 def _model_to_bytes(model) -> bytes:

@@ -12,22 +12,23 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
 from tqdm import tqdm
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold, cross_validate, train_test_split
+from sklearn import metrics
+from sklearn.model_selection import ParameterGrid, StratifiedKFold, train_test_split
 
 from classify.artifacts import (
     CONFIG_FACTS, DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, remove_empty, save_head,
 )
-from classify.evaluation import evaluate
+from classify.data import Rows, gigabytes
+from classify.data import memory_budget as memory_budget_bytes
+from classify.evaluation import PREDICT_BATCH, evaluate
 from classify.heads import HEADS
-from classify.keras_head import KerasMLPClassifier
 from extract import DEFAULT_CACHE, FeatureCache, UsageError
 from extract.schema import package_versions
 
@@ -60,33 +61,46 @@ class HeadWarning(UserWarning):
 
 @dataclass
 class Splits:
-    """Flattened float32 features and string labels of the cache's labeled rows, and the
-    augmented views of the training images (`X_views[j]` is a view of `X_train[views_of[j]]`)."""
+    """The labeled rows of a cache: `train` holds the training images, then the cached
+    views of them (`train.images[i]` is the training image row i shows). The rows are read
+    from the cache, which stays open until `close()`, unless `load()`ed into memory."""
 
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_validation: np.ndarray
-    y_validation: np.ndarray
-    X_test: np.ndarray | None
-    y_test: np.ndarray | None
+    train: Rows
+    validation: Rows
+    test: Rows | None
+    training_images: int
     validation_source: str  # "stored" (the cache's split) or "drawn" (from the training split)
     fingerprint: str
     config: dict
-    X_views: np.ndarray | None = None
-    views_of: np.ndarray | None = None
     augmentation: dict | None = None  # the transforms, seed and views per image
+    cache: FeatureCache | None = None
 
-    @cached_property  # made once, however many heads train on it
-    def training_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Training rows, images then views, their labels, and the image each shows."""
-        images = np.arange(len(self.y_train))
-        if self.X_views is None:
-            return self.X_train, self.y_train, images
-        return (
-            np.concatenate([self.X_train, self.X_views]),
-            np.concatenate([self.y_train, self.y_train[self.views_of]]),
-            np.concatenate([images, self.views_of]),
-        )
+    @property
+    def training_views(self) -> int:
+        return len(self.train) - self.training_images
+
+    @property
+    def memory_needed(self) -> int:
+        """Bytes to train in memory: the training features twice (heads standardize a
+        copy), the validation and test features once."""
+        return 2 * self.train.nbytes + self.validation.nbytes + (self.test.nbytes if self.test else 0)
+
+    def load(self) -> "Splits":
+        """The same splits with every feature in memory; the cache is closed."""
+        loaded = replace(self, train=self.train.load(), validation=self.validation.load(),
+                         test=self.test and self.test.load(), cache=None)
+        self.close()
+        return loaded
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> "Splits":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @dataclass
@@ -120,6 +134,7 @@ class Training:
     validation_source: str
     training_images: int = 0
     training_views: int = 0  # augmented views the heads trained on (0: none)
+    streamed: bool = False  # the features were read from the cache as the heads trained, not held in memory
 
     def leaderboard(self) -> list[dict]:
         """Best first: validation accuracy, then macro-F1."""
@@ -139,14 +154,17 @@ def train_head(
     seed: int = 0,
     validation_fraction: float = 0.2,
     augment: bool = True,
+    memory_budget=None,
     progress: bool = False,
     **options,
 ) -> Training:
     """Train one head (or every head, `head="all"`) on a cache's features, score it on the
     validation split (and test split), and save each under `out` (default: a new folder in
     heads/). With cached augmented views (and `augment`), scikit-learn heads train on every
-    view and the mlp on one view of each image per epoch. `options` go to the mlp head:
-    hidden_units, dropout_rate, epochs, learning_rate, early_stopping, standardize."""
+    view and the mlp on one view of each image per epoch. Features that need more than
+    `memory_budget` (bytes, or a size such as "8G"; default half the memory available) are
+    streamed from the cache, and only heads that stream train. `options` go to the mlp
+    head: hidden_units, dropout_rate, epochs, learning_rate, early_stopping, standardize."""
     names = _head_names(head)
     if options and "mlp" not in names:
         raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
@@ -162,20 +180,42 @@ def train_head(
     for name, value in options.items():
         if name not in ("early_stopping", "standardize"):
             check_bounds(name, value)
+    budget = memory_budget_bytes(memory_budget)
     final = check_out(out)
-    splits = load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment)
-    final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
-    partial = partial_folder(final)
-    try:
-        training = _train_all(names, splits, partial, final, _Plan(search, cv, class_weight, seed, validation_fraction,
-                                                                   augment), options, progress)
-        commit_folder(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if out is None:
-            remove_empty(final)
-        raise
+    with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment) as splits:
+        streamed = splits.memory_needed > budget
+        names = _streaming(names, head, splits, budget, memory_budget) if streamed else names
+        splits = splits if streamed else splits.load()
+        final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
+        partial = partial_folder(final)
+        try:
+            training = _train_all(names, splits, partial, final, _Plan(search, cv, class_weight, seed, validation_fraction,
+                                                                       augment), options, progress)
+            commit_folder(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            if out is None:
+                remove_empty(final)
+            raise
+    training.streamed = streamed
     return training
+
+
+def _streaming(names: list[str], head: str, splits: Splits, budget: int, given) -> list[str]:
+    """The heads of `names` that stream; a head that does not is refused (alone) or left
+    out with a warning (--head all)."""
+    streaming = [name for name in HEADS if HEADS[name].streams]
+    cannot = [name for name in names if not HEADS[name].streams]
+    if not cannot:
+        return names
+    why = (f"the features need about {gigabytes(splits.memory_needed)} in memory ({len(splits.train)} training rows "
+           f"of {splits.train.n_features} floats, twice, and the validation and test rows), more than --memory-budget "
+           f"{gigabytes(budget)}{' (half the memory available)' if given is None else ''}")
+    if head != "all":
+        raise UsageError(f"{head} cannot train here: {why}. Train a head that streams ({', '.join(streaming)}) "
+                         f"or raise --memory-budget.")
+    warnings.warn(f"{', '.join(cannot)} left out: {why}; heads that stream are trained.", HeadWarning)
+    return [name for name in names if name not in cannot]
 
 
 def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan", options: dict, progress: bool):
@@ -196,8 +236,8 @@ def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan",
         results.append(_save_one(fitted, splits, partial / relative, final / relative))
     if not results:
         raise UsageError("No head could be trained on these data (see the warnings); add training images.")
-    training = Training(results, final, splits.fingerprint, splits.validation_source, len(splits.y_train),
-                        0 if splits.X_views is None else len(splits.X_views))
+    training = Training(results, final, splits.fingerprint, splits.validation_source, splits.training_images,
+                        splits.training_views)
     if len(names) > 1:
         (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     return training
@@ -206,14 +246,21 @@ def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan",
 def load_splits(
     cache, config, validation_fraction: float, seed: int, folds: int | None = None, augment: bool = True
 ) -> Splits:
-    """Read the labeled rows of a cache (and, with `augment`, the views of its training
-    images) and check they can train a classifier."""
+    """The labeled rows of a cache (and, with `augment`, the views of its training images),
+    checked to be able to train a classifier; their features are read when needed."""
     check_bounds("validation_fraction", validation_fraction)
-    with FeatureCache(cache, config) as features:
-        labels, splits = features.labels(), features.splits()
-        X = features.features().reshape(len(features), -1).astype(np.float32)
-        fingerprint, facts = features.fingerprint, features.config
-        views = features.views("train") if augment else None
+    features = FeatureCache(cache, config)
+    try:
+        return _split(features, cache, validation_fraction, seed, folds, augment)
+    except BaseException:
+        features.close()
+        raise
+
+
+def _split(features: FeatureCache, cache, validation_fraction: float, seed: int, folds: int | None, augment: bool):
+    labels, splits = features.labels(), features.splits()
+    fingerprint = features.fingerprint
+    views = features.views("train", features=False) if augment else None
     train, validation, test = (splits == "train") & (labels != ""), splits == "validation", splits == "test"
     if not train.any():
         raise UsageError(
@@ -248,24 +295,30 @@ def load_splits(
                 f"a stratified split needs between {len(classes)} and {len(train_rows) - len(classes)} "
                 f"(one image of each of the {len(classes)} classes on each side). Choose another fraction."
             )
-    if drawn:  # split images, not rows: the views of a held-out image are held out with it
+        # split images, not rows: the views of a held-out image are held out with it
         train_rows, validation_rows = train_test_split(
             train_rows, test_size=validation_fraction, stratify=labels[train_rows], random_state=seed
         )
-        X_validation, y_validation = X[validation_rows], labels[validation_rows]
     else:
-        X_validation, y_validation = X[validation], labels[validation]
-    X_test, y_test = (X[test], labels[test]) if test.any() else (None, None)
-    facts = {key: facts[key] for key in CONFIG_FACTS if key in facts}
-    result = Splits(X[train_rows], labels[train_rows], X_validation, y_validation, X_test, y_test,
-                    "drawn" if drawn else "stored", fingerprint, facts)
+        validation_rows = np.flatnonzero(validation)
+
+    def images(rows, view_entries=np.empty(0, np.int64), views_of=np.empty(0, np.int64)):
+        """Rows of these image rows, then of these views (entries of the views table) of them."""
+        table = np.concatenate([np.zeros(len(rows), np.int8), np.ones(len(view_entries), np.int8)])
+        return Rows.in_cache(features, labels[np.concatenate([rows, rows[views_of]])],
+                             np.concatenate([np.arange(len(rows)), views_of]), table,
+                             np.concatenate([rows, view_entries]), views and views.name)
+
+    facts = {key: features.config[key] for key in CONFIG_FACTS if key in features.config}
+    train_set, augmentation = images(train_rows), None
     if views is not None and len(views.row):
         position = {row: i for i, row in enumerate(train_rows)}
         keep = np.array([row in position for row in views.row], dtype=bool)
-        result.X_views = views.features[keep].reshape(int(keep.sum()), -1).astype(np.float32)
-        result.views_of = np.array([position[row] for row in views.row[keep]], dtype=np.int64)
-        result.augmentation = dict(views.augmentation, views_per_image=views.views_per_image)
-    return result
+        views_of = np.array([position[row] for row in views.row[keep]], dtype=np.int64)
+        train_set = images(train_rows, views.entry[keep], views_of)
+        augmentation = dict(views.augmentation, views_per_image=views.views_per_image)
+    return Splits(train_set, images(validation_rows), images(np.flatnonzero(test)) if test.any() else None,
+                  len(train_rows), "drawn" if drawn else "stored", fingerprint, facts, augmentation, features)
 
 
 @dataclass(frozen=True)
@@ -303,27 +356,31 @@ def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
     class_weight = plan.class_weight if spec.class_weights else None
     try:
         estimator = spec.build(random_state=plan.seed, class_weight=class_weight, **options)
-        if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > len(splits.y_train):
-            estimator.set_params(n_neighbors=len(splits.y_train))
+        if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > splits.training_images:
+            estimator.set_params(n_neighbors=splits.training_images)
         table = None
         if plan.search:
             best, table = _search(estimator, spec.grid, splits)
             estimator.set_params(**best)
         cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
-        X, y, images = splits.training_set
-        fit_options = {}
-        if isinstance(estimator, KerasMLPClassifier):  # validation loss per epoch: learning curve, early stopping
-            fit_options.update(image_index=images, validation_data=(splits.X_validation, splits.y_validation))
         started = time.perf_counter()
-        estimator.fit(X, y, **fit_options)
+        fit(estimator, splits.train, splits.validation)
         fit_seconds = time.perf_counter() - started
-        scores = {"validation": evaluate(estimator, splits.X_validation, splits.y_validation)}
-        if splits.X_test is not None:
-            scores["test"] = evaluate(estimator, splits.X_test, splits.y_test)
+        scores = {"validation": evaluate(estimator, splits.validation)}
+        if splits.test is not None:
+            scores["test"] = evaluate(estimator, splits.test)
     except (ValueError, ArithmeticError) as error:  # what estimators raise on data they cannot fit
         reason = " ".join(str(error).split())[:300]
         raise _CannotTrain(f"{name} cannot be trained on these data ({reason})") from error
     return _Fitted(name, estimator, scores, fit_seconds, plan, options, cross_validation, table)
+
+
+def fit(estimator, rows: Rows, validation: Rows | None = None):
+    """Fit a head on `rows`: one that streams (`fit_rows`) reads them as it goes and
+    scores `validation` as it learns (the mlp); the others take them in memory."""
+    if hasattr(estimator, "fit_rows"):
+        return estimator.fit_rows(rows, validation)
+    return estimator.fit(rows.X, rows.y)
 
 
 def _save_one(fitted: _Fitted, splits: Splits, folder: Path, final: Path) -> HeadResult:
@@ -336,9 +393,9 @@ def _save_one(fitted: _Fitted, splits: Splits, folder: Path, final: Path) -> Hea
         "classes": [str(label) for label in estimator.classes_],
         "fingerprint": splits.fingerprint,
         "feature_config": splits.config,
-        "n_features": int(splits.X_train.shape[1]),
-        "training_images": len(splits.y_train),
-        "training_views": 0 if splits.X_views is None else len(splits.X_views),
+        "n_features": splits.train.n_features,
+        "training_images": splits.training_images,
+        "training_views": splits.training_views,
         "augmentation": splits.augmentation,
         "params": params,
         "arguments": dict(asdict(plan), options=fitted.options),
@@ -356,33 +413,43 @@ def _save_one(fitted: _Fitted, splits: Splits, folder: Path, final: Path) -> Hea
 
 
 def _search(estimator, grid: dict, splits: Splits):
-    """The grid point with the best validation accuracy (fitted on the training split)."""
-    X_train, y_train, images = splits.training_set
-    X = np.concatenate([X_train, splits.X_validation])
-    y = np.concatenate([y_train, splits.y_validation])
-    fold = np.concatenate([np.full(len(y_train), -1), np.zeros(len(splits.y_validation))])
-    search = GridSearchCV(clone(estimator), grid, scoring="accuracy", cv=PredefinedSplit(fold), refit=False)
-    search.fit(X, y, **_image_index(estimator, np.concatenate([images, len(images) + np.arange(len(y) - len(images))])))
-    table = [{"params": params, "validation_accuracy": float(score)}
-             for params, score in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])]
-    return search.best_params_, table
+    """The grid point with the best validation accuracy (fitted on the training split; the
+    first of equals). A point the head cannot be fitted with scores None."""
+    table = []
+    for params in ParameterGrid(grid):
+        try:
+            candidate = fit(clone(estimator).set_params(**params), splits.train)
+            accuracy = metrics.accuracy_score(*_predicted(candidate, splits.validation))
+        except (ValueError, ArithmeticError) as error:
+            warnings.warn(f"--search: {params} cannot be fitted ({' '.join(str(error).split())[:200]}).", HeadWarning)
+            accuracy = None
+        table.append({"params": params, "validation_accuracy": accuracy})
+    scored = [row for row in table if row["validation_accuracy"] is not None]
+    if not scored:
+        raise ValueError("no point of the --search grid can be fitted")
+    return max(scored, key=lambda row: row["validation_accuracy"])["params"], table
 
 
 def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
     """Stratified K-fold on the training images: mean and standard deviation. A fold's
     views train with their image and are never scored."""
-    X, y, images = splits.training_set
-    scores = cross_validate(
-        clone(estimator), X, y, scoring=("accuracy", "f1_macro"),
-        cv=image_folds(splits.y_train, images, folds, seed), params=_image_index(estimator, images),
-    )
+    accuracy, macro_f1 = [], []
+    for train, test in image_folds(splits.train.y[: splits.training_images], splits.train.images, folds, seed):
+        y, predicted = _predicted(fit(clone(estimator), splits.train.subset(train)), splits.train.subset(test))
+        accuracy.append(metrics.accuracy_score(y, predicted))
+        macro_f1.append(metrics.f1_score(y, predicted, average="macro"))
     return {
         "folds": folds,
-        "accuracy_mean": float(scores["test_accuracy"].mean()),
-        "accuracy_std": float(scores["test_accuracy"].std()),
-        "macro_f1_mean": float(scores["test_f1_macro"].mean()),
-        "macro_f1_std": float(scores["test_f1_macro"].std()),
+        "accuracy_mean": float(np.mean(accuracy)),
+        "accuracy_std": float(np.std(accuracy)),
+        "macro_f1_mean": float(np.mean(macro_f1)),
+        "macro_f1_std": float(np.std(macro_f1)),
     }
+
+
+def _predicted(estimator, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """The labels of `rows` and the head's predictions for them."""
+    return rows.y, np.concatenate([estimator.predict(X) for X, _ in rows.batches(PREDICT_BATCH)] or [rows.y[:0]])
 
 
 def image_folds(labels: np.ndarray, images: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -394,11 +461,6 @@ def image_folds(labels: np.ndarray, images: np.ndarray, folds: int, seed: int) -
         (np.flatnonzero(np.isin(images, train)), test)
         for train, test in splitter.split(np.zeros(len(labels)), labels)
     ]
-
-
-def _image_index(estimator, images: np.ndarray) -> dict:
-    """The fit argument that tells the mlp which rows are views of one image."""
-    return {"image_index": images} if isinstance(estimator, KerasMLPClassifier) else {}
 
 
 def _head_names(head: str) -> list[str]:

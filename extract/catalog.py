@@ -60,11 +60,13 @@ class ConfigState:
 class Views:
     """Augmented views of a split's images, as `FeatureCache.views` reads them."""
 
-    features: np.ndarray
+    features: np.ndarray | None  # None when read with features=False (see `entry`)
     row: np.ndarray  # the image's row number in the configuration
     view: np.ndarray  # view number, 1..views_per_image
     augmentation: dict
     views_per_image: int
+    entry: np.ndarray | None = None  # each view's row in its views table (`features_at(entry, views=name)`)
+    name: str | None = None  # the views table: its augmentation's fingerprint
 
 
 def open_cache(path) -> h5py.File:
@@ -249,9 +251,14 @@ class FeatureCache:
     def splits(self, split: str | None = None) -> np.ndarray:
         return self._splits if split is None else self._splits[self._splits == split]
 
-    def features_at(self, rows) -> np.ndarray:
-        """The features of the given row numbers, in that order (each chunk read once)."""
-        return self._features(self._group, np.asarray(rows, dtype=np.int64))
+    def features_at(self, rows, views: str | None = None) -> np.ndarray:
+        """The features of the given row numbers, in that order (each chunk read once);
+        with `views` (a views table's name), of those rows of that table."""
+        table = self._group
+        if views is not None:
+            with self._reading():
+                table = self._group[f"views/{views}"]
+        return self._features(table, np.asarray(rows, dtype=np.int64))
 
     def column(self, name: str, split: str | None = None) -> np.ndarray:
         """Any per-row dataset of the group (see the schema), optionally one split's rows."""
@@ -259,10 +266,11 @@ class FeatureCache:
             values = read_column(self._group, name)
         return values if split is None else values[self._splits == split]
 
-    def views(self, split: str = "train", augmentation: str | None = None) -> Views | None:
+    def views(self, split: str = "train", augmentation: str | None = None, *, features: bool = True) -> Views | None:
         """The augmented views in use for the rows of `split` (views are only made for
         training images), sorted by row then view; None if the configuration has none.
-        `augmentation` reads another views table (see `view_tables`) instead."""
+        `augmentation` reads another views table (see `view_tables`) instead; with
+        `features=False` only where each view is (read them later with `features_at`)."""
         name = augmentation or self.config.get("views")
         with self._reading():
             table = self._group.get(f"views/{name}") if name else None
@@ -280,7 +288,8 @@ class FeatureCache:
             if view <= per_image for row in rows_of.get(sha256, ())
         )
         row, view, entry = (np.array(column, dtype=np.int64) for column in zip(*found)) if found else (np.empty(0, np.int64),) * 3
-        return Views(self._features(table, entry), row, view, read_attrs(table), per_image)
+        return Views(self._features(table, entry) if features else None, row, view, read_attrs(table), per_image,
+                     entry, name)
 
     def view_tables(self) -> list[dict]:
         """Every views table of the configuration: its attributes plus `views` (its size)."""

@@ -6,7 +6,8 @@ from conftest import blobs
 
 
 def test_the_registry_holds_every_head():
-    assert list(HEADS) == ["mlp", "logreg", "linear-svm", "sklearn-mlp", "knn", "random-forest"]
+    assert list(HEADS) == ["mlp", "logreg", "linear-svm", "sgd-logreg", "sgd-svm", "sklearn-mlp", "knn", "random-forest"]
+    assert [name for name, head in HEADS.items() if head.streams] == ["mlp", "sgd-logreg", "sgd-svm"]
 
 
 @pytest.mark.parametrize("name", list(HEADS))

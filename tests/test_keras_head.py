@@ -129,11 +129,13 @@ def test_composes_with_pipeline_and_grid_search():
 def test_each_epoch_sees_one_view_of_every_image():
     import keras
 
-    from classify.keras_head import _one_view_per_epoch
+    from classify.data import Rows
+    from classify.keras_head import _batches, _epoch_orders
 
     images = np.array([0, 1, 2, 3, 0, 1, 2, 0, 0])  # image 3 has no views, image 0 has three
     X = np.arange(len(images), dtype=np.float32)[:, None]
-    data = _one_view_per_epoch(keras, X, X, images, 3, np.random.RandomState(0))
+    rows = Rows.from_arrays(X, images, images)
+    data = _batches(keras, rows, images, 4, 3, _epoch_orders(rows, np.random.RandomState(0)))
     seen = []
     for _ in range(4):
         data.on_epoch_begin()
@@ -149,8 +151,8 @@ def test_views_train_the_mlp_one_per_image_per_epoch(monkeypatch):
     from classify import keras_head
 
     made = []
-    sampler = keras_head._one_view_per_epoch
-    monkeypatch.setattr(keras_head, "_one_view_per_epoch", lambda *a: made.append(sampler(*a)) or made[-1])
+    batches = keras_head._batches
+    monkeypatch.setattr(keras_head, "_batches", lambda *a: made.append(batches(*a)) or made[-1])
     X, y = blobs(per_class=20)
     rng = np.random.default_rng(0)
     views = X + rng.normal(0, 0.3, X.shape).astype(np.float32)

@@ -60,7 +60,7 @@ def test_a_changed_artifact_is_refused(cache, tmp_path):
 def test_all_heads_make_a_leaderboard(cache, tmp_path):
     training = train_head(cache, "all", out=tmp_path / "run", epochs=3)
     board = training.leaderboard()
-    assert {row["head"] for row in board} == {"mlp", "logreg", "linear-svm", "sklearn-mlp", "knn", "random-forest"}
+    assert {row["head"] for row in board} == {"mlp", "logreg", "linear-svm", "sgd-logreg", "sgd-svm", "sklearn-mlp", "knn", "random-forest"}
     accuracies = [row["validation_accuracy"] for row in board]
     assert accuracies == sorted(accuracies, reverse=True)
     assert all((tmp_path / "run" / row["head"] / "head.joblib").is_file() for row in board)
@@ -184,18 +184,20 @@ def test_scikit_learn_heads_train_on_every_view(augmented, tmp_path):
 def test_drawn_validation_holds_out_the_views_of_its_images(augmented):
     from classify.training import load_splits
 
-    splits = load_splits(augmented, None, 0.2, seed=0)
+    with load_splits(augmented, None, 0.2, seed=0) as streamed:
+        splits = streamed.load()
     with FeatureCache(augmented) as cache:
         views, features = cache.views(), cache.features().reshape(24, -1)
     views_by_image = {}
     for row, feature in zip(views.row, views.features.reshape(len(views.row), -1)):
         views_by_image.setdefault(features[row].tobytes(), []).append(feature.tobytes())
-    training_views = {feature.tobytes() for feature in splits.X_views}
-    assert len(splits.X_validation) == 5
-    for image in splits.X_validation:
+    n = splits.training_images
+    training_views = {feature.tobytes() for feature in splits.train.X[n:]}
+    assert len(splits.validation) == 5 and (n, splits.training_views) == (19, 38)
+    for image in splits.validation.X:
         assert not training_views & set(views_by_image[image.tobytes()])  # no view of it in training
-    for image, position in zip(splits.X_views, splits.views_of):
-        assert image.tobytes() in views_by_image[splits.X_train[position].tobytes()]  # each view with its image
+    for image, position in zip(splits.train.X[n:], splits.train.images[n:]):
+        assert image.tobytes() in views_by_image[splits.train.X[position].tobytes()]  # each view with its image
 
 
 def test_cross_validation_folds_keep_views_with_their_image():
