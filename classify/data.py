@@ -9,8 +9,9 @@ views table) and holds the features only once `load()`ed. Streamed, it reads a w
 rows at a time (each chunk of the cache once per window) and never holds more than two
 windows. Its order for an epoch is shuffled by blocks of consecutive rows (rows stored
 together stay together, so a window reads few chunks), then within each window; in memory,
-a block is one row and a window every row: a plain shuffle. Batches are the same whether
-the features come from memory or from the cache, for the same order.
+one block and one window hold every row: a plain shuffle, the same as streamed rows that
+fit in one block. Batches are the same whether the features come from memory or from the
+cache, for the same order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 from extract import UsageError
 
 BLOCK_BYTES = 4 * 2**20  # consecutive rows kept together when an epoch is shuffled
-WINDOW_BYTES = 128 * 2**20  # rows read from the cache at once (and shuffled among themselves)
+WINDOW_BYTES = 64 * 2**20  # rows read from the cache at once (and shuffled among themselves)
+SCAN_BYTES = 32 * 2**20  # at most, rows a pass that is not a training step takes at once (moments, predictions)
 BUDGET_SHARE = 0.5  # of the memory available when train-head starts: the default --memory-budget
 _IMAGE, _VIEW = 0, 1
 
@@ -56,7 +58,7 @@ class Rows:
         X = np.asarray(X, dtype=np.float32)
         images = np.arange(len(X)) if images is None else np.asarray(images)
         return cls(np.asarray(y), images, np.zeros(len(X), np.int8), np.arange(len(X)), X.shape[1], X=X,
-                   block_rows=1, window_rows=max(1, len(X)))
+                   block_rows=max(1, len(X)), window_rows=max(1, len(X)))
 
     @classmethod
     def in_cache(cls, cache, y, images, table, entry, views=None, window_bytes: int = WINDOW_BYTES) -> "Rows":
@@ -70,6 +72,12 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def scan_rows(self) -> int:
+        """Rows a pass over all of them should take at once (at most 4,096 and 32 MB),
+        whether they are in memory or not, so both give the same batches."""
+        return max(1, min(4096, SCAN_BYTES // (4 * self.n_features)))
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +95,10 @@ class Rows:
         positions = np.asarray(positions, dtype=np.int64)
         if self.X is not None:
             return self.X[positions]
+        tables = self.table[positions]
+        if len(positions) and (tables == tables[0]).all():  # one table: no second copy
+            read = self.cache.features_at(self.entry[positions], views=self.views if tables[0] == _VIEW else None)
+            return read.reshape(len(read), -1).astype(np.float32, copy=False)
         result = np.empty((len(positions), self.n_features), dtype=np.float32)
         for table, views in ((_IMAGE, None), (_VIEW, self.views)):
             inside = self.table[positions] == table
@@ -102,7 +114,7 @@ class Rows:
         X = np.empty((len(self), self.n_features), dtype=np.float32)
         for start in range(0, len(self), self.window_rows):
             X[start : start + self.window_rows] = self.features(np.arange(start, min(start + self.window_rows, len(self))))
-        return replace(self, X=X, cache=None, block_rows=1, window_rows=max(1, len(self)))
+        return replace(self, X=X, cache=None, block_rows=max(1, len(self)), window_rows=max(1, len(self)))
 
     def shuffled(self, random: np.random.RandomState, positions=None) -> np.ndarray:
         """`positions` (default: every row) in a random order: blocks of `block_rows`
@@ -184,4 +196,6 @@ def available_memory() -> int:
 
 
 def gigabytes(size: int) -> str:
+    if size < 2**20:
+        return f"{size:,} bytes"
     return f"{size / 2**30:.2f} GB" if size >= 2**27 else f"{size / 2**20:.1f} MB"

@@ -8,9 +8,6 @@ import numpy as np
 from sklearn import metrics
 
 
-PREDICT_BATCH = 4096  # rows predicted at once
-
-
 def evaluate(estimator, rows) -> dict:
     """Accuracy, balanced accuracy, macro-F1, log loss (where the head gives
     probabilities), per-class precision/recall/F1 and the confusion matrix, JSON-ready, of
@@ -19,7 +16,7 @@ def evaluate(estimator, rows) -> dict:
     classes, y = list(estimator.classes_), rows.y
     probabilities = hasattr(estimator, "predict_proba")
     predicted, proba = [], []
-    for X, _ in rows.batches(PREDICT_BATCH):
+    for X, _ in rows.batches(rows.scan_rows):
         predicted.append(estimator.predict(X))
         if probabilities:
             proba.append(estimator.predict_proba(X))

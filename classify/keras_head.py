@@ -28,7 +28,6 @@ from sklearn.utils.validation import check_is_fitted, check_random_state, valida
 from classify.data import Reader, Rows
 from extract.backbone import import_keras
 
-MOMENT_BATCH = 4096  # rows a StandardScaler.partial_fit call takes
 VALIDATION_BATCH = 256
 
 
@@ -179,7 +178,7 @@ def _moments(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     takes them (float64 sums, a batch at a time; a feature that never varied, a ReLU that
     never fired, gets variance 1: centred later, not divided by Keras's epsilon)."""
     scaler = StandardScaler()
-    for X, _ in rows.batches(MOMENT_BATCH):
+    for X, _ in rows.batches(rows.scan_rows):
         scaler.partial_fit(X)
     return scaler.mean_.astype(np.float32), np.square(scaler.scale_).astype(np.float32)
 

@@ -17,8 +17,6 @@ from sklearn.utils.validation import check_is_fitted, check_random_state, valida
 
 from classify.data import Rows
 
-BATCH = 4096  # rows a partial_fit call takes
-
 
 class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
     """loss: SGDClassifier's ("log_loss": logistic regression; "modified_huber": a
@@ -44,7 +42,7 @@ class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = rows.n_features
         random = check_random_state(self.random_state)
         self.scaler_ = StandardScaler()
-        for X, _ in rows.batches(BATCH):
+        for X, _ in rows.batches(rows.scan_rows):
             self.scaler_.partial_fit(X)
         weights = None
         if self.class_weight is not None:  # partial_fit takes weights, not "balanced"
@@ -52,7 +50,7 @@ class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
         self.model_ = SGDClassifier(loss=self.loss, alpha=self.alpha, class_weight=weights,
                                     random_state=random.randint(2**31 - 1))
         for _ in range(self.epochs):
-            for X, y in rows.batches(BATCH, rows.shuffled(random)):
+            for X, y in rows.batches(rows.scan_rows, rows.shuffled(random)):
                 self.model_.partial_fit(self.scaler_.transform(X), y, classes=self.classes_)
         return self
 

@@ -27,7 +27,7 @@ from classify.artifacts import (
 )
 from classify.data import Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
-from classify.evaluation import PREDICT_BATCH, evaluate
+from classify.evaluation import evaluate
 from classify.heads import HEADS
 from extract import DEFAULT_CACHE, FeatureCache, UsageError
 from extract.schema import package_versions
@@ -449,7 +449,7 @@ def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
 
 def _predicted(estimator, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     """The labels of `rows` and the head's predictions for them."""
-    return rows.y, np.concatenate([estimator.predict(X) for X, _ in rows.batches(PREDICT_BATCH)] or [rows.y[:0]])
+    return rows.y, np.concatenate([estimator.predict(X) for X, _ in rows.batches(rows.scan_rows)] or [rows.y[:0]])
 
 
 def image_folds(labels: np.ndarray, images: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

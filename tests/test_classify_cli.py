@@ -32,7 +32,7 @@ def test_one_head_prints_its_scores(capsys, cache, tmp_path):
 def test_all_heads_print_a_leaderboard_as_json(capsys, cache, tmp_path):
     status, out, _ = cli(capsys, "--cache", cache, "--head", "all", "--epochs", "2", "--json", "--out", tmp_path / "run")
     board = json.loads(out)["leaderboard"]
-    assert status == 0 and len(board) == 6
+    assert status == 0 and len(board) == 8
     assert board[0]["validation_accuracy"] >= board[-1]["validation_accuracy"]
 
 

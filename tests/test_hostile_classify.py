@@ -349,7 +349,7 @@ def test_head_all_on_two_images_a_class_trains_what_it_can(tmp_path):
     board = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
     trained = {row["head"] for row in board}
     assert "linear-svm" not in trained and {"mlp", "logreg", "knn", "random-forest"} <= trained
-    assert len(trained) + len(warned) == 6
+    assert len(trained) + len(warned) == 8
     assert json.loads(result.stdout)["leaderboard"] == board
 
 

@@ -1,0 +1,163 @@
+"""classify.data: labeled rows in memory or streamed from the cache, and heads that stream."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from classify import train_head
+from classify.cli import main as train_main
+from classify.data import Reader, Rows, memory_budget
+from classify.evaluation import evaluate
+from classify.heads import HEADS
+from classify.training import fit, load_splits
+from conftest import SIZE, make_dataset, write_synthetic_cache
+from extract import FeatureCache, UsageError, extract_features
+
+SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10)}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return write_synthetic_cache(tmp_path / "c.h5", SPLITS)
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory, weights_file):
+    """A real extraction: 24 images, 2 cached views of each training image."""
+    folder = tmp_path_factory.mktemp("augmented")
+    make_dataset(folder / "data", "classes", per_class=8, classes=("cat", "dog", "fox"))
+    extract_features(folder / "data", folder / "c.h5", input_size=SIZE, weights=weights_file, augment=2,
+                     validation_percent=0, progress=False)
+    return folder / "c.h5"
+
+
+def small_windows(rows: Rows, block: int = 4, window: int = 12) -> Rows:
+    return replace(rows, block_rows=block, window_rows=window)
+
+
+def test_streamed_rows_read_what_the_cache_holds(augmented):
+    with load_splits(augmented, None, 0.2, seed=0) as splits, FeatureCache(augmented) as cache:
+        train = splits.train
+        assert train.X is None and len(train) == 19 * 3  # 19 images, then 2 views of each
+        n = splits.training_images
+        images = cache.features().reshape(24, -1)
+        views = cache.views()
+        np.testing.assert_array_equal(train.features(np.arange(n)), images[train.entry[:n]])
+        by_row = {(row, view): feature for row, view, feature in
+                  zip(views.row, views.view, views.features.reshape(len(views.row), -1))}
+        for position in range(n, len(train)):  # each view is a view of its image
+            image_row = train.entry[train.images[position]]
+            assert any(np.array_equal(train.features([position])[0], by_row[(image_row, view)]) for view in (1, 2))
+        loaded = train.load()
+        np.testing.assert_array_equal(loaded.X, train.features(np.arange(len(train))))
+        assert loaded.nbytes == train.nbytes == len(train) * train.n_features * 4
+
+
+def test_a_shuffle_keeps_blocks_together_and_repeats_under_a_seed():
+    rows = small_windows(Rows.from_arrays(np.zeros((40, 1)), np.zeros(40)), block=4, window=12)
+    order = rows.shuffled(np.random.RandomState(0))
+    assert sorted(order) == list(range(40)) and list(order) != list(range(40))
+    windows = [set(order[start : start + 12]) for start in range(0, 40, 12)]
+    for block in range(10):  # the four rows of a block end in one window
+        assert sum(set(range(4 * block, 4 * block + 4)) <= window for window in windows) == 1
+    np.testing.assert_array_equal(order, rows.shuffled(np.random.RandomState(0)))
+    whole = Rows.from_arrays(np.zeros((40, 1)), np.zeros(40))  # in memory: one block, one window
+    assert sorted(whole.shuffled(np.random.RandomState(1))) == list(range(40))
+
+
+def test_batches_across_windows_are_the_rows_asked_for(augmented):
+    with load_splits(augmented, None, 0.2, seed=0) as splits:
+        streamed = small_windows(splits.train, block=2, window=5)
+        order = streamed.shuffled(np.random.RandomState(3))
+        got = list(streamed.batches(7, order))  # batches straddle windows of 5
+        expected = splits.train.load().X[order]
+    np.testing.assert_array_equal(np.concatenate([X for X, _ in got]), expected)
+    assert [len(X) for X, _ in got] == [7] * 8 + [1]
+    assert np.concatenate([y for _, y in got]).tolist() == streamed.y[order].tolist()
+
+
+def test_a_reader_holds_at_most_two_windows():
+    rows = small_windows(Rows.from_arrays(np.arange(30.0)[:, None], np.zeros(30)), window=5)
+    rows = replace(rows, X=None, cache=_Counting(rows.X))
+    reader = Reader(rows, np.arange(30))
+    for start in range(0, 30, 3):
+        np.testing.assert_array_equal(reader.take(start, start + 3)[:, 0], np.arange(start, start + 3))
+        assert len(reader._windows) <= 2
+    assert rows.cache.reads == 6  # each window once
+
+
+class _Counting:
+    """A stand-in FeatureCache over an array that counts its reads."""
+
+    def __init__(self, X):
+        self.X, self.reads = X, 0
+
+    def features_at(self, rows, views=None):
+        self.reads += 1
+        return self.X[rows]
+
+
+@pytest.mark.parametrize("name", ["mlp", "sgd-logreg", "sgd-svm"])
+def test_a_head_streamed_learns_what_it_learns_in_memory(augmented, name):
+    with load_splits(augmented, None, 0.2, seed=0) as splits:
+        streamed, validation = small_windows(splits.train), splits.validation
+        in_memory = small_windows(streamed.load())  # the same blocks and windows, so the same order
+        options = {"epochs": 3} if name == "mlp" else {}
+        from_cache = fit(HEADS[name].build(random_state=0, **options), streamed, validation)
+        from_memory = fit(HEADS[name].build(random_state=0, **options), in_memory, validation.load())
+        X = validation.load().X
+        np.testing.assert_allclose(from_cache.predict_proba(X), from_memory.predict_proba(X), rtol=1e-5, atol=1e-6)
+        assert evaluate(from_cache, validation) == evaluate(from_memory, validation.load())
+    if name == "mlp":  # one view of each image per epoch, scored on validation after each
+        assert from_cache.history_["val_loss"] == pytest.approx(from_memory.history_["val_loss"], rel=1e-5)
+
+
+def test_a_budget_too_small_streams_the_heads_that_can(cache, tmp_path):
+    in_memory = train_head(cache, "mlp", out=tmp_path / "memory", epochs=3)
+    streamed = train_head(cache, "mlp", out=tmp_path / "streamed", epochs=3, memory_budget=1000)
+    assert (in_memory.streamed, streamed.streamed) == (False, True)
+    # the rows fit in one block, so the order is the in-memory one: the same head
+    scores, expected = streamed.results[0].scores["validation"], in_memory.results[0].scores["validation"]
+    assert scores["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
+    assert dict(scores, log_loss=None) == dict(expected, log_loss=None)
+    with pytest.raises(UsageError, match=r"logreg cannot train here: .* more than --memory-budget 1,000 bytes\. "
+                                         r"Train a head that streams \(mlp, sgd-logreg, sgd-svm\)"):
+        train_head(cache, "logreg", out=tmp_path / "refused", memory_budget=1000)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_train_head_all_trains_the_heads_that_stream(cache, tmp_path, capsys):
+    code = train_main(["--cache", str(cache), "--head", "all", "--memory-budget", "1K", "--epochs", "2",
+                       "--out", str(tmp_path / "run"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    result = json.loads(captured.out)
+    assert result["streamed"] is True
+    assert sorted(row["head"] for row in result["leaderboard"]) == ["mlp", "sgd-logreg", "sgd-svm"]
+    assert all(row["validation_accuracy"] > 0.9 for row in result["leaderboard"])
+    assert "logreg, linear-svm, sklearn-mlp, knn, random-forest left out" in captured.err
+
+
+def test_search_and_cross_validation_stream(cache, tmp_path):
+    result = train_head(cache, "sgd-logreg", out=tmp_path / "run", search=True, cv=3, memory_budget=1).results[0]
+    assert [row["params"]["alpha"] for row in result.search] == [1e-5, 1e-4, 1e-3, 1e-2]
+    assert result.estimator.alpha == max(result.search, key=lambda row: row["validation_accuracy"])["params"]["alpha"]
+    assert result.cross_validation["folds"] == 3 and result.cross_validation["accuracy_mean"] > 0.9
+
+
+@pytest.mark.parametrize("given, size", [("8G", 8 * 2**30), ("512M", 512 * 2**20), ("1.5GiB", 3 * 2**29),
+                                         ("4000000", 4000000), (" 2k ", 2048), (1024, 1024)])
+def test_memory_budget_sizes(given, size):
+    assert memory_budget(given) == size
+
+
+@pytest.mark.parametrize("given", ["lots", "-1G", "0", "8X", "1e9", True])
+def test_memory_budget_refuses_what_is_not_a_size(given):
+    with pytest.raises(UsageError, match="--memory-budget"):
+        memory_budget(given)
+
+
+def test_the_default_budget_is_a_share_of_the_memory_available():
+    assert 0 < memory_budget() < 2**50
