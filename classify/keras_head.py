@@ -109,15 +109,21 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True
             ))
+        batches = _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random),
+                           self.model_)
+        validation = self._validation(keras, validation)
         history = self.model_.fit(
-            _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random)),
+            batches,
             epochs=self.epochs,
-            validation_data=self._validation(keras, validation),
+            validation_data=validation,
             class_weight=self._class_weights(y_index),
             callbacks=callbacks,
             verbose=self.verbose,
             shuffle=False,  # the batches are shuffled already: see classify.data
         )
+        for data in (batches, validation):
+            if data is not None and data.error is not None:
+                raise data.error
         self.history_ = {name: [float(v) for v in values] for name, values in history.history.items()}
         return self
 
@@ -153,7 +159,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             return None
         validation = validation.subset(np.flatnonzero(np.isin(validation.y, self.classes_)))
         y_index = np.searchsorted(self.classes_, validation.y)
-        return _batches(keras, validation, y_index, len(self.classes_), VALIDATION_BATCH)
+        return _batches(keras, validation, y_index, len(self.classes_), VALIDATION_BATCH, model=self.model_)
 
     def _class_weights(self, y_index):
         if self.class_weight is None:
@@ -195,14 +201,17 @@ def _epoch_orders(rows: Rows, random):
     return lambda epoch: rows.shuffled(random, by_image[starts + (offsets + epoch) % counts])
 
 
-def _batches(keras, rows: Rows, y_index, n_classes: int, batch_size: int, orders=None):
+def _batches(keras, rows: Rows, y_index, n_classes: int, batch_size: int, orders=None, model=None):
     """A PyDataset of (features, one-hot labels) of `rows`: in the order `orders(epoch)`
-    gives, or as stored when None. Keras asks for batch 0 before the first epoch begins."""
+    gives, or as stored when None. Keras asks for batch 0 before the first epoch begins.
+    A batch that cannot be read (a damaged cache) stops `model`'s training and is kept in
+    `error`, for the caller to raise: TensorFlow, in whose thread batches are read, would
+    turn it into a page of graph errors."""
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.epoch = 0
+            self.epoch, self.error = 0, None
             self.on_epoch_begin()
 
         def __len__(self):
@@ -215,9 +224,16 @@ def _batches(keras, rows: Rows, y_index, n_classes: int, batch_size: int, orders
             self.epoch += 1
 
         def __getitem__(self, index):
-            start, stop = index * batch_size, min((index + 1) * batch_size, len(self.reader.order))
-            targets = keras.utils.to_categorical(y_index[self.reader.order[start:stop]], n_classes)
-            return self.reader.take(start, stop), targets
+            if self.error is None:
+                try:
+                    start, stop = index * batch_size, min((index + 1) * batch_size, len(self.reader.order))
+                    targets = keras.utils.to_categorical(y_index[self.reader.order[start:stop]], n_classes)
+                    return self.reader.take(start, stop), targets
+                except Exception as error:
+                    self.error = error
+                    if model is not None:
+                        model.stop_training = True
+            return np.zeros((1, rows.n_features), np.float32), np.zeros((1, n_classes), np.float32)  # the model is discarded: `error` is raised
 
     return Batches()
 

@@ -1,6 +1,7 @@
 """classify.data: labeled rows in memory or streamed from the cache, and heads that stream."""
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -161,3 +162,46 @@ def test_memory_budget_refuses_what_is_not_a_size(given):
 
 def test_the_default_budget_is_a_share_of_the_memory_available():
     assert 0 < memory_budget() < 2**50
+
+
+def test_a_chunk_found_damaged_while_streaming_is_one_line(cache, tmp_path, capsys):
+    import h5py
+
+    (shard,) = Path(f"{cache}.shards").glob("*/*.h5")
+    with h5py.File(shard, "r") as file:
+        offset = file["features"].id.get_chunk_info(0).byte_offset
+    content = bytearray(shard.read_bytes())
+    content[offset + 16 : offset + 32] = bytes(16)
+    shard.write_bytes(bytes(content))
+    # unstandardized, the first read is a batch Keras asks for, in TensorFlow's thread
+    code = train_main(["--cache", str(cache), "--head", "mlp", "--no-standardize", "--memory-budget", "1",
+                       "--epochs", "2", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert shard.name in err and "is damaged" in err and "--repair" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_read_failing_in_tensorflows_thread_is_raised_as_itself():
+    from conftest import blobs
+
+    X, y = blobs(per_class=20)
+    rows = small_windows(Rows.from_arrays(X, y), block=8, window=8)
+    # Keras first looks at two batches of 32 (all 8 windows) in this thread; the 11th read is in TensorFlow's
+    rows = replace(rows, X=None, cache=_FailingAfter(X, reads=10))
+    head = HEADS["mlp"].build(random_state=0, epochs=3, standardize=False)
+    with pytest.raises(OSError, match="the disk went away"):
+        fit(head, rows)
+    assert rows.cache.reads == 11  # training stopped at the failure, not after three epochs of 8 windows
+
+
+class _FailingAfter(_Counting):
+    def __init__(self, X, reads):
+        super().__init__(X)
+        self.fail_at = reads
+
+    def features_at(self, rows, views=None):
+        if self.reads >= self.fail_at:
+            self.reads += 1
+            raise OSError("the disk went away")
+        return super().features_at(rows, views)
