@@ -12,7 +12,7 @@ and the accuracy a streamed shuffle costs.
    memory), reporting peak resident memory (ru_maxrss) and fit seconds per epoch.
 3. On the demo's cache (cache/demo.h5, `make demo` writes it): the mlp's validation
    accuracy over 5 seeds in memory (one shuffle of every row) and streamed from the cache
-   with the blocks and windows a 7x7x512 cache gets (41-row blocks, 1,312-row windows).
+   with the blocks and windows a 7x7x512 cache gets (41-row blocks, 656-row windows).
 """
 
 import argparse
@@ -89,7 +89,7 @@ def accuracy(cache: str, seeds: int) -> dict:
     found = {"in_memory": [], "streamed": []}
     for seed in range(seeds):
         with load_splits(cache, None, 0.2, seed) as splits:
-            streamed = replace(splits.train, block_rows=41, window_rows=1312)
+            streamed = replace(splits.train, block_rows=41, window_rows=656)
             for name, rows in (("streamed", streamed), ("in_memory", splits.train.load())):
                 head = fit(HEADS["mlp"].build(random_state=seed), rows, splits.validation)
                 found[name].append(evaluate(head, splits.validation)["accuracy"])
