@@ -44,14 +44,14 @@ class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
         self.scaler_ = StandardScaler()
         for X, _ in rows.batches(rows.scan_rows):
             self.scaler_.partial_fit(X)
-        weights = None
-        if self.class_weight is not None:  # partial_fit takes weights, not "balanced"
-            weights = dict(zip(self.classes_, compute_class_weight(self.class_weight, classes=self.classes_, y=rows.y)))
-        self.model_ = SGDClassifier(loss=self.loss, alpha=self.alpha, class_weight=weights,
-                                    random_state=random.randint(2**31 - 1))
+        weights = np.ones(len(self.classes_))  # partial_fit takes no "balanced": weights per row instead
+        if self.class_weight is not None:
+            weights = compute_class_weight(self.class_weight, classes=self.classes_, y=rows.y)
+        self.model_ = SGDClassifier(loss=self.loss, alpha=self.alpha, random_state=random.randint(2**31 - 1))
         for _ in range(self.epochs):
             for X, y in rows.batches(rows.scan_rows, rows.shuffled(random)):
-                self.model_.partial_fit(self.scaler_.transform(X), y, classes=self.classes_)
+                self.model_.partial_fit(self.scaler_.transform(X), y, classes=self.classes_,
+                                        sample_weight=weights[np.searchsorted(self.classes_, y)])
         return self
 
     def decision_function(self, X):
