@@ -95,11 +95,11 @@ def sgd_logreg(random_state=None, class_weight=None):
 
 @head(
     "sgd-svm",
-    "standardize, then a linear SVM by SGD (modified Huber loss: a smoothed hinge with probabilities); streams",
+    "standardize, then a linear SVM by SGD (hinge loss; probabilities a softmax of its margins); streams",
     grid={"alpha": [1e-5, 1e-4, 1e-3, 1e-2]},
 )
 def sgd_svm(random_state=None, class_weight=None):
-    return SGDLinearClassifier(loss="modified_huber", class_weight=class_weight, random_state=random_state)
+    return SGDLinearClassifier(loss="hinge", class_weight=class_weight, random_state=random_state)
 
 
 @head(

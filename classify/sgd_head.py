@@ -12,6 +12,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
@@ -19,8 +20,10 @@ from classify.data import Rows
 
 
 class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
-    """loss: SGDClassifier's ("log_loss": logistic regression; "modified_huber": a
-    smoothed hinge, a linear SVM that also gives probabilities). alpha: L2 penalty."""
+    """loss: SGDClassifier's ("log_loss": logistic regression; "hinge": a linear SVM).
+    alpha: L2 penalty. Probabilities: scikit-learn's for log_loss (one-vs-rest, normalized);
+    for a loss without them, a softmax of the decision values: it ranks classes as
+    `predict` does, but is not calibrated."""
 
     def __init__(self, loss="log_loss", alpha=1e-4, epochs=10, class_weight=None, random_state=None):
         self.loss = loss
@@ -62,7 +65,12 @@ class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        return self.model_.predict_proba(self.scaler_.transform(X))
+        if self.loss in ("log_loss", "modified_huber"):
+            return self.model_.predict_proba(self.scaler_.transform(X))
+        scores = self.model_.decision_function(self.scaler_.transform(X))
+        if scores.ndim == 1:  # two classes: the margin of the second
+            scores = np.column_stack([-scores, scores])
+        return softmax(scores.astype(np.float64))
 
     def predict(self, X):
         check_is_fitted(self)
