@@ -233,7 +233,8 @@ def precision(args) -> dict:
     for policy in ("float32", "mixed_bfloat16"):
         cache = Path(tempfile.mkdtemp()) / "c.h5"
         extract_features(DIGITS, cache, input_size=64, pooling="avg", weights="random", precision=policy, progress=False)
-        validation[policy] = load_splits(cache, None, 0.2, 0)
+        with load_splits(cache, None, 0.2, 0) as splits:
+            validation[policy] = splits.validation.load()
         for head in ("logreg", "mlp"):
             heads = [  # the mlp on these features swings with its seed: report the mean of five
                 train_head(cache, head, seed=seed, out=Path(tempfile.mkdtemp()) / "head").results[0]
@@ -247,10 +248,10 @@ def precision(args) -> dict:
                 float32_heads[head] = [result.estimator for result in heads]
     # The features' own effect, without retraining's noise: the heads trained on float32
     # features score the validation images' bfloat16 features.
-    assert list(validation["float32"].y_validation) == list(validation["mixed_bfloat16"].y_validation)
+    assert list(validation["float32"].y) == list(validation["mixed_bfloat16"].y)
     for head, estimators in float32_heads.items():
-        splits = validation["mixed_bfloat16"]
-        accuracy = np.mean([accuracy_score(splits.y_validation, e.predict(splits.X_validation)) for e in estimators])
+        rows = validation["mixed_bfloat16"]
+        accuracy = np.mean([accuracy_score(rows.y, e.predict(rows.X)) for e in estimators])
         results[f"float32_{head}_on_bfloat16_features_validation_accuracy"] = round(float(accuracy), 4)
     return results
 

@@ -61,12 +61,12 @@ class Rows:
                    block_rows=max(1, len(X)), window_rows=max(1, len(X)))
 
     @classmethod
-    def in_cache(cls, cache, y, images, table, entry, views=None, window_bytes: int = WINDOW_BYTES) -> "Rows":
+    def in_cache(cls, cache, y, images, table, entry, views=None) -> "Rows":
         """Rows read from an open `FeatureCache` when they are needed."""
         n_features = int(np.prod(cache.feature_shape))
         row_bytes = 4 * n_features
         block = max(1, BLOCK_BYTES // row_bytes)
-        window = max(block, window_bytes // row_bytes // block * block)  # whole blocks
+        window = max(block, WINDOW_BYTES // row_bytes // block * block)  # whole blocks
         return cls(np.asarray(y), np.asarray(images), np.asarray(table, np.int8), np.asarray(entry, np.int64),
                    n_features, cache, views, None, block, window)
 
@@ -101,7 +101,7 @@ class Rows:
             return read.reshape(len(read), -1).astype(np.float32, copy=False)
         result = np.empty((len(positions), self.n_features), dtype=np.float32)
         for table, views in ((_IMAGE, None), (_VIEW, self.views)):
-            inside = self.table[positions] == table
+            inside = tables == table
             if inside.any():
                 read = self.cache.features_at(self.entry[positions[inside]], views=views)
                 result[inside] = read.reshape(len(read), -1)
