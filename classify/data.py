@@ -159,17 +159,22 @@ class Reader:
 
 
 def memory_budget(value=None) -> int:
-    """Bytes: `value` as an int or a size ("8G", "512M", "1.5GiB", "4000000"), or by
-    default BUDGET_SHARE of the memory available now (the container's limit counts)."""
+    """Bytes: `value` as a whole number of bytes or a size ("8G", "512M", "1.5GiB",
+    "4000000"; K, M, G, T are powers of 1024), or by default BUDGET_SHARE of the memory
+    available now (the container's limit counts)."""
     if value is None:
         return int(BUDGET_SHARE * available_memory())
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        size = int(value)
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
-        if not match:
-            raise UsageError(f"Expected --memory-budget as a size such as 8G, 512M or 4000000 (bytes); received {value!r}.")
-        size = int(float(match[1]) * 1024 ** (" kmgt".index(match[2].lower() or " ")))
+    size = None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if np.isfinite(value) and float(value).is_integer():
+            size = int(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+)(\.[0-9]+)?\s*(?:([kmgt])(?:i?b?)|b)?\s*", value, re.IGNORECASE)
+        if match and (match[3] or not match[2]):  # a fraction of a byte is not a size
+            unit = 1024 ** (" kmgt".index((match[3] or " ").lower()))
+            size = int(match[1]) * unit + int(float(f"0{match[2] or ''}") * unit)
+    if size is None:
+        raise UsageError(f"Expected --memory-budget as a size such as 8G, 512M or 4000000 (bytes); received {value!r}.")
     if not 1 <= size <= 2**60:
         raise UsageError(f"Expected --memory-budget between 1 byte and 1 EiB; received {value!r}.")
     return size
@@ -197,5 +202,5 @@ def available_memory() -> int:
 
 def gigabytes(size: int) -> str:
     if size < 2**20:
-        return f"{size:,} bytes"
+        return f"{size:,} byte{'s' if size != 1 else ''}"
     return f"{size / 2**30:.2f} GB" if size >= 2**27 else f"{size / 2**20:.1f} MB"

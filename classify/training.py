@@ -189,15 +189,14 @@ def train_head(
         final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
         partial = partial_folder(final)
         try:
-            training = _train_all(names, splits, partial, final, _Plan(search, cv, class_weight, seed, validation_fraction,
-                                                                       augment), options, progress)
+            plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, streamed)
+            training = _train_all(names, splits, partial, final, plan, options, progress)
             commit_folder(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             if out is None:
                 remove_empty(final)
             raise
-    training.streamed = streamed
     return training
 
 
@@ -237,7 +236,7 @@ def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan",
     if not results:
         raise UsageError("No head could be trained on these data (see the warnings); add training images.")
     training = Training(results, final, splits.fingerprint, splits.validation_source, splits.training_images,
-                        splits.training_views)
+                        splits.training_views, plan.streamed)
     if len(names) > 1:
         (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     return training
@@ -295,10 +294,11 @@ def _split(features: FeatureCache, cache, validation_fraction: float, seed: int,
                 f"a stratified split needs between {len(classes)} and {len(train_rows) - len(classes)} "
                 f"(one image of each of the {len(classes)} classes on each side). Choose another fraction."
             )
-        # split images, not rows: the views of a held-out image are held out with it
-        train_rows, validation_rows = train_test_split(
+        # split images, not rows: the views of a held-out image are held out with it; each
+        # side kept in the cache's order, so streamed reads of neighbours find them together
+        train_rows, validation_rows = (np.sort(side) for side in train_test_split(
             train_rows, test_size=validation_fraction, stratify=labels[train_rows], random_state=seed
-        )
+        ))
     else:
         validation_rows = np.flatnonzero(validation)
 
@@ -331,6 +331,7 @@ class _Plan:
     seed: int
     validation_fraction: float
     augment: bool
+    streamed: bool  # the features were read from the cache as heads trained (another order than in memory)
 
 
 class _CannotTrain(Exception):

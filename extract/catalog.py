@@ -195,6 +195,7 @@ class FeatureCache:
     def __init__(self, path="cache/features.h5", config: str | None = None):
         self.path = Path(os.path.realpath(path))  # through a link, the shards are beside the real file
         self._file = open_cache(self.path)
+        self._catalog = _identity(self.path)  # a writer commits by replacing the file: see _reading
         self._open: dict[str, h5py.File] = {}
         self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (shard, shard_row) of its rows
         try:
@@ -350,8 +351,13 @@ class FeatureCache:
         for path, shard in shard_table(self._group).items():
             why = problem(shards_folder(self.path), shard)
             if why:
-                raise CacheError(damage_message(self.path, path, why, int(np.sum(self._group["shard"][:] == self._shards.index(path)))))
-            self._shard(path)  # kept open: a later compaction may replace it
+                raise CacheError(damage_message(self.path, path, why, self._rows_in(self._shards.index(path))))
+            self._shard(path)  # kept open (up to _OPEN_SHARDS): a later compaction may replace it
+
+    def _rows_in(self, number: int) -> int:
+        """Rows of the configuration and of its views tables whose features are in shard `number`."""
+        tables = [self._group, *self._group.get("views", {}).values()]
+        return int(sum(np.sum(table["shard"][:] == number) for table in tables))
 
     @contextlib.contextmanager
     def _reading(self, shard: str | None = None):
@@ -359,6 +365,11 @@ class FeatureCache:
         try:
             yield
         except (OSError, KeyError) as error:
+            if shard and _identity(self.path) != self._catalog:  # a shard closed to keep few open, then removed
+                raise CacheError(
+                    f"The cache {str(self.path)!r} changed while it was being read (another extract-features run "
+                    f"committed, compacted or rebuilt it, and the shard {shard!r} is gone); run this command again."
+                ) from error
             if shard:
                 raise CacheError(damage_message(self.path, shard, f"damaged ({reason(error)})")) from error
             raise CacheError(
@@ -369,6 +380,14 @@ class FeatureCache:
     def _positions(self, labels: np.ndarray) -> np.ndarray:
         lookup = {name: position for position, name in enumerate(self.class_names)}
         return np.array([lookup.get(label, -1) for label in labels], dtype=np.int64)
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
 
 
 def read_rows(dataset, wanted: np.ndarray) -> np.ndarray:

@@ -302,3 +302,40 @@ def test_a_v1_cache_is_upgraded_on_the_first_write_and_reads_the_same(tmp_path):
                 np.testing.assert_array_equal(new_views[key], feature)
             assert new_views.keys() - views.keys() == {("train/cat/new.png", 1)}
     assert os.path.isdir(f"{cache}.shards")
+
+
+def test_a_shard_gone_after_another_writer_committed_is_named_as_a_change(tmp_path, monkeypatch):
+    from extract import catalog
+
+    path = tmp_path / "c.h5"
+    writer = Writer(path, "cfg")
+    writer.state.attrs = attrs()
+    for number in range(3):  # three shards of one row each
+        writer.append([sha(number)], np.full((1, *SHAPE), number, np.float32))
+        writer.flush()
+    writer.commit(ConfigState(attrs=attrs(), rows={f"train/a/{n}.png": Row(sha(n), "a", "train", 1, 1) for n in range(3)}))
+    monkeypatch.setattr(catalog, "_OPEN_SHARDS", 1)  # it keeps one shard open, so it reopens the others
+    with FeatureCache(path) as cache:
+        assert cache.features_at([0, 1, 2])[:, 0, 0, 0].tolist() == [0, 1, 2]
+        shards = sorted(Path(f"{path}.shards").glob("cfg/*.h5"))
+        copy = tmp_path / "new.h5"
+        shutil.copy(path, copy)
+        os.replace(copy, path)  # as a writer commits
+        shards[0].unlink()
+        shards[1].unlink()  # compacted away
+        with pytest.raises(CacheError, match=r"changed while it was being read .* run this command again"):
+            cache.features_at([0, 1, 2])
+
+
+def test_a_missing_shard_of_views_counts_its_views(tmp_path, weights_file):
+    from conftest import make_dataset
+
+    make_dataset(tmp_path / "data", "splits", per_class=3)  # 2 training images a class, 1 validation
+    options = dict(input_size=SIZE, weights=weights_file, progress=False)
+    extract_features(tmp_path / "data", tmp_path / "c.h5", **options)
+    before = set(Path(f"{tmp_path / 'c.h5'}.shards").glob("*/*.h5"))
+    extract_features(tmp_path / "data", tmp_path / "c.h5", augment=2, **options)  # views only: a shard of them
+    (views,) = set(Path(f"{tmp_path / 'c.h5'}.shards").glob("*/*.h5")) - before
+    views.unlink()
+    with pytest.raises(CacheError, match=f"{views.name}.* to drop its 8 rows"):
+        FeatureCache(tmp_path / "c.h5")

@@ -43,6 +43,7 @@ def test_streamed_rows_read_what_the_cache_holds(augmented):
         train = splits.train
         assert train.X is None and len(train) == 19 * 3  # 19 images, then 2 views of each
         n = splits.training_images
+        assert (np.diff(train.entry[:n]) > 0).all() and (np.diff(splits.validation.entry) > 0).all()  # drawn, kept in order
         images = cache.features().reshape(24, -1)
         views = cache.views()
         np.testing.assert_array_equal(train.features(np.arange(n)), images[train.entry[:n]])
@@ -119,6 +120,8 @@ def test_a_budget_too_small_streams_the_heads_that_can(cache, tmp_path):
     in_memory = train_head(cache, "mlp", out=tmp_path / "memory", epochs=3)
     streamed = train_head(cache, "mlp", out=tmp_path / "streamed", epochs=3, memory_budget=1000)
     assert (in_memory.streamed, streamed.streamed) == (False, True)
+    recorded = [json.loads((tmp_path / run / "head.json").read_text())["arguments"]["streamed"] for run in ("memory", "streamed")]
+    assert recorded == [False, True]
     # the rows fit in one block, so the order is the in-memory one: the same head
     scores, expected = streamed.results[0].scores["validation"], in_memory.results[0].scores["validation"]
     assert scores["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
@@ -149,12 +152,14 @@ def test_search_and_cross_validation_stream(cache, tmp_path):
 
 
 @pytest.mark.parametrize("given, size", [("8G", 8 * 2**30), ("512M", 512 * 2**20), ("1.5GiB", 3 * 2**29),
-                                         ("4000000", 4000000), (" 2k ", 2048), (1024, 1024)])
+                                         ("4000000", 4000000), (" 2k ", 2048), ("8Gi", 8 * 2**30), (1024, 1024),
+                                         (np.float64(1e9), 10**9)])
 def test_memory_budget_sizes(given, size):
     assert memory_budget(given) == size
 
 
-@pytest.mark.parametrize("given", ["lots", "-1G", "0", "8X", "1e9", True])
+@pytest.mark.parametrize("given", ["lots", "-1G", "0", "8X", "1e9", True, "1.5", 1.9, "\u0663G", "1" + "0" * 400,
+                                   float("nan")])
 def test_memory_budget_refuses_what_is_not_a_size(given):
     with pytest.raises(UsageError, match="--memory-budget"):
         memory_budget(given)
