@@ -226,7 +226,7 @@ def precision(args) -> dict:
     from sklearn.metrics import accuracy_score
 
     from classify import train_head
-    from classify.training import load_splits
+    from classify.splits import load_splits
 
     make_digits(DIGITS)
     validation, float32_heads = {}, {}

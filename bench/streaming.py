@@ -84,7 +84,8 @@ def run_head(cache: Path, budget: str, epochs: int) -> dict:
 def accuracy(cache: str, seeds: int) -> dict:
     from classify.evaluation import evaluate
     from classify.heads import HEADS
-    from classify.training import fit, load_splits
+    from classify.splits import load_splits
+    from classify.training import fit
 
     found = {"in_memory": [], "streamed": []}
     for seed in range(seeds):

@@ -6,7 +6,9 @@ never the reverse).
     head = load_head(training.folder)
 
 Modules: `heads` (the registry of scikit-learn estimators), `keras_head` (the seed's
-dense head as one of them), `training` (splits, fitting, search, cross-validation),
+dense head as one of them), `sgd_head` (linear heads that stream), `data` (`Rows`: labeled
+rows in memory or read from the cache a window at a time), `splits` (a cache's rows split
+for training), `training` (fitting, search, cross-validation, the leaderboard),
 `evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
 loading), `scoring` (new images -> predictions), `export` (backbone + head as one Keras
 model), `cli` (the train-head and score-images commands).

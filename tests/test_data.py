@@ -12,7 +12,8 @@ from classify.cli import main as train_main
 from classify.data import Reader, Rows, memory_budget
 from classify.evaluation import evaluate
 from classify.heads import HEADS
-from classify.training import fit, load_splits
+from classify.splits import load_splits
+from classify.training import fit
 from conftest import SIZE, make_dataset, write_synthetic_cache
 from extract import FeatureCache, UsageError, extract_features
 

@@ -182,7 +182,7 @@ def test_scikit_learn_heads_train_on_every_view(augmented, tmp_path):
 
 
 def test_drawn_validation_holds_out_the_views_of_its_images(augmented):
-    from classify.training import load_splits
+    from classify.splits import load_splits
 
     with load_splits(augmented, None, 0.2, seed=0) as streamed:
         splits = streamed.load()
@@ -201,7 +201,7 @@ def test_drawn_validation_holds_out_the_views_of_its_images(augmented):
 
 
 def test_cross_validation_folds_keep_views_with_their_image():
-    from classify.training import image_folds
+    from classify.splits import image_folds
 
     labels = np.repeat(["a", "b"], 6)
     images = np.concatenate([np.arange(12), np.repeat(np.arange(12), 2)])  # 12 images, then 2 views of each
