@@ -57,6 +57,19 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory, weights_file) -> Path:
+    """A real extraction: 24 images of 3 classes, 2 cached views of each training image,
+    no validation split stored (one is drawn)."""
+    from extract import extract_features
+
+    folder = tmp_path_factory.mktemp("augmented")
+    make_dataset(folder / "data", "classes", per_class=8, classes=("cat", "dog", "fox"))
+    extract_features(folder / "data", folder / "c.h5", input_size=SIZE, weights=weights_file, augment=2,
+                     validation_percent=0, progress=False)
+    return folder / "c.h5"
+
+
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     root = tmp_path / "data"

@@ -14,8 +14,8 @@ from classify.evaluation import evaluate
 from classify.heads import HEADS
 from classify.splits import load_splits
 from classify.training import fit
-from conftest import SIZE, make_dataset, write_synthetic_cache
-from extract import FeatureCache, UsageError, extract_features
+from conftest import write_synthetic_cache
+from extract import FeatureCache, UsageError
 
 SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10)}
 
@@ -23,16 +23,6 @@ SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10)}
 @pytest.fixture
 def cache(tmp_path):
     return write_synthetic_cache(tmp_path / "c.h5", SPLITS)
-
-
-@pytest.fixture(scope="module")
-def augmented(tmp_path_factory, weights_file):
-    """A real extraction: 24 images, 2 cached views of each training image."""
-    folder = tmp_path_factory.mktemp("augmented")
-    make_dataset(folder / "data", "classes", per_class=8, classes=("cat", "dog", "fox"))
-    extract_features(folder / "data", folder / "c.h5", input_size=SIZE, weights=weights_file, augment=2,
-                     validation_percent=0, progress=False)
-    return folder / "c.h5"
 
 
 def small_windows(rows: Rows, block: int = 4, window: int = 12) -> Rows:

@@ -160,16 +160,6 @@ def test_on_a_real_extraction(tmp_path, weights_file):
     assert load_head(tmp_path / "run").info["n_features"] == 512
 
 
-@pytest.fixture(scope="module")
-def augmented(tmp_path_factory, weights_file):
-    """A real extraction with 2 views of each training image; no validation split stored."""
-    folder = tmp_path_factory.mktemp("augmented")
-    make_dataset(folder / "data", "classes", per_class=8, classes=("cat", "dog", "fox"))
-    extract_features(folder / "data", folder / "c.h5", input_size=SIZE, weights=weights_file, augment=2,
-                     validation_percent=0, progress=False)
-    return folder / "c.h5"
-
-
 def test_scikit_learn_heads_train_on_every_view(augmented, tmp_path):
     training = train_head(augmented, "knn", out=tmp_path / "with")
     n = training.training_images
