@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
+from sklearn.preprocessing import StandardScaler
 
 from extract import UsageError
 
@@ -106,6 +107,14 @@ class Rows:
                 read = self.cache.features_at(self.entry[positions[inside]], views=views)
                 result[inside] = read.reshape(len(read), -1)
         return result
+
+    def scaler(self) -> StandardScaler:
+        """A StandardScaler fitted on every row, a pass of `partial_fit` a batch at a time
+        (the same batches in memory or not)."""
+        scaler = StandardScaler()
+        for X, _ in self.batches(self.scan_rows):
+            scaler.partial_fit(X)
+        return scaler
 
     def load(self) -> "Rows":
         """The same rows with their features in memory (read a window at a time)."""

@@ -8,19 +8,25 @@ import numpy as np
 from sklearn import metrics
 
 
-def evaluate(estimator, rows) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, log loss (where the head gives
-    probabilities), per-class precision/recall/F1 and the confusion matrix, JSON-ready, of
-    a fitted head on `rows` (a `classify.data.Rows`, read a batch at a time). Rows and
-    columns of the matrix follow `estimator.classes_`."""
-    classes, y = list(estimator.classes_), rows.y
-    probabilities = hasattr(estimator, "predict_proba")
-    predicted, proba = [], []
+def predictions(estimator, rows, probabilities: bool = False):
+    """A fitted head's labels for `rows` (a `classify.data.Rows`, read a batch at a time)
+    and, with `probabilities` where the head gives them, its probabilities (else None)."""
+    probabilities = probabilities and hasattr(estimator, "predict_proba")
+    predicted, proba = [rows.y[:0]], []
     for X, _ in rows.batches(rows.scan_rows):
         predicted.append(estimator.predict(X))
         if probabilities:
             proba.append(estimator.predict_proba(X))
-    predicted = np.concatenate(predicted)
+    return np.concatenate(predicted), np.concatenate(proba) if proba else None
+
+
+def evaluate(estimator, rows) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, log loss (where the head gives
+    probabilities), per-class precision/recall/F1 and the confusion matrix, JSON-ready, of
+    a fitted head on `rows` (a `classify.data.Rows`). Rows and columns of the matrix follow
+    `estimator.classes_`."""
+    classes, y = list(estimator.classes_), rows.y
+    predicted, proba = predictions(estimator, rows, probabilities=True)
     scores = {
         "images": int(len(y)),
         "accuracy": float(metrics.accuracy_score(y, predicted)),
@@ -28,8 +34,8 @@ def evaluate(estimator, rows) -> dict:
         "macro_f1": float(metrics.f1_score(y, predicted, labels=classes, average="macro", zero_division=0)),
         "log_loss": None,
     }
-    if probabilities:
-        scores["log_loss"] = float(metrics.log_loss(y, np.concatenate(proba), labels=classes))
+    if proba is not None:
+        scores["log_loss"] = float(metrics.log_loss(y, proba, labels=classes))
     report = metrics.classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
     scores["per_class"] = {
         name: {key: float(report[name][key]) for key in ("precision", "recall", "f1-score", "support")}

@@ -20,7 +20,6 @@ import tempfile
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
@@ -183,9 +182,7 @@ def _moments(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     """Each feature's mean and variance over `rows`, as scikit-learn's StandardScaler
     takes them (float64 sums, a batch at a time; a feature that never varied, a ReLU that
     never fired, gets variance 1: centred later, not divided by Keras's epsilon)."""
-    scaler = StandardScaler()
-    for X, _ in rows.batches(rows.scan_rows):
-        scaler.partial_fit(X)
+    scaler = rows.scaler()
     return scaler.mean_.astype(np.float32), np.square(scaler.scale_).astype(np.float32)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import SGDClassifier
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
@@ -44,9 +43,7 @@ class SGDLinearClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Expected at least 2 classes in y; received 1 class ({self.classes_[0]!r}).")
         self.n_features_in_ = rows.n_features
         random = check_random_state(self.random_state)
-        self.scaler_ = StandardScaler()
-        for X, _ in rows.batches(rows.scan_rows):
-            self.scaler_.partial_fit(X)
+        self.scaler_ = rows.scaler()
         weights = np.ones(len(self.classes_))  # partial_fit takes no "balanced": weights per row instead
         if self.class_weight is not None:
             weights = compute_class_weight(self.class_weight, classes=self.classes_, y=rows.y)

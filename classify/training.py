@@ -27,7 +27,7 @@ from classify.artifacts import (
 )
 from classify.data import Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
-from classify.evaluation import evaluate
+from classify.evaluation import evaluate, predictions
 from classify.heads import HEADS
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
 from extract import DEFAULT_CACHE, UsageError
@@ -294,7 +294,7 @@ def _search(estimator, grid: dict, splits: Splits):
     for params in ParameterGrid(grid):
         try:
             candidate = fit(clone(estimator).set_params(**params), splits.train)
-            accuracy = metrics.accuracy_score(*_predicted(candidate, splits.validation))
+            accuracy = metrics.accuracy_score(splits.validation.y, predictions(candidate, splits.validation)[0])
         except (ValueError, ArithmeticError) as error:
             warnings.warn(f"--search: {params} cannot be fitted ({' '.join(str(error).split())[:200]}).", HeadWarning)
             accuracy = None
@@ -310,7 +310,8 @@ def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
     views train with their image and are never scored."""
     accuracy, macro_f1 = [], []
     for train, test in image_folds(splits.train.y[: splits.training_images], splits.train.images, folds, seed):
-        y, predicted = _predicted(fit(clone(estimator), splits.train.subset(train)), splits.train.subset(test))
+        held_out = splits.train.subset(test)
+        y, predicted = held_out.y, predictions(fit(clone(estimator), splits.train.subset(train)), held_out)[0]
         accuracy.append(metrics.accuracy_score(y, predicted))
         macro_f1.append(metrics.f1_score(y, predicted, average="macro"))
     return {
@@ -320,11 +321,6 @@ def _cross_validate(estimator, splits: Splits, folds: int, seed: int) -> dict:
         "macro_f1_mean": float(np.mean(macro_f1)),
         "macro_f1_std": float(np.std(macro_f1)),
     }
-
-
-def _predicted(estimator, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
-    """The labels of `rows` and the head's predictions for them."""
-    return rows.y, np.concatenate([estimator.predict(X) for X, _ in rows.batches(rows.scan_rows)] or [rows.y[:0]])
 
 
 def _head_names(head: str) -> list[str]:

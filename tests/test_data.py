@@ -156,8 +156,12 @@ def test_memory_budget_refuses_what_is_not_a_size(given):
         memory_budget(given)
 
 
-def test_the_default_budget_is_a_share_of_the_memory_available():
-    assert 0 < memory_budget() < 2**50
+def test_the_default_budget_is_half_the_memory_available(monkeypatch):
+    from classify import data
+
+    assert 0 < data.available_memory() < 2**50
+    monkeypatch.setattr(data, "available_memory", lambda: 6 * 2**30)
+    assert memory_budget() == memory_budget(None) == 3 * 2**30
 
 
 def test_a_chunk_found_damaged_while_streaming_is_one_line(cache, tmp_path, capsys):
