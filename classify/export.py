@@ -24,7 +24,6 @@ from extract import UsageError
 from extract.backbone import Backbone, import_keras
 
 EXPORTABLE = ("mlp", "logreg", "linear-svm")
-IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
 
 
 def export_model(head, path, *, weights: str | None = None):
@@ -42,9 +41,7 @@ def export_model(head, path, *, weights: str | None = None):
     keras = import_keras()
     size = config.input_size
     inputs = keras.Input((size, size, 3), dtype="uint8", name="rgb")
-    x = keras.layers.Rescaling(1.0, name="to_float")(inputs)
-    x = _caffe_preprocessing(keras)(x)
-    x = Backbone(config).model(x)
+    x = Backbone(config).features_of(inputs)
     x = keras.layers.Flatten(name="flatten_features")(x)
     outputs = _head_layers(keras, name, head.estimator, x)
     model = keras.Model(inputs, outputs, name=f"vgg16_{name.replace('-', '_')}")
@@ -65,17 +62,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _caffe_preprocessing(keras):
-    """keras.applications.vgg16.preprocess_input as a frozen 1x1 convolution."""
-    layer = keras.layers.Conv2D(3, 1, name="vgg16_preprocess", trainable=False)
-    layer.build((None, None, None, 3))
-    kernel = np.zeros((1, 1, 3, 3), np.float32)
-    for channel in range(3):
-        kernel[0, 0, 2 - channel, channel] = 1.0  # output BGR from input RGB
-    layer.set_weights([kernel, -np.array(IMAGENET_BGR_MEANS, np.float32)])
-    return layer
 
 
 def _head_layers(keras, name: str, estimator, x):

@@ -236,9 +236,13 @@ def _batches(keras, rows: Rows, y_index, n_classes: int, batch_size: int, orders
 
 
 def _model_to_bytes(model) -> bytes:
+    """The trained model as a `.keras` file, without its optimizer: Adam's state is twice
+    the weights, and names the backend it ran on (a file another backend cannot load)."""
+    keras = import_keras()
+    bare = keras.Sequential([keras.Input(model.input_shape[1:]), *model.layers], name=model.name)  # its layers, uncompiled
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")
-        model.save(path)
+        bare.save(path)
         with open(path, "rb") as file:
             return file.read()
 
@@ -249,4 +253,4 @@ def _model_from_bytes(data: bytes):
         path = os.path.join(folder, "model.keras")
         with open(path, "wb") as file:
             file.write(data)
-        return keras.saving.load_model(path, safe_mode=True)
+        return keras.saving.load_model(path, safe_mode=True, compile=False)  # for predictions only

@@ -1,6 +1,10 @@
 """The frozen VGG16 convolutional base and its preprocessing: the only module that
-builds a model (what it computes is `config.FeatureConfig`). TensorFlow is imported only
-when a `Backbone` is built.
+builds a model (what it computes is `config.FeatureConfig`).
+
+It runs on the Keras backend that `KERAS_BACKEND` names: tensorflow (the default), jax or
+torch, each through Keras's own compiled inference (`predict_on_batch`), on a GPU where
+the backend sees one. The backend is imported only when a `Backbone` is built, and
+TensorFlow only on the tensorflow backend.
 """
 
 from __future__ import annotations
@@ -16,35 +20,69 @@ import numpy as np
 from extract.config import IMAGENET_FILE, IMAGENET_URL, FeatureConfig
 from extract.errors import ExtractError, UsageError, WeightsUnavailableError
 
+BACKENDS = {"tensorflow": "tensorflow", "jax": "jax[cpu] (or jax[cuda12])", "torch": "torch"}  # name -> pip install
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+
 
 class Backbone:
     """VGG16 without its top, frozen, with the configured pooling and precision.
 
-    Call it on a uint8 batch of shape (n, size, size, 3) in RGB order; it applies
-    `keras.applications.vgg16.preprocess_input` and returns features as `config.dtype`.
+    Call it on a batch of shape (n, size, size, 3) in RGB order, uint8 (images) or float32
+    (augmented views); it applies `keras.applications.vgg16.preprocess_input` (in the model,
+    on the device) and returns features as `config.dtype`. `backend` and `device` ("CPU",
+    "GPU") say where it runs.
     """
 
-    def __init__(self, config: FeatureConfig, xla: bool = False):
+    def __init__(self, config: FeatureConfig, xla: bool | None = None):
         self.config = config
         keras = import_keras()
-        import tensorflow as tf
-
-        self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        self.backend = keras.backend.backend()
+        self.device = _device(self.backend)
         with contextlib.redirect_stdout(sys.stderr):  # Keras reports downloads on stdout, which is for results
             self.model = _build_vgg16(keras, config)
-        preprocess, model = keras.applications.vgg16.preprocess_input, self.model
-        # One graph for every batch size, preprocessing included (on the GPU when there is one):
-        # predict_on_batch would trace again for a run's last, smaller batch. `xla` compiles it
-        # with XLA (bench/compare.py --xla; slower than oneDNN on this project's CPU).
-        self._forward = tf.function(
-            lambda batch: model(preprocess(batch), training=False),
-            input_signature=[tf.TensorSpec((None, config.input_size, config.input_size, 3), tf.float32)],
-            jit_compile=xla,
-        )
+        self._keras, self._xla = keras, xla
+        self._to_float = keras.layers.Rescaling(1.0, name="to_float", dtype="float32")
+        self._preprocess = caffe_preprocessing(keras)
+        self._forwards: dict = {}  # input dtype -> the Keras model whose predict_on_batch runs it
+
+    def features_of(self, pixels):
+        """The backbone on a symbolic batch of pixels (a Keras tensor): for models built on it."""
+        return self.model(self._preprocess(self._to_float(pixels)))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        features = self._forward(np.asarray(pixels, dtype=np.float32))
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:  # images travel as uint8 (a quarter of the bytes), views as float32
+            pixels = pixels.astype(np.float32, copy=False)
+        count = len(pixels)
+        if not count:
+            return np.zeros((0, *self.config.feature_shape), self.config.dtype)
+        if self.backend == "jax":  # JAX compiles once per batch shape: a batch is padded to a power of two
+            padded = 1 << (count - 1).bit_length()
+            pixels = np.concatenate([pixels, np.zeros((padded - count, *pixels.shape[1:]), pixels.dtype)])
+        features = self._forward(pixels.dtype).predict_on_batch(pixels)[:count]
         return np.asarray(features, dtype=self.config.dtype)
+
+    def _forward(self, dtype: np.dtype):
+        if dtype not in self._forwards:
+            keras, size = self._keras, self.config.input_size
+            inputs = keras.Input((size, size, 3), dtype=dtype.name, name="rgb")
+            model = keras.Model(inputs, self.features_of(inputs), name=f"vgg16_features_{dtype.name}")
+            if self._xla is not None:
+                model.jit_compile = self._xla  # default: Keras's choice per backend (XLA on JAX and TF GPUs)
+            self._forwards[dtype] = model
+        return self._forwards[dtype]
+
+
+def caffe_preprocessing(keras):
+    """keras.applications.vgg16.preprocess_input as a frozen 1x1 convolution (only built-in
+    layers, so a saved model loads anywhere): RGB to BGR, minus the ImageNet means."""
+    layer = keras.layers.Conv2D(3, 1, name="vgg16_preprocess", trainable=False, dtype="float32")
+    layer.build((None, None, None, 3))
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for channel in range(3):
+        kernel[0, 0, 2 - channel, channel] = 1.0  # output BGR from input RGB
+    layer.set_weights([kernel, -np.array(IMAGENET_BGR_MEANS, np.float32)])
+    return layer
 
 
 def cpu_has_bfloat16() -> bool:
@@ -56,18 +94,55 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def backend_name() -> str:
+    """The Keras backend a `Backbone` built now would run on (KERAS_BACKEND, else tensorflow)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    return os.environ.get("KERAS_BACKEND") or "tensorflow"
+
+
 def import_keras():
-    """Keras on TensorFlow, imported without TensorFlow's C++ start-up chatter (oneDNN,
-    CUDA probing), with GPU memory growth on so that TensorFlow takes GPU memory as needed."""
+    """Keras on the backend KERAS_BACKEND names (tensorflow if unset), refusing one it cannot
+    start in one line. Each backend takes GPU memory as needed, not all of it at start:
+    TensorFlow by memory growth, JAX by XLA_PYTHON_CLIENT_PREALLOCATE=false (unless set),
+    PyTorch by its own caching allocator. TensorFlow's C++ start-up chatter (oneDNN, CUDA
+    probing) is held back."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    name = backend_name()
+    if name not in BACKENDS:
+        raise UsageError(f"Expected KERAS_BACKEND to be one of {', '.join(BACKENDS)}; received {name!r}.")
     with _quiet_native_stderr():
-        import keras
+        try:
+            import keras
+        except (ImportError, ValueError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UsageError(
+                f"Keras cannot start on KERAS_BACKEND={name} ({reason}). Install it (pip install {BACKENDS[name]}) "
+                f"or set KERAS_BACKEND to another of {', '.join(BACKENDS)}."
+            ) from None
+        if name == "tensorflow":
+            import tensorflow as tf
+
+            for gpu in tf.config.list_physical_devices("GPU"):
+                with contextlib.suppress(RuntimeError):  # devices already initialised
+                    tf.config.experimental.set_memory_growth(gpu, True)
+    return keras
+
+
+def _device(backend: str) -> str:
+    """Where the backend computes: "GPU" when it sees one, else "CPU" (or "TPU", "MPS")."""
+    if backend == "tensorflow":
         import tensorflow as tf
 
-        for gpu in tf.config.list_physical_devices("GPU"):
-            with contextlib.suppress(RuntimeError):  # devices already initialised
-                tf.config.experimental.set_memory_growth(gpu, True)
-    return keras
+        return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend().upper()
+    import torch
+
+    return "GPU" if torch.cuda.is_available() else "MPS" if torch.backends.mps.is_available() else "CPU"
 
 
 def _build_vgg16(keras, config: FeatureConfig):

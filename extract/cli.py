@@ -157,7 +157,8 @@ def format_summary(summary: ExtractSummary) -> str:
     splits = ", ".join(f"{name} {count}" for name, count in summary.split_sizes.items())
     computed = f"{summary.computed} computed"
     if summary.computed:
-        computed += f" on {summary.device}{' (Ray)' if summary.engine == 'ray' else ''} at {summary.images_per_second} images/s"
+        computed += (f" on {summary.device} ({summary.backend}{', Ray' if summary.engine == 'ray' else ''}) "
+                     f"at {summary.images_per_second} images/s")
     lines = [
         f"Data:   {printable(summary.data_dir)} (layout: {summary.layout})",
         f"Cache:  {printable(summary.cache)} [configuration {summary.fingerprint}, features {shape}]",

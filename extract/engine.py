@@ -36,6 +36,7 @@ class Engine:
         self.failures: list[tuple[str, str]] = []
         self.computed = self.views_computed = self.reused = 0
         self.device: str | None = None
+        self.backend: str | None = None  # the Keras backend, once VGG16 is built
         self.images_per_second = 0.0
         self._backbone: Backbone | None = None
         self._waiting: dict[str, np.ndarray] = {}  # key -> pixels, for the next batch
@@ -82,7 +83,7 @@ class Engine:
     def _run_batch(self) -> None:
         if self._backbone is None:
             self._backbone = Backbone(self.config)
-            self.device = self._backbone.device
+            self.device, self.backend = self._backbone.device, self._backbone.backend
             if self.writer.new:
                 self.checkpoint()  # the first commits the catalog: from now on there is a cache that opens
         keys = list(self._waiting)

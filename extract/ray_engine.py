@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from extract.backbone import backend_name
 from extract.cluster import check_shared, check_weights, job_errors, session, weights_file
 from extract.config import FeatureConfig
 from extract.errors import UsageError
@@ -55,6 +56,7 @@ class RayEngine:
         self.failures: list[tuple[str, str]] = []
         self.computed = self.views_computed = self.reused = 0
         self.device: str | None = None
+        self.backend: str | None = None
         self.images_per_second = 0.0
         self._shards: dict[str, dict[int, str]] = {}  # shard -> its rows come so far (row -> key)
 
@@ -105,10 +107,10 @@ class RayEngine:
                                            [keys[i] for i in range(int(rows))])
                     del self._shards[shard]
         images = 0
-        for path, sha256, error, key, device in zip(batch["path"], batch["sha256"], batch["error"], batch["key"],
-                                                    batch["device"]):
+        for path, sha256, error, key, device, backend in zip(batch["path"], batch["sha256"], batch["error"],
+                                                             batch["key"], batch["device"], batch["backend"]):
             if device:
-                self.device = device
+                self.device, self.backend = device, backend
             if key:
                 if "/" in key:
                     self.views_computed += 1
@@ -129,7 +131,7 @@ class RayEngine:
 def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known=frozenset(), wanted=None,
            batch_size: int = 32, actors: int | None = None):
     """The Ray Data dataset of read tasks feeding a pool of backbone actors: one row per
-    image (path, sha256, error, key, features, device) and one per view computed (its
+    image (path, sha256, error, key, features, device, backend) and one per view computed (its
     `key`, no path). `key` is empty where nothing was computed: an error, or content
     in `known` (a set, or a Ray reference to one)."""
     import ray
@@ -148,19 +150,20 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
         )
     # The reads are tasks and the backbone an actor pool that says how much memory it needs
     # (which also keeps Ray Data from fusing the reads into the actors, as it does when the
-    # resources of a task stage and the next actor stage match).
+    # resources of a task stage and the next actor stage match). The actors run on the
+    # driver's Keras backend, whatever the nodes' own environment says.
     return ray.data.from_items(items).map_batches(
         _read, batch_size=batch_size, batch_format="numpy", num_cpus=1,
         fn_kwargs=dict(root=str(root), config=config, known=known, wanted=wanted),
     ).map_batches(
         Forward, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=dict(config=config),
         compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=1,
-        memory=actor_memory(config, batch_size),
+        memory=actor_memory(config, batch_size), runtime_env={"env_vars": {"KERAS_BACKEND": backend_name()}},
     )
 
 
 def actor_memory(config: FeatureConfig, batch_size: int) -> int:
-    """Bytes a backbone actor needs: TensorFlow and the weights (~1 GiB), plus a batch's
+    """Bytes a backbone actor needs: the Keras backend and the weights (~1 GiB), plus a batch's
     largest activations (VGG16's first block: two maps of 64 channels at full size, float32)."""
     return 2**30 + 2 * batch_size * config.input_size**2 * 64 * 4
 
@@ -240,7 +243,7 @@ class Forward:
     """A backbone actor: the model is built here, from the weights file, once per actor."""
 
     def __init__(self, config: FeatureConfig):
-        from extract.backbone import Backbone  # sets TensorFlow's GPU memory growth before anything else
+        from extract.backbone import Backbone  # sets the backend's GPU memory growth before anything else
 
         self.backbone = Backbone(config)
         self.empty = np.zeros((0,) * len(config.feature_shape), np.dtype(config.dtype))
@@ -257,6 +260,7 @@ class Forward:
         batch = {name: column for name, column in batch.items() if name not in ("pixels", "view")}
         batch["features"] = _tensor_column(features)
         batch["device"] = np.array([self.backbone.device if key else "" for key in keys], dtype=object)
+        batch["backend"] = np.array([self.backbone.backend if key else "" for key in keys], dtype=object)
         return batch
 
 
@@ -268,7 +272,7 @@ def _write(batch: dict, folder: str, base: str, fingerprint: str, shape: tuple, 
         if key and key not in first:
             first[key] = i
     n = len(keys)
-    out = {name: batch[name] for name in ("path", "sha256", "error", "key", "device")}
+    out = {name: batch[name] for name in ("path", "sha256", "error", "key", "device", "backend")}
     out.update(shard=np.full(n, "", dtype=object), shard_row=np.zeros(n, np.int64), shard_rows=np.zeros(n, np.int64),
                shard_bytes=np.zeros(n, np.int64), shard_uuid=np.full(n, "", dtype=object))
     if first:

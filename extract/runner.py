@@ -28,7 +28,7 @@ from extract.shards import view_key
 from extract.writer import Writer
 
 DEFAULT_CACHE = "cache/features.h5"
-VERSIONED = ("keras", "tensorflow", "h5py", "pillow", "numpy")  # recorded with every configuration
+VERSIONED = ("keras", "tensorflow", "jax", "torch", "h5py", "pillow", "numpy")  # recorded with every configuration
 COMPACTIONS = ("auto", "full", "never")
 # Bounds of the numeric options: past them a run only exhausts memory or never ends.
 LIMITS = {
@@ -72,6 +72,7 @@ class ExtractSummary:
     compaction_error: str | None = None  # why compaction could not run (the run's commit stands)
     repaired: int = 0  # features forgotten by --repair (in damaged shards), computed again
     device: str | None = None  # None when nothing needed VGG16
+    backend: str | None = None  # the Keras backend that computed (None when nothing needed VGG16)
     engine: str = "local"  # "ray": read and computed by a Ray Data job
     class_names: list[str] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
@@ -259,12 +260,22 @@ class _Run:
             views=in_use,
             views_per_image=self.views_per_image or None,
             augmentation=self.augmentation.identity() if in_use else None,
+            backends=self.backends(),
             created=self.stored.attrs.get("created") or now(),
             extract_version=__version__,
             **{f"{name}_version": version for name, version in package_versions(VERSIONED).items()},
         )
         attrs = {name: value for name, value in attrs.items() if value is not None}
         return ConfigState(attrs=attrs, rows=rows, failures=failures, views=views)
+
+    def backends(self) -> str | None:
+        """The Keras backends that computed this configuration's features, in order of first
+        use, comma-separated (a cache made before backends were recorded was TensorFlow's)."""
+        stored = self.stored.attrs.get("backends") or ("tensorflow" if self.stored.rows else "")
+        backends = [name for name in stored.split(",") if name]
+        if self.engine.backend and self.engine.backend not in backends:
+            backends.append(self.engine.backend)
+        return ",".join(backends) or None
 
     def commit(self, state: ConfigState | None = None) -> None:
         """Store the run as it is now (`state()`, unless given): pending batches become a
@@ -322,7 +333,7 @@ class _Run:
         splits = [row.split for row in rows.values()]
         summary.split_sizes = {split: splits.count(split) for split in sorted(set(splits))}
         summary.computed, summary.views_computed, summary.reused = engine.computed, engine.views_computed, engine.reused
-        summary.device, summary.images_per_second = engine.device, engine.images_per_second
+        summary.device, summary.backend, summary.images_per_second = engine.device, engine.backend, engine.images_per_second
         if self.views_per_image:
             summary.views_per_image = self.views_per_image
             summary.augmentation = self.augmentation.identity()
