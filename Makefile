@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,16 @@ test: install
 
 demo: install
 	$(BIN)/python -m demo.run
+
+# Wheels of what Keras needs on a GPU machine that has JAX or PyTorch but no TensorFlow and no
+# network (Python 3.12, x86-64): Keras itself, namex and optree, at the versions tested here.
+# bench/gpu_check.sh installs them from .whl/ (git-ignored).
+GPU_PYTHON ?= 3.12
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $$($(BIN)/python -c 'from importlib.metadata import version as v; print(*(f"{n}=={v(n)}" for n in ("keras", "namex", "optree")))')
+	ls -l .whl
 
 clean:
 	rm -rf $(VENV) cache/demo.h5* data/demo

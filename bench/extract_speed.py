@@ -2,7 +2,7 @@
 
     python bench/extract_speed.py --images 2000 --input-size 224
 
-Makes N JPEGs from scikit-learn's bundled photos (500x375, ~45 KB; see make_photos) in
+Makes N JPEGs from scikit-learn's bundled photos (500x375, ~45 KB; see make_photo) in
 bench/data/photos-N/ (git-ignored) and measures,
 on this machine, each with the same images and settings:
   read     reading + SHA-256 + decode + resize alone (the reader's threads, no network)
@@ -13,6 +13,7 @@ Weights are seeded random ones: speed does not depend on the weight values.
 """
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -32,37 +33,56 @@ from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
 
 
-def photo_folder(count: int, size=(500, 375)) -> Path:
+def photo_folder(count: int, size=(500, 375), workers: int = 1) -> Path:
     """bench/data/photos-N[-WxH]/ with exactly N photos made by `make_photos` (N >= what is there)."""
     folder = Path("bench/data") / (f"photos-{count}" + ("" if size == (500, 375) else f"-{size[0]}x{size[1]}"))
-    make_photos(folder, count, size)
+    make_photos(folder, count, size, workers)
     return folder
 
 
-def make_photos(folder: Path, count: int, size=(500, 375)) -> None:
-    """Real photos, from the two that scikit-learn bundles (640x427): a random 4:3 crop of
-    one, mirrored half the time, resized to `size`, saved as JPEG quality 90 (500x375:
-    ~45 KB). Larger than the sources, a crop is smoother than a camera's picture, which
-    makes it cheap to decode: those get sensor-like grain (noise sd 6; 2000x1500: ~0.7 MB,
-    4000x3000: ~2.6 MB, as phone photos)."""
+def make_photos(folder: Path, count: int, size=(500, 375), workers: int = 1) -> None:
+    """Photos 0..count-1 in `folder` (those missing are made, on `workers` processes)."""
+    missing = [i for i in range(count) if not _photo_path(folder, i).is_file()]
+    if workers > 1 and len(missing) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(make_photo, [folder] * len(missing), missing, [size] * len(missing), chunksize=64))
+    else:
+        for i in missing:
+            make_photo(folder, i, size)
+
+
+def make_photo(folder: Path, i: int, size=(500, 375)) -> None:
+    """Photo i: a real photo, from the two that scikit-learn bundles (640x427): a random 4:3
+    crop of one (seeded by i), mirrored half the time, resized to `size`, saved as JPEG
+    quality 90 (500x375: ~45 KB). Larger than the sources, a crop is smoother than a
+    camera's picture, which makes it cheap to decode: those get sensor-like grain (noise
+    sd 6; 2000x1500: ~0.7 MB, 4000x3000: ~2.6 MB, as phone photos)."""
+    source = _sources()[i % 2]
+    rng = np.random.default_rng(i)
+    height = int(rng.integers(280, source.shape[0] + 1))
+    width = height * 4 // 3
+    top, left = rng.integers(0, source.shape[0] - height + 1), rng.integers(0, source.shape[1] - width + 1)
+    crop = source[top : top + height, left : left + width]
+    photo = Image.fromarray(crop[:, ::-1] if rng.random() < 0.5 else crop).resize(size, Image.Resampling.BICUBIC)
+    if size[0] > source.shape[1]:
+        grained = np.asarray(photo, dtype=np.int16) + rng.normal(0, 6, (size[1], size[0], 3))
+        photo = Image.fromarray(np.clip(grained, 0, 255).astype(np.uint8))
+    path = _photo_path(folder, i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo.save(path, quality=90)
+
+
+@functools.cache
+def _sources() -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
 
-    sources = load_sample_images().images
-    existing = len(list(folder.glob("train/*/*.jpg")))
-    rng = np.random.default_rng(existing)
-    for i in range(existing, count):
-        source = sources[i % len(sources)]
-        height = int(rng.integers(280, source.shape[0] + 1))
-        width = height * 4 // 3
-        top, left = rng.integers(0, source.shape[0] - height + 1), rng.integers(0, source.shape[1] - width + 1)
-        crop = source[top : top + height, left : left + width]
-        photo = Image.fromarray(crop[:, ::-1] if rng.random() < 0.5 else crop).resize(size, Image.Resampling.BICUBIC)
-        if size[0] > source.shape[1]:
-            grained = np.asarray(photo, dtype=np.int16) + rng.normal(0, 6, (size[1], size[0], 3))
-            photo = Image.fromarray(np.clip(grained, 0, 255).astype(np.uint8))
-        path = folder / "train" / f"class{i % 4}" / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        photo.save(path, quality=90)
+    return load_sample_images().images
+
+
+def _photo_path(folder: Path, i: int) -> Path:
+    return folder / "train" / f"class{i % 4}" / f"{i:05d}.jpg"
 
 
 def main() -> None:

@@ -37,11 +37,13 @@ class Engine:
         self.computed = self.views_computed = self.reused = 0
         self.device: str | None = None
         self.backend: str | None = None  # the Keras backend, once VGG16 is built
-        self.images_per_second = 0.0
+        self.start_seconds: float | None = None  # building the network and its first batch (compiling)
+        self.images_per_second = 0.0  # once the network is up: after its first batch
         self._backbone: Backbone | None = None
         self._waiting: dict[str, np.ndarray] = {}  # key -> pixels, for the next batch
         self._waiting_paths: dict[str, list[str]] = {}  # sha256 -> paths whose features it will be
         self._last_save = time.monotonic()
+        self._first_batch = 0  # images and views in the first batch (counted in start_seconds)
 
     def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, view_key, workers: int,
             progress: bool) -> None:
@@ -65,8 +67,11 @@ class Engine:
             if self._waiting:
                 self._run_batch()
         elapsed = time.perf_counter() - started
-        if self.computed + self.views_computed and elapsed > 0:
-            self.images_per_second = round((self.computed + self.views_computed) / elapsed, 2)
+        done = self.computed + self.views_computed
+        if done > self._first_batch and elapsed > self.start_seconds:  # the rate a longer run would see
+            self.images_per_second = round((done - self._first_batch) / (elapsed - self.start_seconds), 2)
+        elif done and elapsed > 0:
+            self.images_per_second = round(done / elapsed, 2)
 
     def _take(self, path: str, sha256: str) -> None:
         """An image whose content is stored: its own row's, or another's (moved, copied)."""
@@ -82,12 +87,15 @@ class Engine:
 
     def _run_batch(self) -> None:
         if self._backbone is None:
+            building = time.perf_counter()
             self._backbone = Backbone(self.config)
             self.device, self.backend = self._backbone.device, self._backbone.backend
             if self.writer.new:
                 self.checkpoint()  # the first commits the catalog: from now on there is a cache that opens
         keys = list(self._waiting)
         features = self._backbone(np.stack([self._waiting[key] for key in keys]))
+        if self.start_seconds is None:
+            self.start_seconds, self._first_batch = time.perf_counter() - building, len(keys)
         for key in keys:  # before the batch is stored: a commit takes only what is (see _Run.state)
             for path in self._waiting_paths.pop(key, ()):
                 self.read[path] = key

@@ -57,6 +57,7 @@ class RayEngine:
         self.computed = self.views_computed = self.reused = 0
         self.device: str | None = None
         self.backend: str | None = None
+        self.start_seconds = None  # the actors' start is not seen from here
         self.images_per_second = 0.0
         self._shards: dict[str, dict[int, str]] = {}  # shard -> its rows come so far (row -> key)
 

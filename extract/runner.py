@@ -66,7 +66,8 @@ class ExtractSummary:
     views_computed: int = 0
     augmentation: dict | None = None
     seconds: float = 0.0
-    images_per_second: float = 0.0  # images and views computed, over the reading-and-computing time
+    images_per_second: float = 0.0  # images and views computed a second once the network was up (local engine)
+    start_seconds: float | None = None  # building the network and its first batch (local engine)
     save_seconds: float = 0.0  # writing shards and committing the catalog, compaction included
     compacted: int = 0  # rows compaction rewrote into new shards
     compaction_error: str | None = None  # why compaction could not run (the run's commit stands)
@@ -334,6 +335,7 @@ class _Run:
         summary.split_sizes = {split: splits.count(split) for split in sorted(set(splits))}
         summary.computed, summary.views_computed, summary.reused = engine.computed, engine.views_computed, engine.reused
         summary.device, summary.backend, summary.images_per_second = engine.device, engine.backend, engine.images_per_second
+        summary.start_seconds = None if engine.start_seconds is None else round(engine.start_seconds, 3)
         if self.views_per_image:
             summary.views_per_image = self.views_per_image
             summary.augmentation = self.augmentation.identity()

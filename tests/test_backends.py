@@ -77,6 +77,7 @@ def test_jax_features_are_tensorflows_within_rounding_in_the_same_configuration(
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["backend"] == "jax" and summary["device"] == "CPU"
+    assert summary["start_seconds"] > 0 and summary["images_per_second"] > 0  # the rate once the network is up
     assert summary["fingerprint"] == reference.fingerprint  # the backend is not part of what a feature is
     assert backends(root / "jax.h5") == "jax" and backends(root / "tensorflow.h5") == "tensorflow"
     on_tensorflow, on_jax = cached(root / "tensorflow.h5"), cached(root / "jax.h5")
@@ -100,6 +101,7 @@ def test_a_cache_grows_on_another_backend_and_records_both(weights_file, tmp_pat
     before = os.stat(cache).st_mtime_ns
     again = command_on("jax", "extract.cli:main", *arguments)
     assert json.loads(again.stdout)["computed"] == 0 and os.stat(cache).st_mtime_ns == before  # nothing written
+    assert json.loads(again.stdout)["backend"] is None and json.loads(again.stdout)["start_seconds"] is None
 
 
 def test_scoring_and_export_on_jax_give_tensorflows_probabilities(extracted, weights_file, tmp_path):

@@ -106,6 +106,7 @@ def test_a_ray_started_here_gives_the_local_engines_features_failures_and_views(
     assert local["computed"] <= done["computed"] <= local["computed"] + 1
     assert done["views_computed"] == local["views_computed"]
     assert (done["device"], done["engine"], local["engine"]) == ("CPU", "ray", "local")
+    assert done["backend"] == local["backend"] == "tensorflow"
     assert_same(tmp_path / "ray.h5", local_cache)
 
 
