@@ -44,12 +44,12 @@ CPU_PRECISIONS = ("float32", "mixed_bfloat16")  # bfloat16 only on a CPU that co
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, help="photos to make and extract (default: 4000 on a GPU, 48 without)")
-    parser.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 16 without")
-    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--images", type=positive, help="photos to make and extract (default: 4000 on a GPU, 48 without)")
+    parser.add_argument("--batch-size", type=positive, help="default: 256 on a GPU, 16 without")
+    parser.add_argument("--input-size", type=positive, default=224)
     parser.add_argument("--backends", default=",".join(BACKENDS), help="those installed of these are run")
     parser.add_argument("--precisions", help=f"default: {','.join(GPU_PRECISIONS)} on a GPU, {','.join(CPU_PRECISIONS)} without")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="reader threads (default: every core)")
+    parser.add_argument("--workers", type=positive, default=os.cpu_count(), help="reader threads (default: every core)")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no new run starts")
     parser.add_argument("--json", metavar="FILE", help="also write every result to FILE")
     parser.add_argument("--run", nargs=2, metavar=("BACKEND", "PRECISION"), help=argparse.SUPPRESS)  # one run, here
@@ -59,6 +59,12 @@ def main() -> None:
         print(json.dumps(one_run(args, *args.run)))
         return
     check(args)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1; received {text!r}")
+    return int(text)
 
 
 def check(args) -> None:

@@ -16,7 +16,10 @@ if ! "$python" -c "import keras" 2>/dev/null; then
     fi
     site=$(mktemp -d)
     trap 'rm -rf "$site"' EXIT
-    "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+    if ! "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl; then
+        echo "gpu_check: cannot install .whl/ into $python; make gpu-wheels makes them for Python 3.12 on x86-64 (GPU_PYTHON=3.11 make gpu-wheels for another)." >&2
+        exit 2
+    fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -29,6 +29,9 @@ from extract.writer import Writer
 
 DEFAULT_CACHE = "cache/features.h5"
 VERSIONED = ("keras", "tensorflow", "jax", "torch", "h5py", "pillow", "numpy")  # recorded with every configuration
+# What computed the features (backends, package versions): recorded when a run writes, but
+# no reason to write by itself, so that an unchanged re-run writes nothing after an upgrade.
+PROVENANCE = ("backends", "extract_version", *(f"{name}_version" for name in VERSIONED))
 COMPACTIONS = ("auto", "full", "never")
 # Bounds of the numeric options: past them a run only exhausts memory or never ends.
 LIMITS = {
@@ -307,7 +310,7 @@ class _Run:
         unchanged = (
             state.rows == stored.rows and state.failures == stored.failures and not self.writer.pending
             and not self.writer.relocated
-            and self.writer.last_config == self.key and not _changed(stored.attrs, state.attrs)
+            and self.writer.last_config == self.key and not _changed(stored.attrs, state.attrs, PROVENANCE)
             and {name: table.keys for name, table in state.views.items()} == {name: table.keys for name, table in stored.views.items()}
         )
         if not unchanged:
@@ -343,9 +346,9 @@ class _Run:
             summary.views = sum(view <= self.views_per_image for _, view in table.keys) if table else 0
 
 
-def _changed(old: dict, new: dict) -> bool:
-    """Whether two sets of attributes differ in more than their time stamps."""
-    ignore = ("updated",)
+def _changed(old: dict, new: dict, also_ignored=()) -> bool:
+    """Whether two sets of attributes differ in more than their time stamps (and `also_ignored`)."""
+    ignore = ("updated", *also_ignored)
     return {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}
 
 

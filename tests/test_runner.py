@@ -69,6 +69,21 @@ def test_a_rerun_computes_nothing_and_writes_nothing(extract, dataset, monkeypat
     assert os.stat(first.cache).st_mtime_ns == stamp
 
 
+def test_what_computed_the_features_is_recorded_but_no_reason_to_write(extract, dataset, monkeypatch):
+    first = extract(dataset)
+    with h5py.File(first.cache, "r+") as file:  # as written by an older Keras, before backends were recorded
+        group = file["configs"][first.fingerprint]
+        assert group.attrs["backends"] == "tensorflow" and group.attrs["keras_version"] == keras.__version__
+        group.attrs["keras_version"] = "3.0.0"
+        del group.attrs["backends"]
+    stamp = os.stat(first.cache).st_mtime_ns
+    assert extract(dataset).computed == 0 and os.stat(first.cache).st_mtime_ns == stamp  # nothing written
+    make_image(dataset / "train/cat/new.png", seed=5)
+    assert extract(dataset).computed == 1
+    with FeatureCache(first.cache) as cache:  # a run that writes records its own
+        assert cache.config["keras_version"] == keras.__version__ and cache.config["backends"] == "tensorflow"
+
+
 def test_changed_new_deleted_and_moved_files(extract, dataset):
     first = extract(dataset)
     before = cached_features(first.cache)
