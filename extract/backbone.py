@@ -117,8 +117,10 @@ def import_keras():
             import keras
         except (ImportError, ValueError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            missing = (getattr(error, "name", None) or "").split(".")[0]
+            fix = f"Install it (pip install {BACKENDS[name]})" if missing in (name, "jaxlib") else "Install what it names"
             raise UsageError(
-                f"Keras cannot start on KERAS_BACKEND={name} ({reason}). Install it (pip install {BACKENDS[name]}) "
+                f"Keras cannot start on KERAS_BACKEND={name} ({reason}). {fix} "
                 f"or set KERAS_BACKEND to another of {', '.join(BACKENDS)}."
             ) from None
         if name == "tensorflow":

@@ -2,14 +2,17 @@
 
 Images are read, hashed, decoded and resized on a pool of threads (`reader.load_all`),
 in order, while the network computes. An image whose content is already stored is taken
-as it is; new content (and each missing view) waits for a full batch, goes through VGG16,
-and the batch is written at once to the writer's pending batches. Every `save_every`
-seconds, or when the pending batches reach a shard's size, `checkpoint()` writes them as a
-shard (and sometimes commits the catalog: see runner._Run.checkpoint).
+as it is; new content (and each missing view) waits for a full batch and goes through
+VGG16 in a thread of its own, while this thread stores the batch before it: the batch is
+written to the writer's pending batches, and every `save_every` seconds, or when the
+pending batches reach a shard's size, `checkpoint()` writes them as a shard (and sometimes
+commits the catalog: see runner._Run.checkpoint). So on a GPU the network does not wait
+for the cache.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,6 +45,8 @@ class Engine:
         self._backbone: Backbone | None = None
         self._waiting: dict[str, np.ndarray] = {}  # key -> pixels, for the next batch
         self._waiting_paths: dict[str, list[str]] = {}  # sha256 -> paths whose features it will be
+        self._computing: _Computing | None = None  # the batch on the network
+        self._building = 0.0  # when building the network began
         self._last_save = time.monotonic()
         self._first_batch = 0  # images and views in the first batch (counted in start_seconds)
 
@@ -66,6 +71,8 @@ class Engine:
                 bar.update()
             if self._waiting:
                 self._run_batch()
+            if self._computing:
+                self._store(self._computing)
         elapsed = time.perf_counter() - started
         done = self.computed + self.views_computed
         if done > self._first_batch and elapsed > self.start_seconds:  # the rate a longer run would see
@@ -80,32 +87,74 @@ class Engine:
         self.read[path] = sha256
 
     def _queue(self, key: str, pixels: np.ndarray) -> None:
-        if key not in self._waiting and not self.writer.knows(key):
+        if key not in self._waiting and not self.writer.knows(key) and not (self._computing and key in self._computing):
             self._waiting[key] = pixels
             if len(self._waiting) == self.batch_size:
                 self._run_batch()
 
     def _run_batch(self) -> None:
+        """The waiting batch onto the network; the one before it, computed meanwhile, stored."""
         if self._backbone is None:
-            building = time.perf_counter()
+            self._building = time.perf_counter()
             self._backbone = Backbone(self.config)
             self.device, self.backend = self._backbone.device, self._backbone.backend
             if self.writer.new:
                 self.checkpoint()  # the first commits the catalog: from now on there is a cache that opens
         keys = list(self._waiting)
-        features = self._backbone(np.stack([self._waiting[key] for key in keys]))
+        pixels = np.stack([self._waiting[key] for key in keys])
+        self._waiting.clear()
+        previous = self._computing
+        if previous:
+            previous.result()  # the network takes one batch at a time
+        self._computing = computing = _Computing(self._backbone, keys, pixels)
+        if previous:
+            self._store(previous)
+        if self.start_seconds is None:  # the first batch at once: its time is the network's start
+            self._store(computing)
+
+    def _store(self, batch: "_Computing") -> None:
+        """A computed batch into the pending batches, and a checkpoint when one is due."""
+        keys, features = batch.keys, batch.result()
+        if self._computing is batch:
+            self._computing = None
         if self.start_seconds is None:
-            self.start_seconds, self._first_batch = time.perf_counter() - building, len(keys)
+            self.start_seconds, self._first_batch = time.perf_counter() - self._building, len(keys)
         for key in keys:  # before the batch is stored: a commit takes only what is (see _Run.state)
             for path in self._waiting_paths.pop(key, ()):
                 self.read[path] = key
         self.writer.append(keys, features)
-        self._waiting.clear()
         self.views_computed += sum("/" in key for key in keys)
         self.computed += sum("/" not in key for key in keys)
         if time.monotonic() - self._last_save >= self.save_every or self.writer.pending_bytes >= TARGET_SHARD_BYTES:
             self.checkpoint()
             self._last_save = time.monotonic()
+
+
+class _Computing:
+    """One batch on the network, in a thread of its own (a daemon: Ctrl-C never waits for it;
+    the batch is lost, not stored). `result()` waits for its features, or raises its error."""
+
+    def __init__(self, backbone: Backbone, keys: list[str], pixels: np.ndarray):
+        self.keys, self._keys = keys, set(keys)
+        self._features: np.ndarray | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._compute, args=(backbone, pixels), name="network", daemon=True)
+        self._thread.start()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def _compute(self, backbone: Backbone, pixels: np.ndarray) -> None:
+        try:
+            self._features = backbone(pixels)
+        except BaseException as error:  # raised in the engine's thread, by result()
+            self._error = error
+
+    def result(self) -> np.ndarray:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._features
 
 
 class _Known:
