@@ -13,11 +13,14 @@ one line each for
            up (its start: building, compiling, the first batch, shown apart)
   rerun    `extract_features` again on the unchanged folder
   memory   the peak GPU memory of the process (of the host where there is no GPU)
+  agree    how far its features of the first 32 photos are from JAX's in float32 on the CPU
+           (or, without JAX, from the first float32 run's)
 for each backend and precision (float32, mixed_bfloat16, mixed_float16), each in its own
-process; then which stage limits extraction where it falls below the model. Weights are
-seeded random ones: speed does not depend on them. Where nvidia-smi finds no GPU it says
-so and runs a CPU smoke test of the same steps (few images, batch 16). Stops starting
-new runs once --budget seconds have passed.
+process; then which stage limits extraction where it falls below the model. Every run
+reads one weights file of seeded random weights (speed does not depend on them; Keras's
+own random weights differ by backend). Where nvidia-smi finds no GPU it says so and runs
+a CPU smoke test of the same steps (few images, batch 16). Stops starting new runs once
+--budget seconds have passed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 BACKENDS = ("jax", "torch", "tensorflow")
+COMPARED = 32  # photos whose features are compared across runs
 GPU_PRECISIONS = ("mixed_bfloat16", "mixed_float16", "float32")
 CPU_PRECISIONS = ("float32", "mixed_bfloat16")  # bfloat16 only on a CPU that computes it natively
 
@@ -54,7 +58,12 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write every result to FILE")
     parser.add_argument("--run", nargs=2, metavar=("BACKEND", "PRECISION"), help=argparse.SUPPRESS)  # one run, here
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)  # features on the CPU, here
     args = parser.parse_args()
+    if args.run and args.reference:
+        reference(args)
+        return
     if args.run:
         print(json.dumps(one_run(args, *args.run)))
         return
@@ -86,10 +95,13 @@ def check(args) -> None:
     if not (gpu or args.precisions or cpu_has_bfloat16()):
         precisions = ["float32"]
         print("this CPU has no native bfloat16, so only float32 runs (--precisions to ask for more)")
-    backends = [name for name in args.backends.split(",") if find_spec(name)]
-    missing = [name for name in args.backends.split(",") if name not in backends]
+    asked = [name.strip() for name in args.backends.split(",") if name.strip()]
+    backends = [name for name in asked if name in BACKENDS and find_spec(name)]
+    missing = [name for name in asked if name not in backends]
     if missing:
-        print(f"not installed here, so not run: {', '.join(missing)}")
+        print(f"not installed here (or not a Keras backend), so not run: {', '.join(missing)}")
+    if not backends:
+        sys.exit(f"None of --backends is installed here; expected some of {', '.join(BACKENDS)}.")
     if not find_spec("keras"):
         sys.exit("Keras is not installed: run `make gpu-wheels` where pip works, and carry .whl/ here (bench/gpu_check.sh installs it).")
 
@@ -106,6 +118,10 @@ def check(args) -> None:
     read_rate = count / (time.perf_counter() - reading)
     print(f"read   {read_rate:8.0f} images/s  (reading, SHA-256, decode, resize on {args.workers} threads; no network)")
 
+    args.weights = str(data.parent / "weights.h5")
+    written = worker(args, backends[0], "weights", data, ["--reference"], timeout=300)
+    if written is None:
+        return
     results = []
     for precision in precisions:
         for backend in backends:
@@ -113,25 +129,26 @@ def check(args) -> None:
                 print(f"skipped {backend} {precision}: past the --budget of {args.budget:.0f} s")
                 continue
             left = args.budget - (time.perf_counter() - started)
-            result = run_in_process(args, backend, precision, data, timeout=left + 60)
+            result = worker(args, backend, precision, data, timeout=left + 60)
             if result is None:
                 continue
             result["read_images_per_s"] = round(read_rate, 1)
             results.append(result)
             report(result, read_rate)
+    compare(args, results, data, gpu and "jax" in backends)
     shutil.rmtree(data.parent, ignore_errors=True)
     print(f"done in {time.perf_counter() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"gpu": gpu, "cores": os.cpu_count(), "results": results}, indent=2))
 
 
-def run_in_process(args, backend: str, precision: str, data: Path, timeout: float) -> dict | None:
+def worker(args, backend: str, precision: str, data: Path, extra=(), timeout: float = 600, env=None) -> dict | None:
     """One backend and precision in a process of its own (Keras picks its backend once),
     stopped `timeout` seconds on."""
-    command = [sys.executable, __file__, "--run", backend, precision, "--data", str(data),
+    command = [sys.executable, __file__, "--run", backend, precision, "--data", str(data), "--weights", args.weights,
                "--images", str(args.images), "--batch-size", str(args.batch_size),
-               "--input-size", str(args.input_size), "--workers", str(args.workers)]
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+               "--input-size", str(args.input_size), "--workers", str(args.workers), *extra]
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -147,12 +164,12 @@ def run_in_process(args, backend: str, precision: str, data: Path, timeout: floa
 def one_run(args, backend: str, precision: str) -> dict:
     import numpy as np
 
-    from extract import extract_features
+    from extract import FeatureCache, extract_features
     from extract.backbone import Backbone
     from extract.config import FeatureConfig
 
     size, batch = args.input_size, args.batch_size
-    config = FeatureConfig(input_size=size, weights="random", precision=precision)
+    config = FeatureConfig(input_size=size, weights=args.weights, precision=precision)
     built = time.perf_counter()
     backbone = Backbone(config)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -170,7 +187,7 @@ def one_run(args, backend: str, precision: str) -> dict:
     del backbone
 
     cache = Path(tempfile.mkdtemp(prefix="gpu-check-cache-")) / "features.h5"
-    options = dict(input_size=size, weights="random", precision=precision, batch_size=batch,
+    options = dict(input_size=size, weights=args.weights, precision=precision, batch_size=batch,
                    workers=args.workers, progress=False)
     timing = time.perf_counter()
     cold = extract_features(args.data, cache, **options)
@@ -180,8 +197,65 @@ def one_run(args, backend: str, precision: str) -> dict:
     rerun = extract_features(args.data, cache, **options)
     result.update(rerun_s=round(time.perf_counter() - timing, 3), rerun_computed=rerun.computed)
     result["peak_memory_bytes"], result["memory_of"] = peak_memory(backend, result["device"])
+    with FeatureCache(cache) as features:
+        order = np.argsort(features.paths())[:COMPARED]
+        np.save(Path(args.data).parent / f"features-{backend}-{precision}.npy", features.features_at(order))
     shutil.rmtree(cache.parent, ignore_errors=True)
     return result
+
+
+def reference(args) -> None:
+    """With precision "weights": write the weights file every run reads. Else: float32
+    features of the first photos on this process's backend (JAX on the CPU, for `compare`)."""
+    import numpy as np
+
+    from extract.backbone import Backbone, import_keras
+    from extract.config import FeatureConfig
+    from extract.layout import scan_folder
+    from extract.reader import load_all
+
+    if args.run[1] == "weights":
+        import h5py
+
+        keras = import_keras()
+        from keras.src.legacy.saving import legacy_h5_format
+
+        keras.utils.set_random_seed(0)
+        model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+        with h5py.File(args.weights, "w") as file:
+            legacy_h5_format.save_weights_to_hdf5_group(file, model)
+        print(json.dumps({}))
+        return
+    images = sorted(scan_folder(Path(args.data)).images, key=lambda image: image.path)[:COMPARED]
+    pixels = np.stack([item.pixels for item in load_all(Path(args.data), images, args.input_size, "bilinear",
+                                                          (), args.workers, prefetch=COMPARED)])
+    backbone = Backbone(FeatureConfig(input_size=args.input_size, weights=args.weights))
+    np.save(Path(args.data).parent / "features-reference.npy", backbone(pixels))
+    print(json.dumps({"device": backbone.device}))
+
+
+def compare(args, results: list[dict], data: Path, on_cpu: bool) -> None:
+    """Each run's features of the first photos against a reference: JAX in float32 on the
+    CPU (where there is a GPU and JAX), else the first float32 run."""
+    import numpy as np
+
+    folder, against = data.parent, None
+    if on_cpu and worker(args, "jax", "float32", data, ["--reference"], timeout=300, env={"JAX_PLATFORMS": "cpu"}):
+        against, name = np.load(folder / "features-reference.npy"), "JAX float32 on the CPU"
+    for result in results:
+        features = np.load(folder / f"features-{result['backend']}-{result['precision']}.npy")
+        if against is None and result["precision"] == "float32":
+            against, name = features, f"{result['backend']} float32 on {result['device']}"
+            continue
+        if against is None:
+            continue
+        a, b = against.reshape(len(against), -1).astype(np.float64), features.reshape(len(features), -1).astype(np.float64)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        result["agree"] = {"against": name, "max_over_largest": float(np.abs(a - b).max() / np.abs(a).max()),
+                           "one_minus_cosine": float(1 - cosine.min())}
+        print(f"agree  {result['agree']['max_over_largest']:8.1e} of the largest feature, 1 - cosine "
+              f"{result['agree']['one_minus_cosine']:.1e}: {result['backend']} {result['precision']} on "
+              f"{result['device']} against {name} ({len(a)} photos)")
 
 
 def report(result: dict, read_rate: float) -> None:

@@ -42,8 +42,8 @@ INFO = "head.json"
 SUMS = "SHA256SUMS"
 DEFAULT_HEADS_FOLDER = "heads"
 MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file (a large random forest is ~100 MB)
-CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_path", "input_size",
-                "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
+CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_backend", "weights_path",
+                "input_size", "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\\n]+)")
 
 

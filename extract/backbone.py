@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.config import IMAGENET_FILE, IMAGENET_URL, FeatureConfig
+from extract.config import IMAGENET_FILE, IMAGENET_URL, FeatureConfig, keras_backend
 from extract.errors import ExtractError, UsageError, WeightsUnavailableError
 
 BACKENDS = {"tensorflow": "tensorflow", "jax": "jax[cpu] (or jax[cuda12])", "torch": "torch"}  # name -> pip install
@@ -94,13 +94,6 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def backend_name() -> str:
-    """The Keras backend a `Backbone` built now would run on (KERAS_BACKEND, else tensorflow)."""
-    if "keras" in sys.modules:
-        return sys.modules["keras"].backend.backend()
-    return os.environ.get("KERAS_BACKEND") or "tensorflow"
-
-
 def import_keras():
     """Keras on the backend KERAS_BACKEND names (tensorflow if unset), refusing one it cannot
     start in one line. Each backend takes GPU memory as needed, not all of it at start:
@@ -109,7 +102,7 @@ def import_keras():
     probing) is held back."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    name = backend_name()
+    name = keras_backend()
     if name not in BACKENDS:
         raise UsageError(f"Expected KERAS_BACKEND to be one of {', '.join(BACKENDS)}; received {name!r}.")
     with _quiet_native_stderr():

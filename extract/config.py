@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,12 +98,23 @@ class FeatureConfig:
         facts.update(backbone="vgg16", preprocessing="caffe", feature_shape=list(self.feature_shape))
         if self.weights == "random":
             facts["weights_seed"] = self.seed
+            if keras_backend() != "tensorflow":  # Keras's seeded initializers draw other numbers on each
+                facts["weights_backend"] = keras_backend()  # backend; TensorFlow's keep their old fingerprints
         elif self.weights != "imagenet":
             md5, sha256 = _file_digests(Path(self.weights))
             facts["weights"] = "imagenet" if md5 == IMAGENET_MD5 else "file"
             if facts["weights"] == "file":
                 facts["weights_sha256"] = sha256
         return facts
+
+
+def keras_backend() -> str:
+    """The Keras backend a network built in this process runs on: Keras's own once imported,
+    else KERAS_BACKEND, else tensorflow (this project's default; see backbone.import_keras)."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend()
+    return os.environ.get("KERAS_BACKEND") or "tensorflow"
 
 
 def check_range(name: str, value, low, high, between: str | None = None) -> None:

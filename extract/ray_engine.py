@@ -28,9 +28,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from extract.backbone import backend_name
 from extract.cluster import check_shared, check_weights, job_errors, session, weights_file
-from extract.config import FeatureConfig
+from extract.config import FeatureConfig, keras_backend
 from extract.errors import UsageError
 from extract.layout import ImageFile
 from extract.reader import ViewRequest, load
@@ -159,7 +158,7 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
     ).map_batches(
         Forward, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=dict(config=config),
         compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=1,
-        memory=actor_memory(config, batch_size), runtime_env={"env_vars": {"KERAS_BACKEND": backend_name()}},
+        memory=actor_memory(config, batch_size), runtime_env={"env_vars": {"KERAS_BACKEND": keras_backend()}},
     )
 
 

@@ -18,6 +18,7 @@ import pytest
 from classify import export_model, score_images, train_head
 from conftest import SIZE, make_dataset, make_image
 from extract import extract_features
+from extract.config import FeatureConfig, fingerprint
 
 pytestmark = pytest.mark.skipif(find_spec("jax") is None, reason="jax is not installed (pip install -e '.[test]')")
 
@@ -160,3 +161,27 @@ def test_a_backend_keras_cannot_start_is_refused_in_one_line(extracted, weights_
         message = done.stderr.strip().splitlines()[-1]
         assert message.startswith("extract-features: error: Keras cannot start on KERAS_BACKEND=torch (")
         assert "pip install torch" in message
+
+
+def test_random_weights_on_jax_are_another_network_so_another_configuration():
+    done = on_backend("jax", """
+        import json
+        from extract.config import FeatureConfig
+        print(json.dumps(FeatureConfig(weights="random", seed=3).identity()))
+    """)
+    assert done.returncode == 0, done.stderr
+    on_jax, on_tensorflow = json.loads(done.stdout), FeatureConfig(weights="random", seed=3).identity()
+    assert on_jax["weights_backend"] == "jax" and "weights_backend" not in on_tensorflow  # old fingerprints kept
+    assert fingerprint(on_jax) != fingerprint(on_tensorflow)  # Keras's seeded initializers differ by backend
+
+
+def test_a_head_on_tensorflows_random_weights_says_so_when_scoring_on_jax(tmp_path):
+    make_dataset(tmp_path / "data", "classes", per_class=4, classes=("cat", "dog"))
+    extract_features(tmp_path / "data", tmp_path / "c.h5", input_size=SIZE, weights="random", progress=False)
+    head = train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "head").folder
+    done = command_on("jax", "classify.cli:score_main", tmp_path / "data", "--head", head, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "score-images: error: The head's features were made with random weights (seed 0) on the Keras backend "
+        "tensorflow, and random weights differ by backend; run with KERAS_BACKEND=tensorflow (this is jax)."
+    )
