@@ -238,6 +238,7 @@ def compare(args, results: list[dict], data: Path, on_cpu: bool) -> None:
     """Each run's features of the first photos against a reference: JAX in float32 on the
     CPU (where there is a GPU and JAX), else the first float32 run."""
     import numpy as np
+    from backends import distance
 
     folder, against = data.parent, None
     if on_cpu and worker(args, "jax", "float32", data, ["--reference"], timeout=300, env={"JAX_PLATFORMS": "cpu"}):
@@ -249,13 +250,10 @@ def compare(args, results: list[dict], data: Path, on_cpu: bool) -> None:
             continue
         if against is None:
             continue
-        a, b = against.reshape(len(against), -1).astype(np.float64), features.reshape(len(features), -1).astype(np.float64)
-        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        result["agree"] = {"against": name, "max_over_largest": float(np.abs(a - b).max() / np.abs(a).max()),
-                           "one_minus_cosine": float(1 - cosine.min())}
+        result["agree"] = {"against": name, **distance(against, features)}
         print(f"agree  {result['agree']['max_over_largest']:8.1e} of the largest feature, 1 - cosine "
               f"{result['agree']['one_minus_cosine']:.1e}: {result['backend']} {result['precision']} on "
-              f"{result['device']} against {name} ({len(a)} photos)")
+              f"{result['device']} against {name} ({len(features)} photos)")
 
 
 def report(result: dict, read_rate: float) -> None:
