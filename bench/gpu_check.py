@@ -60,7 +60,14 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)  # features on the CPU, here
+    parser.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)  # the file every run reads
     args = parser.parse_args()
+    if args.write_weights:
+        from backends import write_weights
+
+        write_weights(Path(args.weights), 32)
+        print(json.dumps({}))
+        return
     if args.run and args.reference:
         reference(args)
         return
@@ -119,7 +126,7 @@ def check(args) -> None:
     print(f"read   {read_rate:8.0f} images/s  (reading, SHA-256, decode, resize on {args.workers} threads; no network)")
 
     args.weights = str(data.parent / "weights.h5")
-    written = worker(args, backends[0], "weights", data, ["--reference"], timeout=300)
+    written = worker(args, backends[0], "weights", data, ["--write-weights"], timeout=300)
     if written is None:
         return
     results = []
@@ -205,27 +212,14 @@ def one_run(args, backend: str, precision: str) -> dict:
 
 
 def reference(args) -> None:
-    """With precision "weights": write the weights file every run reads. Else: float32
-    features of the first photos on this process's backend (JAX on the CPU, for `compare`)."""
+    """Float32 features of the first photos on this process's backend (JAX on the CPU, for `compare`)."""
     import numpy as np
 
-    from extract.backbone import Backbone, import_keras
+    from extract.backbone import Backbone
     from extract.config import FeatureConfig
     from extract.layout import scan_folder
     from extract.reader import load_all
 
-    if args.run[1] == "weights":
-        import h5py
-
-        keras = import_keras()
-        from keras.src.legacy.saving import legacy_h5_format
-
-        keras.utils.set_random_seed(0)
-        model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
-        with h5py.File(args.weights, "w") as file:
-            legacy_h5_format.save_weights_to_hdf5_group(file, model)
-        print(json.dumps({}))
-        return
     images = sorted(scan_folder(Path(args.data)).images, key=lambda image: image.path)[:COMPARED]
     pixels = np.stack([item.pixels for item in load_all(Path(args.data), images, args.input_size, "bilinear",
                                                           (), args.workers, prefetch=COMPARED)])
@@ -269,16 +263,16 @@ def report(result: dict, read_rate: float) -> None:
 
 
 def limiter(result: dict, read_rate: float) -> str:
-    """Which stage holds extraction below the model: the readers, or the main thread's
-    writing (pending batches and shards) beside the model."""
+    """Which stage holds extraction below the model: the readers, or the engine's writing
+    (pending batches and shards), which runs beside the model."""
     model, cold = result["model_images_per_s"], result["cold_images_per_s"]
     computing = result["computed"] / model
     writing = result["cold_save_s"]
     if read_rate < 1.1 * cold:
         return f"reading ({read_rate:.0f} images/s alone, on {os.cpu_count()} cores)"
     if writing > 0.1 * computing:
-        return (f"writing the cache ({writing} s of the run's {result['cold_s']} s, in the thread that "
-                f"runs the model; the model alone needs {computing:.1f} s)")
+        return (f"writing the cache ({writing} s of the run's {result['cold_s']} s, beside the model, which "
+                f"alone needs {computing:.1f} s)")
     return "neither reading nor writing alone: the reader and the model contend (the main thread, the GIL)"
 
 

@@ -59,19 +59,19 @@ def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
         )
     config.validate()
     identity = config.identity()
-    if fingerprint(identity) != head.fingerprint and config.weights == "random":
+    if fingerprint(identity) == head.fingerprint:
+        return config
+    if config.weights == "random":
         made_on = facts.get("weights_backend", "tensorflow")
         raise UsageError(
             f"The head's features were made with random weights (seed {config.seed}) on the Keras backend "
             f"{made_on}, and random weights differ by backend; run with KERAS_BACKEND={made_on} "
             f"(this is {identity.get('weights_backend', 'tensorflow')})."
         )
-    if fingerprint(identity) != head.fingerprint:
-        raise UsageError(
-            f"--weights {where}: not the weights the head's features were made with "
-            f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
-        )
-    return config
+    raise UsageError(
+        f"--weights {where}: not the weights the head's features were made with "
+        f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
+    )
 
 
 MAX_TOP_K = 1000

@@ -98,8 +98,9 @@ class FeatureConfig:
         facts.update(backbone="vgg16", preprocessing="caffe", feature_shape=list(self.feature_shape))
         if self.weights == "random":
             facts["weights_seed"] = self.seed
-            if keras_backend() != "tensorflow":  # Keras's seeded initializers draw other numbers on each
-                facts["weights_backend"] = keras_backend()  # backend; TensorFlow's keep their old fingerprints
+            backend = keras_backend()  # Keras's seeded initializers draw other numbers on each backend;
+            if backend != "tensorflow":  # TensorFlow's random weights keep their old fingerprints
+                facts["weights_backend"] = backend
         elif self.weights != "imagenet":
             md5, sha256 = _file_digests(Path(self.weights))
             facts["weights"] = "imagenet" if md5 == IMAGENET_MD5 else "file"

@@ -55,7 +55,7 @@ class RayEngine:
         self.failures: list[tuple[str, str]] = []
         self.computed = self.views_computed = self.reused = 0
         self.device: str | None = None
-        self.backend: str | None = None
+        self.backend: str | None = None  # the driver's, which `stream` gives the actors
         self.start_seconds = None  # the actors' start is not seen from here
         self.images_per_second = 0.0
         self._shards: dict[str, dict[int, str]] = {}  # shard -> its rows come so far (row -> key)
@@ -107,10 +107,10 @@ class RayEngine:
                                            [keys[i] for i in range(int(rows))])
                     del self._shards[shard]
         images = 0
-        for path, sha256, error, key, device, backend in zip(batch["path"], batch["sha256"], batch["error"],
-                                                             batch["key"], batch["device"], batch["backend"]):
+        for path, sha256, error, key, device in zip(batch["path"], batch["sha256"], batch["error"], batch["key"],
+                                                    batch["device"]):
             if device:
-                self.device, self.backend = device, backend
+                self.device = device
             if key:
                 if "/" in key:
                     self.views_computed += 1
@@ -125,13 +125,15 @@ class RayEngine:
                 self.reused += 1
             if not error:
                 self.read[path] = sha256
+        if self.device:
+            self.backend = keras_backend()
         return images
 
 
 def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known=frozenset(), wanted=None,
            batch_size: int = 32, actors: int | None = None):
     """The Ray Data dataset of read tasks feeding a pool of backbone actors: one row per
-    image (path, sha256, error, key, features, device, backend) and one per view computed (its
+    image (path, sha256, error, key, features, device) and one per view computed (its
     `key`, no path). `key` is empty where nothing was computed: an error, or content
     in `known` (a set, or a Ray reference to one)."""
     import ray
@@ -260,7 +262,6 @@ class Forward:
         batch = {name: column for name, column in batch.items() if name not in ("pixels", "view")}
         batch["features"] = _tensor_column(features)
         batch["device"] = np.array([self.backbone.device if key else "" for key in keys], dtype=object)
-        batch["backend"] = np.array([self.backbone.backend if key else "" for key in keys], dtype=object)
         return batch
 
 
@@ -272,7 +273,7 @@ def _write(batch: dict, folder: str, base: str, fingerprint: str, shape: tuple, 
         if key and key not in first:
             first[key] = i
     n = len(keys)
-    out = {name: batch[name] for name in ("path", "sha256", "error", "key", "device", "backend")}
+    out = {name: batch[name] for name in ("path", "sha256", "error", "key", "device")}
     out.update(shard=np.full(n, "", dtype=object), shard_row=np.zeros(n, np.int64), shard_rows=np.zeros(n, np.int64),
                shard_bytes=np.zeros(n, np.int64), shard_uuid=np.full(n, "", dtype=object))
     if first:
