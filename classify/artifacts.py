@@ -4,8 +4,10 @@
     head.json        classes, the feature configuration (fingerprint and facts), scores,
                      arguments, versions
     metrics.json     every score of every split
+    predictions.csv  every scored image: path, split, true and predicted label, probability, top 3
     confusion_<split>.png, learning_curve.png (mlp)
-    SHA256SUMS       the SHA-256 of every other file, head.json included (`sha256sum -c SHA256SUMS`)
+    SHA256SUMS       the SHA-256 of every other file, head.json included (`sha256sum -c SHA256SUMS`),
+                     but report.html, written after it for a run of one head (nothing loads it back)
 
 A joblib file is a pickle, and loading a pickle runs code: `load_head` reads each file
 once, checks its bytes against SHA256SUMS, and unpickles those same bytes. The check
@@ -19,6 +21,7 @@ refused rather than mixed in (a rename onto a folder succeeds only while it is e
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import io
@@ -40,6 +43,9 @@ from extract import UsageError
 ARTIFACT = "head.joblib"
 INFO = "head.json"
 SUMS = "SHA256SUMS"
+PREDICTIONS = "predictions.csv"
+TOP_K = 3  # labels per image in predictions.csv
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 DEFAULT_HEADS_FOLDER = "heads"
 MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file (a large random forest is ~100 MB)
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_backend", "weights_path",
@@ -53,18 +59,50 @@ def describe_config(facts: dict) -> str:
             f"{facts.get('interpolation', '?')}, pooling {facts.get('pooling', '?')}, {facts.get('precision', '?')}")
 
 
-def save_head(folder: Path, estimator, info: dict, scores: dict) -> None:
-    """Write a head folder (which must be new or empty), SHA256SUMS last."""
+def save_head(folder: Path, estimator, info: dict, scores: dict, predictions=()) -> None:
+    """Write a head folder (which must be new or empty), SHA256SUMS last. `predictions`:
+    the `evaluation.Predictions` of the scored splits, written as predictions.csv."""
     folder.mkdir(parents=True, exist_ok=True)
     joblib.dump(estimator, folder / ARTIFACT)
     (folder / "metrics.json").write_text(json.dumps(scores, indent=2))
+    if predictions:
+        write_predictions(folder / PREDICTIONS, predictions)
     for split, split_scores in scores.items():
         plot_confusion(split_scores, estimator.classes_, f"{info['head']} on {split}", folder / f"confusion_{split}.png")
     if getattr(estimator, "history_", None):
-        plot_learning_curve(estimator.history_, f"{info['head']}: learning curve", folder / "learning_curve.png")
+        plot_learning_curve(estimator.history_, f"{info['head']}: learning curve", folder / "learning_curve.png",
+                            augmented=bool(info.get("training_views")))
     (folder / INFO).write_text(json.dumps(info, indent=2))
     names = sorted(path.name for path in folder.iterdir() if path.name != SUMS)
     (folder / SUMS).write_text("".join(f"{_sha256(_read(folder / name))}  {name}\n" for name in names))
+
+
+def write_predictions(path: Path, predictions, top_k: int = TOP_K) -> None:
+    """One CSV row per scored image: path, split, true and predicted label, the predicted
+    label's probability, whether it was right, then the next most probable labels. Text
+    cells are defended against spreadsheet formulas (see `spreadsheet_cell`)."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        first = next(iter(predictions))
+        alternatives = range(2, min(top_k, len(first.classes)) + 1)
+        writer.writerow(["path", "split", "true_label", "predicted_label", "probability", "correct"]
+                        + [name for rank in alternatives for name in (f"label_{rank}", f"probability_{rank}")])
+        for made in predictions:
+            confidence = made.confidence()
+            order, top = made.top(len(alternatives) + 1) if made.proba is not None else (None, None)
+            for i, (image, truth, predicted) in enumerate(zip(made.paths, made.y, made.predicted)):
+                row = [spreadsheet_cell(str(image)), made.split, spreadsheet_cell(str(truth)), spreadsheet_cell(str(predicted)),
+                       "" if confidence[i] != confidence[i] else f"{confidence[i]:.6f}", int(truth == predicted)]
+                for rank in alternatives:
+                    row += ["", ""] if order is None else [spreadsheet_cell(str(made.classes[order[i, rank - 1]])),
+                                                           f"{top[i, rank - 1]:.6f}"]
+                writer.writerow(row)
+
+
+def spreadsheet_cell(text: str) -> str:
+    """`text`, with a leading ' when a spreadsheet would take it for a formula (OWASP: it
+    starts with = + - @, a tab or a carriage return)."""
+    return "'" + text if text[:1] in FORMULA_STARTS else text
 
 
 @dataclass

@@ -38,6 +38,8 @@ class Splits:
     config: dict
     augmentation: dict | None = None  # the transforms, seed and views per image
     cache: FeatureCache | None = None
+    paths: np.ndarray | None = None  # every row's path in the cache (relative to data_dir); Rows.entry indexes it
+    data_dir: str | None = None  # where extract-features read the images
 
     @property
     def training_views(self) -> int:
@@ -142,7 +144,8 @@ def _split(features: FeatureCache, cache, validation_fraction: float, seed: int,
         train_set = images(train_rows, views.entry[keep], views_of)
         augmentation = dict(views.augmentation, views_per_image=views.views_per_image)
     return Splits(train_set, images(validation_rows), images(np.flatnonzero(test)) if test.any() else None,
-                  len(train_rows), "drawn" if drawn else "stored", fingerprint, facts, augmentation, features)
+                  len(train_rows), "drawn" if drawn else "stored", fingerprint, facts, augmentation, features,
+                  features.paths(), features.config.get("data_dir"))
 
 
 def image_folds(labels: np.ndarray, images: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -27,8 +27,9 @@ from classify.artifacts import (
 )
 from classify.data import Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
-from classify.evaluation import evaluate, predictions
+from classify.evaluation import Predictions, evaluate, predictions
 from classify.heads import HEADS
+from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
 from extract import DEFAULT_CACHE, UsageError
 from extract.schema import package_versions
@@ -66,6 +67,7 @@ class HeadResult:
     params: dict = field(default_factory=dict)
     cross_validation: dict | None = None
     search: list | None = None
+    predictions: dict = field(default_factory=dict)  # split -> evaluation.Predictions, row by row
 
     def summary(self) -> dict:
         validation = self.scores["validation"]
@@ -108,6 +110,8 @@ def train_head(
     validation_fraction: float = 0.2,
     augment: bool = True,
     memory_budget=None,
+    report: bool = True,
+    mistakes: str = "best",
     progress: bool = False,
     **options,
 ) -> Training:
@@ -116,7 +120,9 @@ def train_head(
     heads/). With cached augmented views (and `augment`), scikit-learn heads train on every
     view and the mlp on one view of each image per epoch. Features that need more than
     `memory_budget` (bytes, or a size such as "8G"; default half the memory available) are
-    streamed from the cache, and only heads that stream train. `options` go to the mlp
+    streamed from the cache, and only heads that stream train. With `report`, the run's
+    folder gets a report.html, showing the mistakes of the best head (or, `mistakes="all"`,
+    of every head). `options` go to the mlp
     head: hidden_units, dropout_rate, epochs, learning_rate, early_stopping, standardize."""
     names = _head_names(head)
     if options and "mlp" not in names:
@@ -124,6 +130,8 @@ def train_head(
     unknown = set(options) - set(BOUNDS) - {"early_stopping", "standardize"}
     if unknown:
         raise UsageError(f"Unknown mlp option(s) {', '.join(sorted(unknown))}.")
+    if mistakes not in MISTAKES:
+        raise UsageError(f"Expected --mistakes to be one of {', '.join(MISTAKES)}; received {mistakes!r}.")
     if class_weight not in CLASS_WEIGHTS:
         raise UsageError(f"Expected --class-weight balanced (or none); received {class_weight!r}.")
     if cv is not None:
@@ -142,7 +150,7 @@ def train_head(
         final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
         partial = partial_folder(final)
         try:
-            plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, streamed)
+            plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, streamed, report, mistakes)
             training = _train_all(names, splits, partial, final, plan, options, progress)
             commit_folder(partial, final)
         except BaseException:
@@ -192,6 +200,9 @@ def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan",
                         splits.training_views, plan.streamed)
     if len(names) > 1:
         (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
+    if plan.report:
+        folders = {result.head: partial / (result.head if len(names) > 1 else "") for result in results}
+        write_report(partial / REPORT, training, splits, folders, plan.mistakes, plan.seed)
     return training
 
 
@@ -206,6 +217,8 @@ class _Plan:
     validation_fraction: float
     augment: bool
     streamed: bool  # the features were read from the cache as heads trained (another order than in memory)
+    report: bool = True  # write report.html
+    mistakes: str = "best"  # whose mistakes the report shows: the best head's or every head's
 
 
 class _CannotTrain(Exception):
@@ -222,6 +235,7 @@ class _Fitted:
     options: dict
     cross_validation: dict | None
     search: list | None
+    predictions: dict  # split -> Predictions
 
 
 def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
@@ -241,13 +255,16 @@ def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
         started = time.perf_counter()
         fit(estimator, splits.train, splits.validation)
         fit_seconds = time.perf_counter() - started
-        scores = {"validation": evaluate(estimator, splits.validation)}
-        if splits.test is not None:
-            scores["test"] = evaluate(estimator, splits.test)
+        scored = {"validation": splits.validation, "test": splits.test}
+        scored = {split: rows for split, rows in scored.items() if rows is not None}
+        made = {split: Predictions(split, list(estimator.classes_), splits.paths[rows.entry], rows.y,
+                                   *predictions(estimator, rows, probabilities=True)) for split, rows in scored.items()}
+        scores = {split: evaluate(estimator, rows, (made[split].predicted, made[split].proba))
+                  for split, rows in scored.items()}
     except (ValueError, ArithmeticError) as error:  # what estimators raise on data they cannot fit
         reason = " ".join(str(error).split())[:300]
         raise _CannotTrain(f"{name} cannot be trained on these data ({reason})") from error
-    return _Fitted(name, estimator, scores, fit_seconds, plan, options, cross_validation, table)
+    return _Fitted(name, estimator, scores, fit_seconds, plan, options, cross_validation, table, made)
 
 
 def fit(estimator, rows: Rows, validation: Rows | None = None):
@@ -283,8 +300,9 @@ def _save_one(fitted: _Fitted, splits: Splits, folder: Path, final: Path) -> Hea
         "versions": package_versions(("bottleneck-features", "scikit-learn", "keras", "tensorflow", "numpy")),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    save_head(folder, estimator, info, scores)
-    return HeadResult(name, estimator, scores, fitted.fit_seconds, final, params, fitted.cross_validation, fitted.search)
+    save_head(folder, estimator, info, scores, fitted.predictions.values())
+    return HeadResult(name, estimator, scores, fitted.fit_seconds, final, params, fitted.cross_validation, fitted.search,
+                      fitted.predictions)
 
 
 def _search(estimator, grid: dict, splits: Splits):

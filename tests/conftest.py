@@ -87,16 +87,17 @@ def blobs(classes=("a", "b", "c"), per_class=30, features=16, seed=0, spread=1.0
 
 
 def write_synthetic_cache(path: Path, splits: dict, fingerprint: str = "synthetic0000001", features=16, seed=0,
-                          shape=None) -> Path:
+                          shape=None, spread=1.0) -> Path:
     """A feature cache holding blobs, written through the cache's own writer.
-    `splits` maps a split name to (classes, images per class)."""
+    `splits` maps a split name to (classes, images per class); a larger `spread` makes
+    the blobs overlap (and heads make mistakes)."""
     from extract.catalog import ConfigState, Row
     from extract.writer import Writer
 
     writer = Writer(Path(path), fingerprint)
     rows = {}
     for offset, (split, (classes, per_class)) in enumerate(splits.items()):
-        X, y = blobs(classes, per_class, features, seed=seed)  # the same centres for every split
+        X, y = blobs(classes, per_class, features, seed=seed, spread=spread)  # the same centres for every split
         X = X + np.random.default_rng(seed + offset + 1).normal(0, 0.3, X.shape).astype(np.float32)
         hashes = [f"{offset:02d}{i:062x}" for i in range(len(y))]
         writer.append(hashes, X.reshape(len(X), *(shape or (features,))))

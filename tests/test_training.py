@@ -23,11 +23,11 @@ def test_one_head_is_scored_and_saved(cache, tmp_path):
     assert np.array(result.scores["validation"]["confusion_matrix"]).sum() == 30
     files = sorted(path.name for path in (tmp_path / "run").iterdir())
     assert files == ["SHA256SUMS", "confusion_test.png", "confusion_validation.png", "head.joblib", "head.json",
-                     "metrics.json"]
+                     "metrics.json", "predictions.csv", "report.html"]
     info = json.loads((tmp_path / "run" / "head.json").read_text())
     assert info["classes"] == ["a", "b", "c"] and info["fingerprint"] == "synthetic0000001"
     listed = [line.split("  ")[1] for line in (tmp_path / "run" / "SHA256SUMS").read_text().splitlines()]
-    assert info["feature_config"]["pooling"] == "avg" and listed == files[1:]
+    assert info["feature_config"]["pooling"] == "avg" and listed == files[1:-1]  # all but the report, which nothing loads
     assert info["metrics"]["validation"]["accuracy"] == result.scores["validation"]["accuracy"]
 
 

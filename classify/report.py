@@ -1,0 +1,229 @@
+"""train-head's report: one self-contained HTML page for a run (`report.html`).
+
+    the leaderboard (validation and test columns), best first
+    the mistakes: the most confident wrong predictions of the best head (or of every head),
+        each as a thumbnail of the image as the network saw it, its path, true and
+        predicted label and probability
+    a map of the validation features (PCA, then t-SNE), coloured by class, mistakes marked
+    each head: its confusion matrices (counts and row shares) and, for mlp, its learning curve
+
+Every picture is inside the page (PNG or JPEG as data: URLs), so the file can be mailed or
+attached to a ticket; nothing is fetched when it is opened. Plots are the head folders' own
+PNG files (evaluation.py draws them) and a map drawn here with matplotlib.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import string
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+
+from classify.artifacts import describe_config
+from classify.evaluation import _pyplot, natural_order
+from extract.reader import decode, open_regular, read_image_bytes
+
+REPORT = "report.html"
+MISTAKES_SHOWN = 24  # thumbnails per head and split
+MAP_POINTS = 1000  # validation images on the map, drawn at random beyond this (t-SNE: ~10 s for 1,000 on two cores)
+THUMBNAIL = 112  # pixels a side
+MISTAKES = ("best", "all")
+
+PAGE = string.Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>$title</title>
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; } h3 { margin-top: 1.5em; }
+table { border-collapse: collapse; } th, td { padding: .3em .8em; text-align: right; border-bottom: 1px solid #eee; }
+th:first-child, td:first-child { text-align: left; } tr.best { background: #eef6ee; font-weight: 600; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+figure.mistake { width: ${thumbnail}px; margin: 0; font-size: 12px; overflow-wrap: anywhere; }
+figure.mistake img, .missing { width: ${thumbnail}px; height: ${thumbnail}px; display: block; image-rendering: pixelated; }
+.missing { background: #eee; color: #888; display: flex; align-items: center; justify-content: center; text-align: center; }
+.wrong { color: #b00; } .note { color: #666; } img.plot { max-width: 100%; }
+</style></head>
+<body>
+<h1>$title</h1>
+$body
+</body></html>
+""")
+
+
+def write_report(path: Path, training, splits, folders: dict, mistakes: str = "best", seed: int = 0) -> None:
+    """Write the report of `training` (a `training.Training`) on `splits` to `path`.
+    `folders`: each head's folder as it is now (before the run's folder is renamed into
+    place); `mistakes`: whose mistakes to show, the best head's or every head's."""
+    board = training.leaderboard()
+    best = board[0]["head"]
+    results = {result.head: result for result in training.results}
+    order = [row["head"] for row in board]
+    reader = _Thumbnails(splits)
+    body = [_overview(training, splits), _leaderboard(board), "<h2 id=\"mistakes\">Mistakes</h2>"]
+    for name in (order if mistakes == "all" else [best]):
+        body.append(_mistakes(results[name], reader, best=name == best))
+    body.append(_map(splits, results[best], seed))
+    for name in order:
+        body.append(_head(results[name], Path(folders[name]), training))
+    title = f"train-head: {', '.join(order) if len(order) <= 3 else f'{len(order)} heads'}"
+    page = PAGE.substitute(title=html.escape(title), body="\n".join(body), thumbnail=THUMBNAIL)
+    Path(path).write_text(page, encoding="utf-8")
+
+
+def _overview(training, splits) -> str:
+    views = f" and {training.training_views} augmented views of them" if training.training_views else ""
+    validation = ("the cache's validation split" if training.validation_source == "stored"
+                  else "a stratified share drawn from the training split")
+    facts = [
+        f"Features: configuration <code>{_e(training.fingerprint)}</code> ({_e(describe_config(splits.config))}), "
+        f"from <code>{_e(splits.data_dir or '?')}</code>.",
+        f"Trained on {training.training_images} images{views}; scored on {validation}"
+        f"{' and the test split' if splits.test is not None else ''}.",
+        f"Written {datetime.now().astimezone().isoformat(timespec='seconds')} into <code>{_e(training.folder)}</code>.",
+    ]
+    if training.streamed:
+        facts.append("The features were streamed from the cache (larger than --memory-budget).")
+    return "\n".join(f"<p>{fact}</p>" for fact in facts)
+
+
+def _leaderboard(board: list[dict]) -> str:
+    columns = [("head", "head", "{}"), ("validation_accuracy", "validation accuracy", "{:.4f}"),
+               ("macro_f1", "validation macro-F1", "{:.4f}"), ("log_loss", "validation log loss", "{:.4f}"),
+               ("test_accuracy", "test accuracy", "{:.4f}"), ("cv_accuracy_mean", "CV accuracy", "{:.4f}"),
+               ("fit_seconds", "fit seconds", "{:.1f}")]
+    columns = [column for column in columns if any(row.get(column[0]) is not None for row in board)]
+
+    def cell(row, key, form):
+        value = row.get(key)
+        if value is None:
+            return "n/a"
+        text = form.format(value)
+        if key == "cv_accuracy_mean":
+            text += f" ± {row['cv_accuracy_std']:.4f}"
+        if key == "head":
+            return f'<a href="#head-{_e(value)}">{_e(value)}</a>'
+        return text
+
+    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in columns)
+    rows = "".join(f'<tr{" class=best" if i == 0 else ""}>' + "".join(f"<td>{cell(row, key, form)}</td>" for key, _, form in columns)
+                   + "</tr>" for i, row in enumerate(board))
+    return f'<h2 id="leaderboard">Leaderboard</h2>\n<table><tr>{head}</tr>{rows}</table>\n' \
+           f'<p class="note">Best first: validation accuracy, then macro-F1.</p>'
+
+
+def _mistakes(result, reader: "_Thumbnails", best: bool) -> str:
+    parts = [f"<h3>{_e(result.head)}{' (the best head)' if best else ''}</h3>"]
+    for split, made in result.predictions.items():
+        wrong = int((made.predicted != made.y).sum())
+        shown = made.mistakes(MISTAKES_SHOWN)
+        order = "the most confident first" if made.proba is not None else "(this head gives no probabilities)"
+        parts.append(f'<p>{split}: {wrong} of {len(made.y)} images wrong'
+                     f'{f"; {len(shown)} shown, {order}" if wrong else ""}.</p>')
+        confidence = made.confidence()
+        figures = []
+        for i in shown:
+            probability = "" if confidence[i] != confidence[i] else f" ({confidence[i]:.1%})"
+            figures.append(
+                f'<figure class="mistake">{reader.html(made.paths[i])}<figcaption>'
+                f'<code>{_e(made.paths[i])}</code><br>true <b>{_e(made.y[i])}</b><br>'
+                f'<span class="wrong">predicted <b>{_e(made.predicted[i])}</b>{probability}</span></figcaption></figure>')
+        if figures:
+            parts.append(f'<div class="grid" data-head="{_e(result.head)}" data-split="{split}">{"".join(figures)}</div>')
+    return "\n".join(parts)
+
+
+def _map(splits, best, seed: int) -> str:
+    """The validation features in two dimensions: PCA to at most 50, then t-SNE; with very
+    few images, PCA alone. Coloured by true class; the best head's mistakes circled."""
+    rows = splits.validation
+    random = np.random.RandomState(seed)
+    positions = np.arange(len(rows)) if len(rows) <= MAP_POINTS else np.sort(random.choice(len(rows), MAP_POINTS, replace=False))
+    X = rows.features(positions)
+    made = best.predictions["validation"]
+    labels, wrong = made.y[positions], (made.predicted != made.y)[positions]
+    reduced = PCA(n_components=min(50, len(X), X.shape[1]), random_state=seed).fit_transform(X)
+    if len(X) >= 10:
+        points = TSNE(perplexity=min(30.0, (len(X) - 1) / 3), init="pca", learning_rate="auto",
+                      max_iter=500, random_state=seed).fit_transform(reduced)
+        how = f"PCA to {reduced.shape[1]} dimensions, then t-SNE"
+    else:
+        points, how = reduced[:, :2] if reduced.shape[1] >= 2 else np.column_stack([reduced[:, 0], np.zeros(len(X))]), "PCA"
+    classes = list(made.classes)
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(9, 7))
+    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
+    for rank, position in enumerate(natural_order(classes)):
+        inside = labels == classes[position]
+        colour = colours(rank if len(classes) <= 20 else rank / max(1, len(classes) - 1))
+        axes.scatter(points[inside, 0], points[inside, 1], s=14, color=colour, label=str(classes[position]))
+    axes.scatter(points[wrong, 0], points[wrong, 1], s=70, facecolors="none", edgecolors="black", linewidths=1.2,
+                 label=f"{best.head} wrong")
+    if len(classes) <= 30:
+        axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title(f"validation features: {how}")
+    figure.tight_layout()
+    picture = io.BytesIO()
+    figure.savefig(picture, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    sample = f"{len(X)} of {len(rows)} images, drawn at random" if len(X) < len(rows) else f"all {len(X)} images"
+    return (f'<h2 id="map">Map of the validation features</h2>\n'
+            f'<img id="map-image" class="plot" alt="map of the validation features" src="{_png(picture.getvalue())}">\n'
+            f'<p class="note">{how} of the features ({sample}), coloured by true class; circled: the images '
+            f'{_e(best.head)} got wrong. Near points have similar features; distances between far groups mean little.</p>')
+
+
+def _head(result, folder: Path, training) -> str:
+    parts = [f'<h2 id="head-{_e(result.head)}">{_e(result.head)}</h2>']
+    for split in result.scores:
+        parts.append(_picture(folder / f"confusion_{split}.png", f"confusion matrix of {result.head} on {split}"))
+    curve = folder / "learning_curve.png"
+    if curve.exists():
+        note = (" Training accuracy is measured on the augmented views it trained on (one per image each epoch), "
+                "validation accuracy on the images." if training.training_views else "")
+        parts.append(_picture(curve, f"learning curve of {result.head}") + f'<p class="note">Learning curve.{note}</p>')
+    return "\n".join(parts)
+
+
+def _picture(path: Path, alt: str) -> str:
+    return f'<img class="plot" alt="{_e(alt)}" src="{_png(path.read_bytes())}">'
+
+
+class _Thumbnails:
+    """Thumbnails of cached images, read again from the data folder and resized to a
+    square, as the network saw them. A file gone or unreadable since says so instead."""
+
+    def __init__(self, splits):
+        self.root = Path(splits.data_dir) if splits.data_dir else None
+
+    def html(self, relative: str) -> str:
+        if self.root is None:
+            return '<div class="missing">no data folder recorded</div>'
+        try:
+            with open_regular(self.root / relative) as file:
+                data, refused = read_image_bytes(file)
+            if refused:
+                return f'<div class="missing">{_e(refused)}</div>'
+            pixels = decode(data, THUMBNAIL)
+        except Exception as error:  # a file gone or broken since extraction is a note, not a failed report
+            return f'<div class="missing">not readable now: {_e(type(error).__name__)}</div>'
+        jpeg = io.BytesIO()
+        Image.fromarray(pixels).save(jpeg, format="JPEG", quality=85)
+        return f'<img alt="{_e(relative)}" src="data:image/jpeg;base64,{base64.b64encode(jpeg.getvalue()).decode()}">'
+
+
+def _png(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)

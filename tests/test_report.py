@@ -1,0 +1,155 @@
+"""report.html and predictions.csv: what train-head shows of its heads, checked in the
+files and, where Chromium is installed, in a real browser."""
+
+import base64
+import csv
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classify import train_head
+from classify.evaluation import natural_order
+from conftest import write_synthetic_cache
+
+SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10), "test": (("a", "b", "c"), 10)}
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def data_urls(page: str, kind: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(rf'src="data:image/{kind};base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_natural_order_puts_2_before_10():
+    names = ["10", "2", "img10", "img9", "B", "a", "1"]
+    assert [names[i] for i in natural_order(names)] == ["1", "2", "10", "a", "B", "img9", "img10"]
+
+
+def test_predictions_csv_holds_every_scored_image(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", SPLITS, spread=8.0)
+    result = train_head(cache, "logreg", out=tmp_path / "run").results[0]
+    with open(tmp_path / "run" / "predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == ["path", "split", "true_label", "predicted_label", "probability", "correct",
+                             "label_2", "probability_2", "label_3", "probability_3"]
+    assert [row["split"] for row in rows] == ["validation"] * 30 + ["test"] * 30
+    assert rows[0]["path"] == "validation/a/0.png"
+    for split in ("validation", "test"):
+        mine = [row for row in rows if row["split"] == split]
+        assert np.mean([row["correct"] == "1" for row in mine]) == result.scores[split]["accuracy"]
+        assert all((row["true_label"] == row["predicted_label"]) == (row["correct"] == "1") for row in mine)
+    for row in rows:
+        first, second, third = (float(row[key]) for key in ("probability", "probability_2", "probability_3"))
+        assert first >= second >= third and abs(first + second + third - 1) < 1e-4  # three classes: all of them
+        assert len({row["predicted_label"], row["label_2"], row["label_3"]}) == 3
+    assert 0 < sum(row["correct"] == "0" for row in rows) < 60  # the blobs overlap: some mistakes, not all
+
+
+def test_predictions_csv_defends_against_spreadsheet_formulas(tmp_path):
+    splits = {split: (("=cmd", "b"), count) for split, (_, count) in SPLITS.items()}
+    cache = write_synthetic_cache(tmp_path / "c.h5", splits)
+    train_head(cache, "logreg", out=tmp_path / "run", report=False)
+    text = (tmp_path / "run" / "predictions.csv").read_text()
+    assert "'=cmd" in text and not re.search(r"(^|,)=cmd", text, re.M)
+    assert not (tmp_path / "run" / "report.html").exists()
+
+
+def test_the_report_shows_each_head_its_mistakes_and_a_map(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", SPLITS, spread=8.0)
+    training = train_head(cache, "all", out=tmp_path / "run")
+    page = (tmp_path / "run" / "report.html").read_text()
+    for result in training.results:
+        assert f'id="head-{result.head}"' in page
+    best = training.leaderboard()[0]
+    assert f'<tr class=best><td><a href="#head-{best["head"]}">' in page
+    assert f"{best['validation_accuracy']:.4f}" in page and "test accuracy" in page
+    assert f"{best['head']} (the best head)" in page
+    assert page.count('data-head="') == 2 and 'data-split="validation"' in page  # the best head's, two splits
+    assert "PCA to 16 dimensions, then t-SNE" in page and 'id="map-image"' in page
+    assert "Learning curve." in page  # the mlp's
+    pictures = data_urls(page, "png")
+    assert len(pictures) == 1 + 2 * len(training.results) + 1  # the map, two confusion plots a head, a curve
+    for picture in pictures:
+        assert Image.open(io.BytesIO(picture)).size[0] > 200
+    # the synthetic cache has no image files: each mistake says so instead of a thumbnail
+    assert page.count('class="missing"') == page.count('<figure class="mistake">') > 0
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+
+
+def test_every_heads_mistakes_on_request(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", SPLITS, spread=8.0)
+    training = train_head(cache, "all", out=tmp_path / "run", mistakes="all")
+    page = (tmp_path / "run" / "report.html").read_text()
+    heads_with_mistakes = {result.head for result in training.results
+                           if any((made.predicted != made.y).any() for made in result.predictions.values())}
+    assert set(re.findall(r'data-head="([^"]+)"', page)) == heads_with_mistakes
+
+
+def test_names_are_escaped(tmp_path):
+    splits = {split: (("<script>alert(1)</script>", "b&c"), count) for split, (_, count) in SPLITS.items()}
+    cache = write_synthetic_cache(tmp_path / "c.h5", splits, spread=8.0)
+    train_head(cache, "knn", out=tmp_path / "run")
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "b&amp;c" in page
+
+
+@pytest.mark.filterwarnings("ignore:class .* has only")
+def test_thumbnails_show_the_images_and_a_gone_file_says_so(tmp_path, weights_file):
+    from conftest import SIZE, make_dataset
+    from extract import extract_features
+
+    data = tmp_path / "data"
+    make_dataset(data, "classes", classes=("cat", "dog", "fox"), per_class=8)
+    extract_features(data, tmp_path / "c.h5", input_size=SIZE, weights=weights_file, validation_percent=50, progress=False)
+    training = train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "run")
+    made = training.results[0].predictions["validation"]
+    wrong = made.mistakes(100)
+    assert len(wrong) > 0  # random weights on random blocks: the head cannot be right everywhere
+    page = (tmp_path / "run" / "report.html").read_text()
+    thumbnails = data_urls(page, "jpeg")
+    assert len(thumbnails) == len(wrong)
+    assert all(Image.open(io.BytesIO(thumbnail)).size == (112, 112) for thumbnail in thumbnails)
+    assert str(made.paths[wrong[0]]) in page
+
+    (data / made.paths[wrong[0]]).unlink()
+    train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "again")
+    page = (tmp_path / "again" / "report.html").read_text()
+    assert len(data_urls(page, "jpeg")) == len(wrong) - 1 and "not readable now" in page
+
+
+def test_bad_mistakes_value_is_refused(tmp_path):
+    from extract import UsageError
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", SPLITS)
+    with pytest.raises(UsageError, match="Expected --mistakes to be one of best, all; received 'some'"):
+        train_head(cache, "logreg", out=tmp_path / "run", mistakes="some")
+
+
+def test_the_report_renders_in_a_browser(tmp_path, augmented):
+    """Headless Chromium opens the page from disk (no server, no network) and takes a
+    screenshot: not blank, the map drawn; its DOM holds every head, thumbnails and the map."""
+    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+    if browser is None:
+        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
+    training = train_head(augmented, "all", out=tmp_path / "run", mistakes="all")
+    page = tmp_path / "run" / "report.html"
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(common + [f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    assert pixels.shape[:2] == (3000, 1280)
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # not a blank page
+    orange = (np.abs(pixels - np.array([255, 127, 14])).max(axis=2) < 25).sum()  # the map's second class (tab10)
+    assert orange > 30
+    for result in training.results:
+        assert f'id="head-{result.head}"' in dom
+    assert dom.count('<figure class="mistake">') >= 1 and dom.count("data:image/jpeg;base64,") >= 1
+    assert 'id="map-image"' in dom
