@@ -149,6 +149,9 @@ def _map(splits, best, seed: int) -> str:
     X = rows.features(positions)
     made = best.predictions["validation"]
     labels, wrong = made.y[positions], (made.predicted != made.y)[positions]
+    if len(X) < 3 or np.ptp(X, axis=0).max() == 0:
+        return ('<h2 id="map">Map of the validation features</h2>\n'
+                f'<p class="note">No map: {len(X)} validation images{", all with the same features" if len(X) >= 3 else ""}.</p>')
     reduced = PCA(n_components=min(50, len(X), X.shape[1]), random_state=seed).fit_transform(X)
     if len(X) >= 10:
         points = TSNE(perplexity=min(30.0, (len(X) - 1) / 3), init="pca", learning_rate="auto",

@@ -202,7 +202,11 @@ def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan",
         (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     if plan.report:
         folders = {result.head: partial / (result.head if len(names) > 1 else "") for result in results}
-        write_report(partial / REPORT, training, splits, folders, plan.mistakes, plan.seed)
+        try:
+            write_report(partial / REPORT, training, splits, folders, plan.mistakes, plan.seed)
+        except Exception as error:  # the heads are trained and saved: a failed page must not lose them
+            warnings.warn(f"{REPORT} not written ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
+                          f"the heads are saved.", HeadWarning)
     return training
 
 
