@@ -110,11 +110,19 @@ def plot_confusion(scores: dict, classes, title: str, path: Path) -> None:
     names = [str(classes[position]) for position in order]
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    side = max(4.0, 0.45 * len(names) + 2.5)
+    side = min(16.0, max(4.0, 0.45 * len(names) + 2.5))  # inches; past ~30 classes, cells shrink instead
     figure, panels = plt.subplots(1, 2, figsize=(2 * side, side))
     for axes, matrix, what, form in ((panels[0], counts, "images", "d"), (panels[1], shares, "share of the true class", ".2f")):
-        metrics.ConfusionMatrixDisplay(matrix, display_labels=names).plot(
-            ax=axes, colorbar=False, cmap="Blues", xticks_rotation="vertical", values_format=form, include_values=len(names) <= 30)
+        if len(names) <= 50:
+            metrics.ConfusionMatrixDisplay(matrix, display_labels=names).plot(
+                ax=axes, colorbar=False, cmap="Blues", xticks_rotation="vertical", values_format=form,
+                include_values=len(names) <= 30)
+        else:  # names unreadable and slow to draw: the classes in natural order, unnamed
+            axes.imshow(matrix, cmap="Blues", interpolation="nearest")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            axes.set_xlabel(f"Predicted label ({len(names)} classes in natural order)")
+            axes.set_ylabel("True label")
         axes.set_title(what, fontsize=10)
     figure.suptitle(f"{title}: accuracy {scores['accuracy']:.4f} ({scores['images']} images)")
     figure.tight_layout()
