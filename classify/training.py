@@ -90,6 +90,7 @@ class Training:
     training_images: int = 0
     training_views: int = 0  # augmented views the heads trained on (0: none)
     streamed: bool = False  # the features were read from the cache as the heads trained, not held in memory
+    report: Path | None = None  # the run's report.html, once written
 
     def leaderboard(self) -> list[dict]:
         """Best first: validation accuracy, then macro-F1."""
@@ -204,6 +205,7 @@ def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan",
         folders = {result.head: partial / (result.head if len(names) > 1 else "") for result in results}
         try:
             write_report(partial / REPORT, training, splits, folders, plan.mistakes, plan.seed)
+            training.report = final / REPORT
         except Exception as error:  # the heads are trained and saved: a failed page must not lose them
             warnings.warn(f"{REPORT} not written ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
                           f"the heads are saved.", HeadWarning)
