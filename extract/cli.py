@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from extract import version
 from extract.augment import Augmentation
 from extract.backbone import cpu_has_bfloat16
 from extract.config import DECODES, DTYPES, POOLINGS, PRECISIONS
@@ -19,6 +20,7 @@ from extract.reader import INTERPOLATIONS
 from extract.runner import COMPACTIONS, DEFAULT_CACHE, ExtractSummary, extract_features
 
 SHOWN_FAILURES = 10
+SHOWN_MISSING = 3
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -44,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("data_dir", metavar="DATA_DIR", help="folder of images: train/ + validation/ (+ test/), <class>/ folders, or unlabeled")
     add("--cache", default=DEFAULT_CACHE, metavar="PATH", help=f"HDF5 feature cache (default {DEFAULT_CACHE})")
     add("--layout", choices=LAYOUTS, default="auto", help="how DATA_DIR is organised (default: detected)")
+    add("--labels", metavar="CSV",
+        help="a CSV with a header row: path,label and optionally split (train, validation or val, test), paths "
+             "relative to DATA_DIR; only the images it names are extracted (not with --layout)")
     add("--validation-percent", type=float, default=20.0, metavar="P",
-        help="with <class>/ folders: share of images for validation, drawn by path hash (default 20)")
+        help="with <class>/ folders or --labels without a split: share of images for validation, drawn by path "
+             "hash (default 20)")
     add("--input-size", type=int, default=224, metavar="S", help="images are resized to S x S (default 224, at least 32)")
     add("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
         help="resize filter (default bilinear; nearest is what the seed's ImageDataGenerator used)")
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--strict", action="store_true", help="exit with status 1 if any image failed")
     add("--quiet", action="store_true", help="no progress bar and no summary")
     add("--json", action="store_true", help="print the summary as JSON on stdout")
+    add("--version", action="version", version=f"extract-features {version()}")
     return parser
 
 
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
                 decode=args.decode,
                 layout=args.layout,
                 validation_percent=args.validation_percent,
+                labels=args.labels,
                 augment=args.augment,
                 augmentation=_augmentation(args),
                 batch_size=args.batch_size,
@@ -159,14 +167,29 @@ def format_summary(summary: ExtractSummary) -> str:
     if summary.computed:
         computed += (f" on {summary.device} ({summary.backend}{', Ray' if summary.engine == 'ray' else ''}) "
                      f"at {summary.images_per_second} images/s")
+    labels = f", labels from {printable(summary.labels)}" if summary.labels else ""
+    skipped = f"{summary.skipped} skipped"
+    if summary.not_in_labels:
+        skipped += f" ({summary.not_in_labels} images not in {printable(os.path.basename(summary.labels))})"
     lines = [
-        f"Data:   {printable(summary.data_dir)} (layout: {summary.layout})",
+        f"Data:   {printable(summary.data_dir)} (layout: {summary.layout}{labels})",
         f"Cache:  {printable(summary.cache)} [configuration {summary.fingerprint}, features {shape}]",
+        f"Config: {printable(summary.configuration)}",
         f"Images: {summary.rows} cached ({splits or 'none'}); {len(summary.class_names)} classes",
         f"Run:    {summary.new} new, {summary.changed} changed, {summary.unchanged} unchanged, "
-        f"{summary.removed} removed, {summary.failed} failed, {summary.skipped} skipped; "
+        f"{summary.removed} removed, {summary.failed} failed, {skipped}; "
         f"{computed}, {summary.reused} reused; {summary.seconds:.1f} s",
     ]
+    if summary.new_configuration and summary.other_configurations:
+        differences = ", ".join(f"{option} {mine} (the cache also has {theirs})"
+                                for option, (mine, theirs) in summary.differences.items())
+        lines.insert(3, f"Note:   New configuration beside {summary.other_configurations} existing: "
+                        f"{printable(differences or 'same options, other facts (' + summary.nearest_configuration + ')')}.")
+    if summary.labels_missing:
+        missing = summary.labels_missing
+        first = ", ".join(printable(path) for path in missing[:SHOWN_MISSING])
+        lines.append(f"Labels: not found in DATA_DIR: {len(missing)} of the paths in {printable(summary.labels)} "
+                     f"(first: {first}{', ...' if len(missing) > SHOWN_MISSING else ''}; --json lists all)")
     if summary.compacted or summary.repaired:
         lines.append(f"Shards: {summary.repaired} rows of damaged shards computed again, "
                      f"{summary.compacted} rows compacted into new shards")
@@ -179,8 +202,8 @@ def format_summary(summary: ExtractSummary) -> str:
         ))
     if summary.computed and summary.device == "CPU" and summary.precision == "float32" and cpu_has_bfloat16():
         lines.append(
-            "Tip:    this CPU computes bfloat16 natively: --precision mixed_bfloat16 ran 6.8x faster at 224 px "
-            "on the development machine, features within cosine 0.9999 of float32 (a separate configuration)."
+            "Tip:    this CPU computes bfloat16 natively: --precision mixed_bfloat16 may run several times faster "
+            "here; its features were within cosine 0.9999 of float32 on our measurement (a separate configuration)."
         )
     if summary.compaction_error:
         lines.append(f"Note:   the run is saved, but compaction could not run: {summary.compaction_error}")

@@ -149,3 +149,73 @@ def _file_digests(path: Path) -> tuple[str, str]:
             md5.update(block)
             sha256.update(block)
     return md5.hexdigest(), sha256.hexdigest()
+
+
+# The options that make a configuration, in the order `describe` names them, with their
+# defaults (None: always named; the others only where they differ from the default).
+DESCRIBED = (("input_size", None), ("pooling", None), ("precision", None),
+             ("interpolation", "bilinear"), ("decode", "exact"), ("dtype", "float32"))
+OPTIONS = ("--weights", "--seed", "KERAS_BACKEND", "--input-size", "--pooling", "--precision", "--interpolation",
+           "--decode", "--dtype")  # what `option_differences` compares; KERAS_BACKEND: see `identity`
+
+
+def describe(facts: dict) -> str:
+    """A configuration in words, from its facts (`FeatureConfig.identity()`, or a cache
+    group's attributes as `list_configs` gives them): "weights imagenet, input size 224,
+    pooling avg, precision float32", then interpolation, decode and dtype where they are
+    not the default. A weights file is named by its file name where the facts record it;
+    random weights by their seed (and the Keras backend that drew them, if not TensorFlow)."""
+    facts = _facts(facts)
+    weights = option_value("--weights", facts)
+    if weights == "random":
+        backend = option_value("KERAS_BACKEND", facts)
+        weights += f" (seed {option_value('--seed', facts)}{'' if backend == 'tensorflow' else ', ' + backend})"
+    words = [f"weights {weights}"]
+    for name, default in DESCRIBED:
+        value = facts.get(name, default)
+        if default is None or value != default:
+            words.append(f"{name.replace('_', ' ')} {value}")
+    return ", ".join(words)
+
+
+def option_differences(facts: dict, other: dict) -> dict[str, tuple[str, str]]:
+    """The options (`OPTIONS`) whose values differ between two configurations' facts (as
+    `describe` takes them), this one's value first: {"--input-size": ("224", "48")}.
+    Empty when the two are the same configuration."""
+    facts, other = _facts(facts), _facts(other)
+    differences = {}
+    for option in OPTIONS:
+        mine, theirs = option_value(option, facts), option_value(option, other)
+        if not (mine and theirs):  # --seed, KERAS_BACKEND: compared only when both are random weights
+            continue
+        if option == "--weights" and mine == theirs and facts.get("weights_sha256") != other.get("weights_sha256"):
+            mine += f" (sha256 {str(facts.get('weights_sha256'))[:12]})"  # one file name, other content
+            theirs += f" (sha256 {str(other.get('weights_sha256'))[:12]})"
+        if mine != theirs:
+            differences[option] = (mine, theirs)
+    return differences
+
+
+def option_value(option: str, facts: dict) -> str:
+    """The value of one option (an `OPTIONS` name) in a configuration's identity facts, as
+    text; "" where it does not apply (--seed and KERAS_BACKEND but for random weights)."""
+    weights = str(facts.get("weights"))
+    if option == "--weights":
+        if weights == "file":
+            return Path(facts["weights_path"]).name if facts.get("weights_path") else "file"
+        return weights
+    if option == "--seed":
+        return str(facts.get("weights_seed", 0)) if weights == "random" else ""
+    if option == "KERAS_BACKEND":
+        return str(facts.get("weights_backend", "tensorflow")) if weights == "random" else ""
+    name = option[2:].replace("-", "_")
+    return str(facts.get(name, dict(DESCRIBED)[name]))
+
+
+def _facts(facts: dict) -> dict:
+    """The identity facts of a cache group's attributes (or facts that are one already),
+    with the weights file's path where the attributes record it."""
+    identity = facts.get("identity")
+    if isinstance(identity, dict):
+        return dict(identity, weights_path=facts.get("weights_path"))
+    return facts

@@ -1,12 +1,19 @@
 """Find the images of a data folder, and the label and split of each one.
 
-Three layouts, detected automatically (`layout="auto"`) or named:
+Three layouts, detected automatically (`layout="auto"`) or named, and a fourth given by a
+labels file:
 
 - ``splits``: the seed's ``DATA/train/<class>/...`` and ``DATA/validation/<class>/...``
   (``val/`` also accepted, ``test/`` optional). Split and label come from the folders.
 - ``classes``: ``DATA/<class>/...``. The validation split is drawn by a stable hash of
   each file's relative path, so adding images never moves old ones across splits.
 - ``unlabeled``: any images below ``DATA``; label ``""``, split ``"unlabeled"``.
+- ``csv``: the images a labels CSV names (see `labels`), with its labels and splits (a
+  missing split drawn by path hash, as in ``classes``); the other images are skipped.
+
+A cache inside ``DATA`` (``extract-features .`` with the default ``cache/features.h5``) is
+not data: its catalog, lock and shards are never listed, and the folder that holds only the
+cache is no class or split folder to the detection.
 
 Files are images by their name (`IMAGE_EXTENSIONS`); what is inside is the reader's
 business, so a WebP named ``.jpeg`` is read as WebP. Hidden entries are ignored,
@@ -23,9 +30,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from extract.errors import UsageError
+
+if TYPE_CHECKING:
+    from extract.labels import Labelled
 
 MAX_DEPTH = 200  # folders below DATA_DIR; deeper ones are a failure row (and Python's recursion stays bounded)
 LAYOUTS = ("auto", "splits", "classes", "unlabeled")
@@ -54,16 +64,21 @@ class Scan:
     root: Path
     layout: str
     images: list[ImageFile] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # not images by name, or outside any class
+    skipped: list[str] = field(default_factory=list)  # not images by name, outside any class, not in the labels
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unlistable
+    not_in_labels: int = 0  # images skipped because the labels file does not name them (layout "csv")
+    missing: list[str] = field(default_factory=list)  # what the labels file names but is no image here
 
     @property
     def class_names(self) -> list[str]:
         return sorted({image.label for image in self.images if image.label})
 
 
-def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0) -> Scan:
-    """List the images of `data_dir` with their labels and splits."""
+def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0,
+                labels: dict[str, Labelled] | None = None, cache=None) -> Scan:
+    """List the images of `data_dir` with their labels and splits: by the layout, or by
+    `labels` (what `labels.read_labels` read: the layout is then "csv"). The files of the
+    cache at `cache` (its catalog, lock and shards) are never listed."""
     root = Path(data_dir)
     if not root.is_dir():
         raise UsageError(f"Expected DATA_DIR to be a folder of images; {str(root)!r} is not a folder.")
@@ -73,10 +88,17 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
         raise UsageError(
             f"Expected --validation-percent in [0, 100); received {validation_percent}."
         )
-    if layout == "auto":
-        layout = detect_layout(root)
+    if labels is not None and layout != "auto":
+        raise UsageError(
+            f"--labels gives every image its label and split; received --layout {layout} as well. Drop one of them."
+        )
+    ignored = _cache_entries(root, cache)
+    if labels is not None:
+        layout = "csv"
+    elif layout == "auto":
+        layout = detect_layout(root, ignored)
     scan = Scan(root=root, layout=layout)
-    for path, stat, error in walk(root):
+    for path, stat, error in walk(root, ignored):
         if path.endswith("/"):  # a folder that could not be entered
             scan.failures.append((path, error))
             continue
@@ -84,15 +106,27 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
         if _extension(parts[-1]) not in IMAGE_EXTENSIONS:
             scan.skipped.append(path)
             continue
+        if labels is not None and path not in labels:
+            scan.skipped.append(path)
+            scan.not_in_labels += 1
+            continue
         if error:
             scan.failures.append((path, error))
             continue
-        placed = _place(parts, layout, validation_percent)
+        placed = _place(parts, layout, validation_percent, labels)
         if placed is None:
             scan.skipped.append(path)
             continue
         label, split = placed
         scan.images.append(ImageFile(path, label, split, stat.st_size, stat.st_mtime_ns))
+    if labels is not None:
+        found = {image.path for image in scan.images} | {path for path, _ in scan.failures}
+        scan.missing = [path for path in labels if path not in found]
+        if not scan.images and not any(path in labels for path, _ in scan.failures):
+            raise UsageError(
+                f"Found none of the {len(labels)} images the labels file names in {str(root)!r} "
+                f"(first: {scan.missing[0]!r}); its paths are relative to DATA_DIR."
+            )
     if not scan.images and not scan.failures:
         raise UsageError(
             f"Found no images in {str(root)!r} (layout {layout!r}); expected files named "
@@ -101,10 +135,15 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
     return scan
 
 
-def detect_layout(root: Path) -> str:
+def detect_layout(root: Path, ignored: tuple[str, str] | None = None) -> str:
     """`splits` if the top-level folders are split names, `classes` if they are anything
-    else, `unlabeled` if there are none."""
-    folders = sorted(entry.name for entry in os.scandir(root) if _is_visible_dir(entry))
+    else, `unlabeled` if there are none. The cache's entries and the top-level folder that
+    holds nothing but the cache (`ignored`, as `_cache_entries` gives it) are no folders here."""
+    folders = sorted(entry.name for entry in os.scandir(root) if _is_visible_dir(entry)
+                     and not _is_cache_entry("", entry.name, ignored))
+    top = ignored[0].split("/")[0] if ignored else ""
+    if top in folders and _holds_only_cache(root, ignored):
+        folders.remove(top)
     split_folders = [name for name in folders if name in SPLIT_FOLDERS]
     if not folders:
         return "unlabeled"
@@ -129,8 +168,12 @@ def validation_fraction(path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64 * 100
 
 
-def _place(parts: list[str], layout: str, validation_percent: float):
+def _place(parts: list[str], layout: str, validation_percent: float, labels: dict | None = None):
     """(label, split) of a file from its path parts, or None if the layout has no place for it."""
+    if labels is not None:  # layout == "csv"; the caller checked the file is named
+        path = "/".join(parts)
+        label, split, _ = labels[path]
+        return label, split or ("validation" if validation_fraction(path) < validation_percent else "train")
     if layout == "unlabeled":
         return "", "unlabeled"
     if layout == "classes":
@@ -143,14 +186,50 @@ def _place(parts: list[str], layout: str, validation_percent: float):
     return parts[1], SPLIT_FOLDERS[parts[0]]
 
 
-def walk(root: Path) -> list[tuple[str, os.stat_result | None, str | None]]:
+def _cache_entries(root: Path, cache) -> tuple[str, str] | None:
+    """Where the cache at `cache` is inside `root`: (its folder relative to `root`, "" or
+    "a/b/", and the catalog's name), or None when it is not inside."""
+    if cache is None:
+        return None
+    data, real = os.path.realpath(root), os.path.realpath(cache)
+    if os.path.commonpath([data, real]) != data or real == data:
+        return None
+    folder = os.path.relpath(os.path.dirname(real), data)
+    return ("" if folder == "." else folder.replace(os.sep, "/") + "/"), os.path.basename(real)
+
+
+def _is_cache_entry(prefix: str, name: str, ignored: tuple[str, str] | None) -> bool:
+    """Whether `name` in the folder `prefix` is the cache's catalog, lock, temporary catalog,
+    shard folder or a copy moved aside (`<catalog>`, `<catalog>.lock`, `.tmp-N`, `.shards`, `.replaced-T`)."""
+    return ignored is not None and prefix == ignored[0] and (name == ignored[1] or name.startswith(ignored[1] + "."))
+
+
+def _holds_only_cache(root: Path, ignored: tuple[str, str]) -> bool:
+    """Whether each folder on the way down to the cache's folder holds only the next one,
+    and the cache's folder only the cache (hidden entries aside)."""
+    parts = ignored[0].strip("/").split("/")
+    folder = str(root)
+    for depth, part in enumerate(parts):
+        folder = os.path.join(folder, part)
+        try:
+            names = [name for name in os.listdir(folder) if not name.startswith(".")]
+        except OSError:
+            return False
+        last = depth == len(parts) - 1
+        if any((not _is_cache_entry(ignored[0], name, ignored)) if last else name != parts[depth + 1] for name in names):
+            return False
+    return True
+
+
+def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, os.stat_result | None, str | None]]:
     """(relative path, stat, error) for every visible file below `root`, in sorted order,
     following symbolic links. Each real folder is listed once, by the first path that
     reaches it: a link to a folder already listed (or to one that contains it) comes with
     a trailing "/" and why it was not entered, as does a folder that cannot be entered or
     lies deeper than `MAX_DEPTH`. A file that is not a regular one (a FIFO, a device, a
-    socket) comes with its reason: it is never opened. (One list, not nested generators:
-    it runs for every file of every run.)"""
+    socket) comes with its reason: it is never opened. The cache's own entries (`ignored`,
+    see `_cache_entries`) are left out. (One list, not nested generators: it runs for every
+    file of every run.)"""
     found = []
     first: dict[tuple[int, int], str] = {}  # (device, inode) of each folder listed -> its path
 
@@ -166,7 +245,7 @@ def walk(root: Path) -> list[tuple[str, os.stat_result | None, str | None]]:
             return
         for entry in entries:
             name = entry.name
-            if name[0] == ".":
+            if name[0] == "." or (ignored is not None and _is_cache_entry(prefix, name, ignored)):
                 continue
             path = prefix + name
             if not (name.isascii() or _is_utf8(name)):  # the cache stores paths as UTF-8 text

@@ -13,11 +13,15 @@ from pathlib import Path
 
 from extract import __version__
 from extract.augment import METHOD, Augmentation
-from extract.catalog import ConfigState
+from extract.catalog import ConfigState, list_configs
 from extract.commit import WriterLock
-from extract.config import PREPROCESSING, FeatureConfig, check_range, fingerprint, path_text
+from extract.config import (
+    OPTIONS, PREPROCESSING, FeatureConfig, check_range, describe, fingerprint, option_differences, option_value,
+    path_text,
+)
 from extract.engine import Engine
 from extract.errors import CacheError, UsageError
+from extract.labels import read_labels
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
 from extract.cluster import check_engine
@@ -55,6 +59,15 @@ class ExtractSummary:
     layout: str
     feature_shape: list[int]
     precision: str = "float32"
+    configuration: str = ""  # the configuration in words (config.describe)
+    options: dict[str, str] = field(default_factory=dict)  # its options' values: {"--input-size": "224", ...}
+    new_configuration: bool = False  # this run added the configuration to the cache
+    other_configurations: int = 0  # configurations in the cache besides this one
+    nearest_configuration: str | None = None  # of those, the one closest to a new configuration
+    differences: dict[str, list[str]] = field(default_factory=dict)  # option -> [this value, the nearest's]
+    labels: str | None = None  # the labels file (layout "csv")
+    not_in_labels: int = 0  # images skipped (counted in `skipped`) because the labels file does not name them
+    labels_missing: list[str] = field(default_factory=list)  # what the labels file names but is no image in the folder
     rows: int = 0
     new: int = 0
     changed: int = 0
@@ -100,6 +113,7 @@ def extract_features(
     decode: str = "exact",
     layout: str = "auto",
     validation_percent: float = 20.0,
+    labels=None,
     augment: int | None = None,
     augmentation: Augmentation | None = None,
     batch_size: int = 32,
@@ -130,7 +144,11 @@ def extract_features(
 
     `engine="ray"` runs the reading and computing as one Ray Data job (see `ray_engine`):
     on the cluster at `ray_address` (else RAY_ADDRESS, else a Ray started here for the
-    run), with `ray_actors` backbone actors (default: one per GPU, or one)."""
+    run), with `ray_actors` backbone actors (default: one per GPU, or one).
+
+    `labels` is the path of a labels CSV (see `labels`): only the images it names are
+    extracted, with its labels and splits; the layout is then "csv". A cache inside
+    `data_dir` is fine: its files are never taken for images or class folders."""
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
@@ -154,12 +172,19 @@ def extract_features(
     augmentation.validate()
     path_text("DATA_DIR", Path(data_dir).resolve())
     shown = path_text("--cache", cache)
-    scan = scan_folder(data_dir, layout, validation_percent)
-    cache = _real_cache(cache, scan.root)
+    if labels is not None and layout != "auto":
+        raise UsageError(
+            f"--labels gives every image its label and split; received --layout {layout} as well. Drop one of them."
+        )
+    named = None if labels is None else read_labels(path_text("--labels", labels))
+    cache = _real_cache(cache)
+    scan = scan_folder(data_dir, layout, validation_percent, named, cache)
     with WriterLock(cache):
         _clean_leftovers(cache)
         run = _Run(scan, config, cache, validation_percent, (augment, augmentation), repair, rebuild)
         run.summary.cache, run.summary.engine = shown, engine
+        if labels is not None:
+            run.summary.labels, run.labels = str(labels), str(Path(labels).resolve())
         run.engine = (
             Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size) if engine == "local"
             else RayEngine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size,
@@ -194,16 +219,39 @@ class _Run:
                 f"The cache {str(cache)!r} holds these features for {self.stored.attrs.get('data_dir')!r}, "
                 f"not {data_root!r}; use another --cache for another data set."
             )
+        self.labels: str | None = None  # the labels file's real path, recorded with the configuration
         self.summary = ExtractSummary(
             str(cache), self.key, data_root, scan.layout, list(config.feature_shape), config.precision,
-            skipped=len(scan.skipped),
+            skipped=len(scan.skipped), not_in_labels=scan.not_in_labels, labels_missing=list(scan.missing),
         )
+        self._compare(cache)
         self.summary.repaired = self.writer.check(repair)
         self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
         self.engine: Engine | RayEngine | None = None
         self.committed_at = time.monotonic()  # when the catalog was last committed (or the run began)
         self.reading = to_read(scan.images, self.cached, self.missing_views)
+
+    def _compare(self, cache: Path) -> None:
+        """Name the configuration in the summary, and, for one new beside others in the
+        cache, the options in which it differs from the nearest of them."""
+        facts = dict(self.identity, weights_path=self._weights_path())
+        summary = self.summary
+        summary.configuration = describe(facts)
+        summary.options = {option: value for option in OPTIONS
+                           if option.startswith("--") and (value := option_value(option, facts))}
+        summary.new_configuration = not self.stored.attrs
+        others = [] if self.writer.rebuild or not cache.exists() else [
+            found for found in list_configs(cache) if found["fingerprint"] != self.key]
+        summary.other_configurations = len(others)
+        if summary.new_configuration and others:
+            nearest = min(others, key=lambda found: (len(option_differences(facts, found)), -found["rows"]))
+            summary.nearest_configuration = nearest["fingerprint"]
+            summary.differences = {option: list(values) for option, values in option_differences(facts, nearest).items()}
+
+    def _weights_path(self) -> str | None:
+        weights = self.config.weights
+        return None if weights in ("imagenet", "random") else str(Path(weights).resolve())
 
     def _choose_views(self, augment: int | None, augmentation: Augmentation) -> tuple[Augmentation, int]:
         """The augmentation and views per image this run keeps the cache to."""
@@ -257,10 +305,11 @@ class _Run:
             fingerprint=self.key,
             identity=self.identity,
             preprocessing=PREPROCESSING,
-            weights_path=None if self.config.weights in ("imagenet", "random") else str(Path(self.config.weights).resolve()),
+            weights_path=self._weights_path(),
             data_dir=self.summary.data_dir,
             layout=self.scan.layout,
-            validation_percent=self.validation_percent if self.scan.layout == "classes" else None,
+            labels=self.labels,
+            validation_percent=self.validation_percent if self.scan.layout in ("classes", "csv") else None,
             views=in_use,
             views_per_image=self.views_per_image or None,
             augmentation=self.augmentation.identity() if in_use else None,
@@ -352,9 +401,9 @@ def _changed(old: dict, new: dict, also_ignored=()) -> bool:
     return {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}
 
 
-def _real_cache(cache, data_root: Path) -> Path:
+def _real_cache(cache) -> Path:
     """The cache's real path (a link to a catalog is written through, under the real file's
-    lock), refusing a folder and a place inside the data folder."""
+    lock), refusing a folder. Inside the data folder is fine: the listing leaves its files out."""
     real = Path(os.path.realpath(cache))
     if real.is_dir():
         raise UsageError(
@@ -364,12 +413,6 @@ def _real_cache(cache, data_root: Path) -> Path:
     why = real.exists() and not_regular(real.stat().st_mode)
     if why:
         raise UsageError(f"Expected --cache to be the path of a cache file; {str(cache)!r} is {why}.")
-    data = os.path.realpath(data_root)
-    if os.path.commonpath([data, real]) == data:
-        raise UsageError(
-            f"Expected --cache outside DATA_DIR; {str(cache)!r} is inside {str(data_root)!r}, where its shards "
-            f"would be listed with the images. Put the cache outside the data folder."
-        )
     return real
 
 

@@ -122,6 +122,7 @@ def test_a_bfloat16_cpu_gets_a_tip_not_a_change(capsys, dataset, weights_file, t
     monkeypatch.setattr("extract.cli.cpu_has_bfloat16", lambda: bfloat16)
     status, out, _ = cli(capsys, dataset, "--cache", tmp_path / "c.h5", "--weights", weights_file, "--input-size", SIZE)
     assert status == 0 and ("--precision mixed_bfloat16" in out) == bfloat16
+    assert "development machine" not in out and ("may run several times faster here" in out) == bfloat16
     with FeatureCache(tmp_path / "c.h5") as cache:
         assert cache.config["precision"] == "float32"
 
@@ -147,3 +148,35 @@ def test_augment_reports_views_and_plain_h5py_tells_them_apart(capsys, dataset, 
 def test_bad_augmentation_is_one_line_and_status_2(capsys, dataset, options, arguments, message):
     status, _, err = cli(capsys, dataset, *options, *arguments)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_version_is_the_installed_package_s(capsys):
+    from importlib import metadata
+
+    status, out, _ = cli(capsys, "--version")
+    assert status == 0 and out == f"extract-features {metadata.version('bottleneck-features')}\n"
+
+
+def test_version_without_an_installed_package_is_unknown(capsys, monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert cli(capsys, "--version")[:2] == (0, "extract-features unknown\n")
+
+
+def test_the_summary_names_a_new_configuration_beside_an_existing_one(capsys, dataset, weights_file, tmp_path):
+    options = ["--cache", tmp_path / "c.h5", "--weights", weights_file]
+    status, out, _ = cli(capsys, dataset, *options, "--input-size", 48)
+    assert status == 0 and f"Config: weights {weights_file.name}, input size 48, pooling none, precision float32\n" in out
+    assert "New configuration" not in out
+    status, out, _ = cli(capsys, dataset, *options, "--input-size", SIZE, "--json")
+    summary = json.loads(out)
+    assert summary["configuration"] == f"weights {weights_file.name}, input size 32, pooling none, precision float32"
+    assert summary["options"]["--input-size"] == "32" and summary["options"]["--weights"] == weights_file.name
+    assert (summary["new_configuration"], summary["other_configurations"]) == (True, 1)
+    assert summary["differences"] == {"--input-size": ["32", "48"]}
+    status, out, _ = cli(capsys, dataset, *options, "--input-size", 48, "--dtype", "float16")  # nearest: the 48 px one
+    assert "Note:   New configuration beside 2 existing: --dtype float16 (the cache also has float32).\n" in out

@@ -235,10 +235,11 @@ def test_an_interrupted_rebuild_before_its_first_write_keeps_the_old_cache(datas
 # 8, 9: where the cache is, and what it is
 
 
-def test_a_cache_inside_the_data_folder_is_refused(dataset, tmp_path, weights_file):
-    done = run(dataset, dataset / "cache" / "f.h5", weights_file)
-    one_line(done, 2, "Expected --cache outside DATA_DIR", "Put the cache outside the data folder.")
-    assert not (dataset / "cache").exists()
+def test_a_cache_inside_the_data_folder_is_left_out_of_the_listing(dataset, tmp_path, weights_file):
+    first = summary(run(dataset, dataset / "cache" / "f.h5", weights_file, "--json"))
+    again = summary(run(dataset, dataset / "cache" / "f.h5", weights_file, "--json"))
+    assert (first["layout"], first["skipped"]) == ("splits", 0) and first["computed"] > 0
+    assert (again["layout"], again["computed"], again["skipped"], again["unchanged"]) == ("splits", 0, 0, first["computed"])
 
 
 @pytest.mark.parametrize("rebuild", [False, True])

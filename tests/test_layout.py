@@ -133,3 +133,48 @@ def test_validation_percent_out_of_range(tmp_path, percent):
     make_dataset(tmp_path, "classes")
     with pytest.raises(UsageError, match="--validation-percent"):
         scan_folder(tmp_path, validation_percent=percent)
+
+
+# A cache inside the data folder (extract-features . with the default cache/features.h5)
+
+
+def make_cache_files(folder, name="features.h5"):
+    """What a cache leaves in its folder: catalog, lock, shards, a copy moved aside by --rebuild."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in (name, f"{name}.lock", f"{name}.tmp-12"):
+        (folder / entry).write_bytes(b"")
+    for entry in (f"{name}.shards/abc", f"{name}.replaced-20250101-000000"):
+        (folder / entry).mkdir(parents=True)
+    make_image(folder / f"{name}.shards" / "abc" / "looks-like.png")  # never listed, whatever its name
+
+
+@pytest.mark.parametrize("layout", ["splits", "classes", "unlabeled"])
+def test_the_folder_holding_only_the_cache_is_no_class_or_split(tmp_path, layout):
+    make_dataset(tmp_path, layout)
+    before = scan_folder(tmp_path)
+    make_cache_files(tmp_path / "cache")
+    scan = scan_folder(tmp_path, cache=tmp_path / "cache" / "features.h5")
+    assert scan.layout == layout and scan.images == before.images and scan.skipped == [] and scan.failures == []
+
+
+@pytest.mark.parametrize("where", ["work/caches/f.h5", "f.h5"])
+def test_a_cache_deeper_or_at_the_top_of_the_data_folder_is_left_out(tmp_path, where):
+    make_dataset(tmp_path, "splits")
+    make_cache_files((tmp_path / where).parent, "f.h5")
+    scan = scan_folder(tmp_path, cache=tmp_path / where)
+    assert scan.layout == "splits" and len(scan.images) == 6 and scan.skipped == [] and scan.failures == []
+
+
+def test_a_cache_beside_images_leaves_their_folder_a_class(tmp_path):
+    make_dataset(tmp_path, "classes")
+    make_cache_files(tmp_path / "cat")
+    scan = scan_folder(tmp_path, cache=tmp_path / "cat" / "features.h5")
+    assert scan.layout == "classes" and scan.class_names == ["cat", "dog"] and scan.skipped == []
+
+
+def test_a_folder_holding_more_than_the_cache_still_counts(tmp_path):
+    make_dataset(tmp_path, "splits")
+    make_cache_files(tmp_path / "cache")
+    (tmp_path / "cache" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"beside other folders \(cache\)"):
+        scan_folder(tmp_path, cache=tmp_path / "cache" / "features.h5")

@@ -401,3 +401,42 @@ def test_a_failed_compaction_leaves_the_run_saved(extract, dataset, monkeypatch)
 def test_compact_must_be_a_known_choice(extract, dataset):
     with pytest.raises(UsageError, match="--compact"):
         extract(dataset, compact="sometimes")
+
+
+def test_run_twice_from_inside_the_data_folder_with_the_default_cache(dataset, weights_file, monkeypatch):
+    monkeypatch.chdir(dataset)
+    first = extract_features(".", weights=weights_file, input_size=SIZE, progress=False)
+    assert (dataset / "cache" / "features.h5").is_file() and first.computed == 6
+    again = extract_features(".", weights=weights_file, input_size=SIZE, progress=False)
+    assert (again.layout, again.computed, again.unchanged, again.skipped) == ("splits", 0, 6, 0)
+    assert again.class_names == first.class_names == ["cat", "dog"]
+
+
+def test_the_summary_names_the_configuration_and_a_new_one_beside_others(extract, dataset, weights_file):
+    first = extract(dataset, input_size=48)
+    assert first.configuration == f"weights {weights_file.name}, input size 48, pooling none, precision float32"
+    assert (first.new_configuration, first.other_configurations, first.differences) == (True, 0, {})
+    forgot = extract(dataset, interpolation="nearest")  # --input-size 48 forgotten: 32 px here
+    assert forgot.configuration.endswith("precision float32, interpolation nearest")
+    assert (forgot.new_configuration, forgot.other_configurations) == (True, 1)
+    assert forgot.nearest_configuration == first.fingerprint
+    assert forgot.differences == {"--input-size": ["32", "48"], "--interpolation": ["nearest", "bilinear"]}
+    again = extract(dataset, input_size=48)
+    assert (again.new_configuration, again.other_configurations, again.differences) == (False, 1, {})
+
+
+def test_configurations_in_words_and_their_differences():
+    from extract import FeatureConfig, describe, option_differences
+
+    plain = FeatureConfig(weights="random", seed=3).identity()
+    assert describe(plain) == "weights random (seed 3), input size 224, pooling none, precision float32"
+    other = FeatureConfig(weights="imagenet", input_size=48, pooling="avg", decode="draft", dtype="float16").identity()
+    assert describe(other) == ("weights imagenet, input size 48, pooling avg, precision float32, decode draft, "
+                               "dtype float16")
+    assert option_differences(other, plain) == {
+        "--weights": ("imagenet", "random"), "--input-size": ("48", "224"), "--pooling": ("avg", "none"),
+        "--decode": ("draft", "exact"), "--dtype": ("float16", "float32")}
+    assert option_differences(plain, dict(plain, weights_seed=4)) == {"--seed": ("3", "4")}
+    assert option_differences(plain, plain) == {}
+    group = {"identity": other, "weights_path": "/w/mine.h5", "rows": 3}  # a cache group's attributes
+    assert describe(dict(group, identity=dict(other, weights="file"))).startswith("weights mine.h5, input size 48")
