@@ -16,12 +16,12 @@ import warnings
 from pathlib import Path
 
 from classify.evaluation import format_scores
-from classify.export import EXPORTABLE, export_model
+from classify.export import EXPORTABLE, export_model, labels_path
 from classify.heads import HEADS
 from classify.artifacts import load_head
 from classify.scoring import score_images
 from classify.training import HeadWarning, Training, train_head
-from extract import DEFAULT_CACHE, ENGINES, CacheError, ExtractError, UsageError
+from extract import DEFAULT_CACHE, ENGINES, CacheError, ExtractError, UsageError, describe, list_configs, version
 from extract.cli import OneLineParser
 
 MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping", "standardize")
@@ -62,6 +62,7 @@ def build_parser() -> OneLineParser:
         help=f"also write one Keras model, raw uint8 RGB images in, probabilities out ({', '.join(EXPORTABLE)})")
     add("--json", action="store_true", help="print the results as JSON on stdout")
     add("--quiet", action="store_true", help="print nothing but errors")
+    add("--version", action="version", version=f"%(prog)s {version()}")
     return parser
 
 
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
                      f"{', '.join(EXPORTABLE)}.", 2)
     if args.export and (not args.export.endswith(".keras") or Path(args.export).is_dir()):
         return _fail(f"Expected --export to name a .keras file; received {args.export!r}.", 2)
+    if args.export and labels_path(args.export).is_dir():
+        return _fail(f"Expected {str(labels_path(args.export))!r}, where --export writes the class names, not to be "
+                     f"a folder; name another .keras file.", 2)
     options = {name: getattr(args, name) for name in MLP_OPTIONS if getattr(args, name) is not None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HeadWarning)
@@ -107,12 +111,28 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             return _fail(f"interrupted; --export was not written. The head is saved in {str(training.folder)!r}.", 130)
         if not (args.json or args.quiet):
-            print(f"exported to {_printable(args.export)}", file=sys.stderr)
+            print(f"exported to {_printable(args.export)} (class names in {_printable(str(labels_path(args.export)))})",
+                  file=sys.stderr)
     if args.json:
         _print(json.dumps(to_dict(training), indent=2))
     elif not args.quiet:
-        _print(_printable(format_training(training), keep="\n"))
+        _print(_printable(format_training(training, features_line(args.cache, training.fingerprint)), keep="\n"))
     return 0
+
+
+def features_line(cache, fingerprint: str) -> str:
+    """Which of the cache's feature configurations the heads trained on, in words, where
+    the cache holds more than one ("" where it holds one, or cannot be read again)."""
+    try:
+        configs = list_configs(cache)
+        used = next(config for config in configs if config["fingerprint"] == fingerprint)
+    except (ExtractError, OSError, KeyError, StopIteration):  # read once already: changed since
+        return ""
+    others = len(configs) - 1
+    if not others:
+        return ""
+    return (f"Features: configuration {fingerprint} ({describe(used)}); the cache holds {others} "
+            f"other{'s' if others > 1 else ''}: --config FINGERPRINT to choose.")
 
 
 def to_dict(training: Training) -> dict:
@@ -129,8 +149,9 @@ def to_dict(training: Training) -> dict:
     }
 
 
-def format_training(training: Training) -> str:
-    lines = []
+def format_training(training: Training, features: str = "") -> str:
+    """The results in words, under `features` (a line saying which features they are)."""
+    lines = [features]
     if training.validation_source == "drawn":
         lines.append("(no validation split in the cache: a stratified share of the training images was held out)")
     if training.streamed:
@@ -179,7 +200,8 @@ def build_score_parser() -> OneLineParser:
         help=f"reuse features of images already in this cache (default: {DEFAULT_CACHE}, where it exists "
              f"and holds the head's configuration)")
     add("--weights", metavar="PATH", help="a local copy of the weights the head's features were made with")
-    add("--top-k", type=int, default=3, metavar="K", help="labels to list per image (default 3)")
+    add("--top-k", type=int, default=3, metavar="K",
+        help="the K most probable labels per image: the prediction, then the runners-up (default 3)")
     add("--output", metavar="FILE", help="write rows to FILE.csv or FILE.jsonl (default: CSV on stdout)")
     add("--format", choices=("csv", "jsonl"), help="output format (default: from --output's extension, else csv)")
     add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
@@ -188,6 +210,7 @@ def build_score_parser() -> OneLineParser:
     add("--ray-address", metavar="ADDRESS",
         help="with --engine ray: the cluster to join (default: RAY_ADDRESS, else Ray is started here)")
     add("--quiet", action="store_true", help="no progress bar and no summary")
+    add("--version", action="version", version=f"%(prog)s {version()}")
     return parser
 
 
@@ -271,15 +294,18 @@ def _aside(output: str) -> str:
 
 
 def _row_writer(stream, kind: str, top_k: int, terminal: bool = False):
-    """Rows as JSON lines (verbatim: JSON escapes what it must), or CSV with every text
-    cell defended against spreadsheet formulas (OWASP: a cell starting with = + - @, tab
-    or carriage return gets a leading '), and, on a terminal, control characters escaped."""
+    """Rows as JSON lines (`label` and `probability`, the prediction, and `top`: the `top_k`
+    most probable [label, probability] pairs, the prediction first; verbatim: JSON escapes
+    what it must), or CSV (`label`, `probability`, then the runners-up as `label_2`,
+    `probability_2` ... to rank `top_k`) with every text cell defended against spreadsheet
+    formulas (OWASP: a cell starting with = + - @, tab or carriage return gets a leading '),
+    and, on a terminal, control characters escaped."""
     if kind == "jsonl":
         def write(row):
             stream.write(json.dumps(row.to_dict()) + "\n")
         return write
-    columns = ["path", "status", "label", "probability"]
-    for rank in range(1, top_k + 1):
+    columns = ["path", "status", "label", "probability"]  # the prediction: rank 1
+    for rank in range(2, top_k + 1):  # the runners-up
         columns += [f"label_{rank}", f"probability_{rank}"]
     writer = csv.writer(stream)
     writer.writerow(columns + ["error"])
@@ -291,8 +317,8 @@ def _row_writer(stream, kind: str, top_k: int, terminal: bool = False):
         return _printable(text) if terminal else text
 
     def write(row):
-        ranked = [value for label, probability in row.top for value in (cell(label), f"{probability:.6f}")]
-        ranked += [""] * (2 * top_k - len(ranked))
+        ranked = [value for label, probability in row.top[1:] for value in (cell(label), f"{probability:.6f}")]
+        ranked += [""] * (2 * (top_k - 1) - len(ranked))
         probability = "" if row.probability is None else f"{row.probability:.6f}"
         writer.writerow([cell(row.path), row.status, cell(row.label), probability, *ranked, cell(row.error)])
     return write

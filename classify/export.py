@@ -8,6 +8,10 @@ The head becomes Keras layers: `mlp` is its own Keras model; `logreg` and `linea
 become Dense layers with the standardization folded into their weights (the calibrated
 SVM's sigmoids and their normalization included). Only built-in layers are used, so
 `keras.saving.load_model(path)` loads it anywhere, with safe_mode on.
+
+The class names travel beside it, as TF Hub's classifiers keep theirs: `model.keras` gets
+`model.labels.txt`, one name a line (UTF-8), line i naming output i. Named after the model,
+so two exports in one folder keep their own.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ def export_model(head, path, *, weights: str | None = None):
     path = Path(path)
     if path.suffix != ".keras":
         raise UsageError(f"Expected --export to name a .keras file; received {str(path)!r}.")
+    if labels_path(path).is_dir():
+        raise UsageError(f"Expected {str(labels_path(path))!r}, where --export writes the class names, not to be a "
+                         f"folder; name another .keras file.")
+    labels = labels_text(head.classes, path)
     config = head_config(head, weights)
     keras = import_keras()
     size = config.input_size
@@ -46,16 +54,48 @@ def export_model(head, path, *, weights: str | None = None):
     outputs = _head_layers(keras, name, head.estimator, x)
     model = keras.Model(inputs, outputs, name=f"vgg16_{name.replace('-', '_')}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, aside = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=".keras", dir=path.parent)
-    os.close(descriptor)
-    try:  # written aside, then renamed: a full disk or Ctrl-C never leaves a truncated model
-        model.save(aside)
-        os.chmod(aside, 0o666 & ~_umask())
-        os.replace(aside, path)
+    asides = []
+    try:  # both written aside, then renamed, the model first: a full disk or Ctrl-C never leaves a
+        # truncated model, nor class names beside a model they do not belong to
+        asides.append(_aside(path, ".keras"))  # Keras saves only to a name ending .keras
+        model.save(asides[0])
+        asides.append(_aside(labels_path(path), ""))
+        with open(asides[1], "w", encoding="utf-8", newline="") as file:
+            file.write(labels)
+        for aside, final in zip(asides, (path, labels_path(path))):
+            os.chmod(aside, 0o666 & ~_umask())
+            os.replace(aside, final)
     finally:
-        if os.path.exists(aside):
-            os.unlink(aside)
+        for aside in asides:
+            if os.path.exists(aside):
+                os.unlink(aside)
     return model
+
+
+def labels_path(path) -> Path:
+    """Where the class names of the model at `path` are: `model.keras` -> `model.labels.txt`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.labels.txt")
+
+
+def labels_text(classes, path) -> str:
+    """The class names, one a line, in the model's output order, for `labels_path(path)`.
+    A name with a line break in it (anything `str.splitlines` splits on) cannot be one
+    line: it is refused, as there is no escaping every reader of such a file would undo."""
+    for name in classes:
+        if str(name).splitlines() != [str(name)]:
+            raise UsageError(
+                f"Class {str(name)!r} has a line break in its name, and {labels_path(path).name} holds one class "
+                f"a line; rename its folder and extract again to export this head."
+            )
+    return "".join(f"{name}\n" for name in classes)
+
+
+def _aside(path: Path, suffix: str) -> str:
+    """A new, empty file beside `path` to write it into."""
+    descriptor, aside = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=suffix, dir=path.parent)
+    os.close(descriptor)
+    return aside
 
 
 def _umask() -> int:

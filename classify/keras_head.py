@@ -14,8 +14,11 @@ Keras model in Keras's own `.keras` format, and unpickling loads it with `safe_m
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+import threading
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -28,6 +31,7 @@ from classify.data import Reader, Rows
 from extract.backbone import import_keras
 
 VALIDATION_BATCH = 256
+PREDICT_BATCH = 1024
 
 
 class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
@@ -111,15 +115,16 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         batches = _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random),
                            self.model_)
         validation = self._validation(keras, validation)
-        history = self.model_.fit(
-            batches,
-            epochs=self.epochs,
-            validation_data=validation,
-            class_weight=self._class_weights(y_index),
-            callbacks=callbacks,
-            verbose=self.verbose,
-            shuffle=False,  # the batches are shuffled already: see classify.data
-        )
+        with _without_retracing_notes():
+            history = self.model_.fit(
+                batches,
+                epochs=self.epochs,
+                validation_data=validation,
+                class_weight=self._class_weights(y_index),
+                callbacks=callbacks,
+                verbose=self.verbose,
+                shuffle=False,  # the batches are shuffled already: see classify.data
+            )
         for data in (batches, validation):
             if data is not None and data.error is not None:
                 raise data.error
@@ -129,7 +134,11 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        probabilities = np.asarray(self.model_.predict(X, batch_size=1024, verbose=0), dtype=np.float64)
+        keras = import_keras()
+        probabilities = np.concatenate([  # the model called, not model.predict: see _RetracingNotes
+            keras.ops.convert_to_numpy(self.model_(X[start:start + PREDICT_BATCH], training=False))
+            for start in range(0, len(X), PREDICT_BATCH)
+        ]).astype(np.float64)
         return probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 +- 1e-7
 
     def predict(self, X):
@@ -176,6 +185,40 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(state.get("model_"), bytes):
             state["model_"] = _model_from_bytes(state["model_"])
         self.__dict__.update(state)
+
+
+class _RetracingNotes(logging.Filter):
+    """Drops TensorFlow's "N out of the last M calls to <function ...> triggered tf.function
+    retracing" while a head trains. Each fit builds a new model, whose train and validation
+    steps are traced once, as they must be; TensorFlow counts the traces of every model's
+    steps together (it keys them by the Python code, which all Keras models share), so a
+    few short fits in a row (cross-validation, a search) read to it as one function
+    retraced. Predictions call the model directly and trace nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+_RETRACING_NOTES = _RetracingNotes()
+_notes_lock = threading.Lock()
+_notes_depth = 0
+
+
+@contextlib.contextmanager
+def _without_retracing_notes():
+    """TensorFlow's retracing notes dropped, around Keras calls of this module only."""
+    global _notes_depth
+    logger = logging.getLogger("tensorflow")
+    with _notes_lock:
+        _notes_depth += 1
+        logger.addFilter(_RETRACING_NOTES)
+    try:
+        yield
+    finally:
+        with _notes_lock:
+            _notes_depth -= 1
+            if not _notes_depth:
+                logger.removeFilter(_RETRACING_NOTES)
 
 
 def _moments(rows: Rows) -> tuple[np.ndarray, np.ndarray]:

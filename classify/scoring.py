@@ -29,13 +29,15 @@ from extract.reader import load_all
 
 @dataclass
 class ScoreRow:
-    """One input's result. `status` is "ok" or "error" (with `error` saying why)."""
+    """One input's result. `status` is "ok" or "error" (with `error` saying why). `top`
+    holds the k most probable (label, probability) pairs, most probable first: its first
+    pair is `label` and `probability`, the prediction (CSV writes the others as label_2 ...)."""
 
     path: str
     status: str
     label: str | None = None
     probability: float | None = None
-    top: list[tuple[str, float]] = field(default_factory=list)  # the k most probable labels
+    top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict:

@@ -100,3 +100,33 @@ def test_no_augment_ignores_cached_views(capsys, tmp_path, weights_file):
     status, out, _ = cli(capsys, "--cache", tmp_path / "v.h5", "--head", "logreg", "--no-augment", "--json",
                          "--out", tmp_path / "without")
     assert status == 0 and (json.loads(out)["training_images"], json.loads(out)["training_views"]) == (6, 0)
+
+
+def test_a_cache_of_several_configurations_says_which_one_trained(capsys, tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", SPLITS, fingerprint="synthetic0000001")
+    write_synthetic_cache(cache, SPLITS, fingerprint="synthetic0000002", seed=1)  # the last written: the default
+    status, out, _ = cli(capsys, "--cache", cache, "--head", "logreg", "--out", tmp_path / "run")
+    assert status == 0
+    assert out.splitlines()[0] == ("Features: configuration synthetic0000002 (weights random (seed 0), input size 32, "
+                                   "pooling avg, precision float32); the cache holds 1 other: --config FINGERPRINT "
+                                   "to choose.")
+    status, out, _ = cli(capsys, "--cache", cache, "--head", "logreg", "--config", "synthetic0000001",
+                         "--out", tmp_path / "chosen")
+    assert status == 0 and out.startswith("Features: configuration synthetic0000001 (")
+
+
+def test_a_cache_of_one_configuration_needs_no_features_line(capsys, cache, tmp_path):
+    status, out, _ = cli(capsys, "--cache", cache, "--head", "logreg", "--out", tmp_path / "run")
+    assert status == 0 and "Features:" not in out and "--config" not in out
+
+
+@pytest.mark.parametrize("command, prog", [("main", "train-head"), ("score_main", "score-images")])
+def test_version_prints_the_program_and_the_installed_version(capsys, command, prog):
+    from importlib import metadata
+
+    import classify.cli
+
+    with pytest.raises(SystemExit) as exit:
+        getattr(classify.cli, command)(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"{prog} {metadata.version('bottleneck-features')}\n"

@@ -1,3 +1,4 @@
+import logging
 import pickle
 
 import joblib
@@ -10,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from classify import KerasMLPClassifier
-from conftest import blobs
+from conftest import blobs, write_synthetic_cache
 
 
 @parametrize_with_checks([KerasMLPClassifier(random_state=0)])
@@ -164,3 +165,20 @@ def test_views_train_the_mlp_one_per_image_per_epoch(monkeypatch):
     assert len(made) == 1 and len(made[0]) == 6  # 60 images a epoch in batches of 10, not 120 rows
     with pytest.raises(ValueError, match="image_index"):
         KerasMLPClassifier().fit(X, y, image_index=images)
+
+
+def test_cross_validating_the_mlp_prints_no_retracing_notes(tmp_path, capfd, caplog, monkeypatch):
+    """Every fit builds a model whose steps TensorFlow traces once; as the CLI, the API says
+    nothing of "tf.function retracing" (TensorFlow counts all Keras models' steps as one)."""
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    from classify import train_head
+
+    # a fresh count: TensorFlow notes a function twice at most per process, and earlier tests may have used them
+    monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
+                        polymorphic_function._FrequentTracingDetectorManager())
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 20), "validation": (("a", "b"), 6)})
+    with caplog.at_level(logging.INFO):
+        training = train_head(cache, "mlp", cv=3, epochs=2, out=tmp_path / "run")
+    assert training.results[0].cross_validation["folds"] == 3
+    assert "retracing" not in caplog.text + capfd.readouterr().err

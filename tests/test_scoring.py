@@ -77,12 +77,63 @@ def test_csv_and_jsonl_output(trained, tmp_path, capsys):
                        "--quiet", "--top-k", "2"]) == 0
     with open(tmp_path / "s.csv") as file:
         table = list(csv.DictReader(file))
-    assert list(table[0]) == ["path", "status", "label", "probability", "label_1", "probability_1", "label_2",
-                              "probability_2", "error"]
+    assert list(table[0]) == ["path", "status", "label", "probability", "label_2", "probability_2", "error"]
     assert [row["status"] for row in table] == ["error"] + ["ok"] * 5
     assert score_main([str(trained / "new" / "sub"), "--head", str(trained / "head"), "--format", "jsonl", "--quiet"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 5 and all(len(line["top"]) == 3 for line in lines)
+
+
+def test_csv_names_the_prediction_once_then_the_runners_up(trained, tmp_path):
+    """CSV: label and probability (rank 1), then label_2 ... label_K; JSONL: the same ranks
+    as `top`, whose first pair is label and probability."""
+    score = [str(trained / "new" / "sub"), "--head", str(trained / "head"), "--quiet"]
+    assert score_main([*score, "--output", str(tmp_path / "s.csv")]) == 0
+    assert score_main([*score, "--output", str(tmp_path / "s.jsonl")]) == 0
+    with open(tmp_path / "s.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert list(table[0]) == ["path", "status", "label", "probability", "label_2", "probability_2", "label_3",
+                              "probability_3", "error"]
+    assert len(table) == len(lines) == 5
+    for row, line in zip(table, lines):
+        ranked = [(row["label"], row["probability"]), (row["label_2"], row["probability_2"]),
+                  (row["label_3"], row["probability_3"])]
+        assert ranked == [(label, f"{probability:.6f}") for label, probability in line["top"]]
+        assert [line["label"], line["probability"]] == line["top"][0]
+        assert sorted(label for label, _ in ranked) == ["cat", "dog", "fox"]  # each class once
+        assert float(row["probability"]) >= float(row["probability_2"]) >= float(row["probability_3"])
+
+
+def test_top_k_1_is_the_prediction_alone(trained, tmp_path):
+    score = [str(trained / "new" / "sub"), "--head", str(trained / "head"), "--quiet", "--top-k", "1"]
+    assert score_main([*score, "--output", str(tmp_path / "s.csv")]) == 0
+    assert score_main([*score, "--output", str(tmp_path / "s.jsonl")]) == 0
+    with open(tmp_path / "s.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert list(table[0]) == ["path", "status", "label", "probability", "error"]
+    lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [line["top"] for line in lines] == [[[row["label"], pytest.approx(float(row["probability"]), abs=1e-6)]]
+                                               for row in table]
+
+
+@pytest.mark.parametrize("top_k, message", [("0", "Expected --top-k between 1 and 1000; received 0."),
+                                            ("-2", "Expected --top-k between 1 and 1000; received -2.")])
+def test_a_top_k_below_1_is_one_line_and_status_2(trained, tmp_path, capsys, top_k, message):
+    status = score_main([str(trained / "new"), "--head", str(trained / "head"), "--top-k", top_k,
+                         "--output", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert status == 2 and err == f"score-images: error: {message}\n" and not (tmp_path / "s.csv").exists()
+
+
+def test_top_k_beyond_the_classes_ranks_every_class_once(trained, tmp_path):
+    assert score_main([str(trained / "new" / "sub"), "--head", str(trained / "head"), "--quiet", "--top-k", "50",
+                       "--output", str(tmp_path / "s.csv")]) == 0
+    with open(tmp_path / "s.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert list(table[0])[2:] == ["label", "probability", "label_2", "probability_2", "label_3", "probability_3",
+                                  "error"]
+    assert all(sorted((row["label"], row["label_2"], row["label_3"])) == ["cat", "dog", "fox"] for row in table)
 
 
 def test_nothing_scorable_is_status_1(trained, tmp_path, capsys):
