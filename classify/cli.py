@@ -18,7 +18,8 @@ from pathlib import Path
 from classify.evaluation import format_scores
 from classify.export import EXPORTABLE, export_model, labels_path
 from classify.heads import HEADS
-from classify.artifacts import load_head
+from classify.report import MISTAKES
+from classify.artifacts import load_head, spreadsheet_cell
 from classify.scoring import score_images
 from classify.training import HeadWarning, Training, train_head
 from extract import DEFAULT_CACHE, ENGINES, CacheError, ExtractError, UsageError, describe, list_configs, version
@@ -58,6 +59,9 @@ def build_parser() -> OneLineParser:
     mlp.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                      help="the seed's exact head: features as they are, not standardized inside the model")
     add("--out", metavar="DIR", help="folder for the artifacts (default: a new folder under heads/)")
+    add("--mistakes", choices=MISTAKES, default="best",
+        help="report.html shows the most confident mistakes of the best head (default) or of every head")
+    add("--no-report", dest="report", action="store_false", help="do not write report.html (it costs a t-SNE map)")
     add("--export", metavar="FILE.keras",
         help=f"also write one Keras model, raw uint8 RGB images in, probabilities out ({', '.join(EXPORTABLE)})")
     add("--json", action="store_true", help="print the results as JSON on stdout")
@@ -85,8 +89,8 @@ def main(argv=None) -> int:
             training = train_head(
                 args.cache, args.head, config=args.config, out=args.out, search=args.search, cv=args.cv,
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
-                augment=args.augment, memory_budget=args.memory_budget, progress=not (args.quiet or args.json),
-                **options,
+                augment=args.augment, memory_budget=args.memory_budget, report=args.report, mistakes=args.mistakes,
+                progress=not (args.quiet or args.json), **options,
             )
         except (UsageError, CacheError) as error:
             return _fail(error, 2)
@@ -143,6 +147,7 @@ def to_dict(training: Training) -> dict:
         "training_images": training.training_images,
         "training_views": training.training_views,
         "streamed": training.streamed,
+        "report": training.report and str(training.report),
         "leaderboard": training.leaderboard(),
         "results": {result.head: {"scores": result.scores, "params": result.params, "search": result.search,
                                   "cross_validation": result.cross_validation} for result in training.results},
@@ -178,6 +183,8 @@ def format_training(training: Training, features: str = "") -> str:
             lines.append(f"{rank:<5}{row['head']:<15}{row['validation_accuracy']:>9.4f}{row['macro_f1']:>10.4f}"
                          f"{loss:>10}{row['fit_seconds']:>9.2f}" + (f"  {_cv_line(row)}" if cv else ""))
         lines.append(f"saved to {training.folder}/<head>/ (and leaderboard.json)")
+    if training.report:
+        lines.append(f"report: {training.report} (mistakes as thumbnails, a map of the features; open it in a browser)")
     return "\n".join(line for line in lines if line)
 
 
@@ -311,9 +318,7 @@ def _row_writer(stream, kind: str, top_k: int, terminal: bool = False):
     writer.writerow(columns + ["error"])
 
     def cell(text: str | None) -> str:
-        text = text or ""
-        if text[:1] in FORMULA_STARTS:
-            text = "'" + text
+        text = spreadsheet_cell(text or "")
         return _printable(text) if terminal else text
 
     def write(row):
@@ -322,9 +327,6 @@ def _row_writer(stream, kind: str, top_k: int, terminal: bool = False):
         probability = "" if row.probability is None else f"{row.probability:.6f}"
         writer.writerow([cell(row.path), row.status, cell(row.label), probability, *ranked, cell(row.error)])
     return write
-
-
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _printable(text: str, keep: str = "") -> str:

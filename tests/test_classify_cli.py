@@ -130,3 +130,14 @@ def test_version_prints_the_program_and_the_installed_version(capsys, command, p
         getattr(classify.cli, command)(["--version"])
     assert exit.value.code == 0
     assert capsys.readouterr().out == f"{prog} {metadata.version('bottleneck-features')}\n"
+
+
+def test_the_report_is_named_and_can_be_left_out(capsys, cache, tmp_path):
+    code, out, _ = cli(capsys, "--cache", str(cache), "--head", "knn", "--out", str(tmp_path / "with"))
+    assert code == 0 and f"report: {tmp_path / 'with' / 'report.html'}" in out
+    assert (tmp_path / "with" / "report.html").is_file()
+    code, out, _ = cli(capsys, "--cache", str(cache), "--head", "knn", "--out", str(tmp_path / "without"),
+                       "--no-report", "--json")
+    assert code == 0 and json.loads(out)["report"] is None and not (tmp_path / "without" / "report.html").exists()
+    code, _, err = cli(capsys, "--cache", str(cache), "--mistakes", "some")
+    assert code == 2 and "--mistakes" in err
