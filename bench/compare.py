@@ -7,18 +7,18 @@
     python bench/compare.py precision --images 256 --input-size 224
 
 loaders    images/s of (1) the model alone on pixels in memory, (2) plain Keras by hand
-           (load_img loop + preprocess_input + predict), (3) the seed's loader
+           (load_img loop + preprocess_input + predict), (3) the blog recipe's loader
            (ImageDataGenerator(rescale=1/255).flow_from_directory + predict), (4)
-           extract-features cold (also with --decode draft, and with the seed loader's
+           extract-features cold (also with --decode draft, and with the blog recipe loader's
            `nearest` resize), and again on the unchanged folder. JPEGs cut from real
            photos (bench/extract_speed.py makes them; 500x375 unless --photo-size) in
            bench/data/photos-N[-WxH]/. --xla also times the model alone compiled with XLA.
-seed-job   the seed's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
+seed-job   the blog recipe's whole job (frozen VGG16 + Flatten/Dense(256)/Dense(n), 10 epochs through
            ImageDataGenerator with its augmentation, end to end) against this project's
            (extract-features once + train-head mlp, 10 epochs), on the demo digits, same weights.
 augment    the same with augmentation: extract once plus K cached views per training image
-           (the seed's transforms, and the same without the flip), then mlp and logreg with and
-           without the views, against the seed's augmented pipeline (10 epochs end to end).
+           (the blog recipe's transforms, and the same without the flip), then mlp and logreg with and
+           without the views, against the blog recipe's augmented pipeline (10 epochs end to end).
 precision  float32 against mixed_bfloat16: model-only images/s, cosine similarity of the
            features, and logreg / mlp validation accuracy on the demo digits (mlp: mean of
            seeds 0-4), each trained on its own features, and the float32-trained heads
@@ -59,7 +59,7 @@ def timed(function):
 
 
 def seed_generator(keras, **augmentation):
-    # The seed's loader. Keras 3 keeps it only under keras.src.legacy.
+    # The blog recipe's loader. Keras 3 keeps it only under keras.src.legacy.
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
     return ImageDataGenerator(rescale=1 / 255, **augmentation)
@@ -106,7 +106,7 @@ def loaders(args) -> dict:
                "precision": args.precision, "repeats": args.repeat}
     measured = {"model_only": model_only, "plain_keras": by_hand, "seed_loader": seed_loader, "extract_cold": extract_cold,
                 "extract_cold_draft": lambda: extract_cold(decode="draft"),
-                "extract_cold_nearest": lambda: extract_cold(interpolation="nearest")}  # the seed loader's resize
+                "extract_cold_nearest": lambda: extract_cold(interpolation="nearest")}  # the blog recipe loader's resize
     if args.xla:
         compiled = Backbone(config, xla=True)
         compiled(pixels[:batch])  # compile once
@@ -126,7 +126,7 @@ def loaders(args) -> dict:
 
 
 def seed_pipeline(size: int, augmentation: dict):
-    """The seed's whole job: frozen VGG16 (seeded random weights, saved for the other side),
+    """The blog recipe's whole job: frozen VGG16 (seeded random weights, saved for the other side),
     Flatten/Dense(256)/Dense(n), 10 epochs through ImageDataGenerator. Returns its seconds,
     last validation accuracy, the weights file and the generators (for their counts)."""
     make_digits(DIGITS)
@@ -169,8 +169,8 @@ def seed_job(args) -> dict:
 
 
 def augment(args) -> dict:
-    """Cached views against none, and against the seed's augmented pipeline, on the digits:
-    extract once, then add views with the seed's transforms (and again without the flip,
+    """Cached views against none, and against the blog recipe's augmented pipeline, on the digits:
+    extract once, then add views with the blog recipe's transforms (and again without the flip,
     which turns digits into non-digits), K at a time for each K of --views (each run adds
     only the missing views), and train mlp and logreg on each."""
     from classify import train_head
@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--photo-size", default="500x375", help="loaders: WxH of the JPEGs made (default 500x375)")
     parser.add_argument("--xla", action="store_true", help="loaders: also time the model alone compiled with XLA")
     parser.add_argument("--views", default="2,9", help="augment: views per training image, a comma-separated list "
-                        "(9: with the image itself, a different version in each of the 10 epochs, as the seed's generator gives)")
+                        "(9: with the image itself, a different version in each of the 10 epochs, as the blog recipe's generator gives)")
     args = parser.parse_args()
     experiment = {"loaders": loaders, "seed-job": seed_job, "augment": augment, "precision": precision}[args.experiment]
     print(json.dumps(experiment(args), indent=2))

@@ -1,4 +1,4 @@
-"""The seed's mlp head over several seeds, on the images alone and with each views table of
+"""The blog recipe's mlp head over several seeds, on the images alone and with each views table of
 a cache (views 1..K), to tell an effect of the views from the head's seed-to-seed spread.
 
     python bench/mlp_seeds.py CACHE.h5 --views 2 --seeds 5

@@ -4,7 +4,7 @@ and the accuracy a streamed shuffle costs.
     python bench/streaming.py --rows 41000 --epochs 2     # about 4 GB of features
     python bench/streaming.py --accuracy-only             # the demo part alone
 
-1. Writes a cache of `--rows` distinct rows of the seed's features (224 px, no pooling:
+1. Writes a cache of `--rows` distinct rows of the blog recipe's features (224 px, no pooling:
    7x7x512 float32, 100 KB a row; 10 classes of Gaussian blobs, ReLU-like; 80% train, 20%
    validation) through the cache's own writer into bench/streaming-data/ (git-ignored; kept).
 2. Runs `train-head --head mlp --epochs E` on it twice, each in its own process: streamed

@@ -5,7 +5,7 @@ never the reverse).
     training = train_head("cache/features.h5", head="logreg")
     head = load_head(training.folder)
 
-Modules: `heads` (the registry of scikit-learn estimators), `keras_head` (the seed's
+Modules: `heads` (the registry of scikit-learn estimators), `keras_head` (the blog recipe's
 dense head as one of them), `sgd_head` (linear heads that stream), `data` (`Rows`: labeled
 rows in memory or read from the cache a window at a time), `splits` (a cache's rows split
 for training), `training` (fitting, search, cross-validation, the leaderboard),

@@ -49,7 +49,7 @@ def build_parser() -> OneLineParser:
     add("--memory-budget", metavar="SIZE",
         help="features needing more memory than this (8G, 512M ...) are streamed from the cache, and only heads "
              "that stream train (default: half the memory available)")
-    mlp = parser.add_argument_group("mlp head (defaults are the seed's, but its input is standardized)")
+    mlp = parser.add_argument_group("mlp head (defaults are the blog recipe's, but its input is standardized)")
     mlp.add_argument("--hidden-units", type=int, help="units of the hidden layer (256)")
     mlp.add_argument("--dropout-rate", type=float, help="dropout after the hidden layer (0)")
     mlp.add_argument("--epochs", type=int, help="training epochs (10)")
@@ -57,7 +57,7 @@ def build_parser() -> OneLineParser:
     mlp.add_argument("--early-stopping", action="store_true", default=None,
                      help="stop when the validation loss stops improving; keep the best weights")
     mlp.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
-                     help="the seed's exact head: features as they are, not standardized inside the model")
+                     help="the blog recipe's exact head: features as they are, not standardized inside the model")
     add("--out", metavar="DIR", help="folder for the artifacts (default: a new folder under heads/)")
     add("--mistakes", choices=MISTAKES, default="best",
         help="report.html shows the most confident mistakes of the best head (default) or of every head")

@@ -55,7 +55,7 @@ def head(name: str, description: str, grid: dict[str, list], class_weights: bool
 
 @head(
     "mlp",
-    "the seed's head in Keras: Flatten, Dense(256, relu), Dense(n, softmax); Adam, 10 epochs; streams",
+    "the blog recipe's head in Keras: Flatten, Dense(256, relu), Dense(n, softmax); Adam, 10 epochs; streams",
     grid={"hidden_units": [128, 256, 512], "dropout_rate": [0.0, 0.5]},
 )
 def mlp(random_state=None, class_weight=None, **options):

@@ -1,13 +1,13 @@
-"""The seed's dense head, in Keras, as a scikit-learn classifier.
+"""The blog recipe's dense head, in Keras, as a scikit-learn classifier.
 
 Flatten -> Dense(256, relu) -> Dense(n, softmax), Adam, categorical cross-entropy,
-10 epochs, batch 32: the defaults are the seed's, but for one: the input is standardized
+10 epochs, batch 32: the defaults are the blog recipe's, but for one: the input is standardized
 by default (a `Normalization` layer inside the model, set from the training features'
 mean and variance, so an exported model carries it). On unstandardized VGG16 features the
-seed's exact head (`standardize=False`) trains poorly: 0.4958 validation accuracy on the
+blog recipe's exact head (`standardize=False`) trains poorly: 0.4958 validation accuracy on the
 demo's cache, where every scikit-learn head (which all standardize) reaches 0.93-0.97. Given cached augmented views
 (`fit(..., image_index=...)`), each epoch sees every image once, as one of its views,
-a different one each epoch, as the seed's generator does. It composes with `Pipeline`,
+a different one each epoch, as the blog recipe's generator does. It composes with `Pipeline`,
 `GridSearchCV`, `clone` and joblib like any scikit-learn estimator; pickling stores the
 Keras model in Keras's own `.keras` format, and unpickling loads it with `safe_mode=True`.
 """

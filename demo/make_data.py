@@ -1,4 +1,4 @@
-"""Write a small real image data set in the seed's layout, from a source that ships with
+"""Write a small real image data set in the blog recipe's layout, from a source that ships with
 the dependencies: scikit-learn's 1,797 scans of handwritten digits (8x8, 16 grey levels).
 
     python demo/make_data.py data/demo

@@ -1,6 +1,6 @@
 """`make demo`: both stages on the bundled sample data (scikit-learn's handwritten digits).
 
-Writes the images in the seed's train/validation/test layout, extracts their VGG16
+Writes the images in the blog recipe's train/validation/test layout, extracts their VGG16
 features into cache/demo.h5, trains every head on them and prints the leaderboard, then
 scores the held-out test images with the best head. Last, it caches two augmented views of
 every training image (without the flip: a mirrored digit is not a digit) and compares

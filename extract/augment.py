@@ -1,15 +1,15 @@
-"""Augmented views of training images, made the way the seed's `ImageDataGenerator` makes
+"""Augmented views of training images, made the way the blog recipe's `ImageDataGenerator` makes
 them, but deterministic, so that their features can be cached.
 
-The seed draws a fresh random transform of every image every epoch. Here view `v` of an
+The blog recipe draws a fresh random transform of every image every epoch. Here view `v` of an
 image is drawn from a generator seeded by (seed, the image's SHA-256, v): the same
 content, view index and seed always give the same pixels, so views are computed once and
 a re-run computes only the views it lacks. View 0 is the image itself.
 
 The transforms and their units are `ImageDataGenerator`'s (`shear_range` is in degrees,
-so the seed's 0.2 is a fifth of a degree; `zoom_range` z scales each axis by a factor in
+so the blog recipe's 0.2 is a fifth of a degree; `zoom_range` z scales each axis by a factor in
 [1 - z, 1 + z]; shifts are fractions of the side), applied with the same matrix, linear
-interpolation and "nearest" fill, to the resized pixels, as the seed's
+interpolation and "nearest" fill, to the resized pixels, as the blog recipe's
 `flow_from_directory` does.
 """
 
@@ -29,7 +29,7 @@ METHOD = "imagedatagenerator-affine"  # recorded with the views; change it if th
 
 @dataclass(frozen=True)
 class Augmentation:
-    """How views are made. The defaults are the seed's `ImageDataGenerator` arguments."""
+    """How views are made. The defaults are the blog recipe's `ImageDataGenerator` arguments."""
 
     shear: float = 0.2  # degrees, counter-clockwise; drawn from [-shear, shear]
     zoom: float = 0.2  # each axis scaled by a factor drawn from [1 - zoom, 1 + zoom]

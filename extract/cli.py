@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
              "hash (default 20)")
     add("--input-size", type=int, default=224, metavar="S", help="images are resized to S x S (default 224, at least 32)")
     add("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
-        help="resize filter (default bilinear; nearest is what the seed's ImageDataGenerator used)")
+        help="resize filter (default bilinear; nearest is what the blog recipe's ImageDataGenerator used)")
     add("--decode", choices=DECODES, default="exact",
         help="exact: pixels as keras.utils.load_img gives them (default); draft: JPEGs decoded at 1/2-1/8 size "
              "first, several times faster on large photos, pixels slightly different")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ImageNet weights through Keras's cache (default), seeded random ones, or a local weights file")
     add("--seed", type=int, default=0, help="seed for --weights random and for the views of --augment (default 0)")
     views = parser.add_argument_group(
-        "augmented views (training images only; defaults are the seed's ImageDataGenerator arguments)")
+        "augmented views (training images only; defaults are the blog recipe's ImageDataGenerator arguments)")
     views.add_argument("--augment", type=int, metavar="K",
                        help="also cache K augmented views of every training image (0: stop using views; "
                             "default: keep what the cache uses)")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
 
 def _augmentation(args) -> Augmentation | None:
-    """The transforms given on the command line, over the seed's; None if none was given."""
+    """The transforms given on the command line, over the blog recipe's; None if none was given."""
     given = {name: getattr(args, name) for name in ("shear", "zoom", "flip", "rotation", "shift")}
     given = {name: value for name, value in given.items() if value is not None}
     return Augmentation(seed=args.seed, **given) if given or args.augment else None

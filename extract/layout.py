@@ -3,7 +3,7 @@
 Three layouts, detected automatically (`layout="auto"`) or named, and a fourth given by a
 labels file:
 
-- ``splits``: the seed's ``DATA/train/<class>/...`` and ``DATA/validation/<class>/...``
+- ``splits``: the blog recipe's ``DATA/train/<class>/...`` and ``DATA/validation/<class>/...``
   (``val/`` also accepted, ``test/`` optional). Split and label come from the folders.
 - ``classes``: ``DATA/<class>/...``. The validation split is drawn by a stable hash of
   each file's relative path, so adding images never moves old ones across splits.

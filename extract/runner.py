@@ -135,7 +135,7 @@ def extract_features(
     then re-raises KeyboardInterrupt.
 
     `augment=K` also caches K augmented views of every training image, made as
-    `augmentation` says (default: the seed's transforms, seeded by `seed`); `augment=None`
+    `augmentation` says (default: the blog recipe's transforms, seeded by `seed`); `augment=None`
     keeps the views the cache already uses, `augment=0` stops using them (they are kept).
     A link to a cache is written through (the real file, under its lock); `rebuild=True`
     moves the old cache aside only at the run's first write, so until then it is in place.

@@ -36,7 +36,7 @@ def test_defaults_are_the_seeds_head_on_standardized_input():
 
 
 def test_standardizing_inside_the_model_rescues_features_far_from_zero():
-    """VGG16's features are ReLU outputs in the hundreds, many of them dead: the seed's head
+    """VGG16's features are ReLU outputs in the hundreds, many of them dead: the blog recipe's head
     on them as they are learns little; standardized, it learns. A feature that never varied
     in training (a dead unit) is centred and divided by 1, as StandardScaler does, not by
     Keras's epsilon (1e-7) when it fires later."""
