@@ -97,6 +97,11 @@ class Training:
         rows = [result.summary() for result in self.results]
         return sorted(rows, key=lambda row: (-row["validation_accuracy"], -row["macro_f1"]))
 
+    @property
+    def best(self) -> HeadResult:
+        """The head the leaderboard puts first."""
+        return next(result for result in self.results if result.head == self.leaderboard()[0]["head"])
+
 
 def train_head(
     cache=DEFAULT_CACHE,

@@ -174,7 +174,7 @@ def expected_status(command: str) -> int:
 # -- the folder a page runs in ---------------------------------------------------------------
 
 def make_folder(root: Path) -> None:
-    """data/ in the README's layout (with a test/ split), new_photos/, a.jpg, b.png, more.txt."""
+    """data/ in the README's layout (with a test/ split), new_photos/, a.jpg, b.png, more.txt, kaggle/."""
     number = 0
     for split, per_class in (("train", 8), ("validation", 3), ("test", 3)):
         for c, name in enumerate(("cats", "dogs")):
@@ -186,6 +186,11 @@ def make_folder(root: Path) -> None:
     make_image(root / "a.jpg", seed=600)
     make_image(root / "b.png", seed=601)
     (root / "more.txt").write_text("# one path a line\nnew_photos/photo0.jpg\nnew_photos/photo1.jpg\n")
+    rows = ["id,path,label"]  # a Kaggle-style folder: images, and their labels in a CSV
+    for i in range(8):
+        make_image(root / "kaggle" / "images" / f"{i:04d}.jpg", seed=700 + i, size=(44, 33))
+        rows.append(f"{i},{i:04d}.jpg,{'cat' if i % 2 else 'dog'}")
+    (root / "kaggle" / "labels.csv").write_text("\n".join(rows) + "\n")
 
 
 def environment(folder: Path) -> dict:
