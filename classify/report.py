@@ -75,7 +75,12 @@ def write_report(path: Path, training, splits, folders: dict, mistakes: str = "b
         body.append(_head(results[name], Path(folders[name]), training))
     title = f"train-head: {', '.join(order) if len(order) <= 3 else f'{len(order)} heads'}"
     page = PAGE.substitute(title=html.escape(title), body="\n".join(body), thumbnail=THUMBNAIL)
-    Path(path).write_text(page, encoding="utf-8")
+    aside = Path(f"{path}.partial")
+    try:
+        aside.write_text(page, encoding="utf-8")
+        aside.replace(path)  # whole or not at all (a full disk leaves no half page)
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _overview(training, splits) -> str:

@@ -153,3 +153,25 @@ def test_the_report_renders_in_a_browser(tmp_path, augmented):
         assert f'id="head-{result.head}"' in dom
     assert dom.count('<figure class="mistake">') >= 1 and dom.count("data:image/jpeg;base64,") >= 1
     assert 'id="map-image"' in dom
+
+
+def test_a_report_that_cannot_be_written_warns_and_keeps_the_heads(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from classify import load_head
+    from classify.splits import HeadWarning
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):  # a disk that fills up as the page is written
+        if self.name.startswith("report.html"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", SPLITS)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.warns(HeadWarning, match=r"report.html not written \(OSError: \[Errno 28\] No space left"):
+        train_head(cache, "logreg", out=tmp_path / "run")
+    assert sorted(path.name for path in (tmp_path / "run").iterdir() if path.name.startswith("report")) == []
+    assert load_head(tmp_path / "run").classes == ["a", "b", "c"]
