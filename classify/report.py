@@ -32,7 +32,7 @@ from extract.reader import decode, open_regular, read_image_bytes
 
 REPORT = "report.html"
 MISTAKES_SHOWN = 24  # thumbnails per head and split
-MAP_POINTS = 1000  # validation images on the map, drawn at random beyond this (t-SNE: ~10 s for 1,000 on two cores)
+MAP_POINTS = 1000  # validation images on the map, drawn at random beyond this (the whole page: ~5 s for 1,000 on two cores)
 THUMBNAIL = 112  # pixels a side
 MISTAKES = ("best", "all")
 
