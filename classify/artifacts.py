@@ -81,9 +81,10 @@ def write_predictions(path: Path, predictions, top_k: int = TOP_K) -> None:
     """One CSV row per scored image: path, split, true and predicted label, the predicted
     label's probability, whether it was right, then the next most probable labels. Text
     cells are defended against spreadsheet formulas (see `spreadsheet_cell`)."""
+    predictions = list(predictions)
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        first = next(iter(predictions))
+        first = predictions[0]
         alternatives = range(2, min(top_k, len(first.classes)) + 1)
         writer.writerow(["path", "split", "true_label", "predicted_label", "probability", "correct"]
                         + [name for rank in alternatives for name in (f"label_{rank}", f"probability_{rank}")])

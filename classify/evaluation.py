@@ -104,7 +104,7 @@ def format_scores(name: str, split: str, scores: dict) -> str:
 def plot_confusion(scores: dict, classes, title: str, path: Path) -> None:
     """The confusion matrix twice, side by side: counts, and each row as a share of its true
     class (recall on the diagonal); classes in natural order."""
-    plt = _pyplot()
+    plt = pyplot()
     order = natural_order(list(classes))
     counts = np.array(scores["confusion_matrix"])[np.ix_(order, order)]
     names = [str(classes[position]) for position in order]
@@ -133,7 +133,7 @@ def plot_confusion(scores: dict, classes, title: str, path: Path) -> None:
 def plot_learning_curve(history: dict, title: str, path: Path, augmented: bool = False) -> None:
     """Loss and accuracy by epoch, on the training rows and on the validation split.
     `augmented`: the training rows were augmented views, which the label says."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(9, 3.5))
     for axes, metric in ((loss, "loss"), (accuracy, "accuracy")):
         for prefix, label in (("", "train (augmented views)" if augmented else "train"), ("val_", "validation")):
@@ -149,7 +149,8 @@ def plot_learning_curve(history: dict, title: str, path: Path, augmented: bool =
     plt.close(figure)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot, drawing into files only (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: files only

@@ -27,7 +27,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from classify.artifacts import describe_config
-from classify.evaluation import _pyplot, natural_order
+from classify.evaluation import pyplot, natural_order
 from extract.reader import decode, open_regular, read_image_bytes
 
 REPORT = "report.html"
@@ -165,7 +165,7 @@ def _map(splits, best, seed: int) -> str:
     else:
         points, how = reduced[:, :2] if reduced.shape[1] >= 2 else np.column_stack([reduced[:, 0], np.zeros(len(X))]), "PCA"
     classes = list(made.classes)
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(9, 7))
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
     for rank, position in enumerate(natural_order(classes)):
