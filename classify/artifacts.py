@@ -38,7 +38,7 @@ import joblib
 import numpy as np
 
 from classify.evaluation import plot_confusion, plot_learning_curve
-from extract import UsageError
+from extract import UsageError, describe
 
 ARTIFACT = "head.joblib"
 INFO = "head.json"
@@ -51,12 +51,6 @@ MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file (a large random for
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_backend", "weights_path",
                 "input_size", "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\\n]+)")
-
-
-def describe_config(facts: dict) -> str:
-    """A feature configuration in a few words, for messages."""
-    return (f"{facts.get('backbone', '?')}, {facts.get('weights', '?')} weights, {facts.get('input_size', '?')} px "
-            f"{facts.get('interpolation', '?')}, pooling {facts.get('pooling', '?')}, {facts.get('precision', '?')}")
 
 
 def save_head(folder: Path, estimator, info: dict, scores: dict, predictions=()) -> None:
@@ -125,10 +119,10 @@ class LoadedHead:
     def check_features(self, fingerprint: str, facts: dict | None = None) -> None:
         """Refuse features of another configuration, naming both."""
         if fingerprint != self.fingerprint:
-            theirs = f" ({describe_config(facts)})" if facts else ""
+            theirs = f" ({describe(facts)})" if facts else ""
             raise UsageError(
                 f"The head in {str(self.folder)!r} was trained on features of configuration {self.fingerprint} "
-                f"({describe_config(self.info['feature_config'])}); these are configuration {fingerprint}{theirs}. "
+                f"({describe(self.info['feature_config'])}); these are configuration {fingerprint}{theirs}. "
                 f"Extract features with the head's settings, or train a head on these."
             )
 

@@ -26,8 +26,8 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from classify.artifacts import describe_config
 from classify.evaluation import pyplot, natural_order
+from extract import describe
 from extract.reader import decode, open_regular, read_image_bytes
 
 REPORT = "report.html"
@@ -88,7 +88,7 @@ def _overview(training, splits) -> str:
     validation = ("the cache's validation split" if training.validation_source == "stored"
                   else "a stratified share drawn from the training split")
     facts = [
-        f"Features: configuration <code>{_e(training.fingerprint)}</code> ({_e(describe_config(splits.config))}), "
+        f"Features: configuration <code>{_e(training.fingerprint)}</code> ({_e(describe(splits.config))}), "
         f"from <code>{_e(splits.data_dir or '?')}</code>.",
         f"Trained on {training.training_images} images{views}; scored on {validation}"
         f"{' and the test split' if splits.test is not None else ''}.",

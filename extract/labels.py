@@ -19,13 +19,12 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-import os
-import stat
 from pathlib import Path
 from typing import NamedTuple
 
 from extract.errors import UsageError
-from extract.layout import SPLIT_FOLDERS, not_regular
+from extract.layout import SPLIT_FOLDERS
+from extract.reader import open_regular
 
 COLUMNS = ("path", "label", "split")
 MAX_BYTES = 2**30  # a labels file of 1 GiB would name some 20 million images
@@ -85,23 +84,13 @@ def read_labels(path) -> dict[str, Labelled]:
 def _read(name: str) -> bytes:
     """The file's bytes; a FIFO, device or folder is refused, never waited on."""
     try:
-        descriptor = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except IsADirectoryError:
-        raise UsageError(f"Expected --labels to be a CSV file; {name!r} is a folder.") from None
-    except OSError as error:
-        raise UsageError(f"Cannot read --labels {name!r} ({error.strerror}).") from None
-    try:
-        mode = os.fstat(descriptor).st_mode
-        if stat.S_ISDIR(mode):
-            raise UsageError(f"Expected --labels to be a CSV file; {name!r} is a folder.")
-        if not stat.S_ISREG(mode):
-            raise UsageError(f"Expected --labels to be a CSV file; {name!r} is {not_regular(mode)}.")
-        with open(descriptor, "rb", closefd=False) as file:
+        with open_regular(name) as file:
             data = file.read(MAX_BYTES + 1)
     except OSError as error:
-        raise UsageError(f"Cannot read --labels {name!r} ({error.strerror}).") from None
-    finally:
-        os.close(descriptor)
+        why = error.strerror or str(error)
+        if why.startswith("not a regular file"):  # open_regular's refusal
+            raise UsageError(f"Expected --labels to be a CSV file; {name!r} is {why}.") from None
+        raise UsageError(f"Cannot read --labels {name!r} ({why}).") from None
     if len(data) > MAX_BYTES:
         raise UsageError(f"{name}: larger than 1 GiB; expected a CSV of path,label rows.")
     return data

@@ -77,7 +77,8 @@ class Scan:
 def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0,
                 labels: dict[str, Labelled] | None = None, cache=None) -> Scan:
     """List the images of `data_dir` with their labels and splits: by the layout, or by
-    `labels` (what `labels.read_labels` read: the layout is then "csv"). The files of the
+    `labels` (what `labels.read_labels` read: the layout is then "csv", whatever `layout`
+    says; extract_features refuses both). The files of the
     cache at `cache` (its catalog, lock and shards) are never listed."""
     root = Path(data_dir)
     if not root.is_dir():
@@ -87,10 +88,6 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
     if not 0 <= validation_percent < 100:
         raise UsageError(
             f"Expected --validation-percent in [0, 100); received {validation_percent}."
-        )
-    if labels is not None and layout != "auto":
-        raise UsageError(
-            f"--labels gives every image its label and split; received --layout {layout} as well. Drop one of them."
         )
     ignored = _cache_entries(root, cache)
     if labels is not None:

@@ -117,7 +117,7 @@ def test_bom_crlf_and_quoted_commas_are_read(kaggle, tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda path: os.mkfifo(path), "is not a regular file (a FIFO)"),
-    (lambda path: path.mkdir(), "is a folder"),
+    (lambda path: path.mkdir(), "is not a regular file (a folder)"),
     (lambda path: None, "Cannot read --labels"),
 ])
 def test_a_labels_path_that_is_no_file_is_one_line(capsys, kaggle, tmp_path, make, message):
