@@ -57,6 +57,22 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kept_backbones():
+    """The pipeline's backbones built once per configuration for the session (helpers.BackboneKeeper)."""
+    import classify.scoring
+    import extract.engine
+    from extract.backbone import Backbone
+    from helpers import BackboneKeeper
+
+    keeper = BackboneKeeper(Backbone)
+    patch = pytest.MonkeyPatch()
+    for module in (extract.engine, classify.scoring):
+        patch.setattr(module, "Backbone", keeper)
+    yield keeper
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def augmented(tmp_path_factory, weights_file) -> Path:
     """A real extraction: 24 images of 3 classes, 2 cached views of each training image,

@@ -1,10 +1,11 @@
-"""Faults from outside, on the real command in subprocesses: kills at any moment, a second
-writer, a full disk, a read-only cache folder, unreadable files, a damaged cache."""
+"""Faults from outside, on the real command in processes of its own (forked warm, see
+helpers.py): kills at any moment, a second writer, a full disk, a read-only cache folder,
+unreadable files, a damaged cache."""
 
+import glob
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -16,23 +17,34 @@ import h5py
 import numpy as np
 import pytest
 
+import helpers
 from conftest import SIZE, make_image
 from extract import CacheError, FeatureCache
 from extract.cli import main
+from helpers import EXTRACT
 
 def many_images(root: Path, count: int, start: int = 0) -> None:
     for i in range(start, start + count):
         make_image(root / "train" / f"c{i % 3}" / f"{i}.png", seed=i, size=(12, 12))
 
 
-def command(data, cache, weights_file, *extra):
-    return [sys.executable, "-m", "extract.cli", str(data), "--cache", str(cache), "--weights", str(weights_file),
-            "--input-size", str(SIZE), "--quiet", *map(str, extra)]
+def arguments(data, cache, weights_file, *extra) -> list:
+    return [data, "--cache", cache, "--weights", weights_file, "--input-size", SIZE, "--quiet", *extra]
 
 
-def start(data, cache, weights_file, *extra):
-    return subprocess.Popen(command(data, cache, weights_file, *extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start(data, cache, weights_file, *extra, **options):
+    """extract-features as a process of its own."""
+    return helpers.start(EXTRACT, *arguments(data, cache, weights_file, *extra), **options)
+
+
+def run(data, cache, weights_file, *extra, **options) -> subprocess.CompletedProcess:
+    """extract-features as a process of its own, to its end."""
+    return helpers.run(EXTRACT, *arguments(data, cache, weights_file, *extra), **options)
+
+
+def call(data, cache, weights_file, *extra) -> subprocess.CompletedProcess:
+    """extract-features' main() in this process."""
+    return helpers.call(EXTRACT, *arguments(data, cache, weights_file, *extra))
 
 
 def copy_images(data: Path, target: Path, count: int) -> Path:
@@ -44,10 +56,17 @@ def copy_images(data: Path, target: Path, count: int) -> Path:
     return target
 
 
+def listing(folder: Path, pattern: str) -> list[str]:
+    """The paths under `folder` matching `pattern`, while a running process creates and
+    removes them: the glob module passes over a folder that vanishes as it is listed
+    (Path.glob raises FileNotFoundError)."""
+    return glob.glob(os.path.join(glob.escape(str(folder)), pattern))
+
+
 def batches(cache: Path) -> int:
     """Finished batches on disk: pending ones, and shards (one per checkpoint)."""
     shards = Path(f"{cache}.shards")
-    return len(list(shards.glob("*/pending/batch-*.npz"))) + len(list(shards.glob("*/*.h5")))
+    return len(listing(shards, "*/pending/batch-*.npz")) + len(listing(shards, "*/*.h5"))
 
 
 def wait_for_batches(cache: Path, count: int, process, timeout=120) -> bool:
@@ -79,7 +98,7 @@ def big_folder(tmp_path_factory, weights_file):
     """300 tiny images and the features of one uninterrupted run over them."""
     root = tmp_path_factory.mktemp("big")
     many_images(root / "data", 300)
-    done = subprocess.run(command(root / "data", root / "reference.h5", weights_file), capture_output=True, text=True)
+    done = call(root / "data", root / "reference.h5", weights_file)
     assert done.returncode == 0, done.stderr
     return root / "data", features(root / "reference.h5")
 
@@ -99,7 +118,7 @@ def test_sigkill_at_twenty_moments_loses_nothing(big_folder, weights_file, tmp_p
         process.wait()
         rows_seen.append(assert_rows_match(cache, reference))
     assert rows_seen[-1] > 0
-    finish = subprocess.run(command(data, cache, weights_file, "--json"), capture_output=True, text=True)
+    finish = run(data, cache, weights_file, "--json")
     assert finish.returncode == 0, finish.stderr
     final = features(cache)
     assert final.keys() == reference.keys()
@@ -122,8 +141,7 @@ def test_sigkill_during_an_augmented_run_loses_no_view(tmp_path, weights_file):
     each kill are right, and the last run ends with those of an uninterrupted run."""
     many_images(tmp_path / "data", 40)
     options = ("--augment", "2", "--batch-size", "4", "--save-every", "0")
-    done = subprocess.run(command(tmp_path / "data", tmp_path / "reference.h5", weights_file, *options),
-                          capture_output=True, text=True)
+    done = call(tmp_path / "data", tmp_path / "reference.h5", weights_file, *options)
     assert done.returncode == 0, done.stderr
     reference, cache, moments = views(tmp_path / "reference.h5"), tmp_path / "c.h5", random.Random(1)
     assert len(reference) == 80
@@ -140,7 +158,7 @@ def test_sigkill_during_an_augmented_run_loses_no_view(tmp_path, weights_file):
             for key, feature in seen[-1].items():
                 np.testing.assert_allclose(feature, reference[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
     assert any(seen), "no kill came after a view was saved"
-    finish = subprocess.run(command(tmp_path / "data", cache, weights_file, *options), capture_output=True, text=True)
+    finish = run(tmp_path / "data", cache, weights_file, *options)
     assert finish.returncode == 0, finish.stderr
     final = views(cache)
     assert final.keys() == reference.keys()
@@ -167,7 +185,7 @@ def test_a_second_writer_is_refused_naming_the_first(big_folder, weights_file, t
     first = start(data, cache, weights_file, "--batch-size", "2")
     try:
         assert wait_for_batches(cache, 1, first)
-        second = subprocess.run(command(data, cache, weights_file), capture_output=True, text=True, timeout=60)
+        second = run(data, cache, weights_file, timeout=60)
         assert second.returncode == 1
         assert f"is being written by process {first.pid}" in second.stderr and second.stderr.count("\n") == 1
     finally:
@@ -183,20 +201,15 @@ def snapshot(cache: Path) -> dict:
 def test_a_full_disk_keeps_the_old_cache_and_the_new_batches(tmp_path, weights_file):
     data, cache = tmp_path / "data", tmp_path / "c.h5"
     many_images(data, 30)
-    assert subprocess.run(command(data, cache, weights_file), capture_output=True).returncode == 0
+    assert call(data, cache, weights_file).returncode == 0
     before = snapshot(cache)
     many_images(data, 200, start=30)
     limit = 40_000  # room for each pending batch, not for the shard of 200 images
-
-    def small_disk():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    full = subprocess.run(command(data, cache, weights_file, "--batch-size", "8"), capture_output=True, text=True,
-                          preexec_fn=small_disk)
+    full = run(data, cache, weights_file, "--batch-size", "8", file_size_limit=limit)
     assert full.returncode == 1 and "File too large" in full.stderr and "the cache is unchanged" in full.stderr
     assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr
     assert snapshot(cache) == before
-    again = subprocess.run(command(data, cache, weights_file, "--json"), capture_output=True, text=True)
+    again = call(data, cache, weights_file, "--json")
     assert again.returncode == 0 and '"computed": 0' in again.stdout  # every batch was kept
     assert len(features(cache)) == 230
 
@@ -218,7 +231,7 @@ def test_a_read_only_cache_folder_is_a_clear_error(tmp_path, weights_file):
     many_images(data, 6)
     store.mkdir()
     arguments = [data, "--cache", store / "c.h5", "--weights", weights_file, "--input-size", SIZE, "--quiet"]
-    assert subprocess.run([sys.executable, "-m", "extract.cli", *map(str, arguments)]).returncode == 0
+    assert helpers.call(EXTRACT, *arguments).returncode == 0
     before = snapshot(store / "c.h5")
     many_images(data, 3, start=6)
     os.chmod(store, 0o555)
@@ -320,8 +333,7 @@ def test_sigkill_during_compaction_loses_nothing(big_folder, weights_file, tmp_p
     data, reference = big_folder
     part = copy_images(data, tmp_path / "data", 120)
     cache, shards, pristine = tmp_path / "c.h5", tmp_path / "c.h5.shards", tmp_path / "pristine"
-    made = subprocess.run(command(part, cache, weights_file, "--batch-size", "2", "--save-every", "0", "--compact", "never"),
-                          capture_output=True, text=True)
+    made = call(part, cache, weights_file, "--batch-size", "2", "--save-every", "0", "--compact", "never")
     assert made.returncode == 0, made.stderr
     original = set(shards.glob("*/*.h5"))
     assert len(original) == 60
@@ -336,7 +348,7 @@ def test_sigkill_during_compaction_loses_nothing(big_folder, weights_file, tmp_p
         shutil.copytree(pristine / shards.name, shards)
         process = start(part, cache, weights_file, "--compact", "full")
         deadline = time.monotonic() + 60
-        while not set(shards.glob("*/*.h5")) - original and process.poll() is None:
+        while not set(map(Path, listing(shards, "*/*.h5"))) - original and process.poll() is None:
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.001)
         time.sleep(moments.uniform(0, spread))
@@ -347,7 +359,7 @@ def test_sigkill_during_compaction_loses_nothing(big_folder, weights_file, tmp_p
         committed.add(after)
         spread = spread / 1.5 if after else spread * 1.5  # closing in on the moment of the commit
         assert assert_rows_match(cache, reference) == 120
-        finish = subprocess.run(command(part, cache, weights_file), capture_output=True, text=True)
+        finish = run(part, cache, weights_file)
         assert finish.returncode == 0, finish.stderr
         assert len(list(shards.glob("*/*.h5"))) == 1 and not list(shards.rglob("*.tmp"))
         assert assert_rows_match(cache, reference) == 120
