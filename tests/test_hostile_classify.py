@@ -1,15 +1,17 @@
-"""Hostile input and faults for stage 2, on the real commands in subprocesses: a head folder
-changed under the loader, concurrent runs, bad options, interrupts, a full disk, odd files
-and names. Each error is one line on stderr, without a traceback, and destroys nothing."""
+"""Hostile input and faults for stage 2, on the real commands: a head folder changed under
+the loader, concurrent runs, bad options, interrupts, a full disk, odd files and names. Each
+error is one line on stderr, without a traceback, and destroys nothing. A command's main()
+runs in this process, or in a process of its own where the process is the subject (signals,
+two at once, a full disk, a terminal, a closed stdout) or a FIFO could hang it."""
 
 import csv
+import glob
 import hashlib
 import io
 import json
 import os
 import pickle
 import pty
-import resource
 import shutil
 import signal
 import subprocess
@@ -19,36 +21,32 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from classify import train_head
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
 from extract import extract_features
-
-TRAIN = "import sys; from classify.cli import run; run()"
-SCORE = "import sys; from classify.cli import run_score; run_score()"
+from helpers import SCORE, TRAIN, one_line
 
 
 def command(entry: str, *args) -> list[str]:
-    return [sys.executable, "-c", entry, *map(str, args)]
+    """A plain subprocess's command line."""
+    code = f"from {entry.split(':')[0]} import {entry.split(':')[1]} as entry; entry()"
+    return [sys.executable, "-c", code, *map(str, args)]
 
 
-def train_cmd(*args) -> list[str]:
-    return command(TRAIN, *args)
+def train(*args, cwd=None) -> subprocess.CompletedProcess:
+    """train-head's main() in this process."""
+    return helpers.call(TRAIN, *args, cwd=cwd)
 
 
-def score_cmd(*args) -> list[str]:
-    return command(SCORE, *args)
+def score(*args, cwd=None) -> subprocess.CompletedProcess:
+    """score-images' main() in this process."""
+    return helpers.call(SCORE, *args, cwd=cwd)
 
 
-def run(arguments, timeout=180, **options) -> subprocess.CompletedProcess:
-    return subprocess.run(arguments, capture_output=True, text=True, timeout=timeout, **options)
-
-
-def one_line(result, status: int, *fragments: str) -> None:
-    """Exit `status`, one line on stderr holding every fragment, no traceback."""
-    assert result.returncode == status, result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
+def score_apart(*args, timeout=60) -> subprocess.CompletedProcess:
+    """score-images in a process of its own, ended after `timeout` (where a FIFO could hang it)."""
+    return helpers.run(SCORE, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def rewrite_sums(folder: Path) -> None:
 
 
 def score_new(world: Path, head: Path, *extra) -> subprocess.CompletedProcess:
-    return run(score_cmd(world / "new", "--head", head, "--quiet", *extra))
+    return score(world / "new", "--head", head, "--quiet", *extra)
 
 
 # 1. head.joblib read once: checked bytes are the unpickled bytes
@@ -117,7 +115,8 @@ def hook(event, args):
 sys.addaudithook(hook)
 run_score()
 """
-    result = run([sys.executable, "-c", script, world / "new", "--head", head, "--quiet"])
+    result = subprocess.run([sys.executable, "-c", script, world / "new", "--head", head, "--quiet"], capture_output=True,
+                            text=True, timeout=180)  # a plain subprocess: an audit hook stays for the process's life
     assert not marker.exists(), "a pickle other than the checked one was loaded"
     assert result.returncode == 0, result.stderr
 
@@ -162,7 +161,7 @@ def test_a_fifo_in_a_head_folder_is_refused_not_waited_on(world, tmp_path):
     head = copy_head(world, tmp_path / "head")
     (head / "head.joblib").unlink()
     os.mkfifo(head / "head.joblib")
-    one_line(run(score_cmd(world / "new", "--head", head, "--quiet"), timeout=60), 2, "not a regular file")
+    one_line(score_apart(world / "new", "--head", head, "--quiet"), 2, "not a regular file")
 
 
 # 4. concurrent train-head runs to one --out
@@ -170,8 +169,8 @@ def test_a_fifo_in_a_head_folder_is_refused_not_waited_on(world, tmp_path):
 def test_two_runs_to_one_out_never_lose_a_result_silently(world, tmp_path):
     out = tmp_path / "run"
     out.mkdir()  # an empty folder may be --out: both runs pass the first check
-    arguments = train_cmd("--cache", world / "s.h5", "--head", "knn", "--out", out, "--quiet")
-    runs = [subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    arguments = ("--cache", world / "s.h5", "--head", "knn", "--out", out, "--quiet")
+    runs = [helpers.start(TRAIN, *arguments) for _ in range(2)]
     results = [process.communicate(timeout=180) + (process.returncode,) for process in runs]
     assert sorted(status for _, _, status in results) == [0, 2], results
     (loser,) = [err for _, err, status in results if status == 2]
@@ -190,7 +189,7 @@ def test_bad_arguments_leave_output_as_it_was(world, tmp_path, bad):
     previous = tmp_path / "prev.csv"
     previous.write_text("precious\n")
     arguments = [world / "new", "--head", world / "head", *bad, "--output", previous, "--quiet"]
-    result = run(score_cmd(*arguments), cwd=tmp_path)
+    result = score(*arguments, cwd=tmp_path)
     one_line(result, 2)
     assert previous.read_text() == "precious\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["prev.csv"]
@@ -201,14 +200,12 @@ def test_bad_arguments_leave_output_as_it_was(world, tmp_path, bad):
 def test_a_list_that_includes_itself_is_one_line(world, tmp_path):
     (tmp_path / "a.txt").write_text(f"{world / 'new' / '0.png'}\n@{tmp_path / 'b.txt'}\n")
     (tmp_path / "b.txt").write_text(f"@{tmp_path / 'a.txt'}\n")
-    one_line(run(score_cmd(f"@{tmp_path / 'a.txt'}", "--head", world / "head", "--quiet"), timeout=60), 2,
-             "includes itself")
+    one_line(score(f"@{tmp_path / 'a.txt'}", "--head", world / "head", "--quiet"), 2, "includes itself")
 
 
 def test_a_list_that_is_not_utf8_is_one_line(world, tmp_path):
     (tmp_path / "list.txt").write_bytes(b"caf\xe9.png\n")
-    one_line(run(score_cmd(f"@{tmp_path / 'list.txt'}", "--head", world / "head", "--quiet")), 2,
-             "not UTF-8", "0xe9")
+    one_line(score(f"@{tmp_path / 'list.txt'}", "--head", world / "head", "--quiet"), 2, "not UTF-8", "0xe9")
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -221,16 +218,14 @@ def test_a_list_that_is_not_utf8_is_one_line(world, tmp_path):
     ("--validation-fraction", "0.01", "--validation-fraction 0.01 holds out 1 of 18 training images"),
 ])
 def test_numeric_options_out_of_bounds_are_refused(world, tmp_path, option, value, message):
-    result = run(train_cmd("--cache", world / "d.h5", "--head", "mlp", option, value, "--out", tmp_path / "run",
-                           "--quiet"))
+    result = train("--cache", world / "d.h5", "--head", "mlp", option, value, "--out", tmp_path / "run", "--quiet")
     one_line(result, 2, message)
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run.partial-*"))
 
 
 def test_an_out_that_is_a_file_or_unwritable_is_one_line(world, tmp_path):
     (tmp_path / "file").write_text("mine")
-    one_line(run(train_cmd("--cache", world / "s.h5", "--head", "knn", "--out", tmp_path / "file", "--quiet")), 2,
-             "not a folder")
+    one_line(train("--cache", world / "s.h5", "--head", "knn", "--out", tmp_path / "file", "--quiet"), 2, "not a folder")
     assert (tmp_path / "file").read_text() == "mine"
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -241,22 +236,17 @@ def test_an_out_that_is_a_file_or_unwritable_is_one_line(world, tmp_path):
             pytest.skip("running as root without setpriv: file permissions cannot be enforced")
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
     try:
-        result = run([*prefix, *train_cmd("--cache", world / "s.h5", "--head", "knn", "--out", locked / "run", "--quiet")])
+        result = subprocess.run([*prefix, *command(TRAIN, "--cache", world / "s.h5", "--head", "knn", "--out", locked / "run",
+                                                   "--quiet")], capture_output=True, text=True, timeout=180)
     finally:
         locked.chmod(0o755)
     one_line(result, 2, "Cannot write")
     assert not list(locked.iterdir())
 
 
-def limited(limit: int):
-    def small_disk():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return small_disk
-
-
 def test_a_full_disk_under_out_leaves_nothing(world, tmp_path):
-    result = run(train_cmd("--cache", world / "s.h5", "--head", "logreg", "--out", tmp_path / "run", "--quiet"),
-                 preexec_fn=limited(2000))
+    result = helpers.run(TRAIN, "--cache", world / "s.h5", "--head", "logreg", "--out", tmp_path / "run", "--quiet",
+                         file_size_limit=2000)
     one_line(result, 1, "File too large", "nothing was saved")
     assert sorted(tmp_path.iterdir()) == []
 
@@ -264,24 +254,24 @@ def test_a_full_disk_under_out_leaves_nothing(world, tmp_path):
 def test_a_full_disk_under_export_keeps_the_old_model(world, tmp_path):
     model = tmp_path / "m.keras"
     model.write_bytes(b"the old model")
-    result = run(train_cmd("--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "run",
-                           "--export", model, "--quiet"), preexec_fn=limited(2_000_000))
+    result = helpers.run(TRAIN, "--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "run",
+                         "--export", model, "--quiet", file_size_limit=2_000_000)
     one_line(result, 1, "File too large", "The head is saved in")
     assert model.read_bytes() == b"the old model"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.keras", "run"]
-    assert run(score_cmd(world / "new", "--head", tmp_path / "run", "--quiet")).returncode == 0
+    assert score(world / "new", "--head", tmp_path / "run", "--quiet").returncode == 0
 
 
 def test_an_export_name_that_is_not_keras_is_refused_before_training(world, tmp_path):
-    result = run(train_cmd("--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "run",
-                           "--export", tmp_path / "m.h5", "--quiet"))
+    result = train("--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "run", "--export", tmp_path / "m.h5",
+                   "--quiet")
     one_line(result, 2, "Expected --export to name a .keras file")
     assert not (tmp_path / "run").exists()
 
 
 def wait_for(pattern_root: Path, pattern: str, process, timeout=120) -> bool:
     deadline = time.monotonic() + timeout
-    while not list(pattern_root.glob(pattern)):
+    while not glob.glob(os.path.join(glob.escape(str(pattern_root)), pattern)):
         if process.poll() is not None:
             return False
         assert time.monotonic() < deadline, "no progress"
@@ -290,9 +280,8 @@ def wait_for(pattern_root: Path, pattern: str, process, timeout=120) -> bool:
 
 
 def test_ctrl_c_in_train_head_is_one_line_and_leaves_nothing(world, tmp_path):
-    process = subprocess.Popen(train_cmd("--cache", world / "s.h5", "--head", "mlp", "--epochs", "10000",
-                                         "--out", tmp_path / "run", "--quiet"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = helpers.start(TRAIN, "--cache", world / "s.h5", "--head", "mlp", "--epochs", "10000",
+                            "--out", tmp_path / "run", "--quiet")
     assert wait_for(tmp_path, "run.partial-*", process), process.communicate()
     time.sleep(0.5)  # into the epochs
     process.send_signal(signal.SIGINT)
@@ -306,9 +295,8 @@ def test_ctrl_c_in_score_images_is_one_line_and_keeps_the_output(world, tmp_path
         make_image(tmp_path / "many" / f"{i:03d}.png", seed=i, size=(12, 12))
     output = tmp_path / "out.csv"
     output.write_text("precious\n")
-    process = subprocess.Popen(score_cmd(tmp_path / "many", "--head", world / "head", "--batch-size", "1",
-                                         "--output", output, "--quiet"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = helpers.start(SCORE, tmp_path / "many", "--head", world / "head", "--batch-size", "1",
+                            "--output", output, "--quiet")
     assert wait_for(tmp_path, ".out.csv.partial-*", process), process.communicate()
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
@@ -321,9 +309,9 @@ def test_ctrl_c_in_score_images_is_one_line_and_keeps_the_output(world, tmp_path
 def test_a_reader_that_went_away_is_a_quiet_exit(world, tmp_path, entry):
     """stdout a pipe whose reader has gone (as `| head -c10` leaves it): no traceback."""
     if entry == "train":
-        arguments = train_cmd("--cache", world / "s.h5", "--head", "knn", "--json", "--out", tmp_path / "run")
+        arguments = command(TRAIN, "--cache", world / "s.h5", "--head", "knn", "--json", "--out", tmp_path / "run")
     else:
-        arguments = score_cmd(world / "new", "--head", world / "head", "--quiet", "--format", "jsonl")
+        arguments = command(SCORE, world / "new", "--head", world / "head", "--quiet", "--format", "jsonl")
     reader, writer = os.pipe()
     os.close(reader)
     try:
@@ -334,7 +322,8 @@ def test_a_reader_that_went_away_is_a_quiet_exit(world, tmp_path, entry):
 
 
 def test_a_closed_stdout_is_one_line(world):
-    result = run(score_cmd(world / "new", "--head", world / "head", "--quiet"), preexec_fn=lambda: os.close(1))
+    result = subprocess.run(command(SCORE, world / "new", "--head", world / "head", "--quiet"), capture_output=True,
+                            text=True, timeout=180, preexec_fn=lambda: os.close(1))
     one_line(result, 2, "stdout is closed")
 
 
@@ -342,7 +331,7 @@ def test_a_closed_stdout_is_one_line(world):
 
 def test_head_all_on_two_images_a_class_trains_what_it_can(tmp_path):
     cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 2), "validation": (("a", "b"), 2)})
-    result = run(train_cmd("--cache", cache, "--head", "all", "--epochs", "1", "--out", tmp_path / "run", "--json"))
+    result = train("--cache", cache, "--head", "all", "--epochs", "1", "--out", tmp_path / "run", "--json")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     warned = [line for line in result.stderr.splitlines() if "cannot be trained" in line]
     assert any(line.startswith("train-head: warning: linear-svm cannot be trained") for line in warned), result.stderr
@@ -368,8 +357,8 @@ def odd_names(world):
 def test_escape_sequences_in_names_never_reach_the_terminal(world, odd_names):
     folder, names = odd_names
     leader, follower = pty.openpty()
-    process = subprocess.Popen(score_cmd("@list.txt", "--head", world / "head", "--quiet"), cwd=folder,
-                               stdout=follower, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command(SCORE, "@list.txt", "--head", world / "head", "--quiet"), cwd=folder,
+                               stdout=follower, stderr=subprocess.PIPE)  # a plain subprocess: its stdout a terminal
     os.close(follower)
     shown = b""
     while True:
@@ -389,12 +378,12 @@ def test_escape_sequences_in_names_never_reach_the_terminal(world, odd_names):
 
 def test_csv_cells_cannot_become_formulas_and_jsonl_is_verbatim(world, odd_names, tmp_path):
     folder, names = odd_names
-    result = run(score_cmd("@list.txt", "--head", world / "head", "--quiet", "--output", tmp_path / "s.csv"), cwd=folder)
+    result = score("@list.txt", "--head", world / "head", "--quiet", "--output", tmp_path / "s.csv", cwd=folder)
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "s.csv", newline="") as file:
         paths = [row["path"] for row in csv.DictReader(file)]
     assert paths == [names[0], "'" + names[1], "'" + names[2], "'" + names[3]]
-    result = run(score_cmd("@list.txt", "--head", world / "head", "--quiet", "--format", "jsonl"), cwd=folder)
+    result = score("@list.txt", "--head", world / "head", "--quiet", "--format", "jsonl", cwd=folder)
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == names
 
 
@@ -403,8 +392,8 @@ def test_csv_cells_cannot_become_formulas_and_jsonl_is_verbatim(world, odd_names
 def test_a_fifo_or_a_device_is_an_error_row(world, tmp_path):
     os.mkfifo(tmp_path / "x.jpg")
     (tmp_path / "zero.jpg").symlink_to("/dev/zero")
-    result = run(score_cmd(tmp_path / "x.jpg", tmp_path / "zero.jpg", world / "new" / "0.png", "--head", world / "head",
-                           "--quiet", "--format", "jsonl"), timeout=60)
+    result = score_apart(tmp_path / "x.jpg", tmp_path / "zero.jpg", world / "new" / "0.png", "--head", world / "head",
+                         "--quiet", "--format", "jsonl")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["status"] for row in rows] == ["error", "error", "ok"]
@@ -412,14 +401,13 @@ def test_a_fifo_or_a_device_is_an_error_row(world, tmp_path):
 
 def test_a_cache_that_is_a_fifo_is_not_waited_on(world, tmp_path):
     os.mkfifo(tmp_path / "c.h5")
-    result = run(score_cmd(world / "new", "--head", world / "head", "--cache", tmp_path / "c.h5", "--quiet"), timeout=60)
+    result = score_apart(world / "new", "--head", world / "head", "--cache", tmp_path / "c.h5", "--quiet")
     one_line(result, 2)
 
 
 def test_a_list_that_is_a_fifo_is_one_line(world, tmp_path):
     os.mkfifo(tmp_path / "list.txt")
-    one_line(run(score_cmd(f"@{tmp_path / 'list.txt'}", "--head", world / "head", "--quiet"), timeout=60), 2,
-             "not a regular file")
+    one_line(score_apart(f"@{tmp_path / 'list.txt'}", "--head", world / "head", "--quiet"), 2, "not a regular file")
 
 
 # the hostile pass
@@ -443,8 +431,7 @@ def test_an_output_that_is_a_folder_is_refused_before_work(world, tmp_path):
 def test_two_scorers_to_one_output_leave_one_whole_file(world, tmp_path):
     output = tmp_path / "s.jsonl"
     inputs = [[world / "new"], [world / "data" / "train"]]
-    runs = [subprocess.Popen(score_cmd(*paths, "--head", world / "head", "--quiet", "--output", output),
-                             stderr=subprocess.PIPE, text=True) for paths in inputs]
+    runs = [helpers.start(SCORE, *paths, "--head", world / "head", "--quiet", "--output", output) for paths in inputs]
     assert [process.wait(timeout=180) for process in runs] == [0, 0]
     rows = sorted(json.loads(line)["path"] for line in output.read_text().splitlines())
     assert rows in [sorted(map(str, paths[0].rglob("*.png"))) for paths in inputs]
