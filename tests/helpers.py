@@ -23,6 +23,7 @@ import io
 import multiprocessing
 import os
 import resource
+import runpy
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 EXTRACT, TRAIN, SCORE = "extract.cli:run", "classify.cli:run", "classify.cli:run_score"
+SCRIPT = "helpers:run_script"  # start(SCRIPT, path): a Python script, as `python path` runs it
 MAINS = {EXTRACT: "extract.cli:main", TRAIN: "classify.cli:main", SCORE: "classify.cli:score_main"}
 NAMES = {EXTRACT: "extract-features", TRAIN: "train-head", SCORE: "score-images"}
 WARM = ["keras", "extract.cli", "classify.cli", "helpers"]  # what the forked processes find imported
@@ -81,6 +83,13 @@ def _child(entry: str, argv: list[str], out: str, err: str, cwd, env, file_size_
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     sys.argv = [NAMES.get(entry, entry), *argv]
     _function(entry)()
+
+
+def run_script() -> None:
+    """The script sys.argv[1] as `python SCRIPT ARGS` runs it (an exception: its traceback, status 1)."""
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 _context = None

@@ -15,6 +15,11 @@ Which snippets, by the fence's info string:
   MIN_COMMANDS commands run, or more than MAX_NOT_RUN are marked.
 - Any other fence (a bare one, bash, console, ...) fails the test: pick one of the above.
 
+How: a python snippet, and a sh line that is one plain call of extract-features, train-head or
+score-images (no variable, pipe, redirection, glob or ~ for bash to expand), runs as a process of
+its own forked from a warm interpreter (tests/helpers.py: the same entry point the installed
+command calls, without the seconds TensorFlow's import costs); every other line runs in bash.
+
 Where: each page runs in a temporary folder of its own, its snippets in document order
 sharing it (extract, then train, then score). The folder holds what the pages assume:
 `data/` (train/validation/test folders of two classes, tiny images), `new_photos/`, `a.jpg`,
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,6 +58,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from conftest import make_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,9 +210,32 @@ def environment(folder: Path) -> dict:
     return env
 
 
+COMMANDS = {"extract-features": helpers.EXTRACT, "train-head": helpers.TRAIN, "score-images": helpers.SCORE}
+SHELL_SYNTAX = re.compile(r"""[$`|&;<>(){}*?\[\]~"'\\]""")
+
+
 def run(args, folder: Path, input: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=folder, env=environment(folder), input=input, capture_output=True, text=True,
                           timeout=TIMEOUT)
+
+
+def plain_call(line: str) -> list[str] | None:
+    """The words of a sh line that is one plain call of one of the three commands (the same
+    words bash would pass it), else None."""
+    code = re.sub(r"(?:^|\s)#.*$", "", line).strip()
+    if SHELL_SYNTAX.search(code):
+        return None
+    words = shlex.split(code)
+    return words if words and words[0].split("/")[-1] in COMMANDS and "=" not in words[0] else None
+
+
+def run_line(line: str, folder: Path) -> subprocess.CompletedProcess:
+    """A sh line: forked warm where it is a plain call, else by bash."""
+    words = plain_call(line)
+    if words is None:
+        return run(["bash", "-c", line], folder, input="")
+    return helpers.run(COMMANDS[words[0].split("/")[-1]], *words[1:], cwd=folder, env=environment(folder),
+                       timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +250,7 @@ def prepared(tmp_path_factory, weights_file) -> Path:
     (work / "home" / DOWNLOADED).symlink_to(weights_file)
     (work / ".venv").symlink_to(Path(sys.executable).parent.parent, target_is_directory=True)
     command = rewrite_shell("extract-features data/ --pooling avg --quiet", weights_file)
-    done = run(["bash", "-c", command], work)
+    done = run_line(command, work)
     assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
     shutil.copytree(work, root / "template", symlinks=True)
     return root
@@ -256,13 +286,13 @@ def test_snippets_run_as_written(page, prepared, weights_file, tmp_path):
             code = rewrite_python(snippet.code, weights_file)
             script = tmp_path / f"snippet_{snippet.line}.py"
             script.write_text(code)
-            done = run([sys.executable, str(script)], folder)
+            done = helpers.run(helpers.SCRIPT, script, cwd=folder, env=environment(folder), timeout=TIMEOUT)
             assert done.returncode == 0, (f"{snippet.where}: the python snippet exited {done.returncode}\n"
                                           f"--- as run:\n{code}--- output:\n{tail(done.stdout + done.stderr)}")
             continue
         for offset, command in shell_commands(snippet.code):
             as_run = rewrite_shell(command, weights_file)
-            done = run(["bash", "-c", as_run], folder, input="")
+            done = run_line(as_run, folder)
             expected = expected_status(command)
             assert done.returncode == expected, (
                 f"{page.relative_to(ROOT)}:{snippet.line + offset}: exit status {done.returncode}, expected {expected}\n"
@@ -302,6 +332,17 @@ def test_rewrite_gives_extract_features_the_test_weights_and_size():
         "s = extract_features(\"data/\", weights='/w.h5', input_size=32)\n"
     assert rewrite_python("extract_features(\n    'd', augmentation=A(seed=0),\n)\n", weights) == \
         "extract_features(\n    'd', augmentation=A(seed=0), weights='/w.h5', input_size=32)\n"
+
+
+def test_only_plain_calls_skip_bash():
+    assert plain_call("train-head --head all --out heads/all   # every head") == ["train-head", "--head", "all", "--out",
+                                                                               "heads/all"]
+    assert plain_call(".venv/bin/extract-features data/ --weights /w.h5") == [".venv/bin/extract-features", "data/",
+                                                                               "--weights", "/w.h5"]
+    for line in ("KERAS_BACKEND=jax .venv/bin/extract-features data/", "extract-features d --json | head",
+                 "extract-features d --weights ~/w.h5", "extract-features $HOME/d", "score-images *.jpg --head h",
+                 "ls data/", "extract-features d > out.json", "score-images 'a b.jpg' --head h"):
+        assert plain_call(line) is None, line
 
 
 def test_marked_errors_and_not_run_snippets_are_read(tmp_path):
