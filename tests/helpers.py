@@ -81,6 +81,7 @@ def _child(entry: str, argv: list[str], out: str, err: str, cwd, env, file_size_
         os.environ.update(env)
     if file_size_limit is not None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    interruptible()
     sys.argv = [NAMES.get(entry, entry), *argv]
     _function(entry)()
 
@@ -90,6 +91,12 @@ def run_script() -> None:
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
     runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def interruptible() -> None:
+    """Ctrl-C raises KeyboardInterrupt, as in a Python started from a terminal, even where the
+    suite itself runs with SIGINT ignored (a shell's background job): also a preexec_fn."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # across an exec: SIG_DFL, where Python installs it
 
 
 _context = None

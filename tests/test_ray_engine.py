@@ -1,7 +1,8 @@
 """`--engine ray`: a Ray started by the command itself, and a real two-node cluster started
 by Ray's own test harness; the features, failures and views equal the local engine's.
 Every Ray a test starts is stopped through Ray's API (the command's own `ray.shutdown`,
-the fixture's `cluster.shutdown()`)."""
+the fixture's `cluster.shutdown()`). The Ray drivers are plain subprocesses; the local
+engine's references run in this process (`here`), or forked (`apart`) where a FIFO is read."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
 from conftest import SIZE, make_dataset, make_image
 from extract import FeatureCache
 from extract.cluster import _probe
@@ -25,11 +27,25 @@ TIMEOUT = 300
 SCORE = "import sys; sys.argv[0] = 'score-images'; from classify.cli import run_score; run_score()"
 
 
+def arguments(data, cache, weights_file, *extra) -> list[str]:
+    return [str(data), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE),
+            "--pooling", "avg", "--json", *map(str, extra)]
+
+
 def extract(data, cache, weights_file, *extra, env=None, driver=None):
-    arguments = [str(data), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE),
-                 "--pooling", "avg", "--json", *map(str, extra)]
-    return subprocess.run([*(driver or [sys.executable, "-m", "extract.cli"]), *arguments], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=env)
+    """The command in a plain subprocess (a Ray driver)."""
+    return subprocess.run([*(driver or [sys.executable, "-m", "extract.cli"]), *arguments(data, cache, weights_file, *extra)],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+def here(data, cache, weights_file, *extra):
+    """The local engine, main() in this process."""
+    return helpers.call(helpers.EXTRACT, *arguments(data, cache, weights_file, *extra))
+
+
+def apart(data, cache, weights_file, *extra):
+    """The local engine in a process of its own (forked warm), ended after TIMEOUT."""
+    return helpers.run(helpers.EXTRACT, *arguments(data, cache, weights_file, *extra), timeout=TIMEOUT)
 
 
 def summary(done) -> dict:
@@ -80,7 +96,7 @@ def hostile_data(tmp_path_factory, weights_file):
     (data / "train" / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     os.mkfifo(data / "train" / "dog" / "pipe.jpg")
     (data / "validation" / "dog" / "copy.png").write_bytes((data / "train" / "cat" / "0.png").read_bytes())
-    local = summary(extract(data, root / "local.h5", weights_file, "--augment", "2"))
+    local = summary(apart(data, root / "local.h5", weights_file, "--augment", "2"))
     assert local["failed"] == 2 and local["views"] > 0
     return data, root / "local.h5", local
 
@@ -128,7 +144,7 @@ def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_fil
     data = tmp_path / "data"
     for i in range(40):
         make_image(data / f"{i:02d}.png", seed=i)
-    reference = summary(extract(data, tmp_path / "reference.h5", weights_file))
+    reference = summary(here(data, tmp_path / "reference.h5", weights_file))
     shards = tmp_path / "c.h5.shards"
     small_shards = [sys.executable, "-c",
                     "import sys, extract.ray_engine as engine; engine.SHARD_ROWS = 4; "
@@ -144,7 +160,7 @@ def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_fil
     process.wait()
     written = len(list(shards.glob("*/*.h5")))
     assert written >= 2
-    rerun = summary(extract(data, tmp_path / "c.h5", weights_file))
+    rerun = summary(here(data, tmp_path / "c.h5", weights_file))
     assert rerun["computed"] <= 40 - 8 and rerun["rows"] == 40
     assert_same(tmp_path / "c.h5", tmp_path / "reference.h5")
     assert reference["rows"] == 40
@@ -157,7 +173,7 @@ def test_a_backbone_worker_killed_mid_batch_is_retried_and_the_features_are_the_
     data = tmp_path / "data"
     for i in range(60):
         make_image(data / f"{i:02d}.png", seed=i)
-    reference = summary(extract(data, tmp_path / "reference.h5", weights_file))
+    reference = summary(here(data, tmp_path / "reference.h5", weights_file))
     process = subprocess.Popen(
         [sys.executable, "-m", "extract.cli", str(data), "--cache", str(tmp_path / "c.h5"), "--weights",
          str(weights_file), "--input-size", str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "2",
@@ -185,7 +201,7 @@ def test_ctrl_c_stops_the_job_in_one_line_and_keeps_what_is_done(weights_file, c
     arguments = [str(data), "--cache", str(tmp_path / "c.h5"), "--weights", str(weights_file), "--input-size",
                  str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "4", "--quiet"]
     process = subprocess.Popen([sys.executable, "-m", "extract.cli", *arguments], env=on_cluster(cluster.address),
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=helpers.interruptible)
     deadline = time.monotonic() + TIMEOUT
     while not (tmp_path / "c.h5.shards").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -193,7 +209,7 @@ def test_ctrl_c_stops_the_job_in_one_line_and_keeps_what_is_done(weights_file, c
     _, err = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 130, err
     assert err.count("\n") == 1 and "interrupted" in err, err
-    finished = summary(extract(data, tmp_path / "c.h5", weights_file))
+    finished = summary(here(data, tmp_path / "c.h5", weights_file))
     assert finished["rows"] == 40
 
 
@@ -219,15 +235,15 @@ def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, w
     train_head(local_cache, head="logreg", out=tmp_path / "head")
     inputs = [str(path) for path in sorted(data.rglob("*.png"))][::-1] + [str(data / "train" / "dog" / "pipe.jpg")]
 
-    def score(*extra, env=None):
-        done = subprocess.run([sys.executable, "-c", SCORE, *inputs, "--head", str(tmp_path / "head"),
-                               "--weights", str(weights_file), "--format", "jsonl", "--quiet", *extra],
-                              capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    options = [*inputs, "--head", str(tmp_path / "head"), "--weights", str(weights_file), "--format", "jsonl", "--quiet"]
+
+    def rows(done):
         assert done.returncode == 0, done.stderr
         return [json.loads(line) for line in done.stdout.splitlines()]
 
-    local = score()
-    remote = score("--engine", "ray", env=on_cluster(cluster.address))
+    local = rows(helpers.run(helpers.SCORE, *options, timeout=TIMEOUT))  # forked: the inputs hold a FIFO
+    remote = rows(subprocess.run([sys.executable, "-c", SCORE, *options, "--engine", "ray"], capture_output=True,
+                                 text=True, timeout=TIMEOUT, env=on_cluster(cluster.address)))
     assert [row["path"] for row in remote] == inputs == [row["path"] for row in local]
     assert [row["status"] for row in remote] == [row["status"] for row in local]
     assert sum(row["status"] == "error" for row in remote) == 2  # the corrupt image and the FIFO
