@@ -189,7 +189,7 @@ def test_bad_arguments_leave_output_as_it_was(world, tmp_path, bad):
     previous = tmp_path / "prev.csv"
     previous.write_text("precious\n")
     arguments = [world / "new", "--head", world / "head", *bad, "--output", previous, "--quiet"]
-    result = score(*arguments, cwd=tmp_path)
+    result = helpers.run(SCORE, *arguments, cwd=tmp_path)  # through the console entry point, as installed
     one_line(result, 2)
     assert previous.read_text() == "precious\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["prev.csv"]
