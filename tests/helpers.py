@@ -11,13 +11,16 @@
   on it is the real command. Tests about the start itself (an environment variable, a closed
   stdout at start, peak memory, which modules get imported, the documentation's shell lines)
   keep a plain `subprocess`.
+- `command_line(entry, *args)`: the argv of a plain subprocess running that entry point.
 - `one_line(done, status, *words)`: a refusal is one line on stderr, no traceback.
+- `listing(folder, pattern)`: what a running command has written there so far.
 - `BackboneKeeper`: built backbones kept per configuration for the session (conftest installs
   it), so in-process runs build VGG16 once per configuration rather than once per test.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import io
 import multiprocessing
@@ -167,6 +170,21 @@ def run(entry: str, *args, timeout: float = 180, **options) -> subprocess.Comple
         process.kill()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def command_line(entry: str, *args, setup: str = "") -> list:
+    """A plain subprocess's argv: Python running `setup`, then the entry point under its
+    command's name (bytes arguments are passed as they are)."""
+    module, name = entry.split(":")
+    code = f"{setup}import sys; sys.argv[0] = {NAMES.get(entry, entry)!r}; from {module} import {name}; {name}()"
+    return [sys.executable, "-c", code, *(arg if isinstance(arg, bytes) else str(arg) for arg in args)]
+
+
+def listing(folder: Path, pattern: str) -> list[str]:
+    """The paths under `folder` matching `pattern`, while a running process creates and
+    removes them: the glob module passes over a folder that vanishes as it is listed
+    (Path.glob raises FileNotFoundError)."""
+    return glob.glob(os.path.join(glob.escape(str(folder)), pattern))
 
 
 def one_line(done: subprocess.CompletedProcess, status: int, *words: str) -> str:

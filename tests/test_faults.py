@@ -2,7 +2,6 @@
 helpers.py): kills at any moment, a second writer, a full disk, a read-only cache folder,
 unreadable files, a damaged cache."""
 
-import glob
 import json
 import os
 import random
@@ -21,7 +20,7 @@ import helpers
 from conftest import SIZE, make_image
 from extract import CacheError, FeatureCache
 from extract.cli import main
-from helpers import EXTRACT
+from helpers import EXTRACT, listing
 
 def many_images(root: Path, count: int, start: int = 0) -> None:
     for i in range(start, start + count):
@@ -54,13 +53,6 @@ def copy_images(data: Path, target: Path, count: int) -> Path:
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes(path.read_bytes())
     return target
-
-
-def listing(folder: Path, pattern: str) -> list[str]:
-    """The paths under `folder` matching `pattern`, while a running process creates and
-    removes them: the glob module passes over a folder that vanishes as it is listed
-    (Path.glob raises FileNotFoundError)."""
-    return glob.glob(os.path.join(glob.escape(str(folder)), pattern))
 
 
 def batches(cache: Path) -> int:

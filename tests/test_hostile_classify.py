@@ -5,9 +5,7 @@ runs in this process, or in a process of its own where the process is the subjec
 two at once, a full disk, a terminal, a closed stdout) or a FIFO could hang it."""
 
 import csv
-import glob
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -25,13 +23,7 @@ import helpers
 from classify import train_head
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
 from extract import extract_features
-from helpers import SCORE, TRAIN, one_line
-
-
-def command(entry: str, *args) -> list[str]:
-    """A plain subprocess's command line."""
-    code = f"from {entry.split(':')[0]} import {entry.split(':')[1]} as entry; entry()"
-    return [sys.executable, "-c", code, *map(str, args)]
+from helpers import SCORE, TRAIN, command_line as command, listing, one_line
 
 
 def train(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -271,7 +263,7 @@ def test_an_export_name_that_is_not_keras_is_refused_before_training(world, tmp_
 
 def wait_for(pattern_root: Path, pattern: str, process, timeout=120) -> bool:
     deadline = time.monotonic() + timeout
-    while not glob.glob(os.path.join(glob.escape(str(pattern_root)), pattern)):
+    while not listing(pattern_root, pattern):
         if process.poll() is not None:
             return False
         assert time.monotonic() < deadline, "no progress"

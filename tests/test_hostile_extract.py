@@ -33,8 +33,7 @@ def arguments(data, cache, weights_file, *extra, quiet=True) -> list:
 
 def command(data, cache, weights_file, *extra, quiet=True) -> list:
     """The command line, for a plain subprocess."""
-    given = arguments(data, cache, weights_file, *extra, quiet=quiet)
-    return [sys.executable, "-m", "extract.cli", *(arg if isinstance(arg, bytes) else str(arg) for arg in given)]
+    return helpers.command_line(EXTRACT, *arguments(data, cache, weights_file, *extra, quiet=quiet))
 
 
 def run(data, cache, weights_file, *extra, quiet=True) -> subprocess.CompletedProcess:

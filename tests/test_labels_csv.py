@@ -5,20 +5,17 @@ import os
 
 import pytest
 
+import helpers
 from conftest import SIZE, make_image
 from extract import FeatureCache
-from extract.cli import main
 from extract.labels import read_labels
 from extract.layout import scan_folder, validation_fraction
 
 
-def cli(capsys, *args):
-    try:
-        status = main([str(arg) for arg in args])
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
+def cli(*args):
+    """main() in this process: (exit status, stdout, stderr)."""
+    done = helpers.call(helpers.EXTRACT, *args)
+    return done.returncode, done.stdout, done.stderr
 
 
 @pytest.fixture
@@ -35,10 +32,10 @@ def write(path, text: str, encoding="utf-8"):
     return path
 
 
-def test_labels_and_splits_come_from_the_csv_and_the_rest_is_skipped(capsys, kaggle, weights_file, tmp_path):
+def test_labels_and_splits_come_from_the_csv_and_the_rest_is_skipped(kaggle, weights_file, tmp_path):
     labels = write(kaggle / "labels.csv", "path,split,label\nimages/0.png,train,cat\nimages/1.png,val,dog\n"
                                           "images/2.png,test,cat\n./images//3.png,train,dog\n")
-    status, out, err = cli(capsys, kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", weights_file,
+    status, out, err = cli(kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", weights_file,
                            "--input-size", SIZE, "--json")
     summary = json.loads(out)
     assert status == 0, err
@@ -52,9 +49,9 @@ def test_labels_and_splits_come_from_the_csv_and_the_rest_is_skipped(capsys, kag
                     "images/2.png": ("cat", "test"), "images/3.png": ("dog", "train")}
 
 
-def test_the_human_summary_says_what_was_not_in_the_csv_and_what_is_missing(capsys, kaggle, weights_file, tmp_path):
+def test_the_human_summary_says_what_was_not_in_the_csv_and_what_is_missing(kaggle, weights_file, tmp_path):
     labels = write(tmp_path / "labels.csv", "path,label\nimages/0.png,cat\nimages/1.png,dog\nimages/gone.png,dog\n")
-    status, out, _ = cli(capsys, kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", weights_file,
+    status, out, _ = cli(kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", weights_file,
                          "--input-size", SIZE)
     assert status == 0
     assert "(layout: csv, labels from" in out and "4 skipped (4 images not in labels.csv)" in out
@@ -97,9 +94,9 @@ def test_an_empty_split_cell_is_drawn_too(kaggle, tmp_path):
     ("", "", "empty; expected a header row"),
     ("path,label\n", "", "a header row but no rows"),
 ])
-def test_a_bad_csv_is_one_line_naming_the_file_and_line(capsys, kaggle, tmp_path, text, where, message):
+def test_a_bad_csv_is_one_line_naming_the_file_and_line(kaggle, tmp_path, text, where, message):
     labels = write(tmp_path / "labels.csv", text)
-    status, out, err = cli(capsys, kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", "random",
+    status, out, err = cli(kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", "random",
                            "--input-size", SIZE)
     assert status == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
     assert (f"{labels} {where}: " if where else f"{labels}: ") in err and message in err
@@ -120,20 +117,20 @@ def test_bom_crlf_and_quoted_commas_are_read(kaggle, tmp_path):
     (lambda path: path.mkdir(), "is not a regular file (a folder)"),
     (lambda path: None, "Cannot read --labels"),
 ])
-def test_a_labels_path_that_is_no_file_is_one_line(capsys, kaggle, tmp_path, make, message):
+def test_a_labels_path_that_is_no_file_is_one_line(kaggle, tmp_path, make, message):
     make(tmp_path / "labels.csv")
-    status, _, err = cli(capsys, kaggle, "--labels", tmp_path / "labels.csv", "--cache", tmp_path / "c.h5",
+    status, _, err = cli(kaggle, "--labels", tmp_path / "labels.csv", "--cache", tmp_path / "c.h5",
                          "--weights", "random", "--input-size", SIZE)
     assert status == 2 and message in err and err.count("\n") == 1
 
 
-def test_labels_naming_nothing_here_say_where_paths_start(capsys, kaggle, tmp_path):
+def test_labels_naming_nothing_here_say_where_paths_start(kaggle, tmp_path):
     labels = write(tmp_path / "labels.csv", "path,label\n0.png,cat\n1.png,dog\n")  # relative to images/, not DATA_DIR
-    status, _, err = cli(capsys, kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", "random")
+    status, _, err = cli(kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", "random")
     assert status == 2 and "Found none of the 2 images the labels file names" in err and "relative to DATA_DIR" in err
 
 
-def test_labels_with_a_layout_is_a_usage_error(capsys, kaggle, tmp_path):
+def test_labels_with_a_layout_is_a_usage_error(kaggle, tmp_path):
     labels = write(tmp_path / "labels.csv", "path,label\nimages/0.png,cat\n")
-    status, _, err = cli(capsys, kaggle, "--labels", labels, "--layout", "classes", "--cache", tmp_path / "c.h5")
+    status, _, err = cli(kaggle, "--labels", labels, "--layout", "classes", "--cache", tmp_path / "c.h5")
     assert status == 2 and "--labels" in err and "--layout classes" in err and err.count("\n") == 1

@@ -24,7 +24,6 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 from ray.cluster_utils import Cluster  # noqa: E402
 
 TIMEOUT = 300
-SCORE = "import sys; sys.argv[0] = 'score-images'; from classify.cli import run_score; run_score()"
 
 
 def arguments(data, cache, weights_file, *extra) -> list[str]:
@@ -32,9 +31,9 @@ def arguments(data, cache, weights_file, *extra) -> list[str]:
             "--pooling", "avg", "--json", *map(str, extra)]
 
 
-def extract(data, cache, weights_file, *extra, env=None, driver=None):
-    """The command in a plain subprocess (a Ray driver)."""
-    return subprocess.run([*(driver or [sys.executable, "-m", "extract.cli"]), *arguments(data, cache, weights_file, *extra)],
+def extract(data, cache, weights_file, *extra, env=None, driver=""):
+    """The command in a plain subprocess (a Ray driver), after the Python code `driver`."""
+    return subprocess.run(helpers.command_line(helpers.EXTRACT, *arguments(data, cache, weights_file, *extra), setup=driver),
                           capture_output=True, text=True, timeout=TIMEOUT, env=env)
 
 
@@ -146,19 +145,17 @@ def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_fil
         make_image(data / f"{i:02d}.png", seed=i)
     reference = summary(here(data, tmp_path / "reference.h5", weights_file))
     shards = tmp_path / "c.h5.shards"
-    small_shards = [sys.executable, "-c",
-                    "import sys, extract.ray_engine as engine; engine.SHARD_ROWS = 4; "
-                    "sys.argv[0] = 'extract-features'; from extract.cli import run; run()"]
     arguments = [str(data), "--cache", str(tmp_path / "c.h5"), "--weights", str(weights_file), "--input-size",
                  str(SIZE), "--pooling", "avg", "--engine", "ray", "--batch-size", "4", "--quiet"]
-    process = subprocess.Popen([*small_shards, *arguments], env=on_cluster(cluster.address),
-                               stderr=subprocess.PIPE)
+    small_shards = "import extract.ray_engine as engine; engine.SHARD_ROWS = 4; "
+    process = subprocess.Popen(helpers.command_line(helpers.EXTRACT, *arguments, setup=small_shards),
+                               env=on_cluster(cluster.address), stderr=subprocess.PIPE)
     deadline = time.monotonic() + TIMEOUT
-    while len(list(shards.glob("*/*.h5"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while len(helpers.listing(shards, "*/*.h5")) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.kill()
     process.wait()
-    written = len(list(shards.glob("*/*.h5")))
+    written = len(helpers.listing(shards, "*/*.h5"))
     assert written >= 2
     rerun = summary(here(data, tmp_path / "c.h5", weights_file))
     assert rerun["computed"] <= 40 - 8 and rerun["rows"] == 40
@@ -242,7 +239,7 @@ def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, w
         return [json.loads(line) for line in done.stdout.splitlines()]
 
     local = rows(helpers.run(helpers.SCORE, *options, timeout=TIMEOUT))  # forked: the inputs hold a FIFO
-    remote = rows(subprocess.run([sys.executable, "-c", SCORE, *options, "--engine", "ray"], capture_output=True,
+    remote = rows(subprocess.run(helpers.command_line(helpers.SCORE, *options, "--engine", "ray"), capture_output=True,
                                  text=True, timeout=TIMEOUT, env=on_cluster(cluster.address)))
     assert [row["path"] for row in remote] == inputs == [row["path"] for row in local]
     assert [row["status"] for row in remote] == [row["status"] for row in local]
@@ -272,9 +269,7 @@ def test_wrong_weights_more_actors_than_the_cluster_holds_and_an_address_nobody_
 
 
 def test_without_ray_installed_the_engine_is_refused_in_one_line(dataset, tmp_path, weights_file):
-    no_ray = [sys.executable, "-c",
-              "import sys; sys.modules['ray'] = None; sys.argv[0] = 'extract-features'; "
-              "from extract.cli import run; run()"]
+    no_ray = "import sys; sys.modules['ray'] = None; "
     done = extract(dataset, tmp_path / "c.h5", weights_file, "--engine", "ray", driver=no_ray)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "pip install" in done.stderr and "[ray]" in done.stderr
