@@ -1,17 +1,26 @@
-"""What one small change costs as the cache grows: delete, add and edit one image.
+"""What a run costs as the cache grows: unchanged, and after one small change.
 
-    python bench/cache_changes.py --images 1439 20146 --input-size 96
+    python bench/cache_changes.py --images 1439 20146 201460 --input-size 96
 
-For each count N: N distinct photos (bench/extract_speed.py's, 128x96 JPEGs) in
-bench/data/photos-N-128x96/, extracted once (pooling none, seeded random weights) into a
-fresh cache; then, as a user would, the real `extract-features` command (a new process
-each time, wall time) after each of these changes, `--repeat` times:
+For each count N, a folder of N JPEGs (128x96, bench/extract_speed.py's photos) in
+bench/data/copies-N-of-D-128x96/: D = min(N, `--distinct`) distinct photos, file i a hard
+link to (a copy of the content of) photo i mod D, so that N files on disk are N files to
+list, `stat`, plan, catalog and count, while VGG16 runs only D times when the cache is
+first made (features are keyed by content) and the folder costs no more disk than D photos.
+The victim (the file deleted, added back and edited) is first given content of its own
+(mirrored), so that it is one image at every N: an add computes it, an edit rewrites only
+it. The cache is made once (pooling none, seeded random weights); then, as a user would,
+the real `extract-features` command (a new process each time, wall time) after each of
+these changes, `--repeat` times:
   unchanged  nothing changed
   delete     one image moved out of the folder
   add        the same image moved back (its features are computed again)
-  edit       one image rewritten with other content
-Reports the median seconds of each, the cache's size on disk (the catalog and, where there
-are any, its shards), and the ratio of the largest count's medians to the smallest's.
+  edit       one image rewritten with other content (computed: TensorFlow starts)
+What these measure beyond process start is what a run costs before and after it computes:
+listing the folder, reading the catalog, planning, committing and summing up. Reports the
+median seconds of each, the cache's size on disk (the catalog and its shards), the ratio
+of the largest count's medians to the smallest's, and the cost per file of each between
+consecutive counts, (t(N2) - t(N1)) / (N2 - N1) in microseconds.
 Also: `add 100`, a checkpoint of 100 new images, timed the same way; where the summary
 has it, the median time each run spent writing (`save_seconds`); and what a checkpoint
 costs inside a run (`checkpoint`): on a copy of each cache, the median seconds of
@@ -21,6 +30,7 @@ costs inside a run (`checkpoint`): on a copy of each cache, the median seconds o
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -37,6 +47,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.extract_speed import photo_folder  # noqa: E402
 
 SIZE = (128, 96)
+
+
+def copies_folder(count: int, distinct: int) -> Path:
+    """bench/data/copies-N-of-D-128x96/: file i (train/class<i mod 4>/<i>.jpg) a hard link to
+    photo i mod D (a copy where links are refused). Made anew each time: a run may have
+    edited a file."""
+    distinct = min(count, distinct)
+    photos = sorted(photo_folder(distinct, SIZE).glob("train/*/*.jpg"))
+    folder = Path("bench/data") / f"copies-{count}-of-{distinct}-{SIZE[0]}x{SIZE[1]}"
+    shutil.rmtree(folder, ignore_errors=True)
+    for label in range(4):
+        (folder / "train" / f"class{label}").mkdir(parents=True)
+    for i in range(count):
+        target = folder / "train" / f"class{i % 4}" / f"{i:06d}.jpg"
+        try:
+            os.link(photos[i % distinct], target)
+        except OSError:
+            shutil.copyfile(photos[i % distinct], target)
+    return folder
 
 
 def command(data: Path, cache: Path, input_size: int) -> list[str]:
@@ -64,15 +93,18 @@ def disk_mb(cache: Path) -> float:
     return round(sum(path.stat().st_size for path in files if path.is_file()) / 2**20, 1)
 
 
-def measure(count: int, input_size: int, repeat: int, scratch: Path) -> dict:
-    data = photo_folder(count, SIZE)
+def measure(count: int, distinct: int, input_size: int, repeat: int, scratch: Path) -> dict:
+    data = copies_folder(count, distinct)
+    victim = sorted(data.glob("train/*/*.jpg"))[count // 2]
+    mirrored = Image.open(victim).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    victim.unlink()  # content of its own (no copies): an add computes it, an edit rewrites it alone
+    mirrored.save(victim, quality=90)
+    aside = scratch / victim.name
+    original = victim.read_bytes()
     cache = scratch / f"c{count}.h5"
     arguments = command(data, cache, input_size)
     result = {"images": count, "cold_seconds": round(run(arguments, "cold"), 1)}
     result["cache_mb"] = disk_mb(cache)
-    victim = sorted(data.glob("train/*/*.jpg"))[count // 2]
-    aside = scratch / victim.name
-    original = victim.read_bytes()
     times = {"unchanged": [], "delete": [], "add": [], "edit": []}
     for round_ in range(repeat):
         times["unchanged"].append(run(arguments, "unchanged"))
@@ -87,13 +119,14 @@ def measure(count: int, input_size: int, repeat: int, scratch: Path) -> dict:
     result.update({name: round(statistics.median(values), 3) for name, values in times.items()})
     new = data / "train" / "added"
     new.mkdir()
-    for i, source in enumerate(sorted(data.glob("train/class0/*.jpg"))[:100]):
+    for i, source in enumerate(sorted(data.glob("train/class0/*.jpg"))[:100]):  # rotated: new content
         Image.open(source).rotate(90).save(new / f"{i}.jpg", quality=85)
     result["add_100"] = round(run(arguments, "add_100"), 3)
     shutil.rmtree(new)
     run(arguments)
     result["cache_mb_after"] = disk_mb(cache)
     result["checkpoint"] = checkpoints(cache, scratch / f"copy{count}.h5", repeat)
+    shutil.rmtree(data)
     if SAVES:
         result["save_seconds"] = {name: round(statistics.median(values), 3) for name, values in SAVES.items()}
         SAVES.clear()
@@ -133,20 +166,27 @@ def checkpoints(cache: Path, copy: Path, repeat: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, nargs="+", default=[1439, 20146])
+    parser.add_argument("--images", type=int, nargs="+", default=[1439, 20146, 201460])
+    parser.add_argument("--distinct", type=int, default=1439, help="distinct photos among them (the rest are copies)")
     parser.add_argument("--input-size", type=int, default=96)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="cache-changes-"))
     try:
-        results = [measure(count, args.input_size, args.repeat, scratch) for count in args.images]
+        results = [measure(count, args.distinct, args.input_size, args.repeat, scratch) for count in args.images]
     finally:
         shutil.rmtree(scratch)
     small, large = results[0], results[-1]
     ratios = {name: round(large[name] / small[name], 2) for name in ("unchanged", "delete", "add", "edit", "add_100")}
     ratios["catalog_commit"] = round(large["checkpoint"]["catalog_commit_seconds"] / small["checkpoint"]["catalog_commit_seconds"], 2)
     ratios["flush_512"] = round(large["checkpoint"]["flush_seconds"][512] / small["checkpoint"]["flush_seconds"][512], 2)
-    print(json.dumps({"input_size": args.input_size, "results": results, "largest_over_smallest": ratios}, indent=2))
+    per_file = {
+        f"{a['images']}-{b['images']}": {name: round((b[name] - a[name]) / (b["images"] - a["images"]) * 1e6, 1)
+                                         for name in ("unchanged", "delete", "add", "edit")}
+        for a, b in zip(results, results[1:])
+    }
+    print(json.dumps({"input_size": args.input_size, "results": results, "largest_over_smallest": ratios,
+                      "microseconds_per_file": per_file}, indent=2))
 
 
 if __name__ == "__main__":

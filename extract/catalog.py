@@ -9,6 +9,7 @@ A catalog of format version 1 (features inside it, no shards) is read as it is.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,14 @@ import h5py
 import numpy as np
 
 from extract.errors import CacheError
-from extract.schema import FORMAT, FORMAT_VERSION, read_attrs, read_column, shards_folder
+from extract.schema import COLUMNS, FORMAT, FORMAT_VERSION, read_attrs, read_column, shards_folder
 from extract.shards import ShardInfo, problem, reason, view_key
 
 Location = tuple[str, int]  # (shard path relative to the shards folder, row in it)
 _OPEN_SHARDS = 64  # shard files a FeatureCache keeps open at once
 
 
-class Row(NamedTuple):  # a tuple: made for every image on every run, so it must be cheap
+class Row(NamedTuple):
     """One image row of a configuration; its features are those of its `sha256`."""
 
     sha256: str
@@ -33,6 +34,81 @@ class Row(NamedTuple):  # a tuple: made for every image on every run, so it must
     split: str
     size: int
     mtime_ns: int
+
+
+class Rows:
+    """The image rows of a configuration as columns, row i across them: `path`, `sha256`,
+    `label`, `split` (object arrays of str) and `size`, `mtime_ns` (int64), as the catalog
+    stores them. A run reads, plans, compares, counts and writes them column-wise, with no
+    Python object per row; `Rows.of` takes the rows as a mapping of path -> `Row`."""
+
+    COLUMNS = tuple(COLUMNS)  # the catalog's per-row columns, in its order: path first
+    __slots__ = (*COLUMNS, "_index")
+
+    def __init__(self, path=(), sha256=(), label=(), split=(), size=(), mtime_ns=()):
+        self.path, self.sha256, self.label, self.split = (_strings(column) for column in (path, sha256, label, split))
+        self.size, self.mtime_ns = np.asarray(size, dtype=np.int64), np.asarray(mtime_ns, dtype=np.int64)
+        if not len(self.path) == len(self.sha256) == len(self.label) == len(self.split) == len(self.size) == len(self.mtime_ns):
+            raise ValueError("Rows: every column must have one value per row")
+        self._index: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, rows: dict[str, Row]) -> "Rows":
+        return cls(list(rows), *(zip(*rows.values()) if rows else ((),) * len(Row._fields)))
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def __iter__(self):
+        """The paths, as a dict of rows by path would give them."""
+        return iter(self.path.tolist())
+
+    def __eq__(self, other) -> bool:
+        """The same rows, in any order."""
+        if not isinstance(other, Rows):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        at = other.find(self.path)
+        return bool((at >= 0).all()) and all(
+            np.array_equal(getattr(self, name), getattr(other, name)[at]) for name in self.COLUMNS[1:])
+
+    __hash__ = None
+
+    def find(self, paths) -> np.ndarray:
+        """The row number of each of `paths` (-1 where there is none)."""
+        index = self.index
+        return np.fromiter(map(index.get, paths, itertools.repeat(-1)), dtype=np.int64, count=len(paths))
+
+    @property
+    def index(self) -> dict[str, int]:
+        """path -> row number, made once, when first needed."""
+        if self._index is None:
+            self._index = dict(zip(self.path.tolist(), range(len(self))))
+        return self._index
+
+    def take(self, rows) -> "Rows":
+        """The rows at the given row numbers (or boolean mask), in that order."""
+        return Rows(*(getattr(self, name)[rows] for name in self.COLUMNS))
+
+    def sha256_of(self, path: str) -> str | None:
+        row = self.index.get(path)
+        return None if row is None else self.sha256[row]
+
+    def row(self, path: str) -> Row | None:
+        """One row as a `Row` (for a look at one image, not for a loop over all)."""
+        row = self.index.get(path)
+        return None if row is None else Row(self.sha256[row], self.label[row], self.split[row],
+                                            int(self.size[row]), int(self.mtime_ns[row]))
+
+
+def _strings(column) -> np.ndarray:
+    """A column of text as a 1-D object array (its str values as they are)."""
+    if isinstance(column, np.ndarray):
+        return column if column.dtype == object else column.astype(str).astype(object)
+    array = np.empty(len(column), dtype=object)
+    array[:] = list(column)
+    return array
 
 
 @dataclass
@@ -49,11 +125,15 @@ class ConfigState:
     views tables, where each content key's features are, and the shards they are in."""
 
     attrs: dict = field(default_factory=dict)
-    rows: dict[str, Row] = field(default_factory=dict)
+    rows: Rows = field(default_factory=Rows)  # a mapping of path -> Row is taken too (Rows.of)
     failures: list[tuple[str, str]] = field(default_factory=list)
     views: dict[str, ViewTable] = field(default_factory=dict)
     located: dict[str, Location] = field(default_factory=dict)
     shards: dict[str, ShardInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rows, Rows):
+            self.rows = Rows.of(self.rows)
 
 
 @dataclass
@@ -132,24 +212,22 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
     if version >= 2:
         state.shards = shard_table(group)
     shards = list(state.shards)
-    paths, hashes, labels, splits, sizes, times = (
-        read_column(group, name).tolist() for name in ("path", "sha256", "label", "split", "size", "mtime_ns"))
-    hashes = _text(hashes)
-    state.rows = dict(zip(paths, map(Row, hashes, labels, splits, sizes, times)))
-    state.located.update(_locations(group, hashes, shards, v1_shard(fingerprint)))
+    columns = {name: read_column(group, name) for name in Rows.COLUMNS}
+    state.rows = Rows(**dict(columns, sha256=_text(columns["sha256"])))
+    state.located.update(_locations(group, state.rows.sha256.tolist(), shards, v1_shard(fingerprint)))
     failures = group["failures"]
     state.failures = sorted(zip(failures["path"].asstr()[:], failures["reason"].asstr()[:]))
     for name, table in group.get("views", {}).items():
-        hashes, views = _text(table["sha256"][:].tolist()), table["view"][:].tolist()
+        hashes, views = _text(table["sha256"][:]).tolist(), table["view"][:].tolist()
         state.views[name] = ViewTable(read_attrs(table), list(zip(hashes, views)))
         keys = [view_key(sha256, name, view) for sha256, view in zip(hashes, views)]
         state.located.update(_locations(table, keys, shards, v1_shard(fingerprint, name)))
     return state
 
 
-def _text(values: list[bytes]) -> list[str]:
-    """ASCII bytes (a fixed-size string column) as str."""
-    return [value.decode() for value in values]
+def _text(values: np.ndarray) -> np.ndarray:
+    """A fixed-size ASCII column (SHA-256 hex digests) as an object array of str."""
+    return values.astype(f"U{values.dtype.itemsize}").astype(object)
 
 
 def shard_table(group) -> dict[str, ShardInfo]:

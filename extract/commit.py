@@ -15,12 +15,13 @@ import fcntl
 import os
 import stat
 import uuid
+from operator import itemgetter
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from extract.catalog import ConfigState, Row, load_state, open_cache, v1_shard
+from extract.catalog import ConfigState, load_state, open_cache, v1_shard
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
     COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, shards_folder,
@@ -115,14 +116,11 @@ def _write_config(group, state: ConfigState, folder: str) -> None:
     used = referenced(state)
     shards = [info for path, info in state.shards.items() if path in used]
     number = {info.path: position for position, info in enumerate(shards)}
-    paths = list(state.rows)
-    rows = list(state.rows.values())
-    hashes = [row.sha256 for row in rows]
-    order, location = _on_disk_order(state, number, hashes)
-    fields = list(zip(*rows)) or [()] * len(Row._fields)  # sha256, label, split, size, mtime_ns: COLUMNS after path
-    columns = dict(zip(COLUMNS, ([paths[i] for i in order], *([column[i] for i in order] for column in fields))))
+    rows = state.rows
+    order, location = _on_disk_order(state, number, rows.sha256.tolist())
+    columns = {name: getattr(rows, name)[order] for name in COLUMNS}
     _write_table(group, columns, COLUMNS, location, shards, folder, shape, dtype)
-    write_column(group, "class_names", sorted({row.label for row in rows} - {""}), TEXT)
+    write_column(group, "class_names", sorted(set(rows.label.tolist()) - {""}), TEXT)
     failures = group.create_group("failures")
     write_column(failures, "path", [path for path, _ in state.failures], TEXT)
     write_column(failures, "reason", [why for _, why in state.failures], TEXT)
@@ -140,12 +138,24 @@ def _write_config(group, state: ConfigState, folder: str) -> None:
 
 
 def _on_disk_order(state: ConfigState, number: dict, keys: list[str]) -> tuple[np.ndarray, tuple]:
-    """Rows are stored in the order of their features on disk (few virtual mappings): the
-    order of `keys`, and (shard number, row in it) of each in that order."""
-    located = [state.located[key] for key in keys]
-    shard = np.array([number[path] for path, _ in located], dtype=np.int32)
-    shard_row = np.array([row for _, row in located], dtype=np.int64)
+    """Rows are stored in the order of their features on disk, so that the virtual dataset
+    needs few mappings (one per run of rows that follow each other in a shard): the order
+    of `keys`, and (shard number, row in it) of each in that order. Rows of the same
+    content (copies of a file) take turns: every key's first row in disk order, then every
+    second row, and so on; one after the other, each copy would need a mapping of its own."""
+    located = list(map(state.located.__getitem__, keys))
+    count = len(keys)
+    shard = np.fromiter(map(number.__getitem__, map(itemgetter(0), located)), dtype=np.int32, count=count)
+    shard_row = np.fromiter(map(itemgetter(1), located), dtype=np.int64, count=count)
     order = np.lexsort((shard_row, shard))
+    if count:
+        place_shard, place_row = shard[order], shard_row[order]
+        first = np.ones(count, dtype=bool)
+        first[1:] = (place_shard[1:] != place_shard[:-1]) | (place_row[1:] != place_row[:-1])
+        copy = np.empty(count, dtype=np.int64)  # 0 for a key's first row, 1 for its second, ...
+        copy[order] = np.arange(count) - np.flatnonzero(first)[np.cumsum(first) - 1]
+        if copy.any():
+            order = np.lexsort((shard_row, shard, copy))
     return order, (shard[order], shard_row[order])
 
 
@@ -186,8 +196,8 @@ def _write_virtual(group, shard: np.ndarray, shard_row: np.ndarray, shards: list
 
 def referenced(state: ConfigState) -> set[str]:
     """The shards that rows or views tables point at."""
-    keys = [row.sha256 for row in state.rows.values()]
-    keys += [view_key(sha256, name, view) for name, table in state.views.items() for sha256, view in table.keys]
+    keys = set(state.rows.sha256.tolist())
+    keys.update(view_key(sha256, name, view) for name, table in state.views.items() for sha256, view in table.keys)
     return {state.located[key][0] for key in keys}
 
 

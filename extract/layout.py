@@ -251,7 +251,11 @@ def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, 
                 else:
                     found.append((_shown(path), None, "file name is not valid UTF-8 (rename it)"))
                 continue
-            if _is_visible_dir(entry):
+            try:
+                is_dir = entry.is_dir()  # the name is visible: checked above
+            except OSError:
+                is_dir = False
+            if is_dir:
                 try:
                     key = _identity(entry.path)
                 except OSError as error:

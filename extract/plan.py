@@ -5,46 +5,67 @@ match its cached row is not even read (`to_read`); any other image is read and h
 goes through VGG16 only if no stored row or batch has its SHA-256. The rows to store are
 then `catalog_rows` of what was read. With augmented views, each training image also
 needs views 1..K, known by (SHA-256, view) (`view_table`).
+
+A run plans over every file of the folder, so these work on columns (`Rows`, and the
+listing's sizes and times as arrays): the catalog's rows are found by path through one
+index, and no object is made per row that is kept as it was.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Sequence
 
-from extract.catalog import Row, ViewTable
+import numpy as np
+
+from extract.catalog import Rows, ViewTable
 from extract.layout import ImageFile
 from extract.shards import view_key
 
 
-def to_read(images: Iterable[ImageFile], cached: dict[str, Row], missing_views: Callable[[ImageFile, str], list]) -> list[ImageFile]:
-    """The images that may have changed, or still lack views: every other one keeps its row unread."""
-    return [
-        image for image in images
-        if not ((row := cached.get(image.path)) and (row.size, row.mtime_ns) == (image.size, image.mtime_ns))
-        or missing_views(image, row.sha256)
-    ]
+def to_read(images: Sequence[ImageFile], cached: Rows,
+            missing_views: Callable[[ImageFile, str], list] | None = None) -> list[ImageFile]:
+    """The images that may have changed, or still lack views (`missing_views`, when views
+    are made): every other one keeps its row unread."""
+    at = cached.find([image.path for image in images])
+    unchanged = _same_file(images, cached, at)
+    if missing_views is None:
+        return [image for image, keep in zip(images, unchanged.tolist()) if not keep]
+    return [image for image, keep, row in zip(images, unchanged.tolist(), at.tolist())
+            if not keep or missing_views(image, cached.sha256[row])]
 
 
-def catalog_rows(images: Iterable[ImageFile], cached: dict[str, Row], read: dict[str, str], failed: set[str]) -> dict[str, Row]:
-    """The rows to store: each image read (path -> its SHA-256, features stored) with its
-    label and split; an image not read (unchanged, or not reached by an interrupted run)
-    keeps its cached row, and its cached size and time, to be checked again next time.
-    Failed, deleted and not-yet-computed images have no row."""
-    rows = {}
-    for image in images:
-        if image.path in read:
-            rows[image.path] = Row(read[image.path], image.label, image.split, image.size, image.mtime_ns)
-        elif (row := cached.get(image.path)) and image.path not in failed:
-            rows[image.path] = Row(row.sha256, image.label, image.split, row.size, row.mtime_ns)
-    return rows
+def catalog_rows(images: Sequence[ImageFile], cached: Rows, read: dict[str, str], failed: set[str]) -> Rows:
+    """The rows to store, in the order of `images`: each image read (path -> its SHA-256,
+    features stored) with its label and split; an image not read (unchanged, or not reached
+    by an interrupted run) keeps its cached row, and its cached size and time, to be checked
+    again next time. Failed, deleted and not-yet-computed images have no row."""
+    count = len(images)
+    paths = [image.path for image in images]
+    at = cached.find(paths)
+    fresh = np.fromiter(map(read.__contains__, paths), dtype=bool, count=count) if read else np.zeros(count, bool)
+    kept = at >= 0
+    if read or failed:
+        kept &= ~fresh & ~np.fromiter(map(failed.__contains__, paths), dtype=bool, count=count)
+    stored = fresh | kept
+    sha256 = np.empty(count, dtype=object)
+    sha256[kept] = cached.sha256[at[kept]]
+    size, mtime_ns = np.empty(count, np.int64), np.empty(count, np.int64)
+    size[kept], mtime_ns[kept] = cached.size[at[kept]], cached.mtime_ns[at[kept]]
+    for row in np.flatnonzero(fresh).tolist():
+        image = images[row]
+        sha256[row], size[row], mtime_ns[row] = read[image.path], image.size, image.mtime_ns
+    labels = [image.label for image in images]
+    splits = [image.split for image in images]
+    rows = Rows(paths, sha256, labels, splits, size, mtime_ns)
+    return rows if stored.all() else rows.take(stored)
 
 
-def view_table(rows: dict[str, Row], cached: ViewTable | None, name: str, views_per_image: int, attrs: dict,
+def view_table(rows: Rows, cached: ViewTable | None, name: str, views_per_image: int, attrs: dict,
                known: Callable[[str], bool]) -> ViewTable:
     """The views table to store: every stored view of the training rows' images, the
     cached ones first. Views numbered above `views_per_image` stay (a later, larger
     --augment uses them); views of images no longer in training go."""
-    training = {row.sha256 for row in rows.values() if row.split == "train"}
+    training = set(rows.sha256[rows.split == "train"].tolist())
     keys = [key for key in (cached.keys if cached else []) if key[0] in training]
     have = set(keys)
     keys += [
@@ -52,3 +73,26 @@ def view_table(rows: dict[str, Row], cached: ViewTable | None, name: str, views_
         if (sha256, view) not in have and known(view_key(sha256, name, view))
     ]
     return ViewTable(attrs, keys)
+
+
+def row_changes(rows: Rows, original: Rows) -> dict[str, int]:
+    """How `rows` differ from the `original` ones, by path: new, changed (another SHA-256),
+    unchanged, and removed (in `original` only)."""
+    at = original.find(rows.path)
+    found = at >= 0
+    changed = int(np.count_nonzero(original.sha256[at[found]] != rows.sha256[found]))
+    present = int(np.count_nonzero(found))
+    return {"new": len(rows) - present, "changed": changed, "unchanged": present - changed,
+            "removed": len(original) - present}
+
+
+def _same_file(images: Sequence[ImageFile], cached: Rows, at: np.ndarray) -> np.ndarray:
+    """Whether each image has a cached row (`at`: its row number, or -1) of its size and time."""
+    count = len(images)
+    found = at >= 0
+    size = np.fromiter((image.size for image in images), dtype=np.int64, count=count)
+    mtime_ns = np.fromiter((image.mtime_ns for image in images), dtype=np.int64, count=count)
+    where = at[found]
+    same = found.copy()
+    same[found] = (cached.size[where] == size[found]) & (cached.mtime_ns[where] == mtime_ns[found])
+    return same

@@ -5,6 +5,7 @@ and sums up what it did. See `plan` for what is computed and `writer` for how it
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
@@ -23,7 +24,7 @@ from extract.engine import Engine
 from extract.errors import CacheError, UsageError
 from extract.labels import read_labels
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
-from extract.plan import catalog_rows, to_read, view_table
+from extract.plan import catalog_rows, row_changes, to_read, view_table
 from extract.cluster import check_engine
 from extract.ray_engine import RayEngine
 from extract.reader import ViewRequest
@@ -212,7 +213,7 @@ class _Run:
         self.key = fingerprint(self.identity)
         self.writer = Writer(cache, self.key, rebuild)
         self.stored = self.writer.state
-        self.original = dict(self.stored.rows)  # as the run found them, for the counts
+        self.original = self.stored.rows  # as the run found them, for the counts (a commit replaces, never changes, rows)
         data_root = str(scan.root.resolve())
         if self.stored.attrs and self.stored.attrs.get("data_dir") != data_root:
             raise UsageError(
@@ -226,11 +227,11 @@ class _Run:
         )
         self._compare(cache)
         self.summary.repaired = self.writer.check(repair)
-        self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
+        self.cached = self.stored.rows  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
         self.engine: Engine | RayEngine | None = None
         self.committed_at = time.monotonic()  # when the catalog was last committed (or the run began)
-        self.reading = to_read(scan.images, self.cached, self.missing_views)
+        self.reading = to_read(scan.images, self.cached, self.missing_views if self.views_per_image else None)
 
     def _compare(self, cache: Path) -> None:
         """Name the configuration in the summary, and, for one new beside others in the
@@ -281,8 +282,7 @@ class _Run:
         return ViewRequest(self.augmentation, self.missing_views, self.views_per_image) if self.views_per_image else None
 
     def cached_sha256(self, path: str) -> str | None:
-        row = self.cached.get(path)
-        return row.sha256 if row else None
+        return self.cached.sha256_of(path)
 
     def state(self) -> ConfigState:
         """What the cache is to hold now (where features are is the writer's business)."""
@@ -375,16 +375,15 @@ class _Run:
     def _count(self, state: ConfigState) -> None:
         summary, engine = self.summary, self.engine
         rows = state.rows
-        summary.new = sum(path not in self.original for path in rows)
-        summary.changed = sum(path in self.original and self.original[path].sha256 != row.sha256 for path, row in rows.items())
-        summary.unchanged = len(rows) - summary.new - summary.changed
-        summary.removed = sum(path not in rows for path in self.original)
+        changes = row_changes(rows, self.original)
+        summary.new, summary.changed, summary.unchanged, summary.removed = (
+            changes[name] for name in ("new", "changed", "unchanged", "removed"))
         summary.failures = list(state.failures)
         summary.failed = len(state.failures)
         summary.rows = len(rows)
-        summary.class_names = sorted({row.label for row in rows.values()} - {""})
-        splits = [row.split for row in rows.values()]
-        summary.split_sizes = {split: splits.count(split) for split in sorted(set(splits))}
+        summary.class_names = sorted(set(rows.label.tolist()) - {""})
+        splits = collections.Counter(rows.split.tolist())
+        summary.split_sizes = {split: splits[split] for split in sorted(splits)}
         summary.computed, summary.views_computed, summary.reused = engine.computed, engine.views_computed, engine.reused
         summary.device, summary.backend, summary.images_per_second = engine.device, engine.backend, engine.images_per_second
         summary.start_seconds = None if engine.start_seconds is None else round(engine.start_seconds, 3)

@@ -108,13 +108,16 @@ class Writer:
         every shard whole (each chunk's checksum) and forget the rows of damaged ones, so
         that the run computes them again. A damaged shard whose every row was found in a
         shard left behind (see `_adopt`) is dropped quietly. Returns the number of keys forgotten."""
-        counts = {}
-        for path, _ in self.state.located.values():
-            counts[path] = counts.get(path, 0) + 1
         damaged = list(self.damaged)
         if repair:
             damaged += [(shard, why) for shard in self.state.shards.values() if shard not in dict(damaged)
                         for why in [_unreadable(self.base / shard.path)] if why]
+        if not damaged:  # every row's features are where the catalog says
+            self.discard = []
+            return 0
+        counts = {}
+        for path, _ in self.state.located.values():
+            counts[path] = counts.get(path, 0) + 1
         needed = [(shard, why) for shard, why in damaged if counts.get(shard.path)]
         if needed and not repair:
             shard, why = needed[0]
@@ -127,7 +130,10 @@ class Writer:
             del self.state.located[key]
         for path in lost:
             del self.state.shards[path]
-        self.state.rows = {path: row for path, row in self.state.rows.items() if row.sha256 in self.state.located}
+        rows = self.state.rows
+        stored = np.fromiter(map(self.state.located.__contains__, rows.sha256), dtype=bool, count=len(rows))
+        if not stored.all():
+            self.state.rows = rows.take(stored)
         for name, table in self.state.views.items():
             table.keys = [(sha256, view) for sha256, view in table.keys if view_key(sha256, name, view) in self.state.located]
         return len(forgotten)
@@ -265,7 +271,7 @@ def move_aside(cache: Path) -> Path:
 
 
 def _keys(state: ConfigState) -> set[str]:
-    keys = {row.sha256 for row in state.rows.values()}
+    keys = set(state.rows.sha256.tolist())
     return keys | {view_key(sha256, name, view) for name, table in state.views.items() for sha256, view in table.keys}
 
 

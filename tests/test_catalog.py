@@ -87,6 +87,20 @@ def test_a_change_writes_a_small_shard_and_a_new_catalog_only(tmp_path):
     assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(301) if n != 7}
 
 
+def test_copies_of_one_file_take_turns_so_the_virtual_dataset_needs_few_mappings(tmp_path):
+    path = tmp_path / "c.h5"
+    writer = Writer(path, "k")
+    writer.append([sha(n) for n in range(50)], np.stack([features_of(n) for n in range(50)]))
+    rows = {f"c{i % 2}/{i}.png": Row(sha(i % 50), f"c{i % 2}", "train", i, i) for i in range(150)}  # 3 copies each
+    writer.commit(ConfigState(attrs=attrs(), rows=rows))
+    with h5py.File(path, "r") as file:
+        group = file["configs/k"]
+        assert group["features"].id.get_create_plist().get_virtual_count() == 3  # one per turn, not one per row
+        by_path = dict(zip(group["path"].asstr()[:], group["features"][:, 0, 0, 0]))
+    assert by_path == {f"c{i % 2}/{i}.png": i % 50 for i in range(150)}
+    assert stored(path) == by_path
+
+
 def test_plain_h5py_reads_what_feature_cache_reads(tmp_path, weights_file, monkeypatch):
     """Through the virtual datasets, from any working directory, after changes that leave
     dead rows and several shards: the same features, columns and views."""
