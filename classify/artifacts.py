@@ -38,7 +38,7 @@ import joblib
 import numpy as np
 
 from classify.evaluation import plot_confusion, plot_learning_curve
-from extract import UsageError, describe
+from extract import FeatureConfig, UsageError, describe, fingerprint
 
 ARTIFACT = "head.joblib"
 INFO = "head.json"
@@ -309,3 +309,35 @@ def new_folder(name: str, parent=DEFAULT_HEADS_FOLDER) -> Path:
             raise UsageError(f"Cannot make a folder under {parent}/ ({error.strerror or error}); "
                              f"pass --out.") from None
     raise UsageError(f"Could not make a new folder under {parent}/; pass --out.")
+
+
+def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
+    """The feature configuration the head was trained on, checked to be the same one."""
+    facts = head.info["feature_config"]
+    try:
+        config = FeatureConfig.from_facts(facts, weights)
+    except (KeyError, TypeError, ValueError) as error:
+        what = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
+        raise UsageError(f"The feature_config in {str(head.folder / 'head.json')!r} is not one train-head wrote "
+                         f"({what}); retrain the head.") from None
+    where = config.weights
+    if where not in ("imagenet", "random") and not Path(where).is_file():
+        raise UsageError(
+            f"The head's features were made with the weights file {where!r}, which is not there; "
+            f"pass --weights PATH to a copy of it."
+        )
+    config.validate()
+    identity = config.identity()
+    if fingerprint(identity) == head.fingerprint:
+        return config
+    if config.weights == "random":
+        made_on = facts.get("weights_backend", "tensorflow")
+        raise UsageError(
+            f"The head's features were made with random weights (seed {config.seed}) on the Keras backend "
+            f"{made_on}, and random weights differ by backend; run with KERAS_BACKEND={made_on} "
+            f"(this is {identity.get('weights_backend', 'tensorflow')})."
+        )
+    raise UsageError(
+        f"--weights {where}: not the weights the head's features were made with "
+        f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
+    )

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.artifacts import LoadedHead, load_head
-from classify.scoring import head_config
+from classify.artifacts import LoadedHead, head_config, load_head
 from extract import UsageError
 from extract.backbone import Backbone, import_keras
 

@@ -24,6 +24,7 @@ from extract.errors import CacheError, UsageError
 from extract.labels import read_labels
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
 from extract.plan import catalog_rows, to_read, view_table
+from extract.progress import Checkpoints
 from extract.cluster import check_engine
 from extract.ray_engine import RayEngine
 from extract.reader import ViewRequest
@@ -46,7 +47,6 @@ LIMITS = {
     "--ray-actors": (1, 1024),  # backbone actors of --engine ray (one per GPU)
 }
 BATCH_PIXELS = 32 * 1024**2  # pixels of one batch: the default 32 images up to 1024 px, fewer above 181 px
-CATALOG_SHARE = 0.05  # at most this share of a run's time goes to catalog commits at its checkpoints
 
 
 @dataclass
@@ -131,7 +131,7 @@ def extract_features(
     cache its features in the HDF5 cache `cache`. The keyword arguments mirror the
     `extract-features` options. Every `save_every` seconds the finished batches become a
     shard (a checkpoint; the catalog is committed with it while that takes under
-    `CATALOG_SHARE` of the run); the end commits all; Ctrl-C commits every finished batch,
+    `progress.CATALOG_SHARE` of the run); the end commits all; Ctrl-C commits every finished batch,
     then re-raises KeyboardInterrupt.
 
     `augment=K` also caches K augmented views of every training image, made as
@@ -185,14 +185,15 @@ def extract_features(
         run.summary.cache, run.summary.engine = shown, engine
         if labels is not None:
             run.summary.labels, run.labels = str(labels), str(Path(labels).resolve())
+        run.checkpoints = Checkpoints(save_every)
         run.engine = (
-            Engine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size) if engine == "local"
-            else RayEngine(config, run.writer, run.cached_sha256, run.checkpoint, save_every, batch_size,
-                           ray_address, ray_actors)
+            Engine(config, run.writer, run.cached_sha256, run.checkpoints, batch_size) if engine == "local"
+            else RayEngine(config, run.writer, run.cached_sha256, run.checkpoints, batch_size, ray_address, ray_actors)
         )
         try:
-            run.engine.run(scan.root, run.reading, run.view_request(), run.view_key,
-                       workers or max(2, min(8, os.cpu_count() or 1)), progress)
+            for _ in run.engine.run(scan.root, run.reading, run.view_request(),
+                                    workers or max(2, min(8, os.cpu_count() or 1)), progress):
+                run.checkpoint()
         except KeyboardInterrupt:
             if not run.writer.rebuild:  # a rebuild not begun has nothing to keep: the old cache stays
                 run.commit()
@@ -229,7 +230,7 @@ class _Run:
         self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
         self.engine: Engine | RayEngine | None = None
-        self.committed_at = time.monotonic()  # when the catalog was last committed (or the run began)
+        self.checkpoints = Checkpoints(0)
         self.reading = to_read(scan.images, self.cached, self.missing_views)
 
     def _compare(self, cache: Path) -> None:
@@ -286,9 +287,9 @@ class _Run:
 
     def state(self) -> ConfigState:
         """What the cache is to hold now (where features are is the writer's business)."""
-        engine = self.engine
-        failures = sorted(self.scan.failures + engine.failures)
-        read = {path: sha256 for path, sha256 in engine.read.items() if self.writer.knows(sha256)}
+        tally = self.engine.tally
+        failures = sorted(self.scan.failures + tally.failures)
+        read = {path: sha256 for path, sha256 in tally.read.items() if self.writer.knows(sha256)}
         rows = catalog_rows(self.scan.images, self.cached, read, {path for path, _ in failures})
         views = dict(self.stored.views)
         in_use = None
@@ -326,8 +327,9 @@ class _Run:
         use, comma-separated (a cache made before backends were recorded was TensorFlow's)."""
         stored = self.stored.attrs.get("backends") or ("tensorflow" if self.stored.rows else "")
         backends = [name for name in stored.split(",") if name]
-        if self.engine.backend and self.engine.backend not in backends:
-            backends.append(self.engine.backend)
+        backend = self.engine.tally.backend
+        if backend and backend not in backends:
+            backends.append(backend)
         return ",".join(backends) or None
 
     def commit(self, state: ConfigState | None = None) -> None:
@@ -337,20 +339,18 @@ class _Run:
         state = state or self.state()
         state.attrs["updated"] = now()
         self.writer.commit(state)
-        self.committed_at = time.monotonic()
+        self.checkpoints.committed_now()
         self.summary.save_seconds += time.perf_counter() - started
 
     def checkpoint(self) -> None:
-        """During the run: the finished batches become a shard, at a cost in proportion to
-        their rows. The catalog, whose cost grows with the cache, is committed too only
-        while that keeps its writing under `CATALOG_SHARE` of the time between commits
-        (and always while there is none: from then on there is a cache that opens)."""
-        writer = self.writer
-        if writer.new or time.monotonic() - self.committed_at >= writer.catalog_seconds / CATALOG_SHARE:
+        """During the run: the finished batches become a shard; the catalog is committed
+        too when `progress.Checkpoints` says so."""
+        if self.checkpoints.catalog_due(self.writer):
             self.commit()
             return
         started = time.perf_counter()
-        writer.flush()
+        self.writer.flush()
+        self.checkpoints.flushed()
         self.summary.save_seconds += time.perf_counter() - started
 
     def finish(self, compact: str) -> None:
@@ -373,7 +373,7 @@ class _Run:
         self._count(self.writer.state)
 
     def _count(self, state: ConfigState) -> None:
-        summary, engine = self.summary, self.engine
+        summary, engine = self.summary, self.engine.tally
         rows = state.rows
         summary.new = sum(path not in self.original for path in rows)
         summary.changed = sum(path in self.original and self.original[path].sha256 != row.sha256 for path, row in rows.items())

@@ -60,14 +60,13 @@ def weights_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def kept_backbones():
     """The pipeline's backbones built once per configuration for the session (helpers.BackboneKeeper)."""
-    import classify.scoring
-    import extract.engine
+    import extract.featurize
     from extract.backbone import Backbone
     from helpers import BackboneKeeper
 
     keeper = BackboneKeeper(Backbone)
     patch = pytest.MonkeyPatch()
-    for module in (extract.engine, classify.scoring):
+    for module in (extract.featurize,):
         patch.setattr(module, "Backbone", keeper)
     yield keeper
     patch.undo()
