@@ -12,6 +12,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from numbers import Integral
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from classify.artifacts import LoadedHead, load_head
-from extract import FeatureCache, FeatureConfig, UsageError, fingerprint, list_configs
+from extract import FeatureCache, FeatureConfig, Interval, UsageError, check_options, fingerprint, list_configs
 from extract.backbone import Backbone
 from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
 from extract.cluster import check_engine
@@ -76,8 +77,7 @@ def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
     )
 
 
-MAX_TOP_K = 1000
-MAX_BATCH_SIZE = 4096
+SCORE_IMAGES = {"--top-k": Interval(Integral, 1, 1000), "--batch-size": Interval(Integral, 1, 4096)}  # see extract.options
 MAX_LIST_BYTES = 256 * 2**20  # a list file of paths; more is not a list
 MAX_LIST_DEPTH = 32
 
@@ -104,9 +104,7 @@ def score_images(
     head's configuration is an error unless `cache_required` is False. `engine="ray"` reads
     and computes as a Ray Data job (see `extract.ray_engine`), rows still in input order."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
-    for name, value, high in (("--top-k", top_k, MAX_TOP_K), ("--batch-size", batch_size, MAX_BATCH_SIZE)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
+    check_options({"--top-k": top_k, "--batch-size": batch_size}, SCORE_IMAGES)
     check_engine(engine, ray_address)
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
