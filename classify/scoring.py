@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from classify.artifacts import LoadedHead, head_config, load_head
-from extract import FeatureCache, UsageError, list_configs
+from extract import FeatureCache, Interval, UsageError, check_options, list_configs
 from extract.images import ImageFeatures, image_features
 from extract.layout import IMAGE_EXTENSIONS, walk
 from extract.cluster import check_engine
@@ -41,8 +42,7 @@ class ScoreRow:
         return asdict(self)
 
 
-MAX_TOP_K = 1000
-MAX_BATCH_SIZE = 4096
+SCORE_IMAGES = {"--top-k": Interval(Integral, 1, 1000), "--batch-size": Interval(Integral, 1, 4096)}  # see extract.options
 MAX_LIST_BYTES = 256 * 2**20  # a list file of paths; more is not a list
 MAX_LIST_DEPTH = 32
 
@@ -69,9 +69,7 @@ def score_images(
     head's configuration is an error unless `cache_required` is False. `engine="ray"` reads
     and computes as a Ray Data job (see `extract.ray_engine`), rows still in input order."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
-    for name, value, high in (("--top-k", top_k, MAX_TOP_K), ("--batch-size", batch_size, MAX_BATCH_SIZE)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
+    check_options({"--top-k": top_k, "--batch-size": batch_size}, SCORE_IMAGES)
     check_engine(engine, ray_address)
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)

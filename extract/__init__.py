@@ -33,6 +33,7 @@ def version() -> str:
 from extract.augment import Augmentation
 from extract.config import FeatureConfig, describe, fingerprint, option_differences
 from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
+from extract.options import SEED, Interval, StrOptions, check_options
 from extract.cluster import ENGINES
 from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
 from extract.catalog import FeatureCache, list_configs
@@ -47,8 +48,12 @@ __all__ = [
     "ExtractSummary",
     "FeatureCache",
     "FeatureConfig",
+    "Interval",
+    "SEED",
+    "StrOptions",
     "UsageError",
     "WeightsUnavailableError",
+    "check_options",
     "describe",
     "extract_features",
     "fingerprint",

@@ -22,8 +22,6 @@ from functools import cached_property
 
 import numpy as np
 
-from extract.errors import UsageError
-
 METHOD = "imagedatagenerator-affine"  # recorded with the views; change it if the maths changes
 
 
@@ -39,12 +37,10 @@ class Augmentation:
     seed: int = 0
 
     def validate(self) -> None:
-        for name, value, low, high in (
-            ("--shear", self.shear, 0, 90), ("--zoom", self.zoom, 0, 1),
-            ("--rotation", self.rotation, 0, 180), ("--shift", self.shift, 0, 1),
-        ):
-            if not low <= value < high:
-                raise UsageError(f"Expected {name} in [{low}, {high}); received {value}.")
+        from extract.options import EXTRACT_FEATURES, check_options  # it imports reader, which imports this module
+
+        check_options({"--shear": self.shear, "--zoom": self.zoom, "--rotation": self.rotation, "--shift": self.shift,
+                       "--seed": self.seed}, EXTRACT_FEATURES)
 
     def identity(self) -> dict:
         """The facts that decide a view's pixels (the number of views is not one of them)."""

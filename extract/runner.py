@@ -16,13 +16,13 @@ from extract.augment import METHOD, Augmentation
 from extract.catalog import ConfigState, list_configs
 from extract.commit import WriterLock
 from extract.config import (
-    OPTIONS, PREPROCESSING, FeatureConfig, check_range, describe, fingerprint, option_differences, option_value,
-    path_text,
+    OPTIONS, PREPROCESSING, FeatureConfig, describe, fingerprint, option_differences, option_value, path_text,
 )
 from extract.engine import Engine
 from extract.errors import CacheError, UsageError
 from extract.labels import read_labels
 from extract.layout import ImageFile, Scan, not_regular, scan_folder
+from extract.options import COMPACTIONS, EXTRACT_FEATURES, check_options  # noqa: F401 (COMPACTIONS: the CLI's choices)
 from extract.plan import catalog_rows, to_read, view_table
 from extract.progress import Checkpoints
 from extract.cluster import check_engine
@@ -37,15 +37,7 @@ VERSIONED = ("keras", "tensorflow", "jax", "torch", "h5py", "pillow", "numpy")  
 # What computed the features (backends, package versions): recorded when a run writes, but
 # no reason to write by itself, so that an unchanged re-run writes nothing after an upgrade.
 PROVENANCE = ("backends", "extract_version", *(f"{name}_version" for name in VERSIONED))
-COMPACTIONS = ("auto", "full", "never")
-# Bounds of the numeric options: past them a run only exhausts memory or never ends.
-LIMITS = {
-    "--batch-size": (1, 1024),  # see also BATCH_PIXELS
-    "--workers": (1, 64),  # threads reading and decoding; more only contend for the cores
-    "--save-every": (0, 86400),  # seconds: at least one checkpoint a day
-    "--augment": (0, 100),  # views per training image; 100 already makes the run 101 times as long
-    "--ray-actors": (1, 1024),  # backbone actors of --engine ray (one per GPU)
-}
+# The options' bounds and choices: options.EXTRACT_FEATURES.
 BATCH_PIXELS = 32 * 1024**2  # pixels of one batch: the default 32 images up to 1024 px, fewer above 181 px
 
 
@@ -152,10 +144,9 @@ def extract_features(
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
-    for name, value in (("--batch-size", batch_size), ("--workers", workers), ("--save-every", save_every),
-                        ("--augment", augment)):
-        if value is not None:
-            check_range(name, value, *LIMITS[name])
+    check_options({"--layout": layout, "--validation-percent": validation_percent, "--augment": augment,
+                   "--batch-size": batch_size, "--workers": workers, "--save-every": save_every, "--compact": compact,
+                   "--ray-actors": ray_actors}, EXTRACT_FEATURES)
     if batch_size * input_size**2 > BATCH_PIXELS:
         raise UsageError(
             f"Expected --batch-size x --input-size² at most 32 x 1024² (VGG16's first layer alone then holds "
@@ -164,10 +155,6 @@ def extract_features(
     if augmentation is not None and augment is None:
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
     check_engine(engine, ray_address, ray_actors)
-    if ray_actors is not None:
-        check_range("--ray-actors", ray_actors, *LIMITS["--ray-actors"])
-    if compact not in COMPACTIONS:
-        raise UsageError(f"Expected --compact to be one of {', '.join(COMPACTIONS)}; received {compact!r}.")
     augmentation = augmentation or Augmentation(seed=seed)
     augmentation.validate()
     path_text("DATA_DIR", Path(data_dir).resolve())
