@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from extract.writer import TARGET_SHARD_BYTES
+from extract.shards import TARGET_SHARD_BYTES
 
 CATALOG_SHARE = 0.05  # at most this share of a run's time goes to catalog commits at its checkpoints
 

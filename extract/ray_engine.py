@@ -35,8 +35,8 @@ from extract.featurize import Network, stack
 from extract.layout import ImageFile
 from extract.progress import Checkpoints, Tally
 from extract.reader import ViewRequest, load
-from extract.shards import ShardInfo, view_key, write_shard
-from extract.writer import TARGET_SHARD_BYTES, Writer
+from extract.shards import TARGET_SHARD_BYTES, ShardInfo, view_key, write_shard
+from extract.writer import Writer
 
 # Rows a write task gathers into one shard, at most (fewer when they pass TARGET_SHARD_BYTES):
 # what the driver cannot take up before the task ends, so a bound on what a killed run

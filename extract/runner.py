@@ -31,6 +31,8 @@ from extract.reader import ViewRequest
 from extract.schema import now, package_versions
 from extract.shards import view_key
 from extract.writer import Writer
+from extract import compaction
+from extract.recovery import check as check_stored, open_stored
 
 DEFAULT_CACHE = "cache/features.h5"
 VERSIONED = ("keras", "tensorflow", "jax", "torch", "h5py", "pillow", "numpy")  # recorded with every configuration
@@ -182,7 +184,7 @@ def extract_features(
                                     workers or max(2, min(8, os.cpu_count() or 1)), progress):
                 run.checkpoint()
         except KeyboardInterrupt:
-            if not run.writer.rebuild:  # a rebuild not begun has nothing to keep: the old cache stays
+            if not run.writer.stored.rebuild:  # a rebuild not begun has nothing to keep: the old cache stays
                 run.commit()
             raise  # pending batches stay: they may hold images this run did not reach
         run.finish(compact)
@@ -198,7 +200,7 @@ class _Run:
         self.scan, self.config, self.validation_percent = scan, config, validation_percent
         self.identity = config.identity()
         self.key = fingerprint(self.identity)
-        self.writer = Writer(cache, self.key, rebuild)
+        self.writer = Writer(open_stored(cache, self.key, rebuild))
         self.stored = self.writer.state
         self.original = dict(self.stored.rows)  # as the run found them, for the counts
         data_root = str(scan.root.resolve())
@@ -213,7 +215,7 @@ class _Run:
             skipped=len(scan.skipped), not_in_labels=scan.not_in_labels, labels_missing=list(scan.missing),
         )
         self._compare(cache)
-        self.summary.repaired = self.writer.check(repair)
+        self.summary.repaired = check_stored(self.writer.stored, repair)
         self.cached = dict(self.stored.rows)  # after repair: rows whose features are gone are read again
         self.augmentation, self.views_per_image = self._choose_views(*augment)
         self.engine: Engine | RayEngine | None = None
@@ -229,7 +231,7 @@ class _Run:
         summary.options = {option: value for option in OPTIONS
                            if option.startswith("--") and (value := option_value(option, facts))}
         summary.new_configuration = not self.stored.attrs
-        others = [] if self.writer.rebuild or not cache.exists() else [
+        others = [] if self.writer.stored.rebuild or not cache.exists() else [
             found for found in list_configs(cache) if found["fingerprint"] != self.key]
         summary.other_configurations = len(others)
         if summary.new_configuration and others:
@@ -345,15 +347,15 @@ class _Run:
         state, stored = self.state(), self.stored
         unchanged = (
             state.rows == stored.rows and state.failures == stored.failures and not self.writer.pending
-            and not self.writer.relocated
-            and self.writer.last_config == self.key and not _changed(stored.attrs, state.attrs, PROVENANCE)
+            and not self.writer.stored.relocated
+            and self.writer.stored.last_config == self.key and not _changed(stored.attrs, state.attrs, PROVENANCE)
             and {name: table.keys for name, table in state.views.items()} == {name: table.keys for name, table in stored.views.items()}
         )
         if not unchanged:
             self.commit(state)
         started = time.perf_counter()
         try:
-            self.summary.compacted = self.writer.finish(compact)
+            self.summary.compacted = compaction.compact(self.writer, compact)
         except CacheError as error:  # the run is committed; compaction is tried again next time
             self.summary.compaction_error = str(error)
         self.summary.save_seconds = round(self.summary.save_seconds + time.perf_counter() - started, 3)
