@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from extract import __version__
+from extract._version import __version__
 from extract.augment import METHOD, Augmentation
 from extract.catalog import ConfigState, list_configs
 from extract.commit import WriterLock
