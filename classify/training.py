@@ -31,8 +31,7 @@ from classify.evaluation import Predictions, evaluate, predictions
 from classify.heads import HEADS
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
-from extract import DEFAULT_CACHE, UsageError
-from extract.schema import package_versions
+from extract import DEFAULT_CACHE, UsageError, package_versions
 
 CLASS_WEIGHTS = (None, "balanced")
 # Every numeric option's bounds: (low, high, low excluded, high excluded).

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from classify import train_head
-from classify.cli import main as train_main
+from classify.train_cli import main as train_main
 from classify.data import Reader, Rows, memory_budget
 from classify.evaluation import evaluate
 from classify.heads import HEADS
