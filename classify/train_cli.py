@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         try:
             export_model(training.results[0].folder, args.export)
         except UsageError as error:
-            return console.fail(PROG, f"{error} {saved}")
+            return console.fail(PROG, f"{error} {saved}", console.status_of(error))
         except (ExtractError, OSError) as error:
             return console.fail(PROG, f"cannot write --export {args.export!r} ({_why(error)}); nothing was "
                                       f"written there. {saved}", console.FAILED)

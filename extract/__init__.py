@@ -22,7 +22,7 @@ shares with it: `console`, `read_regular` and `write_aside` (`files`), `decode_i
 reader's decoding, for report thumbnails) and `package_versions` (recorded with a head).
 """
 
-from extract._version import DISTRIBUTION, __version__, version
+from extract._version import __version__, version
 from extract import console
 from extract.augment import Augmentation
 from extract.config import FeatureConfig, describe, fingerprint, option_differences

@@ -151,3 +151,12 @@ def test_the_report_is_named_and_can_be_left_out(cache, tmp_path):
     assert code == 0 and json.loads(out)["report"] is None and not (tmp_path / "without" / "report.html").exists()
     code, _, err = cli("--cache", str(cache), "--mistakes", "some")
     assert code == 2 and "--mistakes" in err
+
+
+def test_an_export_refused_after_training_is_status_2_and_keeps_the_head(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("two\nlines", "plain"), 6),
+                                                      "validation": (("two\nlines", "plain"), 2)})
+    status, _, err = cli("--cache", cache, "--head", "logreg", "--out", tmp_path / "run", "--export",
+                         tmp_path / "m.keras", "--quiet")
+    assert status == 2 and err.count("\n") == 1 and "has a line break in its name" in err
+    assert f"The head is saved in {str(tmp_path / 'run')!r}." in err and (tmp_path / "run" / "head.json").is_file()
