@@ -99,8 +99,8 @@ def write_aside(target, what: str, suffix: str = "") -> Iterator[str]:
     if target.is_dir():
         raise UsageError(f"{what} is a folder; name a file.")
     descriptor, aside = tempfile.mkstemp(prefix=f".{target.name}.partial-", suffix=suffix, dir=target.parent)
-    os.close(descriptor)
     try:
+        os.close(descriptor)
         os.chmod(aside, 0o666 & ~_umask())  # mkstemp makes it 0o600
         yield aside
         os.replace(aside, target)

@@ -107,6 +107,7 @@ def test_sigterm_is_130(world, tmp_path, weights_file, entry):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.01)
+    time.sleep(0.3)  # into the work
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
