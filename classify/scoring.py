@@ -9,7 +9,6 @@ configuration is not run through VGG16 again.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from classify.artifacts import LoadedHead, head_config, load_head
-from extract import FeatureCache, Interval, UsageError, check_options, list_configs
+from extract import FeatureCache, Interval, UsageError, check_options, list_configs, read_regular
 from extract.images import ImageFeatures, image_features
 from extract.layout import IMAGE_EXTENSIONS, walk
 from extract.cluster import check_engine
@@ -115,17 +114,7 @@ def _read_list(name: str, including: tuple[str, ...]) -> list[str]:
         raise UsageError(f"The list {name!r} includes itself (through @-lines); remove that line.")
     if len(including) >= MAX_LIST_DEPTH:
         raise UsageError(f"The list {name!r} is nested more than {MAX_LIST_DEPTH} lists deep; flatten the lists.")
-    try:
-        descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(descriptor, "rb") as file:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise UsageError(f"The list {name!r} is not a regular file (a FIFO, device or socket); "
-                                 f"pass a file of paths.")
-            data = file.read(MAX_LIST_BYTES + 1)
-    except OSError as error:
-        raise UsageError(f"Cannot read the list {name!r} ({error.strerror or error}).") from None
-    if len(data) > MAX_LIST_BYTES:
-        raise UsageError(f"The list {name!r} is over {MAX_LIST_BYTES} bytes; not a list of paths.")
+    data = read_regular(name, MAX_LIST_BYTES, f"the list {name!r}", "pass a file of paths")
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:

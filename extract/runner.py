@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from extract import __version__
 from extract import compaction
+from extract._version import __version__
 from extract.augment import Augmentation
 from extract.catalog import ConfigState, list_configs
 from extract.cluster import check_engine
