@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from classify.artifacts import LoadedHead, head_config, load_head
-from extract import UsageError, write_aside
-from extract.backbone import Backbone, import_keras
+from extract import Backbone, UsageError, import_keras, write_aside
 
 EXPORTABLE = ("mlp", "logreg", "linear-svm")
 

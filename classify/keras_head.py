@@ -29,8 +29,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
 from classify.data import Reader, Rows
-from extract import Interval, check_options
-from extract.backbone import import_keras
+from extract import Interval, check_options, import_keras
 
 VALIDATION_BATCH = 256
 PREDICT_BATCH = 1024

@@ -8,7 +8,6 @@ configuration is not run through VGG16 again.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -18,10 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from classify.artifacts import LoadedHead, head_config, load_head
-from extract import FeatureCache, Interval, UsageError, check_options, list_configs, read_regular
-from extract.images import ImageFeatures, image_features
-from extract.layout import IMAGE_EXTENSIONS, walk
-from extract.cluster import check_engine
+from extract import (
+    FeatureCache, ImageFeatures, Interval, UsageError, check_engine, check_options, expand_inputs, image_features,
+    list_configs,
+)
 
 
 @dataclass
@@ -42,8 +41,6 @@ class ScoreRow:
 
 
 SCORE_IMAGES = {"--top-k": Interval(Integral, 1, 1000), "--batch-size": Interval(Integral, 1, 4096)}  # see extract.options
-MAX_LIST_BYTES = 256 * 2**20  # a list file of paths; more is not a list
-MAX_LIST_DEPTH = 32
 
 
 def score_images(
@@ -89,37 +86,6 @@ def _score(batches: Iterator[list[ImageFeatures]], total: int, head: LoadedHead,
     finally:
         batches.close()
         known.close()
-
-
-def expand_inputs(paths: Iterable[str], _lists: tuple[str, ...] = ()) -> Iterator[str]:
-    """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
-    the paths it lists (one a line, UTF-8, relative to the current folder; # starts a
-    comment). A list that includes itself, directly or not, is refused."""
-    for path in paths:
-        path = str(path)
-        if path.startswith("@"):
-            lines = _read_list(path[1:], _lists)
-            yield from expand_inputs((line.strip() for line in lines if line.strip() and not line.startswith("#")),
-                                     (*_lists, os.path.realpath(path[1:])))
-        elif Path(path).is_dir():
-            for relative, _, error in walk(Path(path)):
-                if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
-                    yield os.path.join(path, relative)
-        else:
-            yield path
-
-
-def _read_list(name: str, including: tuple[str, ...]) -> list[str]:
-    if os.path.realpath(name) in including:
-        raise UsageError(f"The list {name!r} includes itself (through @-lines); remove that line.")
-    if len(including) >= MAX_LIST_DEPTH:
-        raise UsageError(f"The list {name!r} is nested more than {MAX_LIST_DEPTH} lists deep; flatten the lists.")
-    data = read_regular(name, MAX_LIST_BYTES, f"the list {name!r}", "pass a file of paths")
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise UsageError(f"The list {name!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
-                         f"{error.start}); save it as UTF-8.") from None
 
 
 def _score_batch(batch: list[ImageFeatures], head: LoadedHead, known, top_k: int) -> Iterator[ScoreRow]:

@@ -22,6 +22,8 @@ from functools import cached_property
 
 import numpy as np
 
+from extract.options import EXTRACT_FEATURES, check_options
+
 METHOD = "imagedatagenerator-affine"  # recorded with the views; change it if the maths changes
 
 
@@ -37,7 +39,6 @@ class Augmentation:
     seed: int = 0
 
     def validate(self) -> None:
-        from extract.options import EXTRACT_FEATURES, check_options  # it imports reader, which imports this module
 
         check_options({"--shear": self.shear, "--zoom": self.zoom, "--rotation": self.rotation, "--shift": self.shift,
                        "--seed": self.seed}, EXTRACT_FEATURES)

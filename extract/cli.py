@@ -12,14 +12,15 @@ import sys
 from extract._version import version
 from extract.augment import Augmentation
 from extract.backbone import cpu_has_bfloat16
-from extract.config import DECODES, DTYPES, POOLINGS, PRECISIONS
 from extract import console
 from extract.console import DONE, FAILED, OneLineParser, fail, interrupted, printable
 from extract.errors import ExtractError
 from extract.layout import LAYOUTS
 from extract.cluster import ENGINES
-from extract.reader import INTERPOLATIONS
-from extract.runner import COMPACTIONS, DEFAULT_CACHE, ExtractSummary, extract_features
+from extract.options import INTERPOLATIONS
+from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS
+from extract.runner import DEFAULT_CACHE, extract_features
+from extract.summary import ExtractSummary
 
 PROG = "extract-features"
 SHOWN_FAILURES = 10
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with <class>/ folders or --labels without a split: share of images for validation, drawn by path "
              "hash (default 20)")
     add("--input-size", type=int, default=224, metavar="S", help="images are resized to S x S (default 224, at least 32)")
-    add("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
+    add("--interpolation", choices=INTERPOLATIONS, default="bilinear",
         help="resize filter (default bilinear; nearest is what the blog recipe's ImageDataGenerator used)")
     add("--decode", choices=DECODES, default="exact",
         help="exact: pixels as keras.utils.load_img gives them (default); draft: JPEGs decoded at 1/2-1/8 size "

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from extract.errors import UsageError
 from extract.options import EXTRACT_FEATURES, check_options
-from extract.options import DECODES, DTYPES, POOLINGS, PRECISIONS  # noqa: F401 (where the CLI imports its choices)
 
 FEATURE_CHANNELS = 512
 PREPROCESSING = (

@@ -1,5 +1,6 @@
 """Image files -> features, for a caller that keeps no cache (`score-images`): the
-engines' own path (`reader` -> `featurize`, or the Ray engine's `forward`), in input order.
+engines' own path (`reader` -> `featurize`, or the Ray engine's `forward`), in input order;
+and `expand_inputs`, the command line's files, folders and `@list.txt` files as image paths.
 
     for batch in image_features(["a.jpg", "b.png"], config):
         for image in batch:
@@ -11,15 +12,20 @@ from __future__ import annotations
 import os
 from itertools import islice
 from pathlib import Path
-from typing import Collection, Iterator, NamedTuple
+from typing import Collection, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from extract.config import FeatureConfig
+from extract.errors import UsageError
 from extract.featurize import Network, featurize
-from extract.layout import ImageFile
+from extract.files import read_regular
+from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
 from extract.ray_engine import forward
 from extract.reader import Loaded, load_all
+
+MAX_LIST_BYTES = 256 * 2**20  # a list file of paths; more is not a list
+MAX_LIST_DEPTH = 32
 
 
 class ImageFeatures(NamedTuple):
@@ -63,3 +69,34 @@ def image_features(paths: list[str], config: FeatureConfig, known: Collection[st
 def _fresh(image: Loaded) -> dict[str, np.ndarray]:
     """What an input needs computed: its content, unless it failed or is known."""
     return {image.sha256: image.pixels} if image.error is None and image.pixels is not None else {}
+
+
+def expand_inputs(paths: Iterable[str], _lists: tuple[str, ...] = ()) -> Iterator[str]:
+    """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
+    the paths it lists (one a line, UTF-8, relative to the current folder; # starts a
+    comment). A list that includes itself, directly or not, is refused."""
+    for path in paths:
+        path = str(path)
+        if path.startswith("@"):
+            lines = _read_list(path[1:], _lists)
+            yield from expand_inputs((line.strip() for line in lines if line.strip() and not line.startswith("#")),
+                                     (*_lists, os.path.realpath(path[1:])))
+        elif Path(path).is_dir():
+            for relative, _, error in walk(Path(path)):
+                if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
+                    yield os.path.join(path, relative)
+        else:
+            yield path
+
+
+def _read_list(name: str, including: tuple[str, ...]) -> list[str]:
+    if os.path.realpath(name) in including:
+        raise UsageError(f"The list {name!r} includes itself (through @-lines); remove that line.")
+    if len(including) >= MAX_LIST_DEPTH:
+        raise UsageError(f"The list {name!r} is nested more than {MAX_LIST_DEPTH} lists deep; flatten the lists.")
+    data = read_regular(name, MAX_LIST_BYTES, f"the list {name!r}", "pass a file of paths")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"The list {name!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8.") from None

@@ -27,7 +27,6 @@ from typing import Mapping
 
 from extract.errors import UsageError
 from extract.layout import LAYOUTS
-from extract.reader import INTERPOLATIONS
 
 CLOSED = ("both", "left", "right", "neither")
 
@@ -112,6 +111,7 @@ def _number(value) -> bool:
 
 
 # extract-features (and extract_features, FeatureConfig, Augmentation).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")  # keras.utils.load_img's; reader maps them to Pillow's filters
 POOLINGS = ("none", "avg", "max")
 DECODES = ("exact", "draft")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -127,7 +127,7 @@ EXTRACT_FEATURES = {
     "--layout": StrOptions(LAYOUTS),
     "--validation-percent": Interval(Real, 0, 100, closed="left"),
     "--input-size": Interval(Integral, MIN_INPUT_SIZE, MAX_INPUT_SIZE, note="VGG16's minimum without its top"),
-    "--interpolation": StrOptions(tuple(INTERPOLATIONS)),
+    "--interpolation": StrOptions(INTERPOLATIONS),
     "--decode": StrOptions(DECODES),
     "--pooling": StrOptions(POOLINGS),
     "--seed": SEED,

@@ -35,16 +35,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from extract.augment import Augmentation
 from extract.files import open_regular, read_bounded
 from extract.layout import ImageFile
+from extract.options import INTERPOLATIONS as FILTER_NAMES
 
-# The names keras.utils.load_img accepts, mapped to the same Pillow filters.
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "hamming": Image.Resampling.HAMMING,
-    "box": Image.Resampling.BOX,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+# The names keras.utils.load_img accepts (options.INTERPOLATIONS), mapped to the same Pillow filters.
+INTERPOLATIONS = {name: Image.Resampling[name.upper()] for name in FILTER_NAMES}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # The most read of one file: 256 MiB holds an uncompressed 8-bit RGB image of 89.5 million
 # pixels, where Pillow starts warning of a decompression bomb (Image.MAX_IMAGE_PIXELS); a

@@ -25,7 +25,7 @@ from extract.engine import Engine
 from extract.errors import CacheError, UsageError
 from extract.labels import read_labels
 from extract.layout import Scan, not_regular, scan_folder
-from extract.options import COMPACTIONS, EXTRACT_FEATURES, check_options  # noqa: F401 (COMPACTIONS: the CLI's choices)
+from extract.options import EXTRACT_FEATURES, check_options
 from extract.plan import Plan, changed, next_state, plan
 from extract.progress import Checkpoints, Tally
 from extract.ray_engine import RayEngine
