@@ -136,13 +136,14 @@ def measure(count: int, distinct: int, input_size: int, repeat: int, scratch: Pa
 def checkpoints(cache: Path, copy: Path, repeat: int) -> dict:
     """Median seconds of a checkpoint's shard (flush) by rows added, and of a catalog commit."""
     from extract.catalog import open_cache
+    from extract.recovery import open_stored
     from extract.writer import Writer
 
     shutil.copy(cache, copy)
     shutil.copytree(f"{cache}.shards", f"{copy}.shards")
     with open_cache(copy) as file:
         fingerprint = file.attrs["last_config"]
-    writer = Writer(copy, fingerprint)
+    writer = Writer(open_stored(copy, fingerprint))
     shape = tuple(writer.state.attrs["feature_shape"])
     rng = np.random.default_rng(0)
     flush: dict[int, list[float]] = {}

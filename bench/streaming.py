@@ -39,6 +39,7 @@ FOLDER = Path("bench/streaming-data")
 
 def write_cache(path: Path, rows: int) -> None:
     from extract.catalog import ConfigState, Row
+    from extract.recovery import open_stored
     from extract.writer import Writer
 
     rng = np.random.default_rng(0)
@@ -47,7 +48,7 @@ def write_cache(path: Path, rows: int) -> None:
     attrs = {"feature_shape": list(SHAPE), "dtype": "float32", "backbone": "vgg16", "weights": "random",
              "weights_seed": 0, "input_size": 224, "interpolation": "bilinear", "pooling": "none",
              "precision": "float32"}
-    writer, table = Writer(path, "bench" + "0" * 11), {}
+    writer, table = Writer(open_stored(path, "bench" + "0" * 11)), {}
     writer.state.attrs = attrs  # what a shard is written with
     for start in range(0, rows, 1000):
         count = min(1000, rows - start)

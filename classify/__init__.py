@@ -11,7 +11,7 @@ rows in memory or read from the cache a window at a time), `splits` (a cache's r
 for training), `training` (fitting, search, cross-validation, the leaderboard),
 `evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
 loading), `scoring` (new images -> predictions), `export` (backbone + head as one Keras
-model), `cli` (the train-head and score-images commands).
+model), `train_cli` and `score_cli` (the train-head and score-images commands).
 """
 
 from classify.artifacts import LoadedHead, load_head

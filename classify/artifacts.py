@@ -28,7 +28,6 @@ import io
 import json
 import os
 import re
-import stat
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,7 +37,7 @@ import joblib
 import numpy as np
 
 from classify.evaluation import plot_confusion, plot_learning_curve
-from extract import UsageError, describe
+from extract import FeatureConfig, UsageError, describe, fingerprint, read_regular
 
 ARTIFACT = "head.joblib"
 INFO = "head.json"
@@ -142,15 +141,15 @@ def load_head(folder) -> LoadedHead:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (not a folder).")
-    try:
-        listing = _read(folder / SUMS).decode("ascii")
-    except FileNotFoundError:
+    if not (folder / SUMS).exists():
         if (folder / INFO).exists():
             raise UsageError(f"{str(folder)!r} has no {SUMS} (written by train-head since this version, covering "
-                             f"{INFO} too); retrain the head.") from None
-        raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (no {SUMS}).") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"Cannot read {str(folder / SUMS)!r} ({_why(error)}); restore it or retrain.") from None
+                             f"{INFO} too); retrain the head.")
+        raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (no {SUMS}).")
+    try:
+        listing = _read(folder / SUMS, "restore it or retrain").decode("ascii")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"Cannot read {str(folder / SUMS)!r} ({error}); restore it or retrain.") from None
     recorded = {}
     for line in listing.splitlines():
         match = _SUMS_LINE.fullmatch(line)
@@ -164,11 +163,7 @@ def load_head(folder) -> LoadedHead:
     contents = {}
     for name, digest in recorded.items():
         path = folder / name
-        try:
-            contents[name] = _read(path)
-        except OSError as error:
-            raise UsageError(f"Cannot read {str(path)!r} ({_why(error)}): it was removed or replaced after training; "
-                             f"restore it or retrain.") from None
+        contents[name] = _read(path, "it was removed or replaced after training: restore it or retrain")
         if _sha256(contents[name]) != digest:
             raise UsageError(
                 f"{str(path)!r} does not match the SHA-256 recorded in {SUMS}: it was changed "
@@ -213,27 +208,13 @@ def _parse_info(path: Path, data: bytes) -> dict:
     return info
 
 
-def _read(path: Path) -> bytes:
-    """A regular file's bytes (a FIFO or device is refused, not waited on), at most MAX_FILE_BYTES."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(descriptor, "rb") as file:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if status.st_size > MAX_FILE_BYTES:
-            raise OSError(errno.EFBIG, f"over {MAX_FILE_BYTES} bytes")
-        data = file.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise OSError(errno.EFBIG, f"over {MAX_FILE_BYTES} bytes")
-        return data
+def _read(path: Path, fix: str = "") -> bytes:
+    """A head file's bytes (a FIFO or device is refused, not waited on), at most MAX_FILE_BYTES."""
+    return read_regular(path, MAX_FILE_BYTES, repr(str(path)), fix)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _why(error: Exception) -> str:
-    return getattr(error, "strerror", None) or str(error)
 
 
 def _first_line(error: Exception) -> str:
@@ -309,3 +290,35 @@ def new_folder(name: str, parent=DEFAULT_HEADS_FOLDER) -> Path:
             raise UsageError(f"Cannot make a folder under {parent}/ ({error.strerror or error}); "
                              f"pass --out.") from None
     raise UsageError(f"Could not make a new folder under {parent}/; pass --out.")
+
+
+def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
+    """The feature configuration the head was trained on, checked to be the same one."""
+    facts = head.info["feature_config"]
+    try:
+        config = FeatureConfig.from_facts(facts, weights)
+    except (KeyError, TypeError, ValueError) as error:
+        what = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
+        raise UsageError(f"The feature_config in {str(head.folder / 'head.json')!r} is not one train-head wrote "
+                         f"({what}); retrain the head.") from None
+    where = config.weights
+    if where not in ("imagenet", "random") and not Path(where).is_file():
+        raise UsageError(
+            f"The head's features were made with the weights file {where!r}, which is not there; "
+            f"pass --weights PATH to a copy of it."
+        )
+    config.validate()
+    identity = config.identity()
+    if fingerprint(identity) == head.fingerprint:
+        return config
+    if config.weights == "random":
+        made_on = facts.get("weights_backend", "tensorflow")
+        raise UsageError(
+            f"The head's features were made with random weights (seed {config.seed}) on the Keras backend "
+            f"{made_on}, and random weights differ by backend; run with KERAS_BACKEND={made_on} "
+            f"(this is {identity.get('weights_backend', 'tensorflow')})."
+        )
+    raise UsageError(
+        f"--weights {where}: not the weights the head's features were made with "
+        f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
+    )

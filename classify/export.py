@@ -16,16 +16,12 @@ so two exports in one folder keep their own.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from classify.artifacts import LoadedHead, load_head
-from classify.scoring import head_config
-from extract import UsageError
-from extract.backbone import Backbone, import_keras
+from classify.artifacts import LoadedHead, head_config, load_head
+from extract import Backbone, UsageError, import_keras, write_aside
 
 EXPORTABLE = ("mlp", "logreg", "linear-svm")
 
@@ -54,21 +50,13 @@ def export_model(head, path, *, weights: str | None = None):
     outputs = _head_layers(keras, name, head.estimator, x)
     model = keras.Model(inputs, outputs, name=f"vgg16_{name.replace('-', '_')}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    asides = []
-    try:  # both written aside, then renamed, the model first: a full disk or Ctrl-C never leaves a
-        # truncated model, nor class names beside a model they do not belong to
-        asides.append(_aside(path, ".keras"))  # Keras saves only to a name ending .keras
-        model.save(asides[0])
-        asides.append(_aside(labels_path(path), ""))
-        with open(asides[1], "w", encoding="utf-8", newline="") as file:
-            file.write(labels)
-        for aside, final in zip(asides, (path, labels_path(path))):
-            os.chmod(aside, 0o666 & ~_umask())
-            os.replace(aside, final)
-    finally:
-        for aside in asides:
-            if os.path.exists(aside):
-                os.unlink(aside)
+    # Both written aside, then renamed, the model first (the inner `with` ends first): a full
+    # disk or Ctrl-C never leaves a truncated model, nor class names beside a model they do
+    # not belong to.
+    with (write_aside(labels_path(path), f"{str(labels_path(path))!r}") as labels_aside,
+          write_aside(path, f"--export {str(path)!r}", suffix=".keras") as model_aside):
+        model.save(model_aside)
+        Path(labels_aside).write_text(labels, encoding="utf-8", newline="")
     return model
 
 
@@ -89,19 +77,6 @@ def labels_text(classes, path) -> str:
                 f"a line; rename its folder and extract again to export this head."
             )
     return "".join(f"{name}\n" for name in classes)
-
-
-def _aside(path: Path, suffix: str) -> str:
-    """A new, empty file beside `path` to write it into."""
-    descriptor, aside = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=suffix, dir=path.parent)
-    os.close(descriptor)
-    return aside
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _head_layers(keras, name: str, estimator, x):

@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -28,7 +29,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
 from classify.data import Reader, Rows
-from extract.backbone import import_keras
+from extract import Interval, check_options, import_keras
 
 VALIDATION_BATCH = 256
 PREDICT_BATCH = 1024
@@ -44,6 +45,14 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
     standardize: subtract each feature's training mean and divide by its standard deviation
         (1 where it does not vary, as scikit-learn's StandardScaler), inside the model.
     """
+
+    # What `fit` takes, as scikit-learn's `_parameter_constraints` (train-head's --hidden-units ... too).
+    parameter_constraints = {
+        "hidden_units": Interval(Integral, 1, 65536),
+        "dropout_rate": Interval(Real, 0, 1, closed="left"),
+        "epochs": Interval(Integral, 1, 10000),
+        "learning_rate": Interval(Real, 0, 10, closed="right"),
+    }
 
     def __init__(
         self,
@@ -89,8 +98,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         window at a time), scoring `validation` after each epoch. Rows of one image
         (`rows.images`) are its views: each epoch uses one of them."""
         check_classification_targets(rows.y)
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"Expected dropout_rate in [0, 1); received {self.dropout_rate}.")
+        check_options({name: getattr(self, name) for name in self.parameter_constraints}, self.parameter_constraints)
         self.classes_, y_index = np.unique(rows.y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"Expected at least 2 classes in y; received 1 class ({self.classes_[0]!r}).")

@@ -27,13 +27,13 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from classify.evaluation import pyplot, natural_order
-from extract import describe
-from extract.reader import decode, open_regular, read_image_bytes
+from extract import UsageError, decode_image, describe, read_regular, write_aside
 
 REPORT = "report.html"
 MISTAKES_SHOWN = 24  # thumbnails per head and split
 MAP_POINTS = 1000  # validation images on the map, drawn at random beyond this (the whole page: ~5 s for 1,000 on two cores)
 THUMBNAIL = 112  # pixels a side
+MAX_IMAGE_BYTES = 256 * 2**20  # the most read of one image, as extract-features reads it
 MISTAKES = ("best", "all")
 
 PAGE = string.Template("""<!DOCTYPE html>
@@ -75,12 +75,8 @@ def write_report(path: Path, training, splits, folders: dict, mistakes: str = "b
         body.append(_head(results[name], Path(folders[name]), training))
     title = f"train-head: {', '.join(order) if len(order) <= 3 else f'{len(order)} heads'}"
     page = PAGE.substitute(title=html.escape(title), body="\n".join(body), thumbnail=THUMBNAIL)
-    aside = Path(f"{path}.partial")
-    try:
-        aside.write_text(page, encoding="utf-8")
-        aside.replace(path)  # whole or not at all (a full disk leaves no half page)
-    finally:
-        aside.unlink(missing_ok=True)
+    with write_aside(path, f"{str(path)!r}") as aside:  # whole or not at all (a full disk leaves no half page)
+        Path(aside).write_text(page, encoding="utf-8")
 
 
 def _overview(training, splits) -> str:
@@ -217,12 +213,10 @@ class _Thumbnails:
         if self.root is None:
             return '<div class="missing">no data folder recorded</div>'
         try:
-            with open_regular(self.root / relative) as file:
-                data, refused = read_image_bytes(file)
-            if refused:
-                return f'<div class="missing">{_e(refused)}</div>'
-            pixels = decode(data, THUMBNAIL)
-        except Exception as error:  # a file gone or broken since extraction is a note, not a failed report
+            pixels = decode_image(read_regular(self.root / relative, MAX_IMAGE_BYTES, repr(relative)), THUMBNAIL)
+        except UsageError as error:  # gone, not a regular file or too large since extraction
+            return f'<div class="missing">not readable now: {_e(error)}</div>'
+        except Exception as error:  # a file broken since extraction is a note, not a failed report
             return f'<div class="missing">not readable now: {_e(type(error).__name__)}</div>'
         jpeg = io.BytesIO()
         Image.fromarray(pixels).save(jpeg, format="JPEG", quality=85)

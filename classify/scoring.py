@@ -8,23 +8,19 @@ configuration is not run through VGG16 again.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import asdict, dataclass, field
-from itertools import islice
+from numbers import Integral
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from classify.artifacts import LoadedHead, load_head
-from extract import FeatureCache, FeatureConfig, UsageError, fingerprint, list_configs
-from extract.backbone import Backbone
-from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
-from extract.cluster import check_engine
-from extract.ray_engine import forward
-from extract.reader import load_all
+from classify.artifacts import LoadedHead, head_config, load_head
+from extract import (
+    FeatureCache, ImageFeatures, Interval, UsageError, check_engine, check_options, expand_inputs, image_features,
+    list_configs,
+)
 
 
 @dataclass
@@ -44,42 +40,7 @@ class ScoreRow:
         return asdict(self)
 
 
-def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
-    """The feature configuration the head was trained on, checked to be the same one."""
-    facts = head.info["feature_config"]
-    try:
-        config = FeatureConfig.from_facts(facts, weights)
-    except (KeyError, TypeError, ValueError) as error:
-        what = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
-        raise UsageError(f"The feature_config in {str(head.folder / 'head.json')!r} is not one train-head wrote "
-                         f"({what}); retrain the head.") from None
-    where = config.weights
-    if where not in ("imagenet", "random") and not Path(where).is_file():
-        raise UsageError(
-            f"The head's features were made with the weights file {where!r}, which is not there; "
-            f"pass --weights PATH to a copy of it."
-        )
-    config.validate()
-    identity = config.identity()
-    if fingerprint(identity) == head.fingerprint:
-        return config
-    if config.weights == "random":
-        made_on = facts.get("weights_backend", "tensorflow")
-        raise UsageError(
-            f"The head's features were made with random weights (seed {config.seed}) on the Keras backend "
-            f"{made_on}, and random weights differ by backend; run with KERAS_BACKEND={made_on} "
-            f"(this is {identity.get('weights_backend', 'tensorflow')})."
-        )
-    raise UsageError(
-        f"--weights {where}: not the weights the head's features were made with "
-        f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
-    )
-
-
-MAX_TOP_K = 1000
-MAX_BATCH_SIZE = 4096
-MAX_LIST_BYTES = 256 * 2**20  # a list file of paths; more is not a list
-MAX_LIST_DEPTH = 32
+SCORE_IMAGES = {"--top-k": Interval(Integral, 1, 1000), "--batch-size": Interval(Integral, 1, 4096)}  # see extract.options
 
 
 def score_images(
@@ -104,20 +65,17 @@ def score_images(
     head's configuration is an error unless `cache_required` is False. `engine="ray"` reads
     and computes as a Ray Data job (see `extract.ray_engine`), rows still in input order."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
-    for name, value, high in (("--top-k", top_k, MAX_TOP_K), ("--batch-size", batch_size, MAX_BATCH_SIZE)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise UsageError(f"Expected {name} between 1 and {high}; received {value}.")
+    check_options({"--top-k": top_k, "--batch-size": batch_size}, SCORE_IMAGES)
     check_engine(engine, ray_address)
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
     inputs = list(expand_inputs(paths))  # a broken list is refused before any output
     known = _CachedFeatures(cache, head.fingerprint, cache_required)
-    batches = _on_ray(inputs, config, known, batch_size, ray_address) if engine == "ray" else \
-        _on_threads(inputs, config, known, batch_size, workers)
+    batches = image_features(inputs, config, known, batch_size, workers, engine, ray_address)
     return _score(batches, len(inputs), head, known, top_k, progress)
 
 
-def _score(batches: Iterator[list[_Item]], total: int, head: LoadedHead, known, top_k: int,
+def _score(batches: Iterator[list[ImageFeatures]], total: int, head: LoadedHead, known, top_k: int,
            progress: bool) -> Iterator[ScoreRow]:
     try:
         known.open()
@@ -130,83 +88,7 @@ def _score(batches: Iterator[list[_Item]], total: int, head: LoadedHead, known, 
         known.close()
 
 
-class _Item(NamedTuple):
-    """One input on its way to the head: its features, or the SHA-256 of content the cache
-    holds, or why it failed."""
-
-    path: str
-    error: str | None = None
-    sha256: str | None = None
-    features: np.ndarray | None = None
-
-
-def _on_threads(inputs: list[str], config: FeatureConfig, known, batch_size: int,
-                workers: int | None) -> Iterator[list[_Item]]:
-    """Batches of inputs read by the reader's threads, computed by a backbone in this process."""
-    compute = _LazyBackbone(config)
-    loaded = load_all(
-        Path(""), (ImageFile(path, "", "", 0, 0) for path in inputs), config.input_size,
-        config.interpolation, known, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
-        draft=config.decode == "draft",
-    )
-    while batch := list(islice(loaded, batch_size)):
-        fresh = [item for item in batch if item.pixels is not None and item.error is None]
-        features = dict(zip(map(id, fresh), compute(np.stack([item.pixels for item in fresh])))) if fresh else {}
-        yield [_Item(item.image.path, item.error, item.sha256, features.get(id(item))) for item in batch]
-
-
-def _on_ray(inputs: list[str], config: FeatureConfig, known, batch_size: int,
-            address: str | None) -> Iterator[list[_Item]]:
-    """Batches of inputs read and computed by a Ray Data job, in input order (`known`,
-    opened by then, names the content not to compute)."""
-    for batch in forward(inputs, config, frozenset(known.rows), batch_size, address=address):
-        yield [_Item(str(path), error or None, sha256 or None, features if key else None)
-               for path, error, sha256, key, features in zip(batch["path"], batch["error"], batch["sha256"],
-                                                             batch["key"], batch["features"])]
-
-
-def expand_inputs(paths: Iterable[str], _lists: tuple[str, ...] = ()) -> Iterator[str]:
-    """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
-    the paths it lists (one a line, UTF-8, relative to the current folder; # starts a
-    comment). A list that includes itself, directly or not, is refused."""
-    for path in paths:
-        path = str(path)
-        if path.startswith("@"):
-            lines = _read_list(path[1:], _lists)
-            yield from expand_inputs((line.strip() for line in lines if line.strip() and not line.startswith("#")),
-                                     (*_lists, os.path.realpath(path[1:])))
-        elif Path(path).is_dir():
-            for relative, _, error in walk(Path(path)):
-                if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
-                    yield os.path.join(path, relative)
-        else:
-            yield path
-
-
-def _read_list(name: str, including: tuple[str, ...]) -> list[str]:
-    if os.path.realpath(name) in including:
-        raise UsageError(f"The list {name!r} includes itself (through @-lines); remove that line.")
-    if len(including) >= MAX_LIST_DEPTH:
-        raise UsageError(f"The list {name!r} is nested more than {MAX_LIST_DEPTH} lists deep; flatten the lists.")
-    try:
-        descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(descriptor, "rb") as file:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise UsageError(f"The list {name!r} is not a regular file (a FIFO, device or socket); "
-                                 f"pass a file of paths.")
-            data = file.read(MAX_LIST_BYTES + 1)
-    except OSError as error:
-        raise UsageError(f"Cannot read the list {name!r} ({error.strerror or error}).") from None
-    if len(data) > MAX_LIST_BYTES:
-        raise UsageError(f"The list {name!r} is over {MAX_LIST_BYTES} bytes; not a list of paths.")
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise UsageError(f"The list {name!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
-                         f"{error.start}); save it as UTF-8.") from None
-
-
-def _score_batch(batch: list[_Item], head: LoadedHead, known, top_k: int) -> Iterator[ScoreRow]:
+def _score_batch(batch: list[ImageFeatures], head: LoadedHead, known, top_k: int) -> Iterator[ScoreRow]:
     ok = [item for item in batch if item.error is None]
     features = np.empty((len(ok), *head.info["feature_config"]["feature_shape"]), dtype=np.float32)
     cached = [position for position, item in enumerate(ok) if item.features is None]
@@ -225,18 +107,6 @@ def _score_batch(batch: list[_Item], head: LoadedHead, known, top_k: int) -> Ite
         best = np.argsort(-row, kind="stable")[:top_k]
         top = [(classes[j], float(row[j])) for j in best]
         yield ScoreRow(item.path, "ok", top[0][0], top[0][1], top)
-
-
-class _LazyBackbone:
-    """VGG16, built the first time an image needs it (not at all when all are cached)."""
-
-    def __init__(self, config: FeatureConfig):
-        self.config, self.backbone = config, None
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        if self.backbone is None:
-            self.backbone = Backbone(self.config)
-        return self.backbone(pixels)
 
 
 class _CachedFeatures:
@@ -259,6 +129,12 @@ class _CachedFeatures:
 
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self.rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def open(self) -> None:
         if self.usable and self.cache is None:

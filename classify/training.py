@@ -14,6 +14,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +30,27 @@ from classify.data import Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
 from classify.evaluation import Predictions, evaluate, predictions
 from classify.heads import HEADS
+from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
-from extract import DEFAULT_CACHE, UsageError
-from extract.schema import package_versions
+from extract import DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, package_versions
 
-CLASS_WEIGHTS = (None, "balanced")
-# Every numeric option's bounds: (low, high, low excluded, high excluded).
-BOUNDS = {
-    "seed": (0, 2**32 - 1, False, False),  # numpy's RandomState takes no more
-    "cv": (2, 100, False, False),
-    "validation_fraction": (0, 1, True, True),
-    "hidden_units": (1, 65536, False, False),
-    "dropout_rate": (0, 1, False, True),
-    "epochs": (1, 10000, False, False),
-    "learning_rate": (0, 10, True, False),
+
+def _option(name: str) -> str:
+    """An mlp parameter's train-head option: hidden_units -> --hidden-units."""
+    return f"--{name.replace('_', '-')}"
+
+
+MLP_OPTIONS = (*KerasMLPClassifier.parameter_constraints, "early_stopping", "standardize")  # train_head's **options
+# Every option's bounds and choices (see extract.options); the mlp's are its estimator's.
+TRAIN_HEAD = {
+    "--mistakes": StrOptions(MISTAKES),
+    "--class-weight": [StrOptions(("balanced",)), None],
+    "--cv": [Interval(Integral, 2, 100), None],
+    "--seed": SEED,
+    "--validation-fraction": Interval(Real, 0, 1, closed="neither"),
+    **{_option(name): constraint for name, constraint in KerasMLPClassifier.parameter_constraints.items()},
 }
-
-
-def check_bounds(name: str, value, bounds: dict = BOUNDS) -> None:
-    """Refuse a numeric option outside its bounds, in one message format."""
-    low, high, low_open, high_open = bounds[name]
-    ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if isinstance(value, bool) or not ok or value != value:
-        excluded = " and ".join(str(end) for end, is_open in ((low, low_open), (high, high_open)) if is_open)
-        raise UsageError(f"Expected --{name.replace('_', '-')} between {low} and {high}"
-                         f"{f' ({excluded} excluded)' if excluded else ''}; received {value}.")
 
 
 @dataclass
@@ -133,20 +129,13 @@ def train_head(
     names = _head_names(head)
     if options and "mlp" not in names:
         raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
-    unknown = set(options) - set(BOUNDS) - {"early_stopping", "standardize"}
+    unknown = set(options) - set(MLP_OPTIONS)
     if unknown:
         raise UsageError(f"Unknown mlp option(s) {', '.join(sorted(unknown))}.")
-    if mistakes not in MISTAKES:
-        raise UsageError(f"Expected --mistakes to be one of {', '.join(MISTAKES)}; received {mistakes!r}.")
-    if class_weight not in CLASS_WEIGHTS:
-        raise UsageError(f"Expected --class-weight balanced (or none); received {class_weight!r}.")
-    if cv is not None:
-        check_bounds("cv", cv)
-    check_bounds("seed", seed)
-    check_bounds("validation_fraction", validation_fraction)
-    for name, value in options.items():
-        if name not in ("early_stopping", "standardize"):
-            check_bounds(name, value)
+    check_options({"--mistakes": mistakes, "--class-weight": class_weight, "--cv": cv, "--seed": seed,
+                   "--validation-fraction": validation_fraction,
+                   **{_option(name): value for name, value in options.items() if _option(name) in TRAIN_HEAD}},
+                  TRAIN_HEAD)
     budget = memory_budget_bytes(memory_budget)
     final = check_out(out)
     with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment) as splits:

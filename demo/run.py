@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 from classify import score_images, train_head
-from classify.cli import format_training
+from classify.train_cli import format_training
 from extract import Augmentation, FeatureCache, WeightsUnavailableError, extract_features
 from extract.cli import format_summary
 

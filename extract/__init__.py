@@ -5,40 +5,44 @@
     with FeatureCache("cache/features.h5") as cache:
         X, y = cache.features("train"), cache.label_indices("train")
 
-The pipeline, one module each: `config` (what a feature is, its fingerprint, in words),
-`layout` (folder -> images with labels and splits), `labels` (a labels CSV: path, label,
-split), `reader` (file -> hash and pixels), `augment` (pixels -> deterministic augmented
-views), `backbone` (pixels -> features), `plan` (folder x catalog -> what to read and
-keep), `engine` (reader threads -> backbone -> pending batches; `ray_engine`: the same
-as a Ray Data job, each task writing a shard, on the Ray `cluster`),
-then the cache: `schema` (its format), `shards` (one immutable shard), `catalog` (reading,
-`FeatureCache`), `commit` (the atomic commit), `writer` (a run's writes, compaction);
-`runner` joins them, `cli` is the command.
+The pipeline, in order (docs/architecture.md draws it): `options` (every option's bounds),
+`config` (what a feature is, its fingerprint), `layout` and `labels` (a folder, or a labels
+CSV -> images with labels and splits), `recovery` (the cache as found, a killed run's shards
+taken up), `plan` (folder x catalog -> what to read, which views are missing), an engine
+(`engine` on this machine, `ray_engine` on a Ray `cluster`) running `reader` (file -> hash
+and pixels, `augment`ed views) and `featurize` (pixels -> VGG16 features through
+`backbone`), reporting through `progress`, then `writer` (shards and the catalog's commits),
+`compaction`, `summary`; `runner` joins them, `cli` is the command. The cache's format:
+`schema`, `shards`, `chunks`, `catalog` (reading, `FeatureCache`), `commit`. `images` is
+the featurize path for files outside a cache (score-images). Underneath: `files` (a user's
+file read bounded, or written aside), `console` (what the three commands share), `_version`.
+
+`__all__` is what `classify` may import: the pipeline's API, and the pieces stage 2 shares
+with it: `console`, `read_regular` and `write_aside` (`files`), `decode_image` (the reader's
+decoding, for report thumbnails), `package_versions` (recorded with a head), `Backbone` and
+`import_keras` (export's one model), `image_features`, `ImageFeatures`, `expand_inputs` and
+`check_engine` (score-images reads and computes as extraction does), and the option checks.
 """
 
-__version__ = "0.1.0"
-DISTRIBUTION = "bottleneck-features"  # the name pyproject.toml installs the package under
-
-
-def version() -> str:
-    """The installed package's version (what `--version` prints), "unknown" if not installed."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
+from extract._version import __version__, version
+from extract import console
 from extract.augment import Augmentation
 from extract.config import FeatureConfig, describe, fingerprint, option_differences
 from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
-from extract.cluster import ENGINES
-from extract.runner import DEFAULT_CACHE, ExtractSummary, extract_features
+from extract.options import SEED, Interval, StrOptions, check_options
+from extract.backbone import Backbone, import_keras
+from extract.cluster import ENGINES, check_engine
+from extract.images import ImageFeatures, expand_inputs, image_features
+from extract.runner import DEFAULT_CACHE, extract_features
+from extract.summary import ExtractSummary
 from extract.catalog import FeatureCache, list_configs
+from extract.files import read_regular, write_aside
+from extract.reader import decode as decode_image
+from extract.schema import package_versions
 
 __all__ = [
     "Augmentation",
+    "Backbone",
     "DEFAULT_CACHE",
     "ENGINES",
     "CacheBusyError",
@@ -47,12 +51,26 @@ __all__ = [
     "ExtractSummary",
     "FeatureCache",
     "FeatureConfig",
+    "ImageFeatures",
+    "Interval",
+    "SEED",
+    "StrOptions",
     "UsageError",
     "WeightsUnavailableError",
+    "check_engine",
+    "check_options",
+    "console",
+    "decode_image",
     "describe",
+    "expand_inputs",
     "extract_features",
     "fingerprint",
+    "image_features",
+    "import_keras",
     "list_configs",
     "option_differences",
+    "package_versions",
+    "read_regular",
     "version",
+    "write_aside",
 ]

@@ -22,7 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
-from extract.errors import UsageError
+from extract.options import EXTRACT_FEATURES, check_options
 
 METHOD = "imagedatagenerator-affine"  # recorded with the views; change it if the maths changes
 
@@ -39,12 +39,9 @@ class Augmentation:
     seed: int = 0
 
     def validate(self) -> None:
-        for name, value, low, high in (
-            ("--shear", self.shear, 0, 90), ("--zoom", self.zoom, 0, 1),
-            ("--rotation", self.rotation, 0, 180), ("--shift", self.shift, 0, 1),
-        ):
-            if not low <= value < high:
-                raise UsageError(f"Expected {name} in [{low}, {high}); received {value}.")
+
+        check_options({"--shear": self.shear, "--zoom": self.zoom, "--rotation": self.rotation, "--shift": self.shift,
+                       "--seed": self.seed}, EXTRACT_FEATURES)
 
     def identity(self) -> dict:
         """The facts that decide a view's pixels (the number of views is not one of them)."""

@@ -1,4 +1,5 @@
-"""The `extract-features` command: parse, call `extract.extract_features`, print."""
+"""The `extract-features` command: parse, call `extract.extract_features`, print. Its exit
+statuses are every command's (`console`, docs/exit-status.md)."""
 
 from __future__ import annotations
 
@@ -6,33 +7,29 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 
-from extract import version
+from extract._version import version
 from extract.augment import Augmentation
 from extract.backbone import cpu_has_bfloat16
-from extract.config import DECODES, DTYPES, POOLINGS, PRECISIONS
-from extract.errors import ExtractError, UsageError
+from extract import console
+from extract.console import DONE, FAILED, OneLineParser, fail, interrupted, printable
+from extract.errors import ExtractError
 from extract.layout import LAYOUTS
 from extract.cluster import ENGINES
-from extract.reader import INTERPOLATIONS
-from extract.runner import COMPACTIONS, DEFAULT_CACHE, ExtractSummary, extract_features
+from extract.options import INTERPOLATIONS
+from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS
+from extract.runner import DEFAULT_CACHE, extract_features
+from extract.summary import ExtractSummary
 
+PROG = "extract-features"
 SHOWN_FAILURES = 10
 SHOWN_MISSING = 3
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit status 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="extract-features",
+        prog=PROG,
         description=(
             "Run every image of DATA_DIR once through the frozen VGG16 convolutional base "
             "and cache the features in HDF5. Re-runs compute only new or changed images."
@@ -53,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with <class>/ folders or --labels without a split: share of images for validation, drawn by path "
              "hash (default 20)")
     add("--input-size", type=int, default=224, metavar="S", help="images are resized to S x S (default 224, at least 32)")
-    add("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
+    add("--interpolation", choices=INTERPOLATIONS, default="bilinear",
         help="resize filter (default bilinear; nearest is what the blog recipe's ImageDataGenerator used)")
     add("--decode", choices=DECODES, default="exact",
         help="exact: pixels as keras.utils.load_img gives them (default); draft: JPEGs decoded at 1/2-1/8 size "
@@ -95,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--strict", action="store_true", help="exit with status 1 if any image failed")
     add("--quiet", action="store_true", help="no progress bar and no summary")
     add("--json", action="store_true", help="print the summary as JSON on stdout")
-    add("--version", action="version", version=f"extract-features {version()}")
+    add("--version", action="version", version=f"{PROG} {version()}")
     return parser
 
 
@@ -131,26 +128,21 @@ def main(argv=None) -> int:
                 ray_actors=args.ray_actors,
                 progress=not (args.quiet or args.json),
             )
-    except UsageError as error:
-        return _fail(error, 2)
     except ExtractError as error:
-        return _fail(error, 1)
+        return fail(PROG, error)
     except KeyboardInterrupt:
-        print(
-            "extract-features: interrupted; every finished batch is saved. "
-            "Run the same command again to finish.",
-            file=sys.stderr,
-        )
-        return 130
+        return interrupted(PROG, "every finished batch is saved. Run the same command again to finish.")
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))  # verbatim: JSON escapes control characters itself
     elif not args.quiet:
         print(format_summary(summary))
     if summary.failed and not summary.rows:
-        return _fail(f"no image could be extracted; {summary.failed} failed (first: {summary.failures[0][1]}).", 1)
+        first = summary.failures[0][1]
+        return fail(PROG, f"no image could be extracted; {summary.failed} failed (first: {first}).", FAILED)
     if summary.failed and args.strict:
-        return _fail(f"{summary.failed} images failed (--strict); their reasons are in the cache's failure table.", 1)
-    return 0
+        return fail(PROG, f"{summary.failed} images failed (--strict); their reasons are in the cache's failure table.",
+                    FAILED)
+    return DONE
 
 
 def _augmentation(args) -> Augmentation | None:
@@ -214,35 +206,9 @@ def format_summary(summary: ExtractSummary) -> str:
     return "\n".join(lines)
 
 
-def printable(text: str) -> str:
-    """`text` safe to print on a terminal: control characters (an escape sequence, a
-    newline) and bytes that are not UTF-8 (surrogate escapes) written as Python escapes."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
-
-
-def _fail(error, status: int) -> int:
-    print(f"extract-features: error: {printable(str(error))}", file=sys.stderr)
-    return status
-
-
 def run() -> None:
-    """Console-script entry point. SIGTERM (a batch scheduler's stop) is handled like Ctrl-C."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        status = main()
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader of stdout went away (`| head`): the cache is saved, say nothing
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # Python's docs: so that the flush at exit fails no more
-        status = 1
-    sys.exit(status)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    """Console-script entry point (`console.run`: SIGTERM as Ctrl-C, a closed stdout ...)."""
+    sys.exit(console.run(main, PROG))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from extract import errors
 from extract.backbone import weights_error
 from extract.config import FeatureConfig
 from extract.errors import CacheError, ExtractError, UsageError
+from extract.options import StrOptions, check_options
 
 ENGINES = ("local", "ray")
 CONNECT_SECONDS = 10
@@ -33,8 +34,7 @@ INSTALL = "pip install 'bottleneck-features[ray]' (in a checkout: pip install '.
 def check_engine(engine: str, address: str | None = None, actors: int | None = None) -> None:
     """Refuse, before any work, an unknown engine, Ray's options without `--engine ray`,
     and `--engine ray` where Ray is missing or its cluster does not answer."""
-    if engine not in ENGINES:
-        raise UsageError(f"Expected --engine to be one of {', '.join(ENGINES)}; received {engine!r}.")
+    check_options({"--engine": engine}, {"--engine": StrOptions(ENGINES)})
     if engine == "local" and (address or actors):
         raise UsageError("--ray-address and --ray-actors need --engine ray.")
     if engine == "ray":

@@ -14,16 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from extract.errors import UsageError
-from extract.reader import INTERPOLATIONS
+from extract.options import EXTRACT_FEATURES, check_options
 
-POOLINGS = ("none", "avg", "max")
-DECODES = ("exact", "draft")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-DTYPES = ("float32", "float16")
-MIN_INPUT_SIZE = 32
-# 1024 px is 21x the pixels of VGG16's 224: one image's first-layer activations take 268 MB,
-# a batch of 32 about 8.6 GB. Larger sides only exhaust memory (100000 px would need 2.5 TB).
-MAX_INPUT_SIZE = 1024
 FEATURE_CHANNELS = 512
 PREPROCESSING = (
     "keras.applications.vgg16.preprocess_input: caffe mode, RGB to BGR, "
@@ -48,18 +40,9 @@ class FeatureConfig:
     decode: str = "exact"  # "draft": JPEGs decoded at reduced size first (see reader.decode)
 
     def validate(self) -> None:
-        check_range("--input-size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE,
-                    f"{MIN_INPUT_SIZE} (VGG16's minimum without its top) and {MAX_INPUT_SIZE}")
-        check_range("--seed", self.seed, 0, 2**32 - 1)
-        for name, value, allowed in (
-            ("--interpolation", self.interpolation, tuple(INTERPOLATIONS)),
-            ("--pooling", self.pooling, POOLINGS),
-            ("--precision", self.precision, PRECISIONS),
-            ("--dtype", self.dtype, DTYPES),
-            ("--decode", self.decode, DECODES),
-        ):
-            if value not in allowed:
-                raise UsageError(f"Expected {name} to be one of {', '.join(allowed)}; received {value!r}.")
+        check_options({"--input-size": self.input_size, "--seed": self.seed, "--interpolation": self.interpolation,
+                       "--pooling": self.pooling, "--precision": self.precision, "--dtype": self.dtype,
+                       "--decode": self.decode}, EXTRACT_FEATURES)
         if self.weights not in ("imagenet", "random"):
             path_text("--weights", self.weights)
         if self.weights not in ("imagenet", "random") and not Path(self.weights).is_file():
@@ -116,12 +99,6 @@ def keras_backend() -> str:
     if keras is not None and hasattr(keras, "backend"):
         return keras.backend.backend()
     return os.environ.get("KERAS_BACKEND") or "tensorflow"
-
-
-def check_range(name: str, value, low, high, between: str | None = None) -> None:
-    """Refuse a number outside [low, high] (NaN included), saying what was expected."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise UsageError(f"Expected {name} between {between or f'{low} and {high}'}; received {value}.")
 
 
 def path_text(name: str, path) -> str:

@@ -20,28 +20,19 @@ import codecs
 import csv
 import io
 from pathlib import Path
-from typing import NamedTuple
 
 from extract.errors import UsageError
-from extract.layout import SPLIT_FOLDERS
-from extract.reader import open_regular
+from extract.files import read_regular
+from extract.layout import SPLIT_FOLDERS, Labelled
 
 COLUMNS = ("path", "label", "split")
 MAX_BYTES = 2**30  # a labels file of 1 GiB would name some 20 million images
 
 
-class Labelled(NamedTuple):
-    """One image the labels file names."""
-
-    label: str
-    split: str | None  # None: drawn by path hash
-    line: int  # where the file names it, for messages
-
-
 def read_labels(path) -> dict[str, Labelled]:
     """The images a labels CSV names, by path relative to the data folder, in file order."""
     name = str(path)
-    text = _decode(name, _read(name))
+    text = _decode(name, read_regular(name, MAX_BYTES, f"--labels {name!r}"))
     rows = csv.reader(io.StringIO(text, newline=""), strict=True)
     labels: dict[str, Labelled] = {}
     header: dict[str, int] | None = None
@@ -79,21 +70,6 @@ def read_labels(path) -> dict[str, Labelled]:
     if not labels:
         raise UsageError(f"{name}: a header row but no rows; expected one row per image (path,label).")
     return labels
-
-
-def _read(name: str) -> bytes:
-    """The file's bytes; a FIFO, device or folder is refused, never waited on."""
-    try:
-        with open_regular(name) as file:
-            data = file.read(MAX_BYTES + 1)
-    except OSError as error:
-        why = error.strerror or str(error)
-        if why.startswith("not a regular file"):  # open_regular's refusal
-            raise UsageError(f"Expected --labels to be a CSV file; {name!r} is {why}.") from None
-        raise UsageError(f"Cannot read --labels {name!r} ({why}).") from None
-    if len(data) > MAX_BYTES:
-        raise UsageError(f"{name}: larger than 1 GiB; expected a CSV of path,label rows.")
-    return data
 
 
 def _decode(name: str, data: bytes) -> str:

@@ -27,15 +27,12 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from extract.errors import UsageError
-
-if TYPE_CHECKING:
-    from extract.labels import Labelled
+from extract.files import not_regular
 
 MAX_DEPTH = 200  # folders below DATA_DIR; deeper ones are a failure row (and Python's recursion stays bounded)
 LAYOUTS = ("auto", "splits", "classes", "unlabeled")
@@ -55,6 +52,14 @@ class ImageFile(NamedTuple):  # a tuple: made once per file on every run, so it 
     split: str  # one of SPLITS
     size: int
     mtime_ns: int
+
+
+class Labelled(NamedTuple):
+    """One image a labels file names (what `labels.read_labels` reads)."""
+
+    label: str
+    split: str | None  # None: drawn by path hash
+    line: int  # where the file names it, for messages
 
 
 @dataclass
@@ -280,18 +285,6 @@ def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, 
     first[top] = "./"
     visit(str(root), "", frozenset({top}))
     return found
-
-
-def not_regular(mode: int) -> str | None:
-    """Why a file of this `st_mode` is never opened ("not a regular file (a FIFO)"); None
-    for a regular file. A FIFO would block a reader forever, a device never end."""
-    if stat.S_ISREG(mode):
-        return None
-    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
-
-
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 def _extension(name: str) -> str:

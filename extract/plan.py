@@ -4,7 +4,8 @@ What is computed is decided by content: an image whose path, size and modificati
 match its cached row is not even read (`to_read`); any other image is read and hashed, and
 goes through VGG16 only if no stored row or batch has its SHA-256. The rows to store are
 then `catalog_rows` of what was read. With augmented views, each training image also
-needs views 1..K, known by (SHA-256, view) (`view_table`).
+needs views 1..K, known by (SHA-256, view) (`view_table`). `plan` makes a run's `Plan`;
+`next_state` is what a commit stores.
 
 A run plans over every file of the folder, so these work on columns (`Rows`, and the
 listing's sizes and times as arrays): the catalog's rows are found by path through one
@@ -13,12 +14,17 @@ index, and no object is made per row that is kept as it was.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from extract.catalog import Rows, ViewTable
+from extract.augment import METHOD, Augmentation
+from extract.catalog import ConfigState, Rows, ViewTable
+from extract.errors import UsageError
 from extract.layout import ImageFile
+from extract.reader import ViewRequest
+from extract.schema import now
 from extract.shards import view_key
 
 
@@ -73,6 +79,82 @@ def view_table(rows: Rows, cached: ViewTable | None, name: str, views_per_image:
         if (sha256, view) not in have and known(view_key(sha256, name, view))
     ]
     return ViewTable(attrs, keys)
+
+
+def choose_views(attrs: dict, augment: int | None, augmentation: Augmentation) -> tuple[Augmentation, int]:
+    """The augmentation and views per image a run keeps the cache to: `augment` if given,
+    else the views the stored configuration (`attrs`) uses, else none."""
+    if augment is not None:
+        return augmentation, augment
+    if not attrs.get("views"):
+        return augmentation, 0
+    stored = {key: value for key, value in attrs["augmentation"].items() if key != "method"}
+    if attrs["augmentation"].get("method") != METHOD:
+        raise UsageError(
+            f"The cache's views were made by {attrs['augmentation'].get('method')!r}, which this version "
+            f"does not make; pass --augment K to make new ones (or --augment 0 to stop using views)."
+        )
+    return Augmentation(**stored), int(attrs["views_per_image"])
+
+
+@dataclass
+class Plan:
+    """What a run is to do, decided before it reads anything: the images to read (the
+    others keep their rows unread), and the views each training image still needs."""
+
+    cached: Rows  # the stored rows (after repair)
+    augmentation: Augmentation
+    views_per_image: int
+    known: Callable[[str], bool]  # whether a key's features are stored (a shard, a pending batch)
+    reading: list[ImageFile] = field(default_factory=list)
+
+    def missing_views(self, image: ImageFile, sha256: str) -> list[int]:
+        """The view numbers still to compute for an image (only training images have views)."""
+        if not self.views_per_image or image.split != "train":
+            return []
+        name = self.augmentation.fingerprint
+        return [view for view in range(1, self.views_per_image + 1) if not self.known(view_key(sha256, name, view))]
+
+    def views(self) -> ViewRequest | None:
+        """What the reader is to make of the views (None: no views in use)."""
+        return ViewRequest(self.augmentation, self.missing_views, self.views_per_image) if self.views_per_image else None
+
+    def cached_sha256(self, path: str) -> str | None:
+        return self.cached.sha256_of(path)
+
+
+def plan(images: list[ImageFile], cached: Rows, attrs: dict, augment: int | None,
+         augmentation: Augmentation, known: Callable[[str], bool]) -> Plan:
+    """The run's plan for the folder's `images` against the stored configuration (its rows
+    `cached` and `attrs`; `known` tells stored keys): see `Plan`."""
+    augmentation, views_per_image = choose_views(attrs, augment, augmentation)
+    run = Plan(cached, augmentation, views_per_image, known)
+    run.reading = to_read(images, cached, run.missing_views if views_per_image else None)
+    return run
+
+
+def next_state(images: list[ImageFile], run: Plan, read: dict[str, str], failures: list[tuple[str, str]],
+               stored: ConfigState, attrs: dict) -> ConfigState:
+    """What the cache is to hold after the run so far: the rows of the images read (`read`,
+    path -> SHA-256 of those whose features are stored) and of those not read, the failures,
+    the views table in use (a new or changed one time-stamped) and the configuration's `attrs`."""
+    rows = catalog_rows(images, run.cached, read, {path for path, _ in failures})
+    views = dict(stored.views)
+    if run.views_per_image:
+        name = run.augmentation.fingerprint
+        table_attrs = dict(run.augmentation.identity(), fingerprint=name, views_per_image=run.views_per_image)
+        old = views.get(name)
+        table = view_table(rows, old, name, run.views_per_image, table_attrs, run.known)
+        if old is None or table.keys != old.keys or changed(old.attrs, table_attrs):
+            table.attrs["updated"] = now()
+            views[name] = table
+    return ConfigState(attrs=attrs, rows=rows, failures=failures, views=views)
+
+
+def changed(old: dict, new: dict, also_ignored=()) -> bool:
+    """Whether two sets of attributes differ in more than their time stamps (and `also_ignored`)."""
+    ignore = ("updated", *also_ignored)
+    return {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}
 
 
 def row_changes(rows: Rows, original: Rows) -> dict[str, int]:

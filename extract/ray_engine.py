@@ -31,10 +31,12 @@ from tqdm import tqdm
 from extract.cluster import check_shared, check_weights, job_errors, session, weights_file
 from extract.config import FeatureConfig, keras_backend
 from extract.errors import UsageError
+from extract.featurize import Network, stack
 from extract.layout import ImageFile
+from extract.progress import Checkpoints, Tally
 from extract.reader import ViewRequest, load
-from extract.shards import ShardInfo, view_key, write_shard
-from extract.writer import TARGET_SHARD_BYTES, Writer
+from extract.shards import TARGET_SHARD_BYTES, ShardInfo, view_key, write_shard
+from extract.writer import Writer
 
 # Rows a write task gathers into one shard, at most (fewer when they pass TARGET_SHARD_BYTES):
 # what the driver cannot take up before the task ends, so a bound on what a killed run
@@ -43,34 +45,27 @@ SHARD_ROWS = 1024
 
 
 class RayEngine:
-    """The `engine.Engine` contract (`run`, then `read`, `failures` and the counts), on Ray."""
+    """The local engine's contract (`run` yields when a checkpoint is due; `tally`), on Ray."""
 
     def __init__(self, config: FeatureConfig, writer: Writer, cached_sha256: Callable[[str], str | None],
-                 checkpoint: Callable[[], None], save_every: float, batch_size: int, address: str | None = None,
-                 actors: int | None = None):
+                 checkpoints: Checkpoints, batch_size: int, address: str | None = None, actors: int | None = None):
         self.config, self.writer, self.cached_sha256 = config, writer, cached_sha256
-        self.checkpoint, self.save_every, self.batch_size = checkpoint, save_every, batch_size
+        self.checkpoints, self.batch_size = checkpoints, batch_size
         self.address, self.actors = address, actors
-        self.read: dict[str, str] = {}
-        self.failures: list[tuple[str, str]] = []
-        self.computed = self.views_computed = self.reused = 0
-        self.device: str | None = None
-        self.backend: str | None = None  # the driver's, which `stream` gives the actors
-        self.start_seconds = None  # the actors' start is not seen from here
-        self.images_per_second = 0.0
+        self.tally = Tally()  # its start_seconds stay None: the actors' start is not seen from here
         self._shards: dict[str, dict[int, str]] = {}  # shard -> its rows come so far (row -> key)
 
-    def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, view_key, workers: int,
-            progress: bool) -> None:
+    def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, workers: int,
+            progress: bool) -> Iterator[None]:
         if not images:
             return
         with session(self.address):
-            self._run(root, images, views, progress)
+            yield from self._run(root, images, views, progress)
 
-    def _run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, progress: bool) -> None:
+    def _run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, progress: bool) -> Iterator[None]:
         import ray
 
-        writer, config = self.writer, self.config
+        writer, config, tally = self.writer, self.config, self.tally
         root = root.absolute()  # the workers' current folder is not the driver's
         known = ray.put(frozenset(writer.state.located) | frozenset(writer.pending.index))
         wanted = _Wanted(views.augmentation, views.per_image) if views else None
@@ -82,17 +77,17 @@ class RayEngine:
         )
         writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
         check_shared(writer.folder, [root / images[0].path, *weights_file(config)])
-        started = last_save = time.perf_counter()
+        started = time.perf_counter()
         bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
         with bar, job_errors():
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(self._take(batch))
-                if writer.new or time.perf_counter() - last_save >= self.save_every:
-                    self.checkpoint()  # the first commits the catalog: from then on there is a cache that opens
-                    last_save = time.perf_counter()
+                if self.checkpoints.due(writer):
+                    yield
         elapsed = time.perf_counter() - started
-        if self.computed + self.views_computed and elapsed > 0:
-            self.images_per_second = round((self.computed + self.views_computed) / elapsed, 2)
+        done = tally.computed + tally.views_computed
+        if done and elapsed > 0:
+            tally.images_per_second = round(done / elapsed, 2)
 
     def _take(self, batch: dict[str, np.ndarray]) -> int:
         """Take up one batch of finished rows: each shard once all its rows have come, then
@@ -106,27 +101,19 @@ class RayEngine:
                     self.writer.take_shard(ShardInfo(shard, int(rows), int(size), identity),
                                            [keys[i] for i in range(int(rows))])
                     del self._shards[shard]
-        images = 0
+        tally, images = self.tally, 0
+        tally.count(key for key in batch["key"] if key)
         for path, sha256, error, key, device in zip(batch["path"], batch["sha256"], batch["error"], batch["key"],
                                                     batch["device"]):
             if device:
-                self.device = device
-            if key:
-                if "/" in key:
-                    self.views_computed += 1
-                else:
-                    self.computed += 1
+                tally.device, tally.backend = device, keras_backend()  # the driver's, which `stream` gives the actors
             if not path:
                 continue  # a view's row
             images += 1
             if error:
-                self.failures.append((path, error))
-            elif not key and self.cached_sha256(path) != sha256:
-                self.reused += 1
-            if not error:
-                self.read[path] = sha256
-        if self.device:
-            self.backend = keras_backend()
+                tally.failures.append((path, error))
+            else:
+                tally.stored(path, sha256, bool(key), self.cached_sha256(path))
         return images
 
 
@@ -245,9 +232,8 @@ class Forward:
     """A backbone actor: the model is built here, from the weights file, once per actor."""
 
     def __init__(self, config: FeatureConfig):
-        from extract.backbone import Backbone  # sets the backend's GPU memory growth before anything else
-
-        self.backbone = Backbone(config)
+        self.network = Network(config)
+        self.network.build()  # in the actor's start, before any batch
         self.empty = np.zeros((0,) * len(config.feature_shape), np.dtype(config.dtype))
 
     def __call__(self, batch: dict) -> dict:
@@ -255,13 +241,13 @@ class Forward:
         fresh = [i for i, key in enumerate(keys) if key]
         features = [self.empty] * len(keys)
         if fresh:
-            pixels = np.stack([batch["pixels"][i] if batch["pixels"][i].size else batch["view"][i] for i in fresh]
-                              ).astype(np.float32)
-            for i, row in zip(fresh, self.backbone(pixels)):
+            pixels = stack([batch["pixels"][i] if batch["pixels"][i].size else batch["view"][i] for i in fresh]
+                           ).astype(np.float32)
+            for i, row in zip(fresh, self.network(pixels)):
                 features[i] = row
         batch = {name: column for name, column in batch.items() if name not in ("pixels", "view")}
         batch["features"] = _tensor_column(features)
-        batch["device"] = np.array([self.backbone.device if key else "" for key in keys], dtype=object)
+        batch["device"] = np.array([self.network.device if key else "" for key in keys], dtype=object)
         return batch
 
 

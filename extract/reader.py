@@ -2,8 +2,8 @@
 
 A file that cannot be read or decoded becomes a `Loaded` with an `error`, never an
 exception: one broken image must not stop a run over a folder nobody curated. Only regular
-files are opened (`open_regular`: without blocking, checked on the descriptor), and no more
-than `MAX_FILE_BYTES` of one is read; a large file's header is checked before it is read
+files are opened (`files.open_regular`: without blocking, checked on the descriptor), and no
+more than `MAX_FILE_BYTES` of one is read; a large file's header is checked before it is read
 whole. Augmented views (see `augment`) are made here too, from the decoded pixels, off the
 network's path, with images and views in flight bounded (`load_all`).
 
@@ -19,7 +19,6 @@ times faster on large photos, and the pixels differ slightly from `load_img`'s.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
@@ -34,17 +33,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extract.augment import Augmentation
-from extract.layout import ImageFile, not_regular
+from extract.files import open_regular, read_bounded
+from extract.layout import ImageFile
+from extract.options import INTERPOLATIONS as FILTER_NAMES
 
-# The names keras.utils.load_img accepts, mapped to the same Pillow filters.
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "hamming": Image.Resampling.HAMMING,
-    "box": Image.Resampling.BOX,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+# The names keras.utils.load_img accepts (options.INTERPOLATIONS), mapped to the same Pillow filters.
+INTERPOLATIONS = {name: Image.Resampling[name.upper()] for name in FILTER_NAMES}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # The most read of one file: 256 MiB holds an uncompressed 8-bit RGB image of 89.5 million
 # pixels, where Pillow starts warning of a decompression bomb (Image.MAX_IMAGE_PIXELS); a
@@ -120,26 +114,6 @@ def load(
     return Loaded(image, sha256, pixels, views={view: views.augmentation.view(pixels, sha256, view) for view in missing})
 
 
-def open_regular(path) -> io.BufferedReader:
-    """Open a file for reading, refusing anything but a regular file with an OSError: a
-    FIFO would block forever, a device never end. Opened without blocking, then checked
-    on the descriptor itself, so a file swapped after the folder was listed is caught too."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno == errno.ENXIO:  # a socket (or a FIFO with no writer, on some systems)
-            raise OSError(errno.ENXIO, "not a regular file (a socket)") from None
-        raise
-    try:
-        why = not_regular(os.fstat(descriptor).st_mode)
-        if why:
-            raise OSError(errno.EINVAL, why)
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
-
-
 def read_image_bytes(file) -> tuple[bytes, str | None]:
     """The bytes of an open image file, and None; or b"" and why it was not read whole:
     over `MAX_FILE_BYTES`, or, when large, a header that is not an image's."""
@@ -154,10 +128,8 @@ def read_image_bytes(file) -> tuple[bytes, str | None]:
         except Exception as error:
             return b"", describe_failure(error, b"?")
         file.seek(0)
-    data = file.read(size + 1)  # not read(MAX_FILE_BYTES): that would allocate it for every file
-    if len(data) > size:  # it grew since (or, like /proc's files, it does not know its size)
-        data += file.read(MAX_FILE_BYTES + 1 - len(data))
-    if len(data) > MAX_FILE_BYTES:
+    data = read_bounded(file, MAX_FILE_BYTES)
+    if len(data) > MAX_FILE_BYTES:  # it grew since (or, like /proc's files, it does not know its size)
         return b"", f"file too large: over {MAX_FILE_BYTES} bytes (at most {MAX_FILE_BYTES} are read for one image)"
     return data, None
 

@@ -31,6 +31,8 @@ from extract.chunks import write_rows
 from extract.errors import CacheError
 from extract.schema import COMPRESSION_LEVEL, SHARD_FORMAT, SHARD_KEYS, feature_chunk_rows, now
 
+TARGET_SHARD_BYTES = 128 * 2**20  # a run's pending batches become a shard at least this often, compaction's at most
+
 
 @dataclass(frozen=True)
 class ShardInfo:

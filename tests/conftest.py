@@ -60,14 +60,13 @@ def weights_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def kept_backbones():
     """The pipeline's backbones built once per configuration for the session (helpers.BackboneKeeper)."""
-    import classify.scoring
-    import extract.engine
+    import extract.featurize
     from extract.backbone import Backbone
     from helpers import BackboneKeeper
 
     keeper = BackboneKeeper(Backbone)
     patch = pytest.MonkeyPatch()
-    for module in (extract.engine, classify.scoring):
+    for module in (extract.featurize,):
         patch.setattr(module, "Backbone", keeper)
     yield keeper
     patch.undo()
@@ -108,9 +107,10 @@ def write_synthetic_cache(path: Path, splits: dict, fingerprint: str = "syntheti
     `splits` maps a split name to (classes, images per class); a larger `spread` makes
     the blobs overlap (and heads make mistakes)."""
     from extract.catalog import ConfigState, Row
+    from extract.recovery import open_stored
     from extract.writer import Writer
 
-    writer = Writer(Path(path), fingerprint)
+    writer = Writer(open_stored(Path(path), fingerprint))
     rows = {}
     for offset, (split, (classes, per_class)) in enumerate(splits.items()):
         X, y = blobs(classes, per_class, features, seed=seed, spread=spread)  # the same centres for every split

@@ -34,11 +34,12 @@ import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-EXTRACT, TRAIN, SCORE = "extract.cli:run", "classify.cli:run", "classify.cli:run_score"
+EXTRACT, TRAIN, SCORE = "extract.cli:run", "classify.train_cli:run", "classify.score_cli:run"
 SCRIPT = "helpers:run_script"  # start(SCRIPT, path): a Python script, as `python path` runs it
-MAINS = {EXTRACT: "extract.cli:main", TRAIN: "classify.cli:main", SCORE: "classify.cli:score_main"}
+MAINS = {EXTRACT: "extract.cli:main", TRAIN: "classify.train_cli:main", SCORE: "classify.score_cli:main"}
 NAMES = {EXTRACT: "extract-features", TRAIN: "train-head", SCORE: "score-images"}
-WARM = ["keras", "extract.cli", "classify.cli", "helpers"]  # what the forked processes find imported
+# what the forked processes find imported
+WARM = ["keras", "extract.cli", "classify.train_cli", "classify.score_cli", "helpers"]
 
 
 def _function(entry: str):

@@ -110,7 +110,7 @@ def test_scoring_and_export_on_jax_give_tensorflows_probabilities(extracted, wei
     head = train_head(root / "tensorflow.h5", "mlp", out=tmp_path / "head", epochs=2).folder
     new = [make_image(tmp_path / "new" / f"{i}.png", seed=300 + i) for i in range(3)]
     expected = {row.path: row.probability for row in score_images(new, head, weights=str(weights_file))}
-    scored = command_on("jax", "classify.cli:score_main", *new, "--head", head, "--weights", weights_file,
+    scored = command_on("jax", "classify.score_cli:main", *new, "--head", head, "--weights", weights_file,
                         "--format", "jsonl", "--quiet", cwd=tmp_path)  # no cache there: computed on JAX
     assert scored.returncode == 0, scored.stderr
     rows = [json.loads(line) for line in scored.stdout.splitlines()]
@@ -179,7 +179,7 @@ def test_a_head_on_tensorflows_random_weights_says_so_when_scoring_on_jax(tmp_pa
     make_dataset(tmp_path / "data", "classes", per_class=4, classes=("cat", "dog"))
     extract_features(tmp_path / "data", tmp_path / "c.h5", input_size=SIZE, weights="random", progress=False)
     head = train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "head").folder
-    done = command_on("jax", "classify.cli:score_main", tmp_path / "data", "--head", head, cwd=tmp_path)
+    done = command_on("jax", "classify.score_cli:main", tmp_path / "data", "--head", head, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "score-images: error: The head's features were made with random weights (seed 0) on the Keras backend "

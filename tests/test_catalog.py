@@ -13,6 +13,7 @@ from conftest import SIZE, make_image
 from extract import Augmentation, CacheError, FeatureCache, extract_features, list_configs
 from extract.catalog import ConfigState, Row
 from extract.schema import FORMAT
+from extract.recovery import open_stored
 from extract.writer import Writer
 
 SHAPE = (1, 1, 4)
@@ -35,7 +36,7 @@ def features_of(number: int, shape=SHAPE) -> np.ndarray:
 
 def commit(path, numbers, fingerprint="k", failures=(), **changes) -> Writer:
     """Store rows whose features all equal the row's number (computing only new ones)."""
-    writer = Writer(path, fingerprint)
+    writer = Writer(open_stored(path, fingerprint))
     new = [n for n in numbers if not writer.knows(sha(n))]
     if new:
         writer.append([sha(n) for n in new], np.stack([features_of(n) for n in new]))
@@ -89,7 +90,7 @@ def test_a_change_writes_a_small_shard_and_a_new_catalog_only(tmp_path):
 
 def test_copies_of_one_file_take_turns_so_the_virtual_dataset_needs_few_mappings(tmp_path):
     path = tmp_path / "c.h5"
-    writer = Writer(path, "k")
+    writer = Writer(open_stored(path, "k"))
     writer.append([sha(n) for n in range(50)], np.stack([features_of(n) for n in range(50)]))
     rows = {f"c{i % 2}/{i}.png": Row(sha(i % 50), f"c{i % 2}", "train", i, i) for i in range(150)}  # 3 copies each
     writer.commit(ConfigState(attrs=attrs(), rows=rows))
@@ -136,7 +137,7 @@ def test_plain_h5py_reads_what_feature_cache_reads(tmp_path, weights_file, monke
 @pytest.mark.parametrize("shape", [(1, 1, 512), (7, 7, 512), (512,)])
 def test_feature_chunks_stay_between_10_kib_and_1_mib(tmp_path, shape):
     path = tmp_path / "c.h5"
-    writer = Writer(path, "k")
+    writer = Writer(open_stored(path, "k"))
     writer.append([sha(n) for n in range(300)], np.zeros((300, *shape), np.float32))
     writer.commit(ConfigState(attrs=attrs(feature_shape=list(shape)), rows={f"{n}": Row(sha(n), "", "unlabeled", 0, 0) for n in range(300)}))
     (shard,) = (tmp_path / "c.h5.shards" / "k").glob("*.h5")
@@ -322,7 +323,7 @@ def test_a_shard_gone_after_another_writer_committed_is_named_as_a_change(tmp_pa
     from extract import catalog
 
     path = tmp_path / "c.h5"
-    writer = Writer(path, "cfg")
+    writer = Writer(open_stored(path, "cfg"))
     writer.state.attrs = attrs()
     for number in range(3):  # three shards of one row each
         writer.append([sha(number)], np.full((1, *SHAPE), number, np.float32))

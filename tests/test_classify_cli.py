@@ -65,9 +65,7 @@ def test_export_needs_one_head(cache, tmp_path):
         (["--head", "nope"], "Expected --head to be one of"),
         (["--head", "knn", "--export", "{missing}.keras"], "knn head cannot be exported"),
         (["--head", "knn", "--epochs", "3"], "Expected --head mlp"),
-        (["--cache", "{missing}"], "run extract-features first"),
         (["--class-weight", "heavy"], "invalid choice"),
-        (["--config", "zzz"], "received 'zzz'"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(cache, tmp_path, arguments, message):
@@ -76,6 +74,22 @@ def test_bad_input_is_one_line_and_status_2(cache, tmp_path, arguments, message)
         arguments = ["--cache", cache, *arguments]
     status, _, err = cli(*arguments, "--out", tmp_path / "run")
     assert status == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--cache", "{missing}"], "run extract-features first"),
+        (["--config", "zzz"], "received 'zzz'"),
+    ],
+)
+def test_a_cache_error_is_one_line_and_status_1(cache, tmp_path, arguments, message):
+    """A CacheError, as in every command (docs/exit-status.md)."""
+    arguments = [argument.format(missing=tmp_path / "missing.h5") for argument in arguments]
+    if "--cache" not in arguments:
+        arguments = ["--cache", cache, *arguments]
+    status, _, err = cli(*arguments, "--out", tmp_path / "run")
+    assert status == 1 and message in err and err.count("\n") == 1
 
 
 def test_warnings_are_one_line_each(tmp_path):
@@ -117,14 +131,13 @@ def test_a_cache_of_one_configuration_needs_no_features_line(cache, tmp_path):
     assert status == 0 and "Features:" not in out and "--config" not in out
 
 
-@pytest.mark.parametrize("command, prog", [("main", "train-head"), ("score_main", "score-images")])
-def test_version_prints_the_program_and_the_installed_version(capsys, command, prog):
+@pytest.mark.parametrize("module, prog", [("classify.train_cli", "train-head"), ("classify.score_cli", "score-images")])
+def test_version_prints_the_program_and_the_installed_version(capsys, module, prog):
+    import importlib
     from importlib import metadata
 
-    import classify.cli
-
     with pytest.raises(SystemExit) as exit:
-        getattr(classify.cli, command)(["--version"])
+        importlib.import_module(module).main(["--version"])
     assert exit.value.code == 0
     assert capsys.readouterr().out == f"{prog} {metadata.version('bottleneck-features')}\n"
 
@@ -138,3 +151,12 @@ def test_the_report_is_named_and_can_be_left_out(cache, tmp_path):
     assert code == 0 and json.loads(out)["report"] is None and not (tmp_path / "without" / "report.html").exists()
     code, _, err = cli("--cache", str(cache), "--mistakes", "some")
     assert code == 2 and "--mistakes" in err
+
+
+def test_an_export_refused_after_training_is_status_2_and_keeps_the_head(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("two\nlines", "plain"), 6),
+                                                      "validation": (("two\nlines", "plain"), 2)})
+    status, _, err = cli("--cache", cache, "--head", "logreg", "--out", tmp_path / "run", "--export",
+                         tmp_path / "m.keras", "--quiet")
+    assert status == 2 and err.count("\n") == 1 and "has a line break in its name" in err
+    assert f"The head is saved in {str(tmp_path / 'run')!r}." in err and (tmp_path / "run" / "head.json").is_file()

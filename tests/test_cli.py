@@ -139,7 +139,7 @@ def test_augment_reports_views_and_plain_h5py_tells_them_apart(dataset, weights_
 
 @pytest.mark.parametrize("arguments, message", [
     (["--shear", "5"], "need --augment K"),
-    (["--augment", "2", "--zoom", "1.5"], "Expected --zoom in [0, 1); received 1.5."),
+    (["--augment", "2", "--zoom", "1.5"], "Expected --zoom between 0 and 1 (1 excluded); received 1.5."),
 ])
 def test_bad_augmentation_is_one_line_and_status_2(dataset, options, arguments, message):
     status, _, err = cli(dataset, *options, *arguments)

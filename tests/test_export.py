@@ -43,7 +43,7 @@ def test_other_heads_say_they_cannot_be_exported(extraction, tmp_path):
 
 
 def test_train_head_export_writes_a_loadable_model(extraction, tmp_path):
-    from classify.cli import main
+    from classify.train_cli import main
 
     assert main(["--cache", str(extraction / "data.h5"), "--head", "logreg", "--export", str(tmp_path / "m.keras"),
                  "--out", str(tmp_path / "head"), "--quiet"]) == 0
@@ -99,7 +99,7 @@ def test_a_class_name_with_a_line_break_is_refused_and_nothing_is_written(tmp_pa
 
 
 def test_an_export_that_cannot_be_written_is_one_line_and_keeps_the_head(extraction, tmp_path, capsys):
-    from classify.cli import main
+    from classify.train_cli import main
 
     (tmp_path / "file").write_text("a file, not a folder")
     status = main(["--cache", str(extraction / "data.h5"), "--head", "logreg", "--export",
@@ -111,7 +111,7 @@ def test_an_export_that_cannot_be_written_is_one_line_and_keeps_the_head(extract
 
 
 def test_a_folder_where_the_class_names_go_is_refused_before_training(extraction, tmp_path, capsys):
-    from classify.cli import main
+    from classify.train_cli import main
 
     (tmp_path / "m.labels.txt").mkdir()
     status = main(["--cache", str(extraction / "data.h5"), "--head", "logreg", "--export", str(tmp_path / "m.keras"),

@@ -366,10 +366,10 @@ def test_a_checkpoint_writes_a_shard_and_the_catalog_only_within_its_share(extra
     the cache) is committed at a checkpoint only while its writing stays under
     CATALOG_SHARE of the run's time: with no share, only the first (there was no cache)
     and the end; with all the time, every checkpoint and the end."""
-    import extract.runner as runner_module
+    from extract import progress
     from extract import writer as writer_module
 
-    monkeypatch.setattr(runner_module, "CATALOG_SHARE", share)
+    monkeypatch.setattr(progress, "CATALOG_SHARE", share)
     written = []
     monkeypatch.setattr(writer_module, "write_catalog", lambda *a, real=writer_module.write_catalog: written.append(a) or real(*a))
     summary = extract(dataset, batch_size=1, save_every=0, compact="never")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from classify import load_head, score_images, train_head
-from classify.cli import score_main
+from classify.score_cli import main as score_main
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
 from extract import FeatureCache, UsageError, extract_features
 from extract.backbone import Backbone

@@ -10,6 +10,9 @@ from extract import CacheError, FeatureCache
 from extract import writer as writer_module
 from extract.catalog import ConfigState, Row
 from extract.writer import Writer
+from extract import compaction
+from extract.compaction import compact
+from extract.recovery import check, open_stored
 from test_catalog import attrs, commit, features_of, sha, stored
 
 
@@ -46,7 +49,7 @@ def test_a_shard_no_catalog_points_at_is_adopted(tmp_path, monkeypatch):
     writer takes the shard up and computes none of its rows again."""
     path = tmp_path / "c.h5"
     commit(path, range(4))
-    writer = Writer(path, "k")
+    writer = Writer(open_stored(path, "k"))
     writer.append([sha(n) for n in range(4, 10)], np.stack([features_of(n) for n in range(4, 10)]))
     monkeypatch.setattr(writer_module, "write_catalog", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -54,7 +57,7 @@ def test_a_shard_no_catalog_points_at_is_adopted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert len(stored(path)) == 4 and len(shard_files(path)) == 2  # the catalog as before, the new shard beside it
     assert not list(Path(f"{path}.shards/k").glob("pending/*"))  # the batches are in the shard now: only it is left
-    again = Writer(path, "k")
+    again = Writer(open_stored(path, "k"))
     assert all(again.knows(sha(n)) for n in range(10))
     again.commit(ConfigState(attrs=attrs(), rows=rows_of(range(10))))
     assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(10)}
@@ -66,7 +69,7 @@ def test_a_shard_whose_rows_are_all_stored_elsewhere_is_deleted_on_adoption(tmp_
     (shard,) = shard_files(path)
     copy = shard.with_name("0" * 32 + ".h5")
     copy.write_bytes(shard.read_bytes())  # e.g. a compaction's output, killed before its commit
-    Writer(path, "k")
+    Writer(open_stored(path, "k"))
     assert shard_files(path) == [shard]
 
 
@@ -88,11 +91,11 @@ def test_a_partial_shard_is_discarded_and_what_is_not_a_shard_is_left_alone(tmp_
     (shard,) = shard_files(tmp_path / "other.h5", "k2")
     stray = folder / shard.name
     stray.write_bytes(shard.read_bytes())
-    writer = Writer(path, "k")  # would hang on a FIFO, or fail on a folder, if it opened them
+    writer = Writer(open_stored(path, "k"))  # would hang on a FIFO, or fail on a folder, if it opened them
     assert not partial.exists() and all(junk_path.exists() for junk_path in junk)
     assert stray.exists() and not writer.knows(sha(10))  # never taken for this configuration's
     writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(3))))
-    writer.finish("full")
+    compact(writer, "full")
     assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(3)}
 
 
@@ -106,8 +109,8 @@ def test_renamed_with_its_shards_it_reads_and_the_next_run_repoints_plain_h5py(t
     assert stored(renamed) == {f"c{n % 2}/{n}.png": n for n in range(9)}
     with h5py.File(renamed, "r") as file:  # the virtual dataset still names c.h5.shards/: NaN until re-pointed
         assert np.isnan(file["configs/k/features"][:]).all()
-    writer = Writer(renamed, "k")
-    assert writer.relocated and len(shard_files(renamed)) == 2  # nothing taken for a stray and deleted
+    writer = Writer(open_stored(renamed, "k"))
+    assert writer.stored.relocated and len(shard_files(renamed)) == 2  # nothing taken for a stray and deleted
     writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(9))))
     with FeatureCache(renamed) as cache, h5py.File(renamed, "r") as file:
         np.testing.assert_array_equal(file["configs/k/features"][:], cache.features())
@@ -120,10 +123,10 @@ def test_a_shard_left_behind_stands_in_for_a_missing_one(tmp_path):
     copy = shard.with_name("0" * 32 + ".h5")
     copy.write_bytes(shard.read_bytes())
     shard.unlink()
-    writer = Writer(path, "k")
-    assert writer.check(repair=False) == 0 and writer.relocated  # every row is in the copy: nothing lost
+    writer = Writer(open_stored(path, "k"))
+    assert check(writer.stored, repair=False) == 0 and writer.stored.relocated  # every row is in the copy: nothing lost
     writer.commit(ConfigState(attrs=attrs(), rows=rows_of(range(6))))
-    writer.finish()
+    compact(writer)
     assert shard_files(path) == [copy] and stored(path) == {f"c{n % 2}/{n}.png": n for n in range(6)}
 
 
@@ -134,20 +137,20 @@ def test_deleted_rows_are_compacted_away_touching_only_their_shard(tmp_path):
     assert [rows_in(shard) for shard in shard_files(path)] == [100, 100]
     writer = commit(path, [n for n in range(200) if n < 100 or n % 4 == 0])  # 75 of the second shard's rows die
     kept = [shard for shard in shard_files(path)]
-    assert writer.finish() == 25  # the second shard's 25 live rows rewritten, nothing else
+    assert compact(writer) == 25  # the second shard's 25 live rows rewritten, nothing else
     after = shard_files(path)
     assert len(after) == 2 and len(set(after) & set(kept)) == 1
     assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(200) if n < 100 or n % 4 == 0}
 
 
 def test_small_shards_are_merged_past_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "MERGE_SMALL_AT", 4)
+    monkeypatch.setattr(compaction, "MERGE_SMALL_AT", 4)
     path = tmp_path / "c.h5"
     for last in range(1, 4):
-        assert commit(path, range(last * 10)).finish() == 0  # 1, 2, 3 small shards: not yet
+        assert compact(commit(path, range(last * 10))) == 0  # 1, 2, 3 small shards: not yet
     writer = commit(path, range(40))
     assert len(shard_files(path)) == 4
-    assert writer.finish() == 40 and len(shard_files(path)) == 1
+    assert compact(writer) == 40 and len(shard_files(path)) == 1
     assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(40)}
     with FeatureCache(path) as cache, h5py.File(path, "r") as file:
         assert len(file["configs/k/shards/path"]) == 1
@@ -163,7 +166,7 @@ def test_compaction_cut_off_at_any_step_leaves_a_cache_that_reads_right(tmp_path
     for last in range(1, 5):
         commit(path, range(last * 5))
     expected = {f"c{n % 2}/{n}.png": n for n in range(20)}
-    writer = Writer(path, "k")
+    writer = Writer(open_stored(path, "k"))
     steps = {"count": 0}
 
     def counted(function):
@@ -175,15 +178,15 @@ def test_compaction_cut_off_at_any_step_leaves_a_cache_that_reads_right(tmp_path
         return wrapper
 
     monkeypatch.setattr(writer_module, "write_shard", counted(writer_module.write_shard))
-    monkeypatch.setattr(writer_module, "write_catalog", counted(writer_module.write_catalog))
+    monkeypatch.setattr(compaction, "write_catalog", counted(compaction.write_catalog))
     monkeypatch.setattr(Path, "unlink", counted(Path.unlink))
     try:
-        writer.finish("full")
+        compact(writer, "full")
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
     assert stored(path) == expected
-    Writer(path, "k").finish("never")
+    compact(Writer(open_stored(path, "k")), "never")
     assert stored(path) == expected
     with h5py.File(path, "r") as file:
         listed = set(file["configs/k/shards/path"].asstr()[:])
@@ -202,7 +205,7 @@ def test_repair_forgets_only_the_rows_of_a_damaged_shard(tmp_path):
         raw.write(b"\xff" * 8)
     with pytest.raises(CacheError, match="damaged"):
         FeatureCache(path).features()
-    writer = Writer(path, "k")
-    assert writer.check(repair=False) == 0  # the index of the shard is fine: only reading tells
-    assert writer.check(repair=True) == 30
+    writer = Writer(open_stored(path, "k"))
+    assert check(writer.stored, repair=False) == 0  # the index of the shard is fine: only reading tells
+    assert check(writer.stored, repair=True) == 30
     assert set(writer.state.rows) == {f"c{n % 2}/{n}.png" for n in range(30, 40)}

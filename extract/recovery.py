@@ -1,0 +1,167 @@
+"""Before a run writes: one configuration as stored, and what a killed run left of it.
+
+`open_stored` reads the configuration's state from the catalog (refusing a damaged or
+foreign file before any work is done) and takes up what an interrupted run left: complete
+shards no catalog points at yet (adopted, or deleted when every row of theirs is stored
+elsewhere) and partial ones (deleted). `check` then refuses damaged shards, naming the
+first and the way out, or, with --repair, forgets their rows so that the run computes
+them again. Both hand a `Stored` down to the writer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from extract.catalog import ConfigState, damage_message, damaged_shards, load_state, open_cache
+from extract.errors import CacheError
+from extract.schema import FORMAT_VERSION, shards_folder
+from extract.shards import ShardInfo, read_keys, reason, view_key
+
+
+@dataclass
+class Stored:
+    """One configuration of a cache as a run finds it (with `rebuild`, as nothing: the old
+    cache is not read at all, and moved aside only at the first write)."""
+
+    path: Path  # the catalog
+    fingerprint: str
+    rebuild: bool = False
+    version: int = FORMAT_VERSION  # the catalog's format (1: upgraded at the first commit)
+    last_config: str | None = None  # the configuration the catalog's last commit wrote
+    state: ConfigState = field(default_factory=ConfigState)
+    damaged: list[tuple[ShardInfo, str]] = field(default_factory=list)  # shards found unreadable at open
+    relocated: bool = False  # where features are differs from what the catalog says (the next commit re-points)
+    leftovers: bool = False  # an interrupted run left shards or partial files (compaction looks again)
+    discard: list[str] = field(default_factory=list)  # damaged shards, deleted after the commit that drops them
+
+    @property
+    def base(self) -> Path:
+        """The shards folder: shard paths are relative to it."""
+        return shards_folder(self.path)
+
+    @property
+    def folder(self) -> Path:
+        return self.base / self.fingerprint
+
+
+def open_stored(path: Path, fingerprint: str, rebuild: bool = False) -> Stored:
+    """The configuration `fingerprint` of the cache `path`, with what a killed run left taken up."""
+    stored = Stored(path, fingerprint, rebuild and (path.exists() or shards_folder(path).exists()))
+    if path.exists() and not stored.rebuild:
+        with open_cache(path) as file:  # refuses a damaged or foreign file before any work is done
+            stored.version = int(file.attrs["format_version"])
+            stored.last_config = file.attrs.get("last_config")
+            try:
+                stored.state = load_state(file, fingerprint)
+                stored.relocated = _stale_links(file["configs"].get(fingerprint), stored.base.name)
+            except (KeyError, ValueError, TypeError, OSError) as error:  # a group lacks a column, or one is garbled
+                raise CacheError(
+                    f"The cache {str(path)!r} is damaged ({reason(error)}); run extract-features with "
+                    f"--rebuild, which moves it aside and starts a new one."
+                ) from error
+    stored.damaged = damaged_shards(path, stored.state)
+    if stored.version >= 2 and not stored.rebuild:
+        try:
+            _adopt(stored)
+        except OSError as error:
+            raise CacheError(
+                f"Cannot read the shard folder {str(stored.folder)!r} ({error.strerror or error}); "
+                f"make it readable and writable, or choose another place with --cache."
+            ) from error
+    return stored
+
+
+def check(stored: Stored, repair: bool) -> int:
+    """Refuse damaged shards, naming the first and the way out; with `repair`, read every
+    shard whole (each chunk's checksum) and forget the rows of damaged ones, so that the
+    run computes them again. A damaged shard whose every row was found in a shard left
+    behind (see `_adopt`) is dropped quietly. Returns the number of keys forgotten."""
+    state = stored.state
+    damaged = list(stored.damaged)
+    if repair:
+        damaged += [(shard, why) for shard in state.shards.values() if shard not in dict(damaged)
+                    for why in [_unreadable(stored.base / shard.path)] if why]
+    if not damaged:  # every row's features are where the catalog says
+        stored.discard = []
+        return 0
+    counts = {}
+    for path, _ in state.located.values():
+        counts[path] = counts.get(path, 0) + 1
+    needed = [(shard, why) for shard, why in damaged if counts.get(shard.path)]
+    if needed and not repair:
+        shard, why = needed[0]
+        raise CacheError(damage_message(stored.path, shard.path, why, counts[shard.path]))
+    stored.discard = [shard.path for shard, _ in damaged]  # deleted once the repaired catalog is committed
+    stored.relocated |= bool(damaged)
+    lost = {shard.path for shard, _ in damaged}
+    forgotten = [key for key, (path, _) in state.located.items() if path in lost]
+    for key in forgotten:
+        del state.located[key]
+    for path in lost:
+        del state.shards[path]
+    kept = np.fromiter(map(state.located.__contains__, state.rows.sha256), dtype=bool, count=len(state.rows))
+    if not kept.all():
+        state.rows = state.rows.take(kept)
+    for name, table in state.views.items():
+        table.keys = [(sha256, view) for sha256, view in table.keys if view_key(sha256, name, view) in state.located]
+    return len(forgotten)
+
+
+def _adopt(stored: Stored) -> None:
+    """Take up the complete shards of this configuration that an interrupted run wrote
+    and no catalog points at; delete those whose every row is stored in a sound shard
+    (a compaction's, a replaced one), and partial ones. A shard found here also stands
+    in for a damaged one for the rows they share. Files that are not shards of this
+    configuration are left alone."""
+    for partial in stored.folder.glob("*.h5.tmp"):
+        if partial.is_file():  # regular files only: never open a FIFO or a device
+            partial.unlink()
+            stored.leftovers = True  # an interrupted checkpoint or compaction: see to compaction again
+    damaged = {shard.path for shard, _ in stored.damaged}
+    state = stored.state
+    located = state.located
+    for file in sorted(stored.folder.glob("*.h5")):
+        path = os.path.relpath(file, stored.base)
+        if path in state.shards or not file.is_file():
+            continue
+        try:
+            keys, identity = read_keys(file, stored.fingerprint)
+        except (OSError, KeyError, ValueError):
+            continue  # not a shard of this configuration (or not a shard): not ours to take or delete
+        stored.leftovers = True
+        if all(key in located and located[key][0] not in damaged for key in keys):
+            file.unlink()  # a compaction's or a replaced shard's rows, all stored elsewhere
+            continue
+        state.shards[path] = ShardInfo(path, len(keys), file.stat().st_size, identity)
+        for row, key in enumerate(keys):
+            if key not in located or located[key][0] in damaged:
+                stored.relocated |= key in located
+                located[key] = (path, row)
+
+
+def _stale_links(group, folder: str) -> bool:
+    """Whether the virtual datasets of a catalog group name another shards folder than
+    `folder` (the catalog and its folder were renamed, or copied): the next commit re-points them."""
+    if group is None or not group["features"].is_virtual:
+        return False
+    mappings = group["features"].id.get_create_plist()  # the first mapping tells: all name one folder
+    return bool(mappings.get_virtual_count()) and not (
+        mappings.get_virtual_filename(0).replace("%%", "%").startswith(f"{folder}/"))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a shard's features cannot all be read (a chunk fails its checksum); None if they can."""
+    try:
+        with h5py.File(path, "r") as file:
+            features = file["features"]
+            step = features.chunks[0] if features.chunks else max(1, len(features))
+            for start in range(0, len(features), step):
+                features[start : start + step]
+    except (OSError, KeyError) as error:
+        return f"damaged ({reason(error)})"
+    return None
