@@ -36,11 +36,11 @@ class Row(NamedTuple):
     mtime_ns: int
 
 
-class Rows:
+class CatalogRows:
     """The image rows of a configuration as columns, row i across them: `path`, `sha256`,
     `label`, `split` (object arrays of str) and `size`, `mtime_ns` (int64), as the catalog
     stores them. A run reads, plans, compares, counts and writes them column-wise, with no
-    Python object per row; `Rows.of` takes the rows as a mapping of path -> `Row`."""
+    Python object per row; `CatalogRows.of` takes the rows as a mapping of path -> `Row`."""
 
     COLUMNS = tuple(COLUMNS)  # the catalog's per-row columns, in its order: path first
     __slots__ = (*COLUMNS, "_index")
@@ -48,12 +48,12 @@ class Rows:
     def __init__(self, path=(), sha256=(), label=(), split=(), size=(), mtime_ns=()):
         self.path, self.sha256, self.label, self.split = (_strings(column) for column in (path, sha256, label, split))
         self.size, self.mtime_ns = np.asarray(size, dtype=np.int64), np.asarray(mtime_ns, dtype=np.int64)
-        if not len(self.path) == len(self.sha256) == len(self.label) == len(self.split) == len(self.size) == len(self.mtime_ns):
-            raise ValueError("Rows: every column must have one value per row")
+        if len({len(getattr(self, name)) for name in self.COLUMNS}) > 1:
+            raise ValueError("CatalogRows: every column must have one value per row")
         self._index: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, rows: dict[str, Row]) -> "Rows":
+    def of(cls, rows: dict[str, Row]) -> "CatalogRows":
         return cls(list(rows), *(zip(*rows.values()) if rows else ((),) * len(Row._fields)))
 
     def __len__(self) -> int:
@@ -65,7 +65,7 @@ class Rows:
 
     def __eq__(self, other) -> bool:
         """The same rows, in any order."""
-        if not isinstance(other, Rows):
+        if not isinstance(other, CatalogRows):
             return NotImplemented
         if len(self) != len(other):
             return False
@@ -87,9 +87,9 @@ class Rows:
             self._index = dict(zip(self.path.tolist(), range(len(self))))
         return self._index
 
-    def take(self, rows) -> "Rows":
+    def take(self, rows) -> "CatalogRows":
         """The rows at the given row numbers (or boolean mask), in that order."""
-        return Rows(*(getattr(self, name)[rows] for name in self.COLUMNS))
+        return CatalogRows(*(getattr(self, name)[rows] for name in self.COLUMNS))
 
     def sha256_of(self, path: str) -> str | None:
         row = self.index.get(path)
@@ -121,19 +121,19 @@ class ViewTable:
 
 @dataclass
 class ConfigState:
-    """All a catalog says of one configuration, as plain values: rows by path, failures,
-    views tables, where each content key's features are, and the shards they are in."""
+    """All a catalog says of one configuration, as plain values: its rows (as columns),
+    failures, views tables, where each content key's features are, and the shards they are in."""
 
     attrs: dict = field(default_factory=dict)
-    rows: Rows = field(default_factory=Rows)  # a mapping of path -> Row is taken too (Rows.of)
+    rows: CatalogRows = field(default_factory=CatalogRows)  # a mapping of path -> Row is taken too (CatalogRows.of)
     failures: list[tuple[str, str]] = field(default_factory=list)
     views: dict[str, ViewTable] = field(default_factory=dict)
     located: dict[str, Location] = field(default_factory=dict)
     shards: dict[str, ShardInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rows, Rows):
-            self.rows = Rows.of(self.rows)
+        if not isinstance(self.rows, CatalogRows):
+            self.rows = CatalogRows.of(self.rows)
 
 
 @dataclass
@@ -212,8 +212,8 @@ def load_state(file: h5py.File, fingerprint: str) -> ConfigState:
     if version >= 2:
         state.shards = shard_table(group)
     shards = list(state.shards)
-    columns = {name: read_column(group, name) for name in Rows.COLUMNS}
-    state.rows = Rows(**dict(columns, sha256=_text(columns["sha256"])))
+    columns = {name: read_column(group, name) for name in CatalogRows.COLUMNS}
+    state.rows = CatalogRows(**dict(columns, sha256=_text(columns["sha256"])))
     state.located.update(_locations(group, state.rows.sha256.tolist(), shards, v1_shard(fingerprint)))
     failures = group["failures"]
     state.failures = sorted(zip(failures["path"].asstr()[:], failures["reason"].asstr()[:]))

@@ -7,9 +7,9 @@ then `catalog_rows` of what was read. With augmented views, each training image 
 needs views 1..K, known by (SHA-256, view) (`view_table`). `plan` makes a run's `Plan`;
 `next_state` is what a commit stores.
 
-A run plans over every file of the folder, so these work on columns (`Rows`, and the
-listing's sizes and times as arrays): the catalog's rows are found by path through one
-index, and no object is made per row that is kept as it was.
+A run plans over every file of the folder, so these work on columns (`CatalogRows`, and
+the listing's sizes and times as arrays): the catalog's rows are found by path through
+one index, and no object is made per row that is kept as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from extract.augment import METHOD, Augmentation
-from extract.catalog import ConfigState, Rows, ViewTable
+from extract.catalog import CatalogRows, ConfigState, ViewTable
 from extract.errors import UsageError
 from extract.layout import ImageFile
 from extract.reader import ViewRequest
@@ -28,7 +28,7 @@ from extract.schema import now
 from extract.shards import view_key
 
 
-def to_read(images: Sequence[ImageFile], cached: Rows,
+def to_read(images: Sequence[ImageFile], cached: CatalogRows,
             missing_views: Callable[[ImageFile, str], list] | None = None) -> list[ImageFile]:
     """The images that may have changed, or still lack views (`missing_views`, when views
     are made): every other one keeps its row unread."""
@@ -40,7 +40,7 @@ def to_read(images: Sequence[ImageFile], cached: Rows,
             if not keep or missing_views(image, cached.sha256[row])]
 
 
-def catalog_rows(images: Sequence[ImageFile], cached: Rows, read: dict[str, str], failed: set[str]) -> Rows:
+def catalog_rows(images: Sequence[ImageFile], cached: CatalogRows, read: dict[str, str], failed: set[str]) -> CatalogRows:
     """The rows to store, in the order of `images`: each image read (path -> its SHA-256,
     features stored) with its label and split; an image not read (unchanged, or not reached
     by an interrupted run) keeps its cached row, and its cached size and time, to be checked
@@ -62,11 +62,11 @@ def catalog_rows(images: Sequence[ImageFile], cached: Rows, read: dict[str, str]
         sha256[row], size[row], mtime_ns[row] = read[image.path], image.size, image.mtime_ns
     labels = [image.label for image in images]
     splits = [image.split for image in images]
-    rows = Rows(paths, sha256, labels, splits, size, mtime_ns)
+    rows = CatalogRows(paths, sha256, labels, splits, size, mtime_ns)
     return rows if stored.all() else rows.take(stored)
 
 
-def view_table(rows: Rows, cached: ViewTable | None, name: str, views_per_image: int, attrs: dict,
+def view_table(rows: CatalogRows, cached: ViewTable | None, name: str, views_per_image: int, attrs: dict,
                known: Callable[[str], bool]) -> ViewTable:
     """The views table to store: every stored view of the training rows' images, the
     cached ones first. Views numbered above `views_per_image` stay (a later, larger
@@ -102,7 +102,7 @@ class Plan:
     """What a run is to do, decided before it reads anything: the images to read (the
     others keep their rows unread), and the views each training image still needs."""
 
-    cached: Rows  # the stored rows (after repair)
+    cached: CatalogRows  # the stored rows (after repair)
     augmentation: Augmentation
     views_per_image: int
     known: Callable[[str], bool]  # whether a key's features are stored (a shard, a pending batch)
@@ -123,7 +123,7 @@ class Plan:
         return self.cached.sha256_of(path)
 
 
-def plan(images: list[ImageFile], cached: Rows, attrs: dict, augment: int | None,
+def plan(images: list[ImageFile], cached: CatalogRows, attrs: dict, augment: int | None,
          augmentation: Augmentation, known: Callable[[str], bool]) -> Plan:
     """The run's plan for the folder's `images` against the stored configuration (its rows
     `cached` and `attrs`; `known` tells stored keys): see `Plan`."""
@@ -157,7 +157,7 @@ def changed(old: dict, new: dict, also_ignored=()) -> bool:
     return {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}
 
 
-def row_changes(rows: Rows, original: Rows) -> dict[str, int]:
+def row_changes(rows: CatalogRows, original: CatalogRows) -> dict[str, int]:
     """How `rows` differ from the `original` ones, by path: new, changed (another SHA-256),
     unchanged, and removed (in `original` only)."""
     at = original.find(rows.path)
@@ -168,7 +168,7 @@ def row_changes(rows: Rows, original: Rows) -> dict[str, int]:
             "removed": len(original) - present}
 
 
-def _same_file(images: Sequence[ImageFile], cached: Rows, at: np.ndarray) -> np.ndarray:
+def _same_file(images: Sequence[ImageFile], cached: CatalogRows, at: np.ndarray) -> np.ndarray:
     """Whether each image has a cached row (`at`: its row number, or -1) of its size and time."""
     count = len(images)
     found = at >= 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 from dataclasses import asdict, dataclass, field
 
-from extract.catalog import ConfigState, Rows
+from extract.catalog import ConfigState, CatalogRows
 from extract.config import OPTIONS, describe, option_differences, option_value
 from extract.plan import row_changes
 from extract.progress import Tally
@@ -77,7 +77,7 @@ def name_configuration(summary: ExtractSummary, facts: dict, stored: bool, other
         summary.differences = {option: list(values) for option, values in option_differences(facts, nearest).items()}
 
 
-def count(summary: ExtractSummary, before: Rows, state: ConfigState, tally: Tally,
+def count(summary: ExtractSummary, before: CatalogRows, state: ConfigState, tally: Tally,
           views: tuple[str, int, dict] | None) -> None:
     """The counts: the rows of the state the cache holds now against those the run found
     (`before`), what the engine did, and the views (fingerprint, per image, augmentation) in use."""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from extract.catalog import Row, Rows, ViewTable
+from extract.catalog import Row, CatalogRows, ViewTable
 from extract.layout import ImageFile
 from extract.plan import catalog_rows, row_changes, to_read, view_table
 
@@ -16,8 +16,8 @@ def sha(n: int) -> str:
     return f"{n:064x}"
 
 
-def cached(numbers, size: int = 10, mtime_ns: int = 100) -> Rows:
-    return Rows.of({f"c{n % 2}/{n}.png": Row(sha(n), f"c{n % 2}", "train", size, mtime_ns) for n in numbers})
+def cached(numbers, size: int = 10, mtime_ns: int = 100) -> CatalogRows:
+    return CatalogRows.of({f"c{n % 2}/{n}.png": Row(sha(n), f"c{n % 2}", "train", size, mtime_ns) for n in numbers})
 
 
 def test_rows_of_a_mapping_are_its_columns():
@@ -26,7 +26,7 @@ def test_rows_of_a_mapping_are_its_columns():
     assert rows.size.dtype == np.int64 and list(rows) == ["c1/3.png", "c1/1.png"] and len(rows) == 2
     assert rows.row("c1/1.png") == Row(sha(1), "c1", "train", 10, 100) and rows.row("c0/2.png") is None
     assert rows.find(["c1/1.png", "nowhere.png", "c1/3.png"]).tolist() == [1, -1, 0]
-    assert len(Rows.of({})) == 0 and Rows.of({}).find([]).tolist() == []
+    assert len(CatalogRows.of({})) == 0 and CatalogRows.of({}).find([]).tolist() == []
 
 
 def test_rows_are_equal_in_any_order_and_differ_in_any_column():
@@ -43,7 +43,7 @@ def test_rows_are_equal_in_any_order_and_differ_in_any_column():
 
 def test_rows_refuse_columns_of_different_lengths():
     with pytest.raises(ValueError, match="one value per row"):
-        Rows(["a.png"], [sha(1)], ["a"], ["train"], [1, 2], [1])
+        CatalogRows(["a.png"], [sha(1)], ["a"], ["train"], [1, 2], [1])
 
 
 def test_only_new_and_changed_files_are_read():
