@@ -11,6 +11,7 @@ and the runner commits; so on a GPU the network does not wait for the cache.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -71,9 +72,10 @@ def _work(loaded: Iterator[Loaded], writer: Writer, views: str) -> Iterator[tupl
         if image.error:
             yield image, {}
             continue
-        yield image, {} if writer.knows(image.sha256) else {image.sha256: image.pixels}
+        needs = {} if writer.knows(image.sha256) else {image.sha256: image.pixels}
         missing = {key: pixels for view, pixels in image.views.items()
                    if not writer.knows(key := view_key(image.sha256, views, view))}
+        yield replace(image, pixels=None, views={}), needs  # pixels travel in `needs` alone: computed once, then gone
         if missing:
             yield None, missing
 

@@ -92,17 +92,13 @@ def featurize(work: Iterable[tuple[Any, dict[str, np.ndarray]]], network: Networ
               ordered: bool = False) -> Iterator[Featurized]:
     """Compute what each (item, needs) of `work` needs (key -> pixels; a key already
     waiting or on the network is computed once), handing down `Featurized` groups as
-    items are done."""
+    items are done. Each key is looked at once on its way in and once on its way out,
+    whatever number of items wait for it."""
     waiting: dict[str, np.ndarray] = {}  # key -> pixels, for the next batch
-    held: deque[list] = deque()  # [item, its keys, all queued yet?]: items not handed down
+    waiters: dict[str, list[_Entry]] = {}  # key waiting or on the network -> the items that need it
+    order: deque[_Entry] = deque()  # ordered: every item not handed down yet, in input order
+    ready: list[_Entry] = []  # not ordered: items complete, to hand down
     computing: _Computing | None = None  # the batch on the network
-    finished: dict[str, np.ndarray] = {}  # key -> features, of keys that a held image may still need
-
-    def pending(key: str) -> bool:
-        return key in waiting or (computing is not None and key in computing)
-
-    def waits(entry: list) -> bool:
-        return not entry[2] or any(pending(key) for key in entry[1])
 
     def release(batch: _Computing | None = None) -> Featurized | None:
         """The batch's features (None: no batch finished), and the items now complete."""
@@ -111,25 +107,24 @@ def featurize(work: Iterable[tuple[Any, dict[str, np.ndarray]]], network: Networ
         if batch is not None:
             keys, features = batch.keys, batch.result()
             network.started(len(keys))
-            finished.update(zip(keys, features))
             if computing is batch:
                 computing = None
-        ready = []
+            for key, row in zip(keys, features):
+                for entry in waiters.pop(key, ()):
+                    entry.features[key] = row
+                    entry.missing -= 1
+                    if not ordered and entry.complete:
+                        ready.append(entry)
         if ordered:
-            while held and not waits(held[0]):
-                ready.append(held.popleft())
+            done = []
+            while order and order[0].complete:
+                done.append(order.popleft())
         else:
-            for _ in range(len(held)):
-                entry = held.popleft()
-                (held if waits(entry) else ready).append(entry)
-        if not ready and batch is None:
+            done = ready.copy()
+            ready.clear()
+        if not done and batch is None:
             return None
-        done = Featurized([(item, {key: finished[key] for key in needs}) for item, needs, _ in ready], keys, features)
-        if finished:
-            needed = {key for _, needs, _ in held for key in needs}
-            for key in [key for key in finished if key not in needed]:
-                del finished[key]
-        return done
+        return Featurized([(entry.item, entry.features) for entry in done], keys, features)
 
     def launch() -> Iterator[Featurized]:
         """The waiting batch onto the network; the one before it, computed meanwhile, handed down."""
@@ -150,15 +145,22 @@ def featurize(work: Iterable[tuple[Any, dict[str, np.ndarray]]], network: Networ
             yield release(batch)
 
     for item, needs in work:
-        entry = [item, list(needs), False]
-        held.append(entry)
+        entry = _Entry(item)
+        if ordered:
+            order.append(entry)
         for key, pixels in needs.items():
-            if not pending(key):
-                waiting[key] = pixels
-                if len(waiting) == batch_size:
-                    yield from launch()
-        entry[2] = True
-        if ordered and waiting and len(held) >= HELD_BATCHES * batch_size:
+            entry.missing += 1
+            if key in waiters:  # waiting, or on the network: computed once for all
+                waiters[key].append(entry)
+                continue
+            waiters[key] = [entry]
+            waiting[key] = pixels
+            if len(waiting) == batch_size:
+                yield from launch()
+        entry.queued = True
+        if not ordered and entry.complete:
+            ready.append(entry)
+        if ordered and waiting and len(order) >= HELD_BATCHES * batch_size:
             yield from launch()
         if (done := release()) is not None:
             yield done
@@ -168,6 +170,20 @@ def featurize(work: Iterable[tuple[Any, dict[str, np.ndarray]]], network: Networ
         yield release(computing)
     if (done := release()) is not None:
         yield done
+
+
+class _Entry:
+    """An item on its way through: the features found for it so far, and how many of its
+    keys are still to come (it is complete once every key was queued and has come)."""
+
+    __slots__ = ("item", "features", "missing", "queued")
+
+    def __init__(self, item):
+        self.item, self.features, self.missing, self.queued = item, {}, 0, False
+
+    @property
+    def complete(self) -> bool:
+        return self.queued and not self.missing
 
 
 class _Computing:

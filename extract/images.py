@@ -10,6 +10,7 @@ and `expand_inputs`, the command line's files, folders and `@list.txt` files as 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, NamedTuple
@@ -56,7 +57,7 @@ def image_features(paths: list[str], config: FeatureConfig, known: Collection[st
         known, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
         draft=config.decode == "draft",
     )
-    work = ((image, _fresh(image)) for image in loaded)
+    work = ((replace(image, pixels=None), _fresh(image)) for image in loaded)  # pixels travel in the needs alone
     images = (
         ImageFeatures(image.image.path, image.error, image.sha256, features.get(image.sha256))
         for done in featurize(work, Network(config), batch_size, ordered=True)
