@@ -6,6 +6,7 @@ engine's references run in this process (`here`), or forked (`apart`) where a FI
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,7 +206,9 @@ def test_ctrl_c_stops_the_job_in_one_line_and_keeps_what_is_done(weights_file, c
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 130, err
-    assert err.count("\n") == 1 and "interrupted" in err, err
+    # Ray's own native log line when the actor pool started before the signal (docs/scale-out.md: ray#53727)
+    ours = [line for line in err.splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWE] \d+ \d+\] core_worker", line)]
+    assert len(ours) == 1 and "interrupted" in ours[0], err
     finished = summary(here(data, tmp_path / "c.h5", weights_file))
     assert finished["rows"] == 40
 
@@ -222,7 +225,9 @@ def test_sigterm_while_ray_starts_is_a_clean_stop_not_rays_stack_dump(dataset, w
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 130, err
-    assert err.count("\n") == 1 and "interrupted" in err, err
+    # Ray's own native log line when the actor pool started before the signal (docs/scale-out.md: ray#53727)
+    ours = [line for line in err.splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWE] \d+ \d+\] core_worker", line)]
+    assert len(ours) == 1 and "interrupted" in ours[0], err
 
 
 def test_score_images_on_ray_gives_the_local_rows_in_input_order(hostile_data, weights_file, cluster, tmp_path):
