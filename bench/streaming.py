@@ -38,7 +38,7 @@ FOLDER = Path("bench/streaming-data")
 
 
 def write_cache(path: Path, rows: int) -> None:
-    from extract.catalog import ConfigState, Row
+    from extract.state import ConfigState, Row
     from extract.recovery import open_stored
     from extract.writer import Writer
 

@@ -13,7 +13,8 @@ taken up), `plan` (folder x catalog -> what to read, which views are missing), a
 and pixels, `augment`ed views) and `featurize` (pixels -> VGG16 features through
 `backbone`), reporting through `progress`, then `writer` (shards and the catalog's commits),
 `compaction`, `summary`; `runner` joins them, `cli` is the command. The cache's format:
-`schema`, `shards`, `chunks`, `catalog` (reading, `FeatureCache`), `commit`. `images` is
+`schema`, `shards`, `chunks`, `state` (a configuration as plain values), `catalog` (reading,
+`FeatureCache`), `commit`. `images` is
 the featurize path for files outside a cache (score-images). Underneath: `files` (a user's
 file read bounded, or written aside), `console` (what the three commands share), `_version`.
 

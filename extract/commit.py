@@ -21,7 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.catalog import ConfigState, load_state, open_cache, v1_shard
+from extract.catalog import open_cache
+from extract.state import ConfigState, load_state, v1_shard
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
     COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, shards_folder,

@@ -14,7 +14,8 @@ import contextlib
 import h5py
 import numpy as np
 
-from extract.catalog import ConfigState, read_rows
+from extract.catalog import read_rows
+from extract.state import ConfigState
 from extract.commit import referenced, write_catalog
 from extract.shards import TARGET_SHARD_BYTES, view_key
 from extract.writer import Writer

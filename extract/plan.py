@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from extract.augment import METHOD, Augmentation
-from extract.catalog import CatalogRows, ConfigState, ViewTable
+from extract.state import CatalogRows, ConfigState, ViewTable
 from extract.errors import UsageError
 from extract.layout import ImageFile
 from extract.reader import ViewRequest

@@ -17,7 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.catalog import ConfigState, damage_message, damaged_shards, load_state, open_cache
+from extract.catalog import open_cache
+from extract.state import ConfigState, damage_message, damaged_shards, load_state
 from extract.errors import CacheError
 from extract.schema import FORMAT_VERSION, shards_folder
 from extract.shards import ShardInfo, read_keys, reason, view_key

@@ -17,7 +17,8 @@ from pathlib import Path
 from extract import compaction
 from extract._version import __version__
 from extract.augment import Augmentation
-from extract.catalog import ConfigState, list_configs
+from extract.catalog import list_configs
+from extract.state import ConfigState
 from extract.cluster import check_engine
 from extract.commit import WriterLock
 from extract.config import PREPROCESSING, FeatureConfig, fingerprint, path_text

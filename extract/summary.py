@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 from dataclasses import asdict, dataclass, field
 
-from extract.catalog import ConfigState, CatalogRows
+from extract.state import CatalogRows, ConfigState
 from extract.config import OPTIONS, describe, option_differences, option_value
 from extract.plan import row_changes
 from extract.progress import Tally

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.catalog import ConfigState, load_state, open_cache
+from extract.catalog import open_cache
+from extract.state import ConfigState, load_state
 from extract.commit import upgrade_v1, write_catalog
 from extract.errors import CacheError
 from extract.recovery import Stored

@@ -106,7 +106,7 @@ def write_synthetic_cache(path: Path, splits: dict, fingerprint: str = "syntheti
     """A feature cache holding blobs, written through the cache's own writer.
     `splits` maps a split name to (classes, images per class); a larger `spread` makes
     the blobs overlap (and heads make mistakes)."""
-    from extract.catalog import ConfigState, Row
+    from extract.state import ConfigState, Row
     from extract.recovery import open_stored
     from extract.writer import Writer
 

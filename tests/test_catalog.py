@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SIZE, make_image
 from extract import Augmentation, CacheError, FeatureCache, extract_features, list_configs
-from extract.catalog import ConfigState, Row
+from extract.state import ConfigState, Row
 from extract.schema import FORMAT
 from extract.recovery import open_stored
 from extract.writer import Writer

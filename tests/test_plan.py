@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from extract.catalog import Row, CatalogRows, ViewTable
+from extract.state import CatalogRows, Row, ViewTable
 from extract.layout import ImageFile
 from extract.plan import catalog_rows, row_changes, to_read, view_table
 

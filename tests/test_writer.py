@@ -8,7 +8,7 @@ import pytest
 
 from extract import CacheError, FeatureCache
 from extract import writer as writer_module
-from extract.catalog import ConfigState, Row
+from extract.state import ConfigState, Row
 from extract.writer import Writer
 from extract import compaction
 from extract.compaction import compact
