@@ -197,6 +197,7 @@ def format_summary(summary: ExtractSummary) -> str:
             "Tip:    this CPU computes bfloat16 natively: --precision mixed_bfloat16 may run several times faster "
             "here; its features were within cosine 0.9999 of float32 on our measurement (a separate configuration)."
         )
+    lines += [f"Note:   {printable(note)}" for note in summary.notes]
     if summary.compaction_error:
         lines.append(f"Note:   the run is saved, but compaction could not run: {summary.compaction_error}")
     for path, reason in summary.failures[:SHOWN_FAILURES]:

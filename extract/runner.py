@@ -163,6 +163,8 @@ def extract_features(
         except CacheError as error:  # the run is committed; compaction is tried again next time
             summary.compaction_error = str(error)
         summary.save_seconds = round(summary.save_seconds + time.perf_counter() - started_compaction, 3)
+    summary.notes += [f"The pending batch {name!r} was damaged (a bad checksum or cut short); it was deleted "
+                      f"and its images computed again." for name in writer.pending.discarded]
     views = (run.augmentation.fingerprint, run.views_per_image, run.augmentation.identity()) if run.views_per_image else None
     count(summary, found, writer.state, engine_run.tally, views)
     summary.seconds = round(time.perf_counter() - started, 3)

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,6 +86,9 @@ def write_shard(folder: Path, base: Path, fingerprint: str, keys: list[str],
             f"Could not write a shard to {str(folder)!r} ({reason(error)}); the cache is unchanged. "
             f"{advice(error)}."
         ) from error
+    except BaseException:  # a Ctrl-C, or `rows` failing: no partial shard is left behind
+        temporary.unlink(missing_ok=True)
+        raise
     return ShardInfo(os.path.relpath(path, base), len(keys), path.stat().st_size, name)
 
 
@@ -140,6 +144,7 @@ class Pending:
         self.index: dict[str, tuple[str, int]] = {}  # key -> (batch file name, row)
         self._next = 1
         self._loaded: tuple[str, np.ndarray] | None = None
+        self.discarded: list[str] = []  # damaged batches found by `open` and deleted
 
     def open(self) -> "Pending":
         """Index the batches an earlier, interrupted run left behind."""
@@ -151,11 +156,10 @@ class Pending:
         for batch in sorted(self.folder.glob("batch-*.npz")):
             if not batch.is_file() or not re.fullmatch(r"batch-\d+\.npz", batch.name):
                 continue  # not a batch this code wrote: left alone
-            try:
-                with np.load(batch, allow_pickle=False) as arrays:
-                    keys = arrays["key"]
-            except (OSError, ValueError, KeyError):
-                batch.unlink()  # cannot happen with rename-into-place; recomputed if it does
+            keys = _batch_keys(batch)
+            if keys is None:
+                batch.unlink()  # its images are computed again
+                self.discarded.append(batch.name)
                 continue
             for row, key in enumerate(keys):
                 self.index.setdefault(key.decode(), (batch.name, row))
@@ -202,6 +206,19 @@ class Pending:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.index.clear()
         self._loaded = None
+
+
+def _batch_keys(batch: Path) -> np.ndarray | None:
+    """The keys of a pending batch, after reading it whole: each array's CRC-32 in the zip
+    is checked as it is read, so a flipped byte or a truncation (a disk's damage, since a
+    batch is renamed into place only once complete) shows here, not at the checkpoint
+    that would read it. None for a damaged batch."""
+    try:
+        with np.load(batch, allow_pickle=False) as arrays:
+            keys, features = arrays["key"], arrays["features"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return keys if keys.ndim == 1 and len(keys) == len(features) else None
 
 
 def reason(error: Exception) -> str:

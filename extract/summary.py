@@ -51,6 +51,7 @@ class ExtractSummary:
     compacted: int = 0  # rows compaction rewrote into new shards
     compaction_error: str | None = None  # why compaction could not run (the run's commit stands)
     repaired: int = 0  # features forgotten by --repair (in damaged shards), computed again
+    notes: list[str] = field(default_factory=list)  # what the run found damaged and dealt with, a line each
     device: str | None = None  # None when nothing needed VGG16
     backend: str | None = None  # the Keras backend that computed (None when nothing needed VGG16)
     engine: str = "local"  # "ray": read and computed by a Ray Data job
