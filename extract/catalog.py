@@ -18,10 +18,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from extract.errors import CacheError
-from extract.schema import FORMAT, FORMAT_VERSION, read_attrs, read_column, shards_folder
+from extract.errors import CacheError, CatalogDamagedError
+from extract.schema import FORMAT, FORMAT_VERSION, read_attrs, read_column, shards_folder, unsealed
 from extract.shards import problem, reason
-from extract.state import damage_message, shard_table
+from extract.state import catalog_damage, catalog_problem, damage_message, shard_table
 
 _OPEN_SHARDS = 64  # shard files a FeatureCache keeps open at once
 
@@ -40,7 +40,8 @@ class Views:
 
 
 def open_cache(path) -> h5py.File:
-    """Open a catalog read-only, refusing anything that is not a cache this code understands."""
+    """Open a catalog read-only, refusing anything that is not a cache this code understands
+    (its root attributes checked against their digest)."""
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
@@ -49,40 +50,71 @@ def open_cache(path) -> h5py.File:
     try:
         file = h5py.File(path, "r")
     except OSError as error:
-        raise CacheError(
+        raise CatalogDamagedError(
             f"{str(path)!r} is not a readable feature cache ({reason(error)}); run extract-features "
-            f"with --rebuild to move it aside and start a new one."
+            f"with --rebuild to move it aside and start a new one (--repair, when it is a damaged catalog "
+            f"beside its shards, rebuilds it from them)."
         ) from error
+    try:
+        with catalog_errors(path):
+            _check_root(file, path)
+    except CacheError:
+        file.close()
+        raise
+    return file
+
+
+def _check_root(file: h5py.File, path: Path) -> None:
     found, version = file.attrs.get("format"), file.attrs.get("format_version")
-    if found != FORMAT:
-        file.close()
-        raise CacheError(
-            f"{str(path)!r} is an HDF5 file but not a feature cache (format {found!r}); "
-            f"pass the cache extract-features wrote, or --rebuild to move this file aside."
-        )
-    if not isinstance(version, (int, np.integer)) or not isinstance(file.get("configs"), h5py.Group):
-        file.close()
-        missing = "its format_version" if not isinstance(version, (int, np.integer)) else "its configs group"
-        raise CacheError(
-            f"{str(path)!r} is named a feature cache but lacks {missing}: damaged, or not written by "
-            f"extract-features; run extract-features with --rebuild to move it aside and start a new one."
-        )
-    if version > FORMAT_VERSION:
-        file.close()
+    known = isinstance(version, (int, np.integer))
+    if found == FORMAT and known and version > FORMAT_VERSION:  # first: a newer format may seal otherwise
         raise CacheError(
             f"{str(path)!r} has cache format {version}, newer than this version reads "
             f"({FORMAT_VERSION}); upgrade the package."
         )
-    return file
+    if unsealed(file, members=False):  # before the format: a changed `format` is damage, not another file
+        raise CatalogDamagedError(catalog_damage(path, "its checksum does not match: an attribute changed"))
+    if found != FORMAT:
+        raise CacheError(
+            f"{str(path)!r} is an HDF5 file but not a feature cache (format {found!r}); "
+            f"pass the cache extract-features wrote, or --rebuild to move this file aside."
+        )
+    if not known or not isinstance(file.get("configs"), h5py.Group):
+        missing = "its format_version" if not known else "its configs group"
+        raise CatalogDamagedError(
+            f"{str(path)!r} is named a feature cache but lacks {missing}: damaged, or not written by "
+            f"extract-features; run extract-features with --repair to rebuild it from its shards, or with "
+            f"--rebuild to move it aside and start a new one."
+        )
+
+
+@contextlib.contextmanager
+def catalog_errors(path: Path):
+    """What HDF5, h5py or a garbled value raise on a damaged catalog, as one CacheError."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+        raise CatalogDamagedError(catalog_damage(path, reason(error))) from error
+
+
+def checked_group(file: h5py.File, fingerprint: str, path: Path) -> h5py.Group:
+    """A configuration's group, refused if its digest or indices say it is damaged."""
+    with catalog_errors(path):
+        group = file["configs"][fingerprint]
+        why = catalog_problem(group)
+    if why:
+        raise CatalogDamagedError(catalog_damage(path, why))
+    return group
 
 
 def list_configs(path) -> list[dict]:
     """Every feature configuration in a cache: its attributes plus `fingerprint` and `rows`."""
+    path = Path(path)
     with open_cache(path) as file:
-        return [
-            dict(read_attrs(group), fingerprint=name, rows=len(group["path"]))
-            for name, group in file["configs"].items()
-        ]
+        names = list(file["configs"])
+        groups = [checked_group(file, name, path) for name in names]
+        with catalog_errors(path):
+            return [dict(read_attrs(group), fingerprint=name, rows=len(group["path"])) for name, group in zip(names, groups)]
 
 
 class FeatureCache:
@@ -100,11 +132,13 @@ class FeatureCache:
         self._file = open_cache(self.path)
         self._catalog = _identity(self.path)  # a writer commits by replacing the file: see _reading
         self._open: dict[str, h5py.File] = {}
-        self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (shard, shard_row) of its rows
+        self._where: dict[str, tuple] = {}  # table -> (shard, shard_row, sha256, view) of its rows
+        self._keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (sha256, view) of its rows
         try:
-            self.fingerprint = _choose_config(self._file, config, self.path)
+            with catalog_errors(self.path):
+                self.fingerprint = _choose_config(self._file, config, self.path)
+            self._group = checked_group(self._file, self.fingerprint, self.path)
             with self._reading():
-                self._group = self._file["configs"][self.fingerprint]
                 self.config = read_attrs(self._group)
                 self.class_names = self._group["class_names"].asstr()[:]
                 self.feature_shape = tuple(self._group["features"].shape[1:])
@@ -231,15 +265,29 @@ class FeatureCache:
                 return read_rows(table["features"], rows)
         if table.name not in self._where:
             with self._reading():
-                self._where[table.name] = table["shard"][:], table["shard_row"][:]
-        shard, shard_row = (column[rows] for column in self._where[table.name])
+                view = table["view"][:] if "view" in table else np.zeros(len(table["sha256"]), np.int64)
+                self._where[table.name] = table["shard"][:], table["shard_row"][:], table["sha256"][:], view
+        shard, shard_row, sha256, view = (column[rows] for column in self._where[table.name])
         result = np.empty((len(rows), *self.feature_shape), dtype=table["features"].dtype)
         for number in np.unique(shard):
             inside = shard == number
             path = self._shards[number]
             with self._reading(path):
                 result[inside] = read_rows(self._shard(path)["features"], shard_row[inside])
+                keys, views = self._keys_in(path)
+            if not (np.array_equal(keys[shard_row[inside]], sha256[inside])
+                    and np.array_equal(views[shard_row[inside]], view[inside])):
+                raise CatalogDamagedError(catalog_damage(self.path, f"rows point at other images' features in the shard {path!r}"))
         return result
+
+    def _keys_in(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """The content key (sha256, view) of each row of a shard, read once: what a row
+        served from it must match, so that a wrong `shard_row` never serves another
+        image's features."""
+        if path not in self._keys:
+            shard = self._shard(path)
+            self._keys[path] = shard["sha256"][:], shard["view"][:]
+        return self._keys[path]
 
     def _shard(self, path: str) -> h5py.File:
         if path not in self._open:
@@ -267,7 +315,7 @@ class FeatureCache:
         """A damaged file (a garbled chunk fails its Fletcher-32 checksum) is a CacheError."""
         try:
             yield
-        except (OSError, KeyError) as error:
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
             if shard and _identity(self.path) != self._catalog:  # a shard closed to keep few open, then removed
                 raise CacheError(
                     f"The cache {str(self.path)!r} changed while it was being read (another extract-features run "
@@ -275,10 +323,7 @@ class FeatureCache:
                 ) from error
             if shard:
                 raise CacheError(damage_message(self.path, shard, f"damaged ({reason(error)})")) from error
-            raise CacheError(
-                f"The cache {str(self.path)!r} is damaged ({reason(error)}); "
-                f"run extract-features with --rebuild, which moves it aside and starts a new one."
-            ) from error
+            raise CatalogDamagedError(catalog_damage(self.path, reason(error))) from error
 
     def _positions(self, labels: np.ndarray) -> np.ndarray:
         lookup = {name: position for position, name in enumerate(self.class_names)}

@@ -25,7 +25,7 @@ from extract.catalog import open_cache
 from extract.state import ConfigState, load_state, v1_shard
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
-    COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, shards_folder,
+    CATALOG_LIBVER, COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, seal, shards_folder,
     write_attrs, write_column,
 )
 from extract.shards import ShardInfo, advice, reason, sync, view_key, write_keys
@@ -87,7 +87,7 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
     try:
         with contextlib.ExitStack() as stack:
             old = stack.enter_context(open_cache(path)) if path.exists() else None
-            new = stack.enter_context(h5py.File(temporary, "w"))
+            new = stack.enter_context(h5py.File(temporary, "w", libver=CATALOG_LIBVER))
             new.attrs.update(
                 format=FORMAT, format_version=FORMAT_VERSION, last_config=last_config,
                 created=old.attrs.get("created", now()) if old else now(), updated=now(),
@@ -100,6 +100,7 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
                     old.copy(old["configs"][name], configs, name=name)
             for name, state in states.items():
                 _write_config(configs.create_group(name), state, shards_folder(path).name)
+            seal(new, members=False)
         sync(temporary)
         os.replace(temporary, path)
         sync(path.parent)
@@ -136,6 +137,7 @@ def _write_config(group, state: ConfigState, folder: str) -> None:
         _write_table(table, columns, VIEW_COLUMNS, location, shards, folder, shape, dtype)
         write_attrs(table, views.attrs)
     write_attrs(group, state.attrs)
+    seal(group)  # last: it covers every value and attribute written above
 
 
 def _on_disk_order(state: ConfigState, number: dict, keys: list[str]) -> tuple[np.ndarray, tuple]:

@@ -21,5 +21,10 @@ class CacheError(ExtractError):
     """The feature cache cannot be read or written as asked."""
 
 
+class CatalogDamagedError(CacheError):
+    """The catalog itself is unreadable or fails its checks (`extract-features --repair`
+    rebuilds it from the shards)."""
+
+
 class CacheBusyError(CacheError):
     """Another process is writing the same cache."""

@@ -11,15 +11,16 @@ them again. Both hand a `Stored` down to the writer.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from extract.catalog import open_cache
+from extract.catalog import catalog_errors, checked_group, open_cache
 from extract.state import ConfigState, damage_message, damaged_shards, load_state
-from extract.errors import CacheError
+from extract.errors import CacheError, CatalogDamagedError
 from extract.schema import FORMAT_VERSION, shards_folder
 from extract.shards import ShardInfo, read_keys, reason, view_key
 
@@ -39,6 +40,7 @@ class Stored:
     relocated: bool = False  # where features are differs from what the catalog says (the next commit re-points)
     leftovers: bool = False  # an interrupted run left shards or partial files (compaction looks again)
     discard: list[str] = field(default_factory=list)  # damaged shards, deleted after the commit that drops them
+    salvaged: tuple[str, Path] | None = None  # a damaged catalog's message and where --repair moved it
 
     @property
     def base(self) -> Path:
@@ -50,21 +52,19 @@ class Stored:
         return self.base / self.fingerprint
 
 
-def open_stored(path: Path, fingerprint: str, rebuild: bool = False) -> Stored:
-    """The configuration `fingerprint` of the cache `path`, with what a killed run left taken up."""
+def open_stored(path: Path, fingerprint: str, rebuild: bool = False, repair: bool = False) -> Stored:
+    """The configuration `fingerprint` of the cache `path`, with what a killed run left taken
+    up. With `repair`, a damaged catalog is moved aside (`set_aside`) and the configuration
+    rebuilt from its shards: each holds the content keys of its rows, so only what no
+    intact shard holds is computed again."""
     stored = Stored(path, fingerprint, rebuild and (path.exists() or shards_folder(path).exists()))
     if path.exists() and not stored.rebuild:
-        with open_cache(path) as file:  # refuses a damaged or foreign file before any work is done
-            stored.version = int(file.attrs["format_version"])
-            stored.last_config = file.attrs.get("last_config")
-            try:
-                stored.state = load_state(file, fingerprint)
-                stored.relocated = _stale_links(file["configs"].get(fingerprint), stored.base.name)
-            except (KeyError, ValueError, TypeError, OSError) as error:  # a group lacks a column, or one is garbled
-                raise CacheError(
-                    f"The cache {str(path)!r} is damaged ({reason(error)}); run extract-features with "
-                    f"--rebuild, which moves it aside and starts a new one."
-                ) from error
+        try:
+            _read_catalog(stored)
+        except CatalogDamagedError as error:
+            if not repair:
+                raise
+            stored.salvaged = (str(error), set_aside(path))
     stored.damaged = damaged_shards(path, stored.state)
     if stored.version >= 2 and not stored.rebuild:
         try:
@@ -75,6 +75,36 @@ def open_stored(path: Path, fingerprint: str, rebuild: bool = False) -> Stored:
                 f"make it readable and writable, or choose another place with --cache."
             ) from error
     return stored
+
+
+def _read_catalog(stored: Stored) -> None:
+    """The configuration as the catalog records it, refusing a damaged or foreign file
+    before any work is done."""
+    path, fingerprint = stored.path, stored.fingerprint
+    with open_cache(path) as file:
+        stored.version = int(file.attrs["format_version"])
+        stored.last_config = file.attrs.get("last_config")
+        if fingerprint in file["configs"]:
+            checked_group(file, fingerprint, path)
+        with catalog_errors(path):  # a group lacks a column, or one is garbled
+            stored.state = load_state(file, fingerprint)
+            stored.relocated = _stale_links(file["configs"].get(fingerprint), stored.base.name)
+
+
+def set_aside(catalog: Path) -> Path:
+    """Move a damaged catalog aside (`<catalog>.damaged-TIME`: kept, never deleted; its
+    other configurations' shards stay where they are and are adopted by their next run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = next(place for number in range(1, 1000)
+                 if not (place := catalog.with_name(f"{catalog.name}.damaged-{stamp}" + (f"-{number}" if number > 1 else ""))).exists())
+    try:
+        os.rename(catalog, aside)
+    except OSError as error:
+        raise CacheError(
+            f"Could not move the damaged catalog {str(catalog)!r} aside for --repair ({error.strerror or error}); "
+            f"make its folder writable, or move it away yourself and run again."
+        ) from error
+    return aside
 
 
 def check(stored: Stored, repair: bool) -> int:

@@ -23,7 +23,7 @@ from extract.cluster import check_engine
 from extract.commit import WriterLock
 from extract.config import PREPROCESSING, FeatureConfig, fingerprint, path_text
 from extract.engine import Engine
-from extract.errors import CacheError, UsageError
+from extract.errors import CacheError, CatalogDamagedError, UsageError
 from extract.labels import read_labels
 from extract.layout import Scan, not_regular, scan_folder
 from extract.options import EXTRACT_FEATURES, check_options
@@ -122,7 +122,7 @@ def extract_features(
     with WriterLock(cache):
         _clean_leftovers(cache)
         key = fingerprint(config.identity())
-        stored = open_stored(cache, key, rebuild)  # the cache as found, what a killed run left taken up
+        stored = open_stored(cache, key, rebuild, repair)  # the cache as found, what a killed run left taken up
         data_root = str(scan.root.resolve())
         if stored.state.attrs and stored.state.attrs.get("data_dir") != data_root:
             raise UsageError(
@@ -135,8 +135,7 @@ def extract_features(
             not_in_labels=scan.not_in_labels, labels_missing=list(scan.missing),
         )
         found = stored.state.rows  # as the run found them, for the counts (a commit replaces, never changes, rows)
-        others = [] if stored.rebuild or not cache.exists() else [
-            other for other in list_configs(cache) if other["fingerprint"] != key]
+        others = [] if stored.rebuild or not cache.exists() else _other_configs(cache, key)
         name_configuration(summary, dict(config.identity(), weights_path=_weights_path(config)),
                            bool(stored.state.attrs), others)
         summary.repaired = check_stored(stored, repair)
@@ -163,6 +162,10 @@ def extract_features(
         except CacheError as error:  # the run is committed; compaction is tried again next time
             summary.compaction_error = str(error)
         summary.save_seconds = round(summary.save_seconds + time.perf_counter() - started_compaction, 3)
+    if stored.salvaged:
+        why, aside = stored.salvaged
+        summary.notes.append(f"{why.split(';')[0]}: moved aside as {str(aside)!r} and rebuilt from the shards "
+                             f"of this configuration.")
     summary.notes += [f"The pending batch {name!r} was damaged (a bad checksum or cut short); it was deleted "
                       f"and its images computed again." for name in writer.pending.discarded]
     views = (run.augmentation.fingerprint, run.views_per_image, run.augmentation.identity()) if run.views_per_image else None
@@ -254,6 +257,15 @@ class _Commits:
         )
         if not unchanged:
             self.commit(state)
+
+
+def _other_configs(cache: Path, key: str) -> list[dict]:
+    """The cache's other configurations, to name the nearest; none when one of them is
+    damaged (it is copied as it is, and its own runs name --repair)."""
+    try:
+        return [other for other in list_configs(cache) if other["fingerprint"] != key]
+    except CatalogDamagedError:
+        return []
 
 
 def _weights_path(config: FeatureConfig) -> str | None:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from extract.schema import COLUMNS, read_attrs, read_column, shards_folder
+from extract.schema import COLUMNS, LOCATION_COLUMNS, SHARD_TABLE, VIEW_COLUMNS, read_attrs, read_column, shards_folder, unsealed
 from extract.shards import ShardInfo, problem, view_key
 
 Location = tuple[str, int]  # (shard path relative to the shards folder, row in it)
@@ -180,6 +180,41 @@ def _locations(group, keys: list[str], shards: list[str], v1_path: str) -> dict[
     return dict(zip(keys, zip(map(shards.__getitem__, group["shard"][:].tolist()), group["shard_row"][:].tolist())))
 
 
+def catalog_problem(group) -> str | None:
+    """What is wrong with a configuration's group of a catalog, in a few words; None if
+    nothing. Its digest (attributes and stored values: a flipped byte, a changed path or
+    shard_row), then what a digest cannot vouch for in a catalog written before digests:
+    columns of one length, and every row pointing inside a shard the table lists. Costs
+    a read of the group's columns (see docs/performance.md)."""
+    if unsealed(group):
+        return "its checksum does not match: a value or attribute changed"
+    tables = [("rows", group, COLUMNS), *((f"views table {name}", table, VIEW_COLUMNS)
+                                         for name, table in group.get("views", {}).items())]
+    located = "shards" in group
+    if located:
+        found = _lengths(group["shards"], SHARD_TABLE)
+        if found:
+            return f"its shards table has columns of different lengths ({found})"
+        sizes = group["shards/rows"][:]
+    for what, table, columns in tables:
+        found = _lengths(table, {**columns, **(LOCATION_COLUMNS if located else {}), "features": None})
+        if found:
+            return f"its {what} have columns of different lengths ({found})"
+        if located:
+            shard, shard_row = table["shard"][:], table["shard_row"][:]
+            if len(shard) and not (0 <= shard.min() and shard.max() < len(sizes)):
+                return f"its {what} point at shards it does not list (shard {int(shard.min())}..{int(shard.max())} of {len(sizes)})"
+            if len(shard) and not ((shard_row >= 0) & (shard_row < sizes[shard])).all():
+                return f"its {what} point at rows outside their shards (shard_row)"
+    return None
+
+
+def _lengths(table, columns) -> str | None:
+    """The columns' lengths in words if they differ; None if they are all one."""
+    lengths = {name: len(table[name]) for name in columns}
+    return None if len(set(lengths.values())) <= 1 else ", ".join(f"{name} {n}" for name, n in lengths.items())
+
+
 def damaged_shards(catalog: Path, state: ConfigState) -> list[tuple[ShardInfo, str]]:
     """The shards of a state that are missing, truncated or not this cache's, with why."""
     found = ((shard, problem(shards_folder(catalog), shard)) for shard in state.shards.values())
@@ -192,4 +227,12 @@ def damage_message(catalog: Path, shard: str, why: str, rows: int | None = None)
         f"The shard {str(shards_folder(catalog) / shard)!r} of the cache {str(catalog)!r} is {why}; "
         f"run extract-features with --repair "
         f"to drop {what} and compute only them again, or with --rebuild to start a new cache."
+    )
+
+
+def catalog_damage(catalog: Path, why: str) -> str:
+    return (
+        f"The catalog of the cache {str(catalog)!r} is damaged ({why}); run extract-features with --repair "
+        f"to rebuild it from its intact shards (only what they lack is computed again), or with --rebuild "
+        f"to start a new cache."
     )

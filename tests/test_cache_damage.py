@@ -3,14 +3,19 @@ pending batches, the catalog's columns and attributes, its shards folder shared 
 another cache, a cache named like a temporary, and plain h5py beside a decoy."""
 
 import json
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
-from extract import FeatureCache
+from conftest import SIZE, write_synthetic_cache
+from extract import CacheError, FeatureCache, list_configs
+from extract.schema import DIGEST, seal
 from extract.shards import Pending
-from helpers import EXTRACT, call
+from helpers import EXTRACT, SCORE, TRAIN, call, one_line
+from test_hostile_classify import world  # noqa: F401 (a fixture: an extraction, a head, new images)
 from test_hostile_extract import arguments
 
 
@@ -64,3 +69,152 @@ def test_a_damaged_pending_batch_is_computed_again_in_one_line(dataset, tmp_path
     assert got.keys() == expected.keys()
     for path, feature in expected.items():
         np.testing.assert_array_equal(got[path], feature)
+
+
+# 3: the catalog's integrity
+
+def edit(name):
+    """A damage done by rewriting one value with h5py (its checksums then match)."""
+    def damage(path: Path, fingerprint: str) -> None:
+        with h5py.File(path, "r+") as file:
+            group = file["configs"][fingerprint]
+            if name == "shard -1":
+                group["shard"][0] = -1
+            elif name == "shard_row out of range":
+                group["shard_row"][0] = 10**6
+            elif name == "a column shortened":
+                labels = group["label"][:-1]
+                del group["label"]
+                group["label"] = labels
+            elif name == "two shard_row swapped":
+                rows = group["shard_row"][:]
+                rows[[0, 1]] = rows[[1, 0]]
+                group["shard_row"][:] = rows
+            elif name == "a path changed":
+                group["path"][0] = "train/a/elsewhere.png"
+    return damage
+
+
+def replaced(old: bytes, new: bytes):
+    """A damage done to the file's bytes: an attribute's value changed in place (its first)."""
+    def damage(path: Path, fingerprint: str) -> None:
+        data = path.read_bytes()
+        assert old in data
+        path.write_bytes(data.replace(old, new, 1))
+    return damage
+
+
+DAMAGES = {
+    "an attribute changed": replaced(b"bilinear", b"bilineaR"),
+    "an attribute garbled": replaced(b"bilinear", b"\xffilinear"),
+    **{name: edit(name) for name in ("shard -1", "shard_row out of range", "a column shortened",
+                                     "two shard_row swapped", "a path changed")},
+}
+# what a cache written before digests can still be told (its digest removed here)
+FOUND_UNSEALED = {"shard -1", "shard_row out of range", "a column shortened",
+                  "two shard_row swapped"}
+
+
+def unseal(path: Path) -> None:
+    """As a cache written before digests: no digest attributes."""
+    with h5py.File(path, "r+") as file:
+        for item in (file, *file["configs"].values()):
+            del item.attrs[DIGEST]
+
+
+def damaged_cache(tmp_path, damage: str, sealed: bool) -> Path:
+    path = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 4), "validation": (("a", "b"), 2)})
+    if not sealed:
+        unseal(path)
+    DAMAGES[damage](path, "synthetic0000001")
+    return path
+
+
+def read_all(path: Path) -> None:
+    with FeatureCache(path) as cache:
+        cache.features(), cache.labels(), cache.paths()
+    list_configs(path)
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_catalog_is_one_line_naming_repair(tmp_path, damage, sealed):
+    path = damaged_cache(tmp_path, damage, sealed)
+    if not sealed and damage not in FOUND_UNSEALED:
+        read_all(path)  # a cache written before digests cannot tell this
+        return
+    with pytest.raises(CacheError) as raised:
+        read_all(path)
+    message = str(raised.value)
+    assert "catalog" in message and "--repair" in message and "\n" not in message
+    one_line(call(TRAIN, "--cache", path, "--head", "knn", "--out", tmp_path / "run", "--quiet"), 1, "--repair")
+
+
+def test_catalog_columns_carry_checksums_and_the_groups_a_digest(tmp_path):
+    path = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 4)})
+    with h5py.File(path, "r") as file:
+        group = file["configs/synthetic0000001"]
+        assert DIGEST in file.attrs and DIGEST in group.attrs
+        fixed = [name for name in ("sha256", "size", "mtime_ns", "shard", "shard_row", "shards/rows", "shards/uuid")]
+        assert all(group[name].fletcher32 for name in fixed)
+
+
+def test_a_cache_written_before_digests_opens_and_is_sealed_at_its_next_write(tmp_path):
+    path = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 4)})
+    unseal(path)
+    before = contents(path)
+    write_synthetic_cache(path, {"train": (("a", "b"), 4)})  # the same rows again: a commit
+    with h5py.File(path, "r") as file:
+        assert DIGEST in file.attrs and DIGEST in file["configs/synthetic0000001"].attrs
+    after = contents(path)
+    assert after.keys() == before.keys() and all(np.array_equal(after[p], before[p]) for p in before)
+
+
+def test_every_attribute_is_in_the_digest_even_one_added_later(tmp_path):
+    path = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 4)})
+    with h5py.File(path, "r+") as file:
+        group = file["configs/synthetic0000001"]
+        group.attrs["a_new_attribute"] = "x"
+        seal(group)
+    read_all(path)
+    with h5py.File(path, "r+") as file:
+        file["configs/synthetic0000001"].attrs["a_new_attribute"] = "y"
+    with pytest.raises(CacheError, match="checksum"):
+        read_all(path)
+
+
+def test_all_three_commands_refuse_a_damaged_catalog_in_one_line(world, tmp_path, weights_file):
+    shutil.copy(world / "c.h5", tmp_path / "c.h5")
+    shutil.copytree(world / "c.h5.shards", tmp_path / "c.h5.shards")
+    replaced(b"bilinear", b"bilineaR")(tmp_path / "c.h5", "")
+    cache = tmp_path / "c.h5"
+    one_line(call(EXTRACT, world / "data", "--cache", cache, "--weights", weights_file, "--input-size", SIZE,
+                  "--quiet"), 1, "--repair")
+    one_line(call(TRAIN, "--cache", cache, "--head", "knn", "--out", tmp_path / "run", "--quiet"), 1, "--repair")
+    one_line(call(SCORE, world / "new", "--head", world / "head", "--cache", cache, "--quiet"), 1, "--repair")
+
+
+# 4: --repair rebuilds a damaged catalog from its intact shards
+
+@pytest.mark.parametrize("damage", ["truncated", "an attribute changed"])
+def test_repair_rebuilds_a_damaged_catalog_from_its_shards_computing_nothing(dataset, tmp_path, weights_file, damage):
+    cache = tmp_path / "c.h5"
+    first, _ = extract(dataset, cache, weights_file, "--augment", "1")
+    expected = contents(cache)
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:2000])
+    else:
+        replaced(b"bilinear", b"bilineaR")(cache, "")
+    _, refused = extract(dataset, cache, weights_file)
+    one_line(refused, 1, "catalog", "--repair")
+    repaired, done = extract(dataset, cache, weights_file, "--repair", "--augment", "1")  # the options again
+    assert done.returncode == 0, done.stderr
+    assert (repaired["computed"], repaired["views_computed"], repaired["rows"]) == (0, 0, first["rows"])
+    assert repaired["views"] == first["views"] > 0
+    (note,) = repaired["notes"]
+    (aside,) = tmp_path.glob("c.h5.damaged-*")
+    assert str(aside) in note and "\n" not in note
+    got = contents(cache)
+    assert got.keys() == expected.keys() and all(np.array_equal(got[p], expected[p]) for p in expected)
+    again, _ = extract(dataset, cache, weights_file)
+    assert again["computed"] == 0 and again["notes"] == []

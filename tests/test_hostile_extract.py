@@ -271,9 +271,9 @@ def damage_empty_config(file, fingerprint):
 
 
 @pytest.mark.parametrize("damage, words", [
-    (damage_no_version, ["lacks its format_version", "--rebuild"]),
-    (damage_configs_not_a_group, ["lacks its configs group", "--rebuild"]),
-    (damage_empty_config, ["is damaged", "--rebuild"]),
+    (damage_no_version, ["checksum does not match", "--repair", "--rebuild"]),  # the root's digest
+    (damage_configs_not_a_group, ["lacks its configs group", "--repair", "--rebuild"]),
+    (damage_empty_config, ["is damaged", "--repair", "--rebuild"]),
 ])
 def test_a_cache_missing_its_parts_says_what_to_do(dataset, tmp_path, weights_file, damage, words):
     cache = tmp_path / "c.h5"
