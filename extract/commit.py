@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import stat
+import tempfile
 import uuid
 from operator import itemgetter
 from pathlib import Path
@@ -82,9 +83,13 @@ class WriterLock:
 def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) -> None:
     """Commit: write the catalog anew with the configurations in `states`; every other
     configuration is copied from the current catalog as it is. Atomic: written aside,
-    flushed to disk, then renamed over the old one."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    flushed to disk, then renamed over the old one. It is written inside a folder of its own
+    (`commit_folder`), never under a name a user's file could have, so that cleaning up
+    after a killed writer can tell it from anything else beside the catalog."""
+    workspace = None
     try:
+        workspace = Path(tempfile.mkdtemp(prefix=commit_prefix(path), dir=path.parent))
+        temporary = workspace / path.name
         with contextlib.ExitStack() as stack:
             old = stack.enter_context(open_cache(path)) if path.exists() else None
             new = stack.enter_context(h5py.File(temporary, "w", libver=CATALOG_LIBVER))
@@ -109,7 +114,31 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
             f"Could not write the cache {str(path)!r} ({reason(error)}); it is unchanged. {advice(error)}."
         ) from error
     finally:
-        temporary.unlink(missing_ok=True)
+        if workspace is not None:
+            remove_commit_folder(workspace, path)
+
+
+def commit_prefix(catalog: Path) -> str:
+    """The name a commit's folder starts with (hidden: `.features.h5.commit-XXXXXXXX`)."""
+    return f".{catalog.name}.commit-"
+
+
+def remove_commit_folder(folder: Path, catalog: Path) -> bool:
+    """Remove a commit's folder, if it is one: a real folder (not a link) named by
+    `commit_prefix`, holding nothing but a file named as the catalog. Anything else, a
+    user's file or folder however named, is left alone. Returns whether it was removed."""
+    try:
+        if not (folder.name.startswith(commit_prefix(catalog)) and stat.S_ISDIR(os.lstat(folder).st_mode)):
+            return False
+        entries = list(os.scandir(folder))
+        if any(entry.name != catalog.name or not entry.is_file(follow_symlinks=False) for entry in entries):
+            return False
+        for entry in entries:
+            os.unlink(entry.path)
+        os.rmdir(folder)
+    except OSError:
+        return False
+    return True
 
 
 def _write_config(group, state: ConfigState, folder: str) -> None:

@@ -20,7 +20,7 @@ from extract.augment import Augmentation
 from extract.catalog import list_configs
 from extract.state import ConfigState
 from extract.cluster import check_engine
-from extract.commit import WriterLock
+from extract.commit import WriterLock, commit_prefix, remove_commit_folder
 from extract.config import PREPROCESSING, FeatureConfig, fingerprint, path_text
 from extract.engine import Engine
 from extract.errors import CacheError, CatalogDamagedError, UsageError
@@ -288,10 +288,9 @@ def _real_cache(cache) -> Path:
 
 
 def _clean_leftovers(cache: Path) -> None:
-    """Remove the temporary catalogs of a writer that was killed (names made by
-    commit.write_catalog: exactly `<cache>.tmp-<process id>`)."""
-    prefix = f"{cache.name}.tmp-"
+    """Remove the commit folders of a writer that was killed (see commit.write_catalog);
+    never a file or folder of anyone else's, whatever its name."""
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(cache.parent):
-            if entry.name.startswith(prefix) and entry.name[len(prefix):].isdigit() and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
+            if entry.name.startswith(commit_prefix(cache)):
+                remove_commit_folder(Path(entry.path), cache)

@@ -218,3 +218,15 @@ def test_repair_rebuilds_a_damaged_catalog_from_its_shards_computing_nothing(dat
     assert got.keys() == expected.keys() and all(np.array_equal(got[p], expected[p]) for p in expected)
     again, _ = extract(dataset, cache, weights_file)
     assert again["computed"] == 0 and again["notes"] == []
+
+
+# 10: a cache named like a temporary
+
+def test_a_cache_named_like_a_temporary_is_never_cleaned_up(dataset, tmp_path, weights_file):
+    extract(dataset, tmp_path / "a.h5.tmp-5", weights_file)
+    before = contents(tmp_path / "a.h5.tmp-5")
+    extract(dataset, tmp_path / "a.h5", weights_file)
+    extract(dataset, tmp_path / "a.h5", weights_file, "--repair")
+    after = contents(tmp_path / "a.h5.tmp-5")
+    assert after.keys() == before.keys() and all(np.array_equal(after[p], before[p]) for p in before)
+    assert not list(tmp_path.glob(".a.h5.commit-*"))

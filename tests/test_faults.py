@@ -117,7 +117,7 @@ def test_sigkill_at_twenty_moments_loses_nothing(big_folder, weights_file, tmp_p
     assert_rows_match(cache, reference)
     shards = Path(f"{cache}.shards")
     assert len(list(shards.glob("*/*.h5"))) == 1  # compacted: the small shards of the checkpoints merged
-    assert not list(shards.glob("*/pending/*")) and not list(shards.rglob("*.tmp")) and not list(tmp_path.glob("c.h5.tmp-*"))
+    assert not list(shards.glob("*/pending/*")) and not list(shards.rglob("*.tmp")) and not list(tmp_path.glob(".c.h5.commit-*"))
 
 
 def views(cache: Path) -> dict:

@@ -192,13 +192,18 @@ def test_a_cache_reached_through_a_link_is_written_in_place_under_one_lock(datas
 
 def test_leftover_cleanup_removes_only_this_caches_temporaries(dataset, tmp_path, weights_file):
     folder = tmp_path / "c"
-    folder.mkdir()
-    others = [folder / "features2.h5.tmp-1", folder / "features[v2].h5.tmp-notes"]  # glob's [v2] matches "2"
-    for path in [*others, folder / "features[v2].h5.tmp-123"]:
+    killed = folder / ".features[v2].h5.commit-k1ll3d"  # a killed writer's commit: its folder, its catalog
+    killed.mkdir(parents=True)
+    (killed / "features[v2].h5").write_text("x")
+    (folder / ".features[v2].h5.commit-notes").mkdir()  # named like one, holding something else
+    others = [folder / "features2.h5.tmp-1", folder / "features[v2].h5.tmp-notes",  # glob's [v2] matches "2"
+              folder / "features[v2].h5.tmp-123", folder / ".features[v2].h5.commit-file",
+              folder / ".features[v2].h5.commit-notes" / "notes.txt"]
+    for path in others:
         path.write_text("x")
     summary(run(dataset, folder / "features[v2].h5", weights_file, "--json"))
     assert all(path.exists() for path in others)
-    assert not (folder / "features[v2].h5.tmp-123").exists()  # a killed writer's (process 123)
+    assert not killed.exists()
 
 
 def test_rebuild_keeps_the_old_cache_in_place_until_its_first_write(dataset, tmp_path, weights_file):

@@ -40,7 +40,7 @@ def test_a_failed_commit_leaves_the_old_cache_intact(tmp_path, monkeypatch):
     monkeypatch.setattr("extract.commit.write_column", disk_full)
     with pytest.raises(CacheError, match="No space left on device.*unchanged"):
         commit(path, range(9))
-    assert path.read_bytes() == before and not list(tmp_path.glob("c.h5.tmp-*"))
+    assert path.read_bytes() == before and not list(tmp_path.glob(".c.h5.commit-*"))
     assert stored(path) == {f"c{n % 2}/{n}.png": n for n in range(5)}
 
 
