@@ -20,9 +20,9 @@ import numpy as np
 
 from extract.catalog import catalog_errors, checked_group, open_cache
 from extract.state import ConfigState, damage_message, damaged_shards, load_state
-from extract.errors import CacheError, CatalogDamagedError
-from extract.schema import FORMAT_VERSION, shards_folder
-from extract.shards import ShardInfo, read_keys, reason, view_key
+from extract.errors import CacheError, CatalogDamagedError, UsageError
+from extract.schema import FORMAT_VERSION, OWNER_FILE, shards_folder
+from extract.shards import ShardInfo, advice, read_keys, reason, view_key
 
 
 @dataclass
@@ -58,6 +58,8 @@ def open_stored(path: Path, fingerprint: str, rebuild: bool = False, repair: boo
     rebuilt from its shards: each holds the content keys of its rows, so only what no
     intact shard holds is computed again."""
     stored = Stored(path, fingerprint, rebuild and (path.exists() or shards_folder(path).exists()))
+    if not stored.rebuild:  # a rebuild moves this name's folder (or link) aside, deleting nothing
+        check_owner(path)
     if path.exists() and not stored.rebuild:
         try:
             _read_catalog(stored)
@@ -105,6 +107,53 @@ def set_aside(catalog: Path) -> Path:
             f"make its folder writable, or move it away yourself and run again."
         ) from error
     return aside
+
+
+def check_owner(catalog: Path) -> None:
+    """Refuse a shards folder that is another cache's too (a copied cache whose `.shards` is
+    a link to the original's, or two catalogs linked to one folder): a run deletes the
+    shards its own catalog does not point at, which would be the other's. The folder's
+    owner is the catalog named in its `OWNER_FILE` (`claim_shards`): it is another's while
+    that catalog exists and that folder is its shards folder too."""
+    catalog = Path(os.path.realpath(catalog))
+    base = shards_folder(catalog)
+    try:
+        owner = Path(os.fsdecode((base / OWNER_FILE).read_bytes().rstrip(b"\n")))
+    except (FileNotFoundError, NotADirectoryError):
+        return  # no owner yet: the next commit claims it
+    except OSError as error:
+        raise CacheError(f"Cannot read {str(base / OWNER_FILE)!r} ({error.strerror or error}); make the "
+                         f"shards folder readable, or choose another place with --cache.") from error
+    if owner == catalog or not owner.is_file():
+        return
+    try:
+        shared = os.path.samefile(shards_folder(owner), base)
+    except OSError:
+        return  # the owner has no shards folder (any more): a moved or copied cache, free to claim this one
+    if shared:
+        raise UsageError(
+            f"The shards folder {str(base)!r} is also that of the cache {str(owner)!r} (a link, or a copy sharing "
+            f"it), and a run deletes the shards its own catalog does not name; give this cache a folder of its "
+            f"own (copy the folder, not a link to it), or run with --rebuild to start it anew. Nothing was changed."
+        )
+
+
+def claim_shards(catalog: Path) -> None:
+    """Record `catalog` as the owner of its shards folder (after a commit: the folder is
+    its own, `check_owner` passed), unless it is already; written aside and renamed."""
+    catalog = Path(os.path.realpath(catalog))
+    base = shards_folder(catalog)
+    marker, data = base / OWNER_FILE, os.fsencode(str(catalog)) + b"\n"
+    try:
+        if not base.is_dir() or (marker.is_file() and marker.read_bytes() == data):
+            return
+        temporary = base / f"{OWNER_FILE}.tmp"
+        temporary.write_bytes(data)
+        os.replace(temporary, marker)
+    except OSError as error:
+        raise CacheError(
+            f"Could not write {str(marker)!r} ({error.strerror or error}); the cache is committed. {advice(error)}."
+        ) from error
 
 
 def check(stored: Stored, repair: bool) -> int:

@@ -58,6 +58,9 @@ TEXT_CHUNK_ROWS = 4096
 COMPRESSION_LEVEL = 1  # gzip level: the maps compress to about 0.66 of raw at level 1, hardly less above
 
 
+OWNER_FILE = "OWNER"  # in the shards folder: the real path of the catalog whose folder it is
+
+
 def shards_folder(catalog: Path) -> Path:
     """Where the shards of a catalog live: `<catalog>.shards/`."""
     return catalog.with_name(f"{catalog.name}.shards")

@@ -19,7 +19,7 @@ from extract.catalog import open_cache
 from extract.state import ConfigState, load_state
 from extract.commit import upgrade_v1, write_catalog
 from extract.errors import CacheError
-from extract.recovery import Stored
+from extract.recovery import Stored, claim_shards
 from extract.schema import shards_folder
 from extract.shards import Pending, ShardInfo, advice, write_shard
 
@@ -96,6 +96,7 @@ class Writer:
         self.flush()
         started = time.perf_counter()
         write_catalog(self.path, {self.fingerprint: self.state}, self.fingerprint)
+        claim_shards(self.path)
         self.catalog_seconds = time.perf_counter() - started
         stored.last_config, stored.relocated, self.changed = self.fingerprint, False, True
 

@@ -230,3 +230,41 @@ def test_a_cache_named_like_a_temporary_is_never_cleaned_up(dataset, tmp_path, w
     after = contents(tmp_path / "a.h5.tmp-5")
     assert after.keys() == before.keys() and all(np.array_equal(after[p], before[p]) for p in before)
     assert not list(tmp_path.glob(".a.h5.commit-*"))
+
+
+# 5: a cache owns its shards folder
+
+def snapshot(folder: Path) -> dict:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_shards_folder_shared_with_another_cache_is_refused_deleting_nothing(dataset, tmp_path, weights_file):
+    """A copied cache whose .shards is a link to the original's: a run on the copy that
+    would compact (an image gone, --compact full) is refused, and the original keeps every shard."""
+    original, copy = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract(dataset, original, weights_file)
+    expected = contents(original)
+    shutil.copy(original, copy)
+    Path(f"{copy}.shards").symlink_to(Path(f"{original}.shards"))
+    before = snapshot(Path(f"{original}.shards"))
+    next(dataset.rglob("*.png")).unlink()
+    _, done = extract(dataset, copy, weights_file, "--compact", "full")
+    one_line(done, 2, "also that of the cache", str(original))
+    assert snapshot(Path(f"{original}.shards")) == before
+    got = contents(original)
+    assert got.keys() == expected.keys() and all(np.array_equal(got[p], expected[p]) for p in expected)
+    moved, done = extract(dataset, copy, weights_file, "--rebuild")  # the way out the line names
+    assert done.returncode == 0 and snapshot(Path(f"{original}.shards")) == before
+
+
+def test_a_moved_or_copied_cache_owns_its_own_folder(dataset, tmp_path, weights_file):
+    extract(dataset, tmp_path / "a.h5", weights_file)
+    shutil.copy(tmp_path / "a.h5", tmp_path / "copy.h5")
+    shutil.copytree(tmp_path / "a.h5.shards", tmp_path / "copy.h5.shards")
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "a.h5", tmp_path / "moved" / "a.h5")
+    shutil.move(tmp_path / "a.h5.shards", tmp_path / "moved" / "a.h5.shards")
+    for cache in (tmp_path / "copy.h5", tmp_path / "moved" / "a.h5"):
+        summary, done = extract(dataset, cache, weights_file)
+        assert done.returncode == 0 and summary["computed"] == 0, done.stderr
+        assert Path(f"{cache}.shards/OWNER").read_text() == f"{cache}\n"
