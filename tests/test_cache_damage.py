@@ -3,6 +3,8 @@ pending batches, the catalog's columns and attributes, its shards folder shared 
 another cache, a cache named like a temporary, and plain h5py beside a decoy."""
 
 import json
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -268,3 +270,33 @@ def test_a_moved_or_copied_cache_owns_its_own_folder(dataset, tmp_path, weights_
         summary, done = extract(dataset, cache, weights_file)
         assert done.returncode == 0 and summary["computed"] == 0, done.stderr
         assert Path(f"{cache}.shards/OWNER").read_text() == f"{cache}\n"
+
+
+# 11: plain h5py, a missing shard and a same-named decoy under the working directory
+
+def h5py_snippet() -> str:
+    """docs/cache.md's plain-h5py reading, as written."""
+    page = (Path(__file__).parent.parent / "docs" / "cache.md").read_text()
+    section = page[page.index("## Reading it with h5py alone"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+
+
+def test_the_documented_h5py_reading_refuses_a_missing_shard_not_reading_a_decoy(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "cache" / "features.h5", {"train": (("a", "b"), 3)})
+    decoy = write_synthetic_cache(tmp_path / "other.h5", {"train": (("a", "b"), 3)}, seed=5)
+    with h5py.File(cache, "r") as file:
+        shard = file["configs/synthetic0000001/shards/path"].asstr()[0]
+    with h5py.File(decoy, "r") as file:
+        decoy_shard = Path(f"{decoy}.shards") / file["configs/synthetic0000001/shards/path"].asstr()[0]
+    script = tmp_path / "read.py"
+    script.write_text(h5py_snippet())
+    reading = [sys.executable, script]
+    assert subprocess.run(reading, cwd=tmp_path, capture_output=True).returncode == 0  # every shard there
+    Path(f"{cache}.shards", shard).unlink()
+    (tmp_path / "features.h5.shards" / shard).parent.mkdir(parents=True)
+    shutil.copy(decoy_shard, tmp_path / "features.h5.shards" / shard)  # the same name under the working directory
+    done = subprocess.run(reading, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0 and "shards missing" in done.stderr and shard in done.stderr
+    with pytest.raises(CacheError, match="is missing"):
+        with FeatureCache(cache):
+            pass
