@@ -3,7 +3,8 @@
 A cache is a small HDF5 **catalog** (`features.h5`) and a folder of immutable HDF5
 **shards** beside it (`features.h5.shards/<fingerprint>/<uuid>.h5`) that hold the features.
 
-    catalog  /                     attrs: format, format_version (2), last_config, created, updated
+    catalog  /                     attrs: format, format_version (2), last_config, created, updated,
+                                   digest (of the root's other attributes)
              /configs/<fingerprint>/   one group per feature configuration; attrs describe it
                  features     (N, *feature_shape)  a virtual dataset over the shards: row i is the
                                                    features of row i, wherever they are stored
@@ -16,6 +17,9 @@ A cache is a small HDF5 **catalog** (`features.h5`) and a folder of immutable HD
                  failures/path, failures/reason   files that could not be used, and why
                  views/<augmentation>/   augmented views: features (virtual), sha256, view,
                                          shard, shard_row; attrs: the transforms, views_per_image
+                 attrs: the configuration, and `digest`: SHA-256 of every attribute and stored
+                 value in the group (`digest`); every column Fletcher-32, text fixed-length
+    shards folder  OWNER: the catalog whose folder it is (see recovery.check_owner)
     shard    /   attrs: format (SHARD_FORMAT), fingerprint, uuid, rows, created
                  features      (R, *feature_shape)  chunked, gzip level 1, Fletcher-32
                  sha256        (R,) S64   the content the row's features are of
