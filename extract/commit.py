@@ -26,7 +26,8 @@ from extract.catalog import open_cache
 from extract.state import ConfigState, load_state, v1_shard
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
-    CATALOG_LIBVER, COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, now, seal, shards_folder,
+    CATALOG_LIBVER, COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, create_group, now, seal,
+    shards_folder,
     write_attrs, write_column,
 )
 from extract.shards import ShardInfo, advice, reason, sync, view_key, write_keys
@@ -97,14 +98,14 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
                 format=FORMAT, format_version=FORMAT_VERSION, last_config=last_config,
                 created=old.attrs.get("created", now()) if old else now(), updated=now(),
             )
-            configs = new.create_group("configs")
+            configs = create_group(new, "configs")
             for name in old["configs"] if old else ():
                 if name not in states:
                     if int(old.attrs["format_version"]) < 2:
                         raise RuntimeError("a format-1 catalog is upgraded whole (upgrade_v1), not copied")
                     old.copy(old["configs"][name], configs, name=name)
             for name, state in states.items():
-                _write_config(configs.create_group(name), state, shards_folder(path).name)
+                _write_config(create_group(configs, name), state, shards_folder(path).name)
             seal(new, members=False)
         sync(temporary)
         os.replace(temporary, path)
@@ -152,16 +153,16 @@ def _write_config(group, state: ConfigState, folder: str) -> None:
     columns = {name: getattr(rows, name)[order] for name in COLUMNS}
     _write_table(group, columns, COLUMNS, location, shards, folder, shape, dtype)
     write_column(group, "class_names", sorted(set(rows.label.tolist()) - {""}), TEXT)
-    failures = group.create_group("failures")
+    failures = create_group(group, "failures")
     write_column(failures, "path", [path for path, _ in state.failures], TEXT)
     write_column(failures, "reason", [why for _, why in state.failures], TEXT)
-    table = group.create_group("shards")
+    table = create_group(group, "shards")
     for name, column_type in SHARD_TABLE.items():
         write_column(table, name, [getattr(info, name) for info in shards], column_type)
     for name, views in state.views.items():
         order, location = _on_disk_order(state, number, [view_key(sha256, name, view) for sha256, view in views.keys])
         keys = [views.keys[i] for i in order]
-        table = group.create_group(f"views/{name}")
+        table = create_group(group, f"views/{name}")
         columns = {"sha256": [sha256 for sha256, _ in keys], "view": [view for _, view in keys]}
         _write_table(table, columns, VIEW_COLUMNS, location, shards, folder, shape, dtype)
         write_attrs(table, views.attrs)

@@ -50,6 +50,7 @@ SHARD_FORMAT = "bottleneck-features-shard"
 # The catalog's HDF5 file format: from 1.8's on, whose object headers carry checksums, so a
 # flipped byte in an attribute's header is an error HDF5 reports, not a crash (as in 1.6's).
 CATALOG_LIBVER = ("v108", "latest")
+COMPACT_MAX = 1024  # attributes a catalog group keeps in its object header (see create_group)
 DIGEST = "digest"  # the attribute holding a catalog group's SHA-256 (`digest`)
 TEXT = h5py.string_dtype("utf-8")
 COLUMNS = {"path": TEXT, "sha256": "S64", "label": TEXT, "split": TEXT, "size": "int64", "mtime_ns": "int64"}
@@ -73,6 +74,20 @@ def shards_folder(catalog: Path) -> Path:
 def feature_chunk_rows(feature_shape, dtype) -> int:
     row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
     return max(1, min(TEXT_CHUNK_ROWS, CHUNK_BYTES // row_bytes))
+
+
+def create_group(parent, path: str):
+    """A catalog group (and any group above it that is missing) that keeps its attributes
+    in its object header, which has a checksum, however many there are: past 8, HDF5 moves
+    them to a heap whose blocks have none, where a flipped byte can crash a reader."""
+    group = parent
+    for name in path.split("/"):
+        if name not in group:
+            gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+            gcpl.set_attr_phase_change(COMPACT_MAX, COMPACT_MAX - 1)
+            h5py.h5g.create(group.id, name.encode(), gcpl=gcpl)
+        group = group[name]
+    return group
 
 
 def write_column(group, name: str, values, dtype) -> None:
@@ -106,9 +121,12 @@ def read_column(group, name: str) -> np.ndarray:
 
 
 def read_attrs(group) -> dict:
-    """Attributes as plain Python values (JSON-encoded ones decoded)."""
+    """Attributes as plain Python values (JSON-encoded ones decoded); the `digest` is the
+    file's check on them, not one of them."""
     values = {}
     for key, value in group.attrs.items():
+        if key == DIGEST:
+            continue
         if isinstance(value, np.ndarray):
             value = value.tolist()
         elif isinstance(value, np.generic):

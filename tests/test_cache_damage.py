@@ -269,7 +269,7 @@ def test_a_moved_or_copied_cache_owns_its_own_folder(dataset, tmp_path, weights_
     for cache in (tmp_path / "copy.h5", tmp_path / "moved" / "a.h5"):
         summary, done = extract(dataset, cache, weights_file)
         assert done.returncode == 0 and summary["computed"] == 0, done.stderr
-        assert Path(f"{cache}.shards/OWNER").read_text() == f"{cache}\n"
+    assert Path(f"{tmp_path}/copy.h5.shards/OWNER").read_text() == f"{tmp_path}/copy.h5\n"  # re-pointed: a commit
 
 
 # 11: plain h5py, a missing shard and a same-named decoy under the working directory
