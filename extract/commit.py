@@ -26,9 +26,8 @@ from extract.catalog import open_cache
 from extract.state import ConfigState, load_state, v1_shard
 from extract.errors import CacheBusyError, CacheError
 from extract.schema import (
-    CATALOG_LIBVER, COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, create_group, now, seal,
-    shards_folder,
-    write_attrs, write_column,
+    CATALOG_LIBVER, COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, create_group,
+    now, seal, shards_folder, write_attrs, write_column,
 )
 from extract.shards import ShardInfo, advice, reason, sync, view_key, write_keys
 
@@ -85,7 +84,7 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
     """Commit: write the catalog anew with the configurations in `states`; every other
     configuration is copied from the current catalog as it is. Atomic: written aside,
     flushed to disk, then renamed over the old one. It is written inside a folder of its own
-    (`commit_folder`), never under a name a user's file could have, so that cleaning up
+    (`commit_prefix`), never under a name a user's file could have, so that cleaning up
     after a killed writer can tell it from anything else beside the catalog."""
     workspace = None
     try:

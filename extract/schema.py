@@ -52,6 +52,7 @@ SHARD_FORMAT = "bottleneck-features-shard"
 CATALOG_LIBVER = ("v108", "latest")
 COMPACT_MAX = 1024  # attributes a catalog group keeps in its object header (see create_group)
 DIGEST = "digest"  # the attribute holding a catalog group's SHA-256 (`digest`)
+OWNER_FILE = "OWNER"  # in the shards folder: the real path of the catalog whose folder it is
 TEXT = h5py.string_dtype("utf-8")
 COLUMNS = {"path": TEXT, "sha256": "S64", "label": TEXT, "split": TEXT, "size": "int64", "mtime_ns": "int64"}
 VIEW_COLUMNS = {"sha256": "S64", "view": "int64"}
@@ -61,9 +62,6 @@ SHARD_TABLE = {"path": TEXT, "rows": "int64", "bytes": "int64", "uuid": "S32"}
 CHUNK_BYTES = 512 * 1024  # feature chunks of about this size (h5py's advice: 10 KiB - 1 MiB)
 TEXT_CHUNK_ROWS = 4096
 COMPRESSION_LEVEL = 1  # gzip level: the maps compress to about 0.66 of raw at level 1, hardly less above
-
-
-OWNER_FILE = "OWNER"  # in the shards folder: the real path of the catalog whose folder it is
 
 
 def shards_folder(catalog: Path) -> Path:
@@ -97,7 +95,7 @@ def write_column(group, name: str, values, dtype) -> None:
     gzip'd (level 1); hex hashes are not (they would only shrink by 0.44, at 40 MB/s)."""
     if dtype == TEXT:
         encoded = [str(value).encode("utf-8") for value in values]
-        width = max(1, *map(len, encoded)) if encoded else 1
+        width = max([1, *map(len, encoded)])
         dtype = h5py.string_dtype("utf-8", width)
         array = np.array(encoded, dtype=dtype)
     else:

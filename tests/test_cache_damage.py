@@ -298,3 +298,26 @@ def test_the_documented_h5py_reading_refuses_a_missing_shard_not_reading_a_decoy
     with pytest.raises(CacheError, match="is missing"):
         with FeatureCache(cache):
             pass
+
+
+def test_a_cache_from_before_checksums_opens_and_its_next_commit_upgrades_what_it_writes(tmp_path):
+    shutil.copytree(Path(__file__).parent / "fixtures" / "v2-before-checksums", tmp_path / "old")
+    path = tmp_path / "old" / "cache.h5"
+    with h5py.File(path, "r") as file:
+        group = file["configs/synthetic0000001"]
+        assert DIGEST not in group.attrs and not group["size"].fletcher32 and group["path"].dtype.kind == "O"
+    before = {name: contents_of(path, name) for name in ("synthetic0000001", "synthetic0000002")}
+    assert [config["rows"] for config in list_configs(path)] == [12, 6]
+    write_synthetic_cache(path, {"train": (("a", "b"), 4), "validation": (("a", "b"), 2)})  # a commit of the first
+    with h5py.File(path, "r") as file:
+        written, copied = file["configs/synthetic0000001"], file["configs/synthetic0000002"]
+        assert DIGEST in file.attrs and DIGEST in written.attrs and written["size"].fletcher32
+        assert written["path"].dtype.kind == "S" and DIGEST not in copied.attrs  # the other: copied as it was
+    for name, expected in before.items():
+        got = contents_of(path, name)
+        assert got.keys() == expected.keys() and all(np.array_equal(got[p], expected[p]) for p in expected)
+
+
+def contents_of(cache, config) -> dict:
+    with FeatureCache(cache, config) as opened:
+        return dict(zip(opened.paths(), opened.features()))
