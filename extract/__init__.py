@@ -29,7 +29,7 @@ from extract._version import __version__, version
 from extract import console
 from extract.augment import Augmentation
 from extract.config import FeatureConfig, describe, fingerprint, option_differences
-from extract.errors import CacheBusyError, CacheError, ExtractError, UsageError, WeightsUnavailableError
+from extract.errors import CacheBusyError, CacheError, CatalogDamagedError, ExtractError, UsageError, WeightsUnavailableError
 from extract.options import SEED, Interval, StrOptions, check_options
 from extract.backbone import Backbone, import_keras
 from extract.cluster import ENGINES, check_engine
@@ -48,6 +48,7 @@ __all__ = [
     "ENGINES",
     "CacheBusyError",
     "CacheError",
+    "CatalogDamagedError",
     "ExtractError",
     "ExtractSummary",
     "FeatureCache",
