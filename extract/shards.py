@@ -145,6 +145,7 @@ class Pending:
         self._next = 1
         self._loaded: tuple[str, np.ndarray] | None = None
         self.discarded: list[str] = []  # damaged batches found by `open` and deleted
+        self._indexed: set[str] = set()  # batches read whole once (see `open`), or written by this process
 
     def open(self) -> "Pending":
         """Index the batches an earlier, interrupted run left behind."""
@@ -154,8 +155,8 @@ class Pending:
             if stale.is_file():  # regular files only: never open a FIFO or a device
                 stale.unlink()  # a batch whose writing was interrupted: never renamed, never counted
         for batch in sorted(self.folder.glob("batch-*.npz")):
-            if not batch.is_file() or not re.fullmatch(r"batch-\d+\.npz", batch.name):
-                continue  # not a batch this code wrote: left alone
+            if batch.name in self._indexed or not batch.is_file() or not re.fullmatch(r"batch-\d+\.npz", batch.name):
+                continue  # indexed already, or not a batch this code wrote: left alone
             keys = _batch_keys(batch)
             if keys is None:
                 batch.unlink()  # its images are computed again
@@ -163,6 +164,7 @@ class Pending:
                 continue
             for row, key in enumerate(keys):
                 self.index.setdefault(key.decode(), (batch.name, row))
+            self._indexed.add(batch.name)
             self._next = max(self._next, int(batch.stem.split("-")[1]) + 1)
         return self
 
@@ -192,6 +194,7 @@ class Pending:
             ) from error
         for row, key in enumerate(keys):
             self.index[key] = (name, row)
+        self._indexed.add(name)
 
     def features(self, key: str) -> np.ndarray:
         """The features of one image or view, by key (batches are read one at a time)."""
@@ -205,6 +208,7 @@ class Pending:
         """Forget every batch: call once they are all in a shard on disk."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.index.clear()
+        self._indexed.clear()
         self._loaded = None
 
 
