@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     except OSError as error:
         where = f"--output {args.output!r}" if args.output else "stdout"
         kept = "; it is unchanged" if args.output and os.path.exists(args.output) else ""
-        return console.fail(PROG, f"cannot write {where} ({_why(error)}){kept}.", console.FAILED)
+        return console.fail(PROG, f"cannot write {where} ({console.why(error)}){kept}.", console.FAILED)
     except KeyboardInterrupt:
         return console.interrupted(PROG, f"--output {args.output!r} was not written." if args.output else "")
     if not args.quiet:
@@ -92,7 +92,7 @@ def _destination(output: str | None, stdout):
         try:
             aside = stack.enter_context(write_aside(output, f"--output {output!r}"))
         except OSError as error:  # its folder cannot hold it: refused before any image is read
-            raise UsageError(f"Cannot write --output {output!r} ({_why(error)}).") from None
+            raise UsageError(f"Cannot write --output {output!r} ({console.why(error)}).") from None
         with open(aside, "w", newline="", encoding="utf-8") as stream:
             yield stream
 
@@ -131,10 +131,6 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _why(error: Exception) -> str:
-    return getattr(error, "strerror", None) or " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def run() -> None:

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         except ExtractError as error:
             return console.fail(PROG, error)
         except OSError as error:
-            return console.fail(PROG, f"cannot write the head ({_why(error)}); nothing was saved.", console.FAILED)
+            return console.fail(PROG, f"cannot write the head ({console.why(error)}); nothing was saved.", console.FAILED)
         except KeyboardInterrupt:
             return console.interrupted(PROG, "nothing was saved.")
         finally:
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         except UsageError as error:
             return console.fail(PROG, f"{error} {saved}", console.status_of(error))
         except (ExtractError, OSError) as error:
-            return console.fail(PROG, f"cannot write --export {args.export!r} ({_why(error)}); nothing was "
+            return console.fail(PROG, f"cannot write --export {args.export!r} ({console.why(error)}); nothing was "
                                       f"written there. {saved}", console.FAILED)
         except KeyboardInterrupt:
             return console.interrupted(PROG, f"--export was not written. {saved}")
@@ -192,10 +192,6 @@ def _cv_line(row: dict) -> str:
     if "cv_accuracy_mean" not in row:
         return ""
     return f"{row['cv_accuracy_mean']:.4f} ± {row['cv_accuracy_std']:.4f}"
-
-
-def _why(error: Exception) -> str:
-    return getattr(error, "strerror", None) or " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def run() -> None:
