@@ -93,6 +93,10 @@ def test_an_empty_split_cell_is_drawn_too(kaggle, tmp_path):
     ("path,label\nimages/0.png,\"cat\n", "line 2", "not readable as CSV"),
     ("", "", "empty; expected a header row"),
     ("path,label\n", "", "a header row but no rows"),
+    # NUL: the cache's text cannot hold it (h5py's "VLEN strings do not support embedded NULLs", after the compute)
+    ("path,label\nimages/0.png,cat\nimages/1.png,d\x00og\n", "line 3", "a NUL character (byte 0x00), which the cache"),
+    ("path,label\nimages/0.png\x00,cat\n", "line 2", "a NUL character (byte 0x00)"),
+    ("path,label\nimages/0.png,cat\n".encode("utf-16-le"), "line 1", "(a file saved as UTF-16 is full of them"),
 ])
 def test_a_bad_csv_is_one_line_naming_the_file_and_line(kaggle, tmp_path, text, where, message):
     labels = write(tmp_path / "labels.csv", text)
