@@ -19,6 +19,7 @@ from extract.layout import LAYOUTS
 from extract.cluster import ENGINES
 from extract.options import INTERPOLATIONS
 from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS
+from extract.plan import label_source
 from extract.runner import DEFAULT_CACHE, extract_features
 from extract.summary import ExtractSummary
 
@@ -177,6 +178,10 @@ def format_summary(summary: ExtractSummary) -> str:
                                 for option, (mine, theirs) in summary.differences.items())
         lines.insert(3, f"Note:   New configuration beside {summary.other_configurations} existing: "
                         f"{printable(differences or 'same options, other facts (' + summary.nearest_configuration + ')')}.")
+    if summary.relabelled_from:
+        now = label_source(summary.layout, summary.labels)
+        lines.append(f"Note:   relabelled: the labels came from {printable(summary.relabelled_from)}, now from "
+                     f"{printable(now)}.")
     if summary.labels_missing:
         missing = summary.labels_missing
         first = ", ".join(printable(path) for path in missing[:SHOWN_MISSING])
