@@ -43,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("data_dir", metavar="DATA_DIR", help="folder of images: train/ + validation/ (+ test/), <class>/ folders, or unlabeled")
     add("--cache", default=DEFAULT_CACHE, metavar="PATH", help=f"HDF5 feature cache (default {DEFAULT_CACHE})")
-    add("--layout", choices=LAYOUTS, default="auto", help="how DATA_DIR is organised (default: detected)")
+    add("--layout", choices=LAYOUTS, default="auto",
+        help="how DATA_DIR is organised (default: detected; a cache labelled otherwise needs it named to relabel)")
     add("--labels", metavar="CSV",
         help="a CSV with a header row: path,label and optionally split (train, validation or val, test), paths "
-             "relative to DATA_DIR; only the images it names are extracted (not with --layout)")
+             "relative to DATA_DIR; only the images it names are extracted (not with --layout; re-runs give it again)")
     add("--validation-percent", type=float, default=20.0, metavar="P",
         help="with <class>/ folders or --labels without a split: share of images for validation, drawn by path "
              "hash (default 20)")
