@@ -13,8 +13,8 @@
 A joblib file is a pickle, and loading a pickle runs code: `load_head` checks every file's
 size first (a stat: a changed file is refused before a byte of any is read), then reads
 each once, no more than its size, checks its bytes against SHA256SUMS, and unpickles those
-same bytes. Folders written before sizes were recorded load too, each file read with the
-bound MAX_FILE_BYTES. The check
+same bytes (the other files are hashed as they are read, never held whole). Folders written
+before sizes were recorded load too, each file read with the bound MAX_FILE_BYTES. The check
 catches accidental damage and a changed file; it cannot stop someone who can rewrite the
 whole folder (SHA256SUMS with it). Only load heads you trust.
 
@@ -45,7 +45,9 @@ import joblib
 import numpy as np
 
 from classify.evaluation import plot_confusion, plot_learning_curve
-from extract import FeatureConfig, UsageError, describe, fingerprint, owned_prefix, read_regular, stale_partials
+from extract import (
+    FeatureConfig, UsageError, describe, fingerprint, owned_prefix, read_regular, sha256_regular, stale_partials,
+)
 
 ARTIFACT = "head.joblib"
 INFO = "head.json"
@@ -171,9 +173,13 @@ def load_head(folder) -> LoadedHead:
         _check_size(folder / name, size, changed)
     contents = {}
     for name, digest in recorded.items():
-        path = folder / name
-        contents[name] = read_regular(path, sizes.get(name, MAX_FILE_BYTES), repr(str(path)), changed)
-        if _sha256(contents[name]) != digest:
+        path, limit = folder / name, sizes.get(name, MAX_FILE_BYTES)
+        if name in (INFO, ARTIFACT):  # kept: the bytes checked are the bytes loaded
+            contents[name] = read_regular(path, limit, repr(str(path)), changed)
+            found = _sha256(contents[name])
+        else:  # only checked: never held whole
+            found = sha256_regular(path, limit, repr(str(path)), changed)
+        if found != digest:
             raise UsageError(
                 f"{str(path)!r} does not match the SHA-256 recorded in {SUMS}: it was changed "
                 f"after training. Refusing to load it (a joblib file can run code); restore it or retrain."

@@ -3,7 +3,8 @@
 - Reading: `open_regular` opens a file once and refuses anything but a regular file (a
   FIFO would block forever, a device never end), checked on the descriptor itself, so a
   file swapped after it was listed is caught too; `read_bounded` reads no more than a limit
-  of it; `read_regular` does both and says what went wrong in one line.
+  of it; `read_regular` does both and says what went wrong in one line; `sha256_regular`
+  the same, hashing as it reads, for a file whose bytes need not be kept.
 - Writing: `write_aside` gives a new file beside the target to write into, renamed over the
   target when complete, so the target is whole or as it was, and two writers never
   interleave. `overwrites` says which protected file (a command's own input) a target
@@ -82,19 +83,47 @@ def read_regular(path, limit: int, what: str, fix: str = "") -> bytes:
     """The bytes of the regular file at `path`, at most `limit`. Anything else is a one-line
     `UsageError` naming the file as `what` ("--labels 'a.csv'") and ending with `fix`:
     "Cannot read --labels 'a.csv': it is not a regular file (a FIFO); <fix>."."""
-    fix = f"; {fix}" if fix else ""
+    with _regular(path, limit, what, fix) as file:
+        data = read_bounded(file, limit)
+    if len(data) > limit:
+        raise _too_large(limit, what, fix)
+    return data
+
+
+def sha256_regular(path, limit: int, what: str, fix: str = "") -> str:
+    """The SHA-256 of the regular file at `path`, read a MiB at a time (a file whose bytes
+    are not kept is never held whole), at most `limit` bytes; refusals as `read_regular`'s."""
+    digest, read = hashlib.sha256(), 0
+    with _regular(path, limit, what, fix) as file:
+        while chunk := file.read(min(2**20, limit + 1 - read)):
+            read += len(chunk)
+            if read > limit:
+                raise _too_large(limit, what, fix)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _regular(path, limit: int, what: str, fix: str) -> Iterator[io.BufferedReader]:
+    """`open_regular`, a file over `limit` refused on its size (no byte read), and every
+    OSError on the way a one-line UsageError."""
     try:
         with open_regular(path) as file:
-            if os.fstat(file.fileno()).st_size > limit:  # refused on its size, not a byte read
-                raise UsageError(f"Cannot read {what}: it is over {limit} bytes{fix}.")
-            data = read_bounded(file, limit)
+            if os.fstat(file.fileno()).st_size > limit:
+                raise _too_large(limit, what, fix)
+            yield file
     except NotRegularFile as error:
-        raise UsageError(f"Cannot read {what}: it is {error.strerror}{fix}.") from None
+        raise UsageError(f"Cannot read {what}: it is {error.strerror}{_then(fix)}.") from None
     except OSError as error:
-        raise UsageError(f"Cannot read {what} ({error.strerror or error}){fix}.") from None
-    if len(data) > limit:
-        raise UsageError(f"Cannot read {what}: it is over {limit} bytes{fix}.")
-    return data
+        raise UsageError(f"Cannot read {what} ({error.strerror or error}){_then(fix)}.") from None
+
+
+def _too_large(limit: int, what: str, fix: str) -> UsageError:
+    return UsageError(f"Cannot read {what}: it is over {limit} bytes{_then(fix)}.")
+
+
+def _then(fix: str) -> str:
+    return f"; {fix}" if fix else ""
 
 
 @contextlib.contextmanager

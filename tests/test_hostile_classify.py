@@ -585,15 +585,22 @@ class _Asked:
         self.file.close()
 
 
-def test_a_sparse_file_in_a_head_is_refused_without_reading_it(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sizes", [True, False])
+def test_a_sparse_file_in_a_head_is_refused_without_reading_it_whole(world, tmp_path, monkeypatch, sizes):
+    """With sizes in SHA256SUMS, refused on a stat; in an older folder without them, hashed a
+    MiB at a time (it is not head.json or head.joblib, whose bytes are kept)."""
     from extract import files
 
     head = copy_head(world, tmp_path / "head")
     (head / "predictions.csv").unlink()
-    subprocess.run(["truncate", "-s", "2G", head / "predictions.csv"], check=True)
+    subprocess.run(["truncate", "-s", "2G" if sizes else "512M", head / "predictions.csv"], check=True)
+    if not sizes:
+        lines = (head / "SHA256SUMS").read_text().splitlines()
+        (head / "SHA256SUMS").write_text("".join(line + "\n" for line in lines if not line.startswith("#")))
     opened = files.open_regular
     monkeypatch.setattr(files, "open_regular", lambda path: _Asked(opened(path), 2**20 + 1))
-    one_line(score_new(world, head), 2, "predictions.csv", "not the", "recorded in SHA256SUMS", "retrain")
+    why = ("not the", "recorded in SHA256SUMS") if sizes else ("does not match the SHA-256",)
+    one_line(score_new(world, head), 2, "predictions.csv", *why, "retrain")
 
 
 def test_a_head_written_before_sizes_were_recorded_still_loads(world, tmp_path):
