@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
                                 cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
                                 batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
-                                progress=not args.quiet)
+                                progress=not args.quiet, output=args.output)
             with _destination(args.output, stdout) as stream:
                 write = row_writer(stream, kind, min(args.top_k, len(head.classes)), terminal=_is_terminal(stream))
                 for row in rows:

@@ -13,7 +13,9 @@ from classify.export import EXPORTABLE, export_model, labels_path
 from classify.heads import HEADS
 from classify.report import MISTAKES
 from classify.training import HeadWarning, Training, train_head
-from extract import DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, version
+from extract import (
+    DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, overwrites, shards_folder, version,
+)
 
 PROG = "train-head"
 MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping", "standardize")
@@ -121,6 +123,13 @@ def _refused_export(args) -> str | None:
     if labels_path(args.export).is_dir():
         return (f"Expected {str(labels_path(args.export))!r}, where --export writes the class names, not to be "
                 f"a folder; name another .keras file.")
+    protected = (("the feature cache", [args.cache], ()), ("--out", [args.out] if args.out else [], ()),
+                 ("in the feature cache's shards folder", (), [shards_folder(Path(args.cache))]))
+    for written in (args.export, labels_path(args.export)):  # the model, then its class names
+        for what, files, folders in protected:
+            hit = overwrites(written, files, folders)
+            if hit is not None:
+                return f"--export writes {str(written)!r}, which is {what} {hit!r}; name another .keras file."
     return None
 
 
