@@ -13,8 +13,10 @@
 A joblib file is a pickle, and loading a pickle runs code: `load_head` checks every file's
 size first (a stat: a changed file is refused before a byte of any is read), then reads
 each once, no more than its size, checks its bytes against SHA256SUMS, and unpickles those
-same bytes (the other files are hashed as they are read, never held whole). Folders written
-before sizes were recorded load too, each file read with the bound MAX_FILE_BYTES. The check
+same bytes (the other files are hashed as they are read, never held whole). No file is read
+past a cap, whatever SHA256SUMS records (`max_bytes`: head.json 16 MiB, others 4 GiB), so
+folders written before sizes were recorded load too, and an edited size line is refused on
+a stat like any other change. The check
 catches accidental damage and a changed file; it cannot stop someone who can rewrite the
 whole folder (SHA256SUMS with it). Only load heads you trust.
 
@@ -46,7 +48,8 @@ import numpy as np
 
 from classify.evaluation import plot_confusion, plot_learning_curve
 from extract import (
-    FeatureConfig, UsageError, describe, fingerprint, owned_prefix, read_regular, sha256_regular, stale_partials,
+    FeatureConfig, UsageError, describe, fingerprint, owned_prefix, partial_prefix, read_regular, sha256_regular,
+    stale_partials,
 )
 
 ARTIFACT = "head.joblib"
@@ -56,7 +59,8 @@ PREDICTIONS = "predictions.csv"
 TOP_K = 3  # labels per image in predictions.csv
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 DEFAULT_HEADS_FOLDER = "heads"
-MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file without a recorded size (a large random forest is ~100 MB)
+MAX_FILE_BYTES = 4 * 2**30  # the most read or hashed of one head file (a large random forest is ~100 MB)
+MAX_INFO_BYTES = 16 * 2**20  # head.json: classes, configuration, scores, arguments (1,000 classes: ~100 KB)
 MAX_SUMS_BYTES = 2**20  # SHA256SUMS: two lines a file
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_backend", "weights_path",
                 "input_size", "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
@@ -173,7 +177,7 @@ def load_head(folder) -> LoadedHead:
         _check_size(folder / name, size, changed)
     contents = {}
     for name, digest in recorded.items():
-        path, limit = folder / name, sizes.get(name, MAX_FILE_BYTES)
+        path, limit = folder / name, min(sizes.get(name, MAX_FILE_BYTES), max_bytes(name))
         if name in (INFO, ARTIFACT):  # kept: the bytes checked are the bytes loaded
             contents[name] = read_regular(path, limit, repr(str(path)), changed)
             found = _sha256(contents[name])
@@ -256,9 +260,16 @@ def _parse_info(path: Path, data: bytes) -> dict:
     return info
 
 
+def max_bytes(name: str) -> int:
+    """The most read of the head file `name`, written or loaded, whatever size SHA256SUMS
+    records: a recorded size edited to match a huge sparse file is still refused on a stat."""
+    return MAX_INFO_BYTES if name == INFO else MAX_FILE_BYTES
+
+
 def _read(path: Path) -> bytes:
-    """A file just written to a head folder (to hash it), at most MAX_FILE_BYTES."""
-    return read_regular(path, MAX_FILE_BYTES, repr(str(path)))
+    """A file just written to a head folder (to hash it), at most `max_bytes`: what is
+    saved can be loaded."""
+    return read_regular(path, max_bytes(path.name), repr(str(path)))
 
 
 def _sha256(data: bytes) -> str:
@@ -298,7 +309,7 @@ def partial_folder(final: Path) -> Path:
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     try:
-        folder = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{final.name}.partial-"), dir=final.parent))
+        folder = Path(tempfile.mkdtemp(prefix=owned_prefix(partial_prefix(final.name)), dir=final.parent))
         mask = os.umask(0o022)
         os.umask(mask)
         folder.chmod(0o777 & ~mask)  # as a folder made by mkdir would be

@@ -8,6 +8,7 @@ configuration is not run through VGG16 again.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -84,18 +85,28 @@ def score_images(
 def check_output(output, inputs: list[str], lists: list[str], head: LoadedHead, config: FeatureConfig,
                  cache) -> None:
     """Refuse an `output` that would replace what the scoring reads: an input image, an
-    @list, a file of the head's folder, the cache's catalog or a shard, the weights file
-    (by identity: links and other spellings of them too; see `extract.overwrites`)."""
+    @list, a file of the head's folder, a file of the cache (`cache_files`), the weights
+    file (by identity: links and other spellings of them too; see `extract.overwrites`)."""
     weights = [config.weights] if Path(config.weights).is_file() else []
-    catalog = [] if cache is None else [cache]
-    shards = [] if cache is None else [shards_folder(Path(cache))]
-    for what, files, folders in (("one of the images to score", inputs, ()), ("the list", lists, ()),
-                                 ("in the head folder", (), [head.folder]), ("the feature cache", catalog, ()),
-                                 ("in the feature cache's shards folder", (), shards), ("the weights file", weights, ())):
+    protected = [("one of the images to score", inputs, ()), ("the list", lists, ()),
+                 ("in the head folder", (), [head.folder]), *([] if cache is None else cache_files(cache)),
+                 ("the weights file", weights, ())]
+    for what, files, folders in protected:
         hit = overwrites(output, files, folders)
         if hit is not None:
             raise UsageError(f"--output {str(output)!r} is {what} {hit!r}, which this run reads; "
                              f"name another file.")
+
+
+def cache_files(cache) -> list[tuple[str, list, list]]:
+    """What of the cache at `cache` no output may replace, as `overwrites` takes it (what it
+    is, files, folders): the catalog, its lock file (replaced, it lets a second writer in
+    beside one that holds the old one's lock) and its shards folder, the last two beside
+    the catalog's real path, where they are used: a cache named through a link reads the
+    shards beside the file it links to."""
+    real = Path(os.path.realpath(cache))
+    return [("the feature cache", [cache], ()), ("the feature cache's lock file", [f"{real}.lock"], ()),
+            ("in the feature cache's shards folder", (), [shards_folder(real)])]
 
 
 def _score(batches: Iterator[list[ImageFeatures]], total: int, head: LoadedHead, known, top_k: int,

@@ -12,9 +12,10 @@ from classify.evaluation import format_scores
 from classify.export import EXPORTABLE, export_model, labels_path
 from classify.heads import HEADS
 from classify.report import MISTAKES
+from classify.scoring import cache_files
 from classify.training import HeadWarning, Training, train_head
 from extract import (
-    DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, overwrites, shards_folder, version,
+    DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, overwrites, version,
 )
 
 PROG = "train-head"
@@ -123,8 +124,7 @@ def _refused_export(args) -> str | None:
     if labels_path(args.export).is_dir():
         return (f"Expected {str(labels_path(args.export))!r}, where --export writes the class names, not to be "
                 f"a folder; name another .keras file.")
-    protected = (("the feature cache", [args.cache], ()), ("--out", [args.out] if args.out else [], ()),
-                 ("in the feature cache's shards folder", (), [shards_folder(Path(args.cache))]))
+    protected = (*cache_files(args.cache), ("--out", [args.out] if args.out else [], ()))
     for written in (args.export, labels_path(args.export)):  # the model, then its class names
         for what, files, folders in protected:
             hit = overwrites(written, files, folders)

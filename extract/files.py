@@ -7,11 +7,14 @@
   the same, hashing as it reads, for a file whose bytes need not be kept.
 - Writing: `write_aside` gives a new file beside the target to write into, renamed over the
   target when complete, so the target is whole or as it was, and two writers never
-  interleave. `overwrites` says which protected file (a command's own input) a target
-  would replace, by identity, not by spelling.
-- Leftovers: a temporary's name carries its owner (`owned_prefix`: this machine, this
-  process), so a later run removes those of a run killed with -9 (`stale_partials`) and
-  never a live run's.
+  interleave; a target that is a stream, not a file in a folder (a FIFO, /dev/null, a
+  terminal, /dev/stdout, /dev/fd/N), is written straight into, as a shell's `>` would.
+  `overwrites` says which protected file (a command's own input) a target would replace,
+  by identity, not by spelling.
+- Leftovers: a temporary's name carries its owner (`owned_prefix`: this machine and PID
+  namespace, this process), so a later run removes those of a run killed with -9
+  (`stale_partials`) and never a live run's; `partial_prefix` keeps the name within the
+  255 bytes a file name may have, however long the target's.
 
 This module imports nothing of the project but its errors: every other module may use it.
 (The cache's own commit, with its lock and fsync, is `commit`'s.)
@@ -131,12 +134,20 @@ def write_aside(target, what: str, suffix: str = "") -> Iterator[str]:
     """`with write_aside(target, what) as aside:` write the file at the path `aside` (made
     beside `target`, empty, with the permissions open() would give); when the block ends it
     is renamed over `target`, and if the block raises it is removed, `target` untouched.
-    A folder as `target` is a `UsageError` naming it as `what`; a file that cannot be made
-    there is the OSError. `suffix` ends the aside's name (Keras saves only to ".keras")."""
+    A target that is a stream (`streamed`) is yielded itself: written straight into, as a
+    shell's `>` does, never replaced by a regular file. A folder or another special file
+    as `target` is a `UsageError` naming it as `what`; a file that cannot be made there is
+    the OSError. `suffix` ends the aside's name (Keras saves only to ".keras")."""
     target = Path(target)
+    if streamed(target):
+        yield str(target)
+        return
     if target.is_dir():
         raise UsageError(f"{what} is a folder; name a file.")
-    prefix = f".{target.name}.partial-"
+    why = target.exists() and not_regular(target.stat().st_mode)
+    if why:
+        raise UsageError(f"{what} is {why}; name a file, a FIFO or a character device such as /dev/stdout.")
+    prefix = "." + partial_prefix(target.name)
     for stale in stale_partials(target.parent, prefix, suffix):
         with contextlib.suppress(OSError):
             if stale.is_file() and not stale.is_symlink():
@@ -153,18 +164,59 @@ def write_aside(target, what: str, suffix: str = "") -> Iterator[str]:
         raise
 
 
+def streamed(target) -> bool:
+    """Whether `target` is written straight into rather than replaced: an existing FIFO or
+    character device (/dev/null, a terminal), or a process's descriptor (/dev/stdout,
+    /dev/fd/1, /proc/self/fd/1: a link the kernel makes to whatever the descriptor is, a
+    pipe or a file; renaming over it would replace the link, or fail in /proc). A block
+    device is not: a CSV written over a disk is never what was meant."""
+    found = _stat(target)
+    if found and (stat.S_ISFIFO(found.st_mode) or stat.S_ISCHR(found.st_mode)):
+        return True
+    return found is not None and _descriptor(target)
+
+
+def _descriptor(target) -> bool:
+    """Whether `target`, its links followed one by one, is an entry of /proc (a process's
+    descriptor). Only the links are followed: a name's own folder is resolved, not it."""
+    path = os.path.abspath(target)
+    for _ in range(40):  # the kernel's own limit on links followed
+        folder = os.path.realpath(os.path.dirname(path))
+        if folder == "/proc" or folder.startswith("/proc/"):
+            return True
+        try:
+            link = os.readlink(os.path.join(folder, os.path.basename(path)))
+        except OSError:  # not a link: a name in an ordinary folder
+            return False
+        path = os.path.join(folder, link)
+    return False
+
+
+_KEPT_NAME_BYTES = 128  # of a target's name, in its temporaries' names: the rest is ours (NAME_MAX is 255)
+
+
+def partial_prefix(name: str) -> str:
+    """`name` + ".partial-", the start of a temporary's name beside the file or folder
+    `name`, with `name` cut to its first 128 bytes: `owned_prefix` and mkstemp add some 40,
+    and a name of up to 255 bytes must still have a temporary. Two names alike in their
+    first 128 bytes share the start; their temporaries still carry their owner."""
+    kept = os.fsencode(name)[:_KEPT_NAME_BYTES]
+    return f"{os.fsdecode(kept)}.partial-"
+
+
 def owned_prefix(prefix: str) -> str:
-    """`prefix` + this machine's tag + this process's id: the start of a temporary's name
-    (mkstemp and mkdtemp add 8 random characters), so `stale_partials` can tell whose it is."""
+    """`prefix` + this machine's tag (host and PID namespace) + this process's id: the start
+    of a temporary's name (mkstemp and mkdtemp add 8 random characters), so
+    `stale_partials` can tell whose it is."""
     return f"{prefix}{_HOST}-{os.getpid()}-"
 
 
 def stale_partials(folder, prefix: str | None = None, suffix: str = "") -> list[Path]:
     """The temporaries in `folder` made with `owned_prefix(prefix)` (any prefix ending in
     ".partial-" when None) and `suffix`, by a process of this machine that is gone: what a
-    kill -9 left. A live owner's are never listed, nor another machine's (a shared folder:
-    its process ids are not ours to look up); a reused process id keeps a leftover, never
-    the reverse."""
+    kill -9 left. A live owner's are never listed, nor another machine's or another PID
+    namespace's (a shared folder, or containers sharing a host name: its process ids are
+    not ours to look up); a reused process id keeps a leftover, never the reverse."""
     start = re.escape(prefix) if prefix is not None else r".+\.partial-"
     shape = re.compile(rf"{start}{_HOST}-(\d+)-[a-z0-9_]{{8}}{re.escape(suffix)}")
     try:
@@ -244,7 +296,19 @@ def _holds(folder, identity: tuple) -> bool:
     return False
 
 
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # whose process ids these are
+def _machine_tag() -> str:
+    """Whose process ids these are: the host name and the PID namespace (containers may
+    share a host name; a process id means something only in its own namespace). Where
+    /proc does not say, the host name alone."""
+    try:
+        found = os.stat("/proc/self/ns/pid")
+        namespace = f"{found.st_dev}:{found.st_ino}"
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+
+
+_HOST = _machine_tag()
 
 
 def _umask() -> int:

@@ -12,6 +12,7 @@ import pickle
 import pty
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -617,3 +618,146 @@ def test_sizes_that_do_not_cover_every_file_are_refused(world, tmp_path):
     lines = (head / "SHA256SUMS").read_text().splitlines()
     (head / "SHA256SUMS").write_text("".join(line + "\n" for line in lines if "# size" not in line or "head.json" not in line))
     one_line(score_new(world, head), 2, "does not record a size for each file")
+
+
+# 12. what a third look at 9, 10 and 11 found (issue 29, follow-up of 2, 8, 9)
+
+@pytest.fixture
+def linked(world, tmp_path) -> Path:
+    """A copy of the cache in real/c.h5, named through the link c.h5 in tmp_path: the real catalog."""
+    (tmp_path / "real").mkdir()
+    real = copy_cache(world, tmp_path / "real" / "c.h5")
+    (tmp_path / "c.h5").symlink_to(real)
+    return real
+
+
+def test_a_shard_of_a_cache_named_through_a_link_is_not_an_output(world, tmp_path, linked):
+    """The cache is read from its real path, so its shards are those beside the real file."""
+    shard = next((tmp_path / "real" / "c.h5.shards").rglob("*.h5"))
+    before = snapshot(tmp_path)
+    result = score(world / "new" / "0.png", "--head", world / "head", "--cache", "c.h5", "--output", shard,
+                   "--quiet", cwd=tmp_path)
+    one_line(result, 2, "is in the feature cache's shards folder", "name another file")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_export_into_the_shards_of_a_cache_named_through_a_link_is_refused(world, tmp_path, linked):
+    export = tmp_path / "real" / "c.h5.shards" / "m.keras"
+    result = train("--cache", "c.h5", "--head", "logreg", "--out", "run", "--export", export, "--quiet", cwd=tmp_path)
+    one_line(result, 2, "in the feature cache's shards folder", "name another .keras file")
+    assert not export.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cache", ["c.h5", "real/c.h5"])
+def test_the_caches_lock_file_is_not_an_output(world, tmp_path, linked, cache):
+    """Replaced, the lock file would let a second writer in beside one holding the old one's lock."""
+    lock = tmp_path / "real" / "c.h5.lock"
+    lock.write_text("process 1")
+    result = score(world / "new" / "0.png", "--head", world / "head", "--cache", cache, "--output", lock,
+                   "--quiet", cwd=tmp_path)
+    one_line(result, 2, "is the feature cache's lock file", "name another file")
+    assert lock.read_text() == "process 1"
+
+
+def test_a_fifo_as_output_is_written_into_not_replaced(world, tmp_path):
+    fifo = tmp_path / "f.csv"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", fifo], stdout=subprocess.PIPE)
+    try:
+        result = score_new(world, world / "head", "--output", fifo)
+        assert result.returncode == 0, result.stderr
+        assert fifo.is_fifo()
+        assert reader.communicate(timeout=60)[0].decode().count(",ok,") == 3
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_a_character_device_as_output_is_written_into_not_replaced(world, tmp_path):
+    """A copy of /dev/null (made where a test may: run as root, the real one stays)."""
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device needs root")
+    assert score_new(world, world / "head", "--output", null).returncode == 0
+    assert stat.S_ISCHR(null.stat().st_mode) and null.read_bytes() == b""
+
+
+def test_a_block_device_as_output_is_refused(world, tmp_path):
+    disk = tmp_path / "disk"
+    try:
+        os.mknod(disk, stat.S_IFBLK | 0o600, os.makedev(7, 250))
+    except PermissionError:
+        pytest.skip("making a device needs root")
+    one_line(score_new(world, world / "head", "--output", disk), 2, "is not a regular file (a block device)")
+    assert stat.S_ISBLK(disk.stat().st_mode)
+
+
+def test_a_descriptor_as_output_is_written_into(world, tmp_path):
+    """/dev/fd/1 (bash's >(...) names such a path) is the scorer's stdout: a file here, which
+    cannot be renamed over through /proc."""
+    result = score_apart(world / "new", "--head", world / "head", "--output", "/dev/fd/1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("path,status,label,probability") and result.stdout.count(",ok,") == 3
+
+
+def test_a_dash_as_output_is_stdout(world, tmp_path):
+    result = score(world / "new", "--head", world / "head", "--output", "-", "--format", "jsonl", "--quiet",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["status"] for line in result.stdout.splitlines()] == ["ok"] * 3
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, size, sizes", [("head.joblib", "1T", True), ("head.json", "1G", True),
+                                               ("head.json", "1G", False)])
+def test_a_kept_head_file_is_capped_whatever_size_is_recorded(world, tmp_path, monkeypatch, name, size, sizes):
+    """head.json and head.joblib are read whole (their bytes are loaded): a huge sparse one,
+    its size line edited to match or gone (an older folder), is refused on a stat."""
+    from extract import files
+
+    head = copy_head(world, tmp_path / "head")
+    (head / name).unlink()
+    subprocess.run(["truncate", "-s", size, head / name], check=True)
+    lines = (head / "SHA256SUMS").read_text().splitlines()
+    edited = [f"# size {(head / name).stat().st_size}  {name}" if line.endswith(f"  {name}") and line.startswith("#")
+              else line for line in lines if sizes or not line.startswith("#")]
+    (head / "SHA256SUMS").write_text("".join(line + "\n" for line in edited))
+    opened = files.open_regular
+    monkeypatch.setattr(files, "open_regular", lambda path: _Asked(opened(path), 2**20 + 1))
+    one_line(score_new(world, head), 2, name, "it is over", "restore it or retrain")
+
+
+def test_a_partial_of_a_live_run_in_another_pid_namespace_is_kept(world, tmp_path):
+    """Containers sharing a host name and a folder: the other run's process ids are not ours to look up."""
+    if subprocess.run(["unshare", "-pf", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no PID namespace can be made here")
+    for i in range(300):
+        make_image(tmp_path / "many" / f"{i:03d}.png", seed=i, size=(12, 12))
+    output = tmp_path / "out.csv"
+    live = helpers.start(SCORE, tmp_path / "many", "--head", world / "head", "--batch-size", "1",
+                         "--output", output, "--quiet")
+    try:
+        mine = paused(live, tmp_path, ".out.csv.partial-*", "")
+        other = subprocess.run(["unshare", "-pf", "--mount-proc",
+                                *command(SCORE, world / "new", "--head", world / "head", "--output", output, "--quiet")],
+                               capture_output=True)
+        assert other.returncode == 0, other.stderr
+        assert listing(tmp_path, ".out.csv.partial-*") == [mine]
+    finally:
+        live.kill()
+        live.wait(60)
+
+
+@pytest.mark.parametrize("command_name", ["score-images", "train-head"])
+def test_a_long_but_valid_output_name_has_room_for_its_partial(world, tmp_path, command_name):
+    """A name of 230 bytes is valid (NAME_MAX is 255); its temporary's name must be too."""
+    if command_name == "score-images":
+        output = tmp_path / ("s" * 226 + ".csv")
+        result = score_new(world, world / "head", "--output", output)
+    else:
+        output = tmp_path / ("h" * 230)
+        result = train("--cache", world / "s.h5", "--head", "knn", "--out", output, "--no-report", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert output.exists() and listing(tmp_path, "*.partial-*") == []
