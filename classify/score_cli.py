@@ -75,12 +75,20 @@ def main(argv=None) -> int:
         kept = "; it is unchanged" if args.output and os.path.exists(args.output) and not streamed(args.output) else ""
         return console.fail(PROG, f"cannot write {where} ({console.why(error)}){kept}.", console.FAILED)
     except KeyboardInterrupt:
-        return console.interrupted(PROG, f"--output {args.output!r} was not written." if args.output else "")
+        return console.interrupted(PROG, _interrupted(args.output))
     if not args.quiet:
         print(f"scored {counts['ok']} images, {counts['error']} errors", file=sys.stderr)
     if counts["ok"] == 0:
         return console.fail(PROG, "no image could be scored.", console.FAILED)
     return console.DONE
+
+
+def _interrupted(output: str | None) -> str:
+    if not output:
+        return ""
+    if streamed(output):
+        return f"--output {output!r} has the rows written so far."
+    return f"--output {output!r} was not written."
 
 
 @contextlib.contextmanager

@@ -176,13 +176,17 @@ def streamed(target) -> bool:
     return found is not None and _descriptor(target)
 
 
+_DESCRIPTORS = re.compile(r"/proc/(?:\d+|self|thread-self)(?:/task/\d+)?/fd")  # /proc/self/fd resolves to /proc/<pid>/fd
+
+
 def _descriptor(target) -> bool:
-    """Whether `target`, its links followed one by one, is an entry of /proc (a process's
-    descriptor). Only the links are followed: a name's own folder is resolved, not it."""
+    """Whether `target`, its links followed one by one, is an entry of a process's /proc
+    descriptor folder. Only the links are followed: a name's own folder is resolved, not it
+    (the link /proc/self/fd/1 itself leads to the file it is open on)."""
     path = os.path.abspath(target)
     for _ in range(40):  # the kernel's own limit on links followed
         folder = os.path.realpath(os.path.dirname(path))
-        if folder == "/proc" or folder.startswith("/proc/"):
+        if _DESCRIPTORS.fullmatch(folder):
             return True
         try:
             link = os.readlink(os.path.join(folder, os.path.basename(path)))
