@@ -102,12 +102,12 @@ def _destination(output: str | None, stdout):
         stdout.flush()
         return
     with contextlib.ExitStack() as stack:
-        try:
+        try:  # its folder cannot hold it, or a stream cannot be opened: refused before any image is read
             aside = stack.enter_context(write_aside(output, f"--output {output!r}"))
-        except OSError as error:  # its folder cannot hold it: refused before any image is read
+            stream = stack.enter_context(open(aside, "w", newline="", encoding="utf-8"))
+        except OSError as error:
             raise UsageError(f"Cannot write --output {output!r} ({console.why(error)}).") from None
-        with open(aside, "w", newline="", encoding="utf-8") as stream:
-            yield stream
+        yield stream
 
 
 def row_writer(stream, kind: str, top_k: int, terminal: bool = False):

@@ -702,6 +702,18 @@ def test_a_descriptor_as_output_is_written_into(world, tmp_path):
     assert result.stdout.startswith("path,status,label,probability") and result.stdout.count(",ok,") == 3
 
 
+def test_a_descriptor_that_cannot_be_opened_is_refused_before_work(world):
+    """/dev/fd/N of a socket: the kernel will not open it again by name."""
+    import socket
+
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        output = f"/dev/fd/{mine.fileno()}"
+        result = subprocess.run(command(SCORE, world / "new", "--head", world / "head", "--output", output, "--quiet"),
+                                pass_fds=(mine.fileno(),), capture_output=True, timeout=120)
+    one_line(result, 2, f"Cannot write --output '{output}'", "No such device or address")
+
+
 def test_a_dash_as_output_is_stdout(world, tmp_path):
     result = score(world / "new", "--head", world / "head", "--output", "-", "--format", "jsonl", "--quiet",
                    cwd=tmp_path)
