@@ -7,16 +7,24 @@
     predictions.csv  every scored image: path, split, true and predicted label, probability, top 3
     confusion_<split>.png, learning_curve.png (mlp)
     SHA256SUMS       the SHA-256 of every other file, head.json included (`sha256sum -c SHA256SUMS`),
-                     but report.html, written after it for a run of one head (nothing loads it back)
+                     but report.html, written after it for a run of one head (nothing loads it back);
+                     and each one's size, as `# size N  name` lines (comments to sha256sum)
 
-A joblib file is a pickle, and loading a pickle runs code: `load_head` reads each file
-once, checks its bytes against SHA256SUMS, and unpickles those same bytes. The check
+A joblib file is a pickle, and loading a pickle runs code: `load_head` checks every file's
+size first (a stat: a changed file is refused before a byte of any is read), then reads
+each once, no more than its size, checks its bytes against SHA256SUMS, and unpickles those
+same bytes (the other files are hashed as they are read, never held whole). No file is read
+past a cap, whatever SHA256SUMS records (`max_bytes`: head.json 16 MiB, others 4 GiB), so
+folders written before sizes were recorded load too, and an edited size line is refused on
+a stat like any other change. The check
 catches accidental damage and a changed file; it cannot stop someone who can rewrite the
 whole folder (SHA256SUMS with it). Only load heads you trust.
 
-A head folder is written as `<folder>.partial-XXXX` beside it and renamed into place when
-complete, so a crash leaves no half-written head, and a second run to the same folder is
-refused rather than mixed in (a rename onto a folder succeeds only while it is empty).
+A head folder is written as `<folder>.partial-<host>-<pid>-XXXX` beside it and renamed into
+place when complete, so a crash leaves no half-written head, and a second run to the same
+folder is refused rather than mixed in (a rename onto a folder succeeds only while it is
+empty). What a kill -9 leaves there is removed by the next run in that folder, once its
+process is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +47,10 @@ import joblib
 import numpy as np
 
 from classify.evaluation import plot_confusion, plot_learning_curve
-from extract import FeatureConfig, UsageError, describe, fingerprint, read_regular
+from extract import (
+    FeatureConfig, UsageError, describe, fingerprint, owned_prefix, partial_prefix, read_regular, sha256_regular,
+    stale_partials,
+)
 
 ARTIFACT = "head.joblib"
 INFO = "head.json"
@@ -46,10 +59,13 @@ PREDICTIONS = "predictions.csv"
 TOP_K = 3  # labels per image in predictions.csv
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 DEFAULT_HEADS_FOLDER = "heads"
-MAX_FILE_BYTES = 4 * 2**30  # the most read of one head file (a large random forest is ~100 MB)
+MAX_FILE_BYTES = 4 * 2**30  # the most read or hashed of one head file (a large random forest is ~100 MB)
+MAX_INFO_BYTES = 16 * 2**20  # head.json: classes, configuration, scores, arguments (1,000 classes: ~100 KB)
+MAX_SUMS_BYTES = 2**20  # SHA256SUMS: two lines a file
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_backend", "weights_path",
                 "input_size", "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\\n]+)")
+_SIZE_LINE = re.compile(r"# size ([0-9]{1,20})  ([^/\\\n]+)")
 
 
 def save_head(folder: Path, estimator, info: dict, scores: dict, predictions=()) -> None:
@@ -67,7 +83,12 @@ def save_head(folder: Path, estimator, info: dict, scores: dict, predictions=())
                             augmented=bool(info.get("training_views")))
     (folder / INFO).write_text(json.dumps(info, indent=2))
     names = sorted(path.name for path in folder.iterdir() if path.name != SUMS)
-    (folder / SUMS).write_text("".join(f"{_sha256(_read(folder / name))}  {name}\n" for name in names))
+    digests, sizes = {}, {}
+    for name in names:  # one file in memory at a time
+        data = _read(folder / name)
+        digests[name], sizes[name] = _sha256(data), len(data)
+    (folder / SUMS).write_text("".join(f"{digests[name]}  {name}\n" for name in names)
+                               + "".join(f"# size {sizes[name]}  {name}\n" for name in names))
 
 
 def write_predictions(path: Path, predictions, top_k: int = TOP_K) -> None:
@@ -135,9 +156,10 @@ class LoadedHead:
 
 
 def load_head(folder) -> LoadedHead:
-    """Load a head folder written by train-head. Every file listed in SHA256SUMS is read
-    once and checked; head.json is parsed and head.joblib unpickled from the checked
-    bytes (never opened again), and head.json's classes must be the estimator's."""
+    """Load a head folder written by train-head. Every file listed in SHA256SUMS must have
+    its recorded size (all stat'ed before any is read), then is read once, no further, and
+    checked; head.json is parsed and head.joblib unpickled from the checked bytes (never
+    opened again), and head.json's classes must be the estimator's."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (not a folder).")
@@ -146,25 +168,22 @@ def load_head(folder) -> LoadedHead:
             raise UsageError(f"{str(folder)!r} has no {SUMS} (written by train-head since this version, covering "
                              f"{INFO} too); retrain the head.")
         raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (no {SUMS}).")
-    try:
-        listing = _read(folder / SUMS, "restore it or retrain").decode("ascii")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"Cannot read {str(folder / SUMS)!r} ({error}); restore it or retrain.") from None
-    recorded = {}
-    for line in listing.splitlines():
-        match = _SUMS_LINE.fullmatch(line)
-        if not match or match[2] in recorded:
-            raise UsageError(f"{str(folder / SUMS)!r} is not a SHA256SUMS file written by train-head "
-                             f"(line {line[:60]!r}); restore it or retrain.")
-        recorded[match[2]] = match[1]
+    recorded, sizes = _read_sums(folder / SUMS)
     for name in (INFO, ARTIFACT):
         if name not in recorded:
             raise UsageError(f"{str(folder / SUMS)!r} does not list {name}; retrain the head.")
+    changed = "it was removed or replaced after training: restore it or retrain"
+    for name, size in sizes.items():  # every size, before a byte of any file is read
+        _check_size(folder / name, size, changed)
     contents = {}
     for name, digest in recorded.items():
-        path = folder / name
-        contents[name] = _read(path, "it was removed or replaced after training: restore it or retrain")
-        if _sha256(contents[name]) != digest:
+        path, limit = folder / name, min(sizes.get(name, MAX_FILE_BYTES), max_bytes(name))
+        if name in (INFO, ARTIFACT):  # kept: the bytes checked are the bytes loaded
+            contents[name] = read_regular(path, limit, repr(str(path)), changed)
+            found = _sha256(contents[name])
+        else:  # only checked: never held whole
+            found = sha256_regular(path, limit, repr(str(path)), changed)
+        if found != digest:
             raise UsageError(
                 f"{str(path)!r} does not match the SHA-256 recorded in {SUMS}: it was changed "
                 f"after training. Refusing to load it (a joblib file can run code); restore it or retrain."
@@ -180,6 +199,39 @@ def load_head(folder) -> LoadedHead:
         raise UsageError(f"{str(folder / INFO)!r} lists the classes {info['classes']!r}, but the model predicts "
                          f"{classes!r}; refusing to relabel its predictions. Retrain the head.")
     return LoadedHead(folder, estimator, info)
+
+
+def _read_sums(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """SHA256SUMS: each file's SHA-256 and, unless the folder was written before sizes were
+    recorded (then {}), its size; a size for each file listed, and none for another."""
+    try:
+        listing = read_regular(path, MAX_SUMS_BYTES, repr(str(path)), "restore it or retrain").decode("ascii")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"Cannot read {str(path)!r} ({error}); restore it or retrain.") from None
+    recorded, sizes = {}, {}
+    for line in listing.splitlines():
+        digest, size = _SUMS_LINE.fullmatch(line), _SIZE_LINE.fullmatch(line)
+        match, into = (digest, recorded) if digest else (size, sizes)
+        if not match or match[2] in into:
+            raise UsageError(f"{str(path)!r} is not a SHA256SUMS file written by train-head "
+                             f"(line {line[:60]!r}); restore it or retrain.")
+        into[match[2]] = match[1] if digest else int(match[1])
+    if sizes and sizes.keys() != recorded.keys():
+        raise UsageError(f"{str(path)!r} does not record a size for each file it lists (and only those); "
+                         f"restore it or retrain.")
+    return recorded, sizes
+
+
+def _check_size(path: Path, size: int, fix: str) -> None:
+    """A head file must have the size SHA256SUMS records (a stat, no read). A special file
+    has no size to compare: opening it (`read_regular`) refuses it."""
+    try:
+        found = os.stat(path)
+    except OSError as error:
+        raise UsageError(f"Cannot read {str(path)!r} ({error.strerror or error}); {fix}.") from None
+    if stat.S_ISREG(found.st_mode) and found.st_size != size:
+        raise UsageError(f"{str(path)!r} is {found.st_size} bytes, not the {size} recorded in {SUMS}: it was "
+                         f"changed after training. Refusing to read it; restore it or retrain.")
 
 
 def _parse_info(path: Path, data: bytes) -> dict:
@@ -208,9 +260,16 @@ def _parse_info(path: Path, data: bytes) -> dict:
     return info
 
 
-def _read(path: Path, fix: str = "") -> bytes:
-    """A head file's bytes (a FIFO or device is refused, not waited on), at most MAX_FILE_BYTES."""
-    return read_regular(path, MAX_FILE_BYTES, repr(str(path)), fix)
+def max_bytes(name: str) -> int:
+    """The most read of the head file `name`, written or loaded, whatever size SHA256SUMS
+    records: a recorded size edited to match a huge sparse file is still refused on a stat."""
+    return MAX_INFO_BYTES if name == INFO else MAX_FILE_BYTES
+
+
+def _read(path: Path) -> bytes:
+    """A file just written to a head folder (to hash it), at most `max_bytes`: what is
+    saved can be loaded."""
+    return read_regular(path, max_bytes(path.name), repr(str(path)))
 
 
 def _sha256(data: bytes) -> str:
@@ -243,9 +302,14 @@ def check_out(out) -> Path | None:
 
 
 def partial_folder(final: Path) -> Path:
-    """A new folder beside `final` to write into; renamed to `final` when complete."""
+    """A new folder beside `final` to write into; renamed to `final` when complete. Its name
+    carries this process's id, and the partial folders beside it whose process is gone (a
+    run killed with -9, whatever its --out) are removed first."""
+    for stale in stale_partials(final.parent):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-", dir=final.parent))
+        folder = Path(tempfile.mkdtemp(prefix=owned_prefix(partial_prefix(final.name)), dir=final.parent))
         mask = os.umask(0o022)
         os.umask(mask)
         folder.chmod(0o777 & ~mask)  # as a folder made by mkdir would be

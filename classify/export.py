@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from classify.artifacts import LoadedHead, head_config, load_head
-from extract import Backbone, UsageError, import_keras, write_aside
+from extract import Backbone, UsageError, import_keras, overwrites, write_aside
 
 EXPORTABLE = ("mlp", "logreg", "linear-svm")
 
@@ -42,6 +42,11 @@ def export_model(head, path, *, weights: str | None = None):
                          f"folder; name another .keras file.")
     labels = labels_text(head.classes, path)
     config = head_config(head, weights)
+    weights_file = [config.weights] if Path(config.weights).is_file() else []
+    for written in (path, labels_path(path)):
+        if overwrites(written, weights_file) is not None:
+            raise UsageError(f"--export writes {str(written)!r}, which is the weights file of the head's features "
+                             f"({config.weights!r}); name another .keras file.")
     keras = import_keras()
     size = config.input_size
     inputs = keras.Input((size, size, 3), dtype="uint8", name="rgb")

@@ -11,7 +11,7 @@ import sys
 
 from classify.artifacts import load_head, spreadsheet_cell
 from classify.scoring import score_images
-from extract import DEFAULT_CACHE, ENGINES, ExtractError, UsageError, console, version, write_aside
+from extract import DEFAULT_CACHE, ENGINES, ExtractError, UsageError, console, streamed, version, write_aside
 
 PROG = "score-images"
 
@@ -31,7 +31,9 @@ def build_parser() -> console.OneLineParser:
     add("--weights", metavar="PATH", help="a local copy of the weights the head's features were made with")
     add("--top-k", type=int, default=3, metavar="K",
         help="the K most probable labels per image: the prediction, then the runners-up (default 3)")
-    add("--output", metavar="FILE", help="write rows to FILE.csv or FILE.jsonl (default: CSV on stdout)")
+    add("--output", metavar="FILE",
+        help="write rows to FILE.csv or FILE.jsonl; '-' is stdout (default: CSV on stdout). A FIFO or a "
+             "device such as /dev/stdout is written straight into, a file written aside and renamed over FILE")
     add("--format", choices=("csv", "jsonl"), help="output format (default: from --output's extension, else csv)")
     add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     add("--engine", choices=ENGINES, default="local",
@@ -45,6 +47,8 @@ def build_parser() -> console.OneLineParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output == "-":  # the usual name for stdout, never a file named '-' (that is ./-)
+        args.output = None
     kind = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
     counts = {"ok": 0, "error": 0}
     stdout = sys.stdout  # the rows go here; what libraries print meanwhile (Ray: "a worker died") to stderr
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
             rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
                                 cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
                                 batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
-                                progress=not args.quiet)
+                                progress=not args.quiet, output=args.output)
             with _destination(args.output, stdout) as stream:
                 write = row_writer(stream, kind, min(args.top_k, len(head.classes)), terminal=_is_terminal(stream))
                 for row in rows:
@@ -68,10 +72,10 @@ def main(argv=None) -> int:
         raise
     except OSError as error:
         where = f"--output {args.output!r}" if args.output else "stdout"
-        kept = "; it is unchanged" if args.output and os.path.exists(args.output) else ""
-        return console.fail(PROG, f"cannot write {where} ({_why(error)}){kept}.", console.FAILED)
+        kept = "; it is unchanged" if args.output and os.path.exists(args.output) and not streamed(args.output) else ""
+        return console.fail(PROG, f"cannot write {where} ({console.why(error)}){kept}.", console.FAILED)
     except KeyboardInterrupt:
-        return console.interrupted(PROG, f"--output {args.output!r} was not written." if args.output else "")
+        return console.interrupted(PROG, _interrupted(args.output))
     if not args.quiet:
         print(f"scored {counts['ok']} images, {counts['error']} errors", file=sys.stderr)
     if counts["ok"] == 0:
@@ -79,22 +83,31 @@ def main(argv=None) -> int:
     return console.DONE
 
 
+def _interrupted(output: str | None) -> str:
+    if not output:
+        return ""
+    if streamed(output):
+        return f"--output {output!r} has the rows written so far."
+    return f"--output {output!r} was not written."
+
+
 @contextlib.contextmanager
 def _destination(output: str | None, stdout):
     """The stream the rows go to: stdout (flushed, never closed), or a file written aside
     and renamed over --output when complete, so a failed or interrupted run leaves --output
-    as it was, and two runs never interleave."""
+    as it was, and two runs never interleave; a FIFO or device --output is written straight
+    into (`extract.write_aside`)."""
     if not output:
         yield stdout
         stdout.flush()
         return
     with contextlib.ExitStack() as stack:
-        try:
+        try:  # its folder cannot hold it, or a stream cannot be opened: refused before any image is read
             aside = stack.enter_context(write_aside(output, f"--output {output!r}"))
-        except OSError as error:  # its folder cannot hold it: refused before any image is read
-            raise UsageError(f"Cannot write --output {output!r} ({_why(error)}).") from None
-        with open(aside, "w", newline="", encoding="utf-8") as stream:
-            yield stream
+            stream = stack.enter_context(open(aside, "w", newline="", encoding="utf-8"))
+        except OSError as error:
+            raise UsageError(f"Cannot write --output {output!r} ({console.why(error)}).") from None
+        yield stream
 
 
 def row_writer(stream, kind: str, top_k: int, terminal: bool = False):
@@ -131,10 +144,6 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _why(error: Exception) -> str:
-    return getattr(error, "strerror", None) or " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def run() -> None:

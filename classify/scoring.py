@@ -8,6 +8,7 @@ configuration is not run through VGG16 again.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from classify.artifacts import LoadedHead, head_config, load_head
 from extract import (
-    FeatureCache, ImageFeatures, Interval, UsageError, check_engine, check_options, expand_inputs, image_features,
-    list_configs,
+    FeatureCache, FeatureConfig, ImageFeatures, Interval, UsageError, check_engine, check_options, expand_inputs,
+    image_features, list_configs, overwrites, shards_folder,
 )
 
 
@@ -56,6 +57,7 @@ def score_images(
     engine: str = "local",
     ray_address: str | None = None,
     progress: bool = False,
+    output=None,
 ) -> Iterator[ScoreRow]:
     """Score image files, folders (recursively) and `@list.txt` files (a path a line) with
     a head (a folder or a `LoadedHead`). Everything that can be checked before scoring is
@@ -63,16 +65,48 @@ def score_images(
     UsageError; then the rows come, one per input image, in input order, holding at most a
     few batches in memory. Features already in `cache` are reused; a cache without the
     head's configuration is an error unless `cache_required` is False. `engine="ray"` reads
-    and computes as a Ray Data job (see `extract.ray_engine`), rows still in input order."""
+    and computes as a Ray Data job (see `extract.ray_engine`), rows still in input order.
+    `output`: the file the caller will write the rows to, refused if it is a file this
+    scoring reads (an image, a list, the head's folder, the cache, the weights file)."""
     head = head if isinstance(head, LoadedHead) else load_head(head)
     check_options({"--top-k": top_k, "--batch-size": batch_size}, SCORE_IMAGES)
     check_engine(engine, ray_address)
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
-    inputs = list(expand_inputs(paths))  # a broken list is refused before any output
+    lists = []
+    inputs = list(expand_inputs(paths, lists))  # a broken list is refused before any output
+    if output is not None:
+        check_output(output, inputs, lists, head, config, cache)
     known = _CachedFeatures(cache, head.fingerprint, cache_required)
     batches = image_features(inputs, config, known, batch_size, workers, engine, ray_address)
     return _score(batches, len(inputs), head, known, top_k, progress)
+
+
+def check_output(output, inputs: list[str], lists: list[str], head: LoadedHead, config: FeatureConfig,
+                 cache) -> None:
+    """Refuse an `output` that would replace what the scoring reads: an input image, an
+    @list, a file of the head's folder, a file of the cache (`cache_files`), the weights
+    file (by identity: links and other spellings of them too; see `extract.overwrites`)."""
+    weights = [config.weights] if Path(config.weights).is_file() else []
+    protected = [("one of the images to score", inputs, ()), ("the list", lists, ()),
+                 ("in the head folder", (), [head.folder]), *([] if cache is None else cache_files(cache)),
+                 ("the weights file", weights, ())]
+    for what, files, folders in protected:
+        hit = overwrites(output, files, folders)
+        if hit is not None:
+            raise UsageError(f"--output {str(output)!r} is {what} {hit!r}, which this run reads; "
+                             f"name another file.")
+
+
+def cache_files(cache) -> list[tuple[str, list, list]]:
+    """What of the cache at `cache` no output may replace, as `overwrites` takes it (what it
+    is, files, folders): the catalog, its lock file (replaced, it lets a second writer in
+    beside one that holds the old one's lock) and its shards folder, the last two beside
+    the catalog's real path, where they are used: a cache named through a link reads the
+    shards beside the file it links to."""
+    real = Path(os.path.realpath(cache))
+    return [("the feature cache", [cache], ()), ("the feature cache's lock file", [f"{real}.lock"], ()),
+            ("in the feature cache's shards folder", (), [shards_folder(real)])]
 
 
 def _score(batches: Iterator[list[ImageFeatures]], total: int, head: LoadedHead, known, top_k: int,

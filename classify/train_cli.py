@@ -12,8 +12,11 @@ from classify.evaluation import format_scores
 from classify.export import EXPORTABLE, export_model, labels_path
 from classify.heads import HEADS
 from classify.report import MISTAKES
+from classify.scoring import cache_files
 from classify.training import HeadWarning, Training, train_head
-from extract import DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, version
+from extract import (
+    DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, overwrites, version,
+)
 
 PROG = "train-head"
 MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping", "standardize")
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
         except ExtractError as error:
             return console.fail(PROG, error)
         except OSError as error:
-            return console.fail(PROG, f"cannot write the head ({_why(error)}); nothing was saved.", console.FAILED)
+            return console.fail(PROG, f"cannot write the head ({console.why(error)}); nothing was saved.", console.FAILED)
         except KeyboardInterrupt:
             return console.interrupted(PROG, "nothing was saved.")
         finally:
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
         except UsageError as error:
             return console.fail(PROG, f"{error} {saved}", console.status_of(error))
         except (ExtractError, OSError) as error:
-            return console.fail(PROG, f"cannot write --export {args.export!r} ({_why(error)}); nothing was "
+            return console.fail(PROG, f"cannot write --export {args.export!r} ({console.why(error)}); nothing was "
                                       f"written there. {saved}", console.FAILED)
         except KeyboardInterrupt:
             return console.interrupted(PROG, f"--export was not written. {saved}")
@@ -121,6 +124,12 @@ def _refused_export(args) -> str | None:
     if labels_path(args.export).is_dir():
         return (f"Expected {str(labels_path(args.export))!r}, where --export writes the class names, not to be "
                 f"a folder; name another .keras file.")
+    protected = (*cache_files(args.cache), ("--out", [args.out] if args.out else [], ()))
+    for written in (args.export, labels_path(args.export)):  # the model, then its class names
+        for what, files, folders in protected:
+            hit = overwrites(written, files, folders)
+            if hit is not None:
+                return f"--export writes {str(written)!r}, which is {what} {hit!r}; name another .keras file."
     return None
 
 
@@ -192,10 +201,6 @@ def _cv_line(row: dict) -> str:
     if "cv_accuracy_mean" not in row:
         return ""
     return f"{row['cv_accuracy_mean']:.4f} ± {row['cv_accuracy_std']:.4f}"
-
-
-def _why(error: Exception) -> str:
-    return getattr(error, "strerror", None) or " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def run() -> None:

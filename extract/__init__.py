@@ -19,7 +19,8 @@ the featurize path for files outside a cache (score-images). Underneath: `files`
 file read bounded, or written aside), `console` (what the three commands share), `_version`.
 
 `__all__` is what `classify` may import: the pipeline's API, and the pieces stage 2 shares
-with it: `console`, `read_regular` and `write_aside` (`files`), `decode_image` (the reader's
+with it: `console`, `read_regular`, `sha256_regular`, `write_aside`, `streamed`, `overwrites`,
+`owned_prefix`, `partial_prefix` and `stale_partials` (`files`), `shards_folder` (what belongs to a cache, `schema`), `decode_image` (the reader's
 decoding, for report thumbnails), `package_versions` (recorded with a head), `Backbone` and
 `import_keras` (export's one model), `image_features`, `ImageFeatures`, `expand_inputs` and
 `check_engine` (score-images reads and computes as extraction does), and the option checks.
@@ -37,9 +38,11 @@ from extract.images import ImageFeatures, expand_inputs, image_features
 from extract.runner import DEFAULT_CACHE, extract_features
 from extract.summary import ExtractSummary
 from extract.catalog import FeatureCache, list_configs
-from extract.files import read_regular, write_aside
+from extract.files import (
+    overwrites, owned_prefix, partial_prefix, read_regular, sha256_regular, stale_partials, streamed, write_aside,
+)
 from extract.reader import decode as decode_image
-from extract.schema import package_versions
+from extract.schema import package_versions, shards_folder
 
 __all__ = [
     "Augmentation",
@@ -71,8 +74,15 @@ __all__ = [
     "import_keras",
     "list_configs",
     "option_differences",
+    "overwrites",
+    "owned_prefix",
     "package_versions",
+    "partial_prefix",
     "read_regular",
+    "sha256_regular",
+    "shards_folder",
+    "stale_partials",
+    "streamed",
     "version",
     "write_aside",
 ]

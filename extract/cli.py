@@ -19,6 +19,7 @@ from extract.layout import LAYOUTS
 from extract.cluster import ENGINES
 from extract.options import INTERPOLATIONS
 from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS
+from extract.plan import label_source
 from extract.runner import DEFAULT_CACHE, extract_features
 from extract.summary import ExtractSummary
 
@@ -42,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("data_dir", metavar="DATA_DIR", help="folder of images: train/ + validation/ (+ test/), <class>/ folders, or unlabeled")
     add("--cache", default=DEFAULT_CACHE, metavar="PATH", help=f"HDF5 feature cache (default {DEFAULT_CACHE})")
-    add("--layout", choices=LAYOUTS, default="auto", help="how DATA_DIR is organised (default: detected)")
+    add("--layout", choices=LAYOUTS, default="auto",
+        help="how DATA_DIR is organised (default: detected; a cache labelled otherwise needs it named to relabel)")
     add("--labels", metavar="CSV",
         help="a CSV with a header row: path,label and optionally split (train, validation or val, test), paths "
-             "relative to DATA_DIR; only the images it names are extracted (not with --layout)")
+             "relative to DATA_DIR; only the images it names are extracted (not with --layout; re-runs give it again)")
     add("--validation-percent", type=float, default=20.0, metavar="P",
         help="with <class>/ folders or --labels without a split: share of images for validation, drawn by path "
              "hash (default 20)")
@@ -177,6 +179,10 @@ def format_summary(summary: ExtractSummary) -> str:
                                 for option, (mine, theirs) in summary.differences.items())
         lines.insert(3, f"Note:   New configuration beside {summary.other_configurations} existing: "
                         f"{printable(differences or 'same options, other facts (' + summary.nearest_configuration + ')')}.")
+    if summary.relabelled_from:
+        now = label_source(summary.layout, summary.labels)
+        lines.append(f"Note:   relabelled: the labels came from {printable(summary.relabelled_from)}, now from "
+                     f"{printable(now)}.")
     if summary.labels_missing:
         missing = summary.labels_missing
         first = ", ".join(printable(path) for path in missing[:SHOWN_MISSING])

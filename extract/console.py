@@ -45,6 +45,12 @@ def printable(text: str, keep: str = "") -> str:
                    for char in text)
 
 
+def why(error: Exception) -> str:
+    """What went wrong with a write or read, in a few words: the OS's reason (`strerror`) where
+    there is one, else the error's own text on one line, cut to 200 characters."""
+    return getattr(error, "strerror", None) or " ".join(str(error).split())[:200] or type(error).__name__
+
+
 def status_of(error: BaseException) -> int:
     """The exit status an error ends a command with: 2 for a `UsageError`, else 1."""
     return USAGE if isinstance(error, UsageError) else FAILED

@@ -72,16 +72,19 @@ def _fresh(image: Loaded) -> dict[str, np.ndarray]:
     return {image.sha256: image.pixels} if image.error is None and image.pixels is not None else {}
 
 
-def expand_inputs(paths: Iterable[str], _lists: tuple[str, ...] = ()) -> Iterator[str]:
+def expand_inputs(paths: Iterable[str], lists: list | None = None, _lists: tuple[str, ...] = ()) -> Iterator[str]:
     """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
     the paths it lists (one a line, UTF-8, relative to the current folder; # starts a
-    comment). A list that includes itself, directly or not, is refused."""
+    comment). A list that includes itself, directly or not, is refused. Each list read
+    is appended to `lists`, where given (files a command must not write over)."""
     for path in paths:
         path = str(path)
         if path.startswith("@"):
             lines = _read_list(path[1:], _lists)
+            if lists is not None:
+                lists.append(path[1:])
             yield from expand_inputs((line.strip() for line in lines if line.strip() and not line.startswith("#")),
-                                     (*_lists, os.path.realpath(path[1:])))
+                                     lists, (*_lists, os.path.realpath(path[1:])))
         elif Path(path).is_dir():
             for relative, _, error in walk(Path(path)):
                 if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:

@@ -11,7 +11,16 @@ required, `split` optional (train, validation or val, test; an empty cell, or no
 means drawn by path hash as in the `classes` layout). UTF-8 with or without a BOM, LF or
 CRLF line endings, quoted fields as the `csv` module reads them; spaces around a field are
 dropped; blank lines are skipped. Anything else is refused in one line naming the file and
-the line.
+the line, before any image is read.
+
+A NUL character anywhere is refused too: the cache stores paths and labels as HDF5
+variable-length UTF-8 strings, which end at a NUL, so h5py would refuse to write one, and
+only after every image had been computed. NUL is the one character they cannot hold
+(checked against every code point); text that is not UTF-8, the other thing they refuse,
+does not come out of the strict decoding here. (Folder and file names cannot hold a NUL,
+and `layout` makes a name that is not UTF-8 a failure row, so class names from folders
+need no such check.) The whole file is checked, not only its path and label cells, so
+that every Python reads it alike (3.10's `csv` refuses a NUL itself, 3.11's keeps it).
 """
 
 from __future__ import annotations
@@ -76,10 +85,16 @@ def _decode(name: str, data: bytes) -> str:
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise _error(name, line, f"not UTF-8 (byte 0x{data[error.start]:02x}); save the file as UTF-8") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise _error(name, text.count("\n", 0, nul) + 1,
+                     "a NUL character (byte 0x00), which the cache cannot store in a path or label; remove it "
+                     "(a file saved as UTF-16 is full of them: save it as UTF-8)")
+    return text
 
 
 def _header(name: str, line: int, fields: list[str]) -> dict[str, int]:

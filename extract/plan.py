@@ -5,7 +5,8 @@ match its cached row is not even read (`to_read`); any other image is read and h
 goes through VGG16 only if no stored row or batch has its SHA-256. The rows to store are
 then `catalog_rows` of what was read. With augmented views, each training image also
 needs views 1..K, known by (SHA-256, view) (`view_table`). `plan` makes a run's `Plan`;
-`next_state` is what a commit stores.
+`next_state` is what a commit stores. Before any of it, `check_label_source` refuses a run
+that would relabel the cache's images without being asked to.
 
 A run plans over every file of the folder, so these work on columns (`CatalogRows`, and
 the listing's sizes and times as arrays): the catalog's rows are found by path through
@@ -95,6 +96,36 @@ def choose_views(attrs: dict, augment: int | None, augmentation: Augmentation) -
             f"does not make; pass --augment K to make new ones (or --augment 0 to stop using views)."
         )
     return Augmentation(**stored), int(attrs["views_per_image"])
+
+
+def label_source(layout: str, labels: str | None) -> str:
+    """Where a configuration's labels come from, as the option that asks for it:
+    `--labels '/real/path.csv'` (layout "csv") or `--layout classes` (folders)."""
+    return f"--labels {labels!r}" if layout == "csv" else f"--layout {layout}"
+
+
+def check_label_source(attrs: dict, layout: str, labels: str | None, chosen: bool) -> str | None:
+    """The label source the stored configuration (`attrs`: its `layout` and `labels`) has, if
+    this run's (`layout`, the real path of its `labels` CSV) is another; None if the same.
+    Another one is refused (UsageError) unless the run `chosen` it by --labels or by a
+    --layout other than auto: else a re-run that forgot --labels would replace every label of
+    the CSV with folder names, and a folder reorganised under a detected layout would change
+    every label in silence. The same CSV, edited, is the same source: its rows are read anew.
+    A configuration that records no layout (new; not written by extract-features) has none
+    to keep: every catalog this project wrote records one."""
+    stored = attrs.get("layout")
+    if not stored:
+        return None
+    old, new = label_source(stored, attrs.get("labels")), label_source(layout, labels)
+    if old == new:
+        return None
+    if not chosen:
+        raise UsageError(
+            f"The cache's labels for these features come from {old}; this run, given neither --labels nor "
+            f"--layout, would replace them with those of {new} (detected). Pass {old} to keep them, "
+            f"or {new} to relabel."
+        )
+    return old
 
 
 @dataclass

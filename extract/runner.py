@@ -27,7 +27,7 @@ from extract.errors import CacheError, CatalogDamagedError, UsageError
 from extract.labels import read_labels
 from extract.layout import Scan, not_regular, scan_folder
 from extract.options import EXTRACT_FEATURES, check_options
-from extract.plan import Plan, changed, next_state, plan
+from extract.plan import Plan, changed, check_label_source, next_state, plan
 from extract.progress import Checkpoints, Tally
 from extract.ray_engine import RayEngine
 from extract.recovery import check as check_stored, open_stored
@@ -92,8 +92,10 @@ def extract_features(
     run), with `ray_actors` backbone actors (default: one per GPU, or one).
 
     `labels` is the path of a labels CSV (see `labels`): only the images it names are
-    extracted, with its labels and splits; the layout is then "csv". A cache inside
-    `data_dir` is fine: its files are never taken for images or class folders."""
+    extracted, with its labels and splits; the layout is then "csv". A run that would take
+    labels from elsewhere than the configuration's last run did (another CSV, folders, another
+    layout) must say so by `labels` or a `layout` other than "auto" (`plan.check_label_source`).
+    A cache inside `data_dir` is fine: its files are never taken for images or class folders."""
     started = time.perf_counter()
     config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
     config.validate()
@@ -117,6 +119,7 @@ def extract_features(
             f"--labels gives every image its label and split; received --layout {layout} as well. Drop one of them."
         )
     named = None if labels is None else read_labels(path_text("--labels", labels))
+    labels_path = None if labels is None else str(Path(labels).resolve())  # as the cache records it
     cache = _real_cache(cache)
     scan = scan_folder(data_dir, layout, validation_percent, named, cache)
     with WriterLock(cache):
@@ -129,10 +132,12 @@ def extract_features(
                 f"The cache {str(cache)!r} holds these features for {stored.state.attrs.get('data_dir')!r}, "
                 f"not {data_root!r}; use another --cache for another data set."
             )
+        relabelled_from = check_label_source(stored.state.attrs, scan.layout, labels_path,
+                                             chosen=labels is not None or layout != "auto")
         summary = ExtractSummary(
             shown, key, data_root, scan.layout, list(config.feature_shape), config.precision, engine=engine,
             labels=None if labels is None else str(labels), skipped=len(scan.skipped),
-            not_in_labels=scan.not_in_labels, labels_missing=list(scan.missing),
+            not_in_labels=scan.not_in_labels, labels_missing=list(scan.missing), relabelled_from=relabelled_from,
         )
         found = stored.state.rows  # as the run found them, for the counts (a commit replaces, never changes, rows)
         others = [] if stored.rebuild or not cache.exists() else _other_configs(cache, key)
@@ -141,7 +146,7 @@ def extract_features(
         summary.repaired = check_stored(stored, repair)
         writer = Writer(stored)
         run = plan(scan.images, stored.state.rows, stored.state.attrs, augment, augmentation, writer.knows)
-        commits = _Commits(writer, run, scan, config, validation_percent, labels, Checkpoints(save_every), summary)
+        commits = _Commits(writer, run, scan, config, validation_percent, labels_path, Checkpoints(save_every), summary)
         engine_run = (
             Engine(config, writer, run.cached_sha256, commits.checkpoints, batch_size) if engine == "local"
             else RayEngine(config, writer, run.cached_sha256, commits.checkpoints, batch_size, ray_address, ray_actors)
@@ -179,7 +184,7 @@ class _Commits:
     configuration's attributes), at checkpoints, at Ctrl-C and at the end."""
 
     def __init__(self, writer: Writer, run: Plan, scan: Scan, config: FeatureConfig, validation_percent: float,
-                 labels, checkpoints: Checkpoints, summary: ExtractSummary):
+                 labels_path: str | None, checkpoints: Checkpoints, summary: ExtractSummary):
         self.writer, self.run, self.scan, self.checkpoints, self.summary = writer, run, scan, checkpoints, summary
         self.stored = writer.state  # the state as last committed (a commit replaces its parts)
         self.tally = Tally()
@@ -193,7 +198,7 @@ class _Commits:
             weights_path=_weights_path(config),
             data_dir=summary.data_dir,
             layout=layout,
-            labels=None if labels is None else str(Path(labels).resolve()),
+            labels=labels_path,
             validation_percent=validation_percent if layout in ("classes", "csv") else None,
         )
 

@@ -31,6 +31,7 @@ class ExtractSummary:
     labels: str | None = None  # the labels file (layout "csv")
     not_in_labels: int = 0  # images skipped (counted in `skipped`) because the labels file does not name them
     labels_missing: list[str] = field(default_factory=list)  # what the labels file names but is no image in the folder
+    relabelled_from: str | None = None  # where the labels came from before this run chose another source
     rows: int = 0
     new: int = 0
     changed: int = 0

@@ -122,3 +122,15 @@ def test_a_folder_where_the_class_names_go_is_refused_before_training(extraction
     folder = train_head(extraction / "data.h5", "logreg", out=tmp_path / "trained").folder
     with pytest.raises(UsageError, match="where --export writes the class names"):
         export_model(folder, tmp_path / "m.keras")
+
+
+def test_an_export_over_the_weights_file_is_refused(extraction, tmp_path, weights_file):
+    """`--weights` names the file the features were made with; an export of that name would
+    replace it (written aside, renamed over it), and no head of these features could be
+    scored or exported again."""
+    folder = train_head(extraction / "data.h5", "logreg", out=tmp_path / "head").folder
+    copy = tmp_path / "w.keras"
+    copy.write_bytes(weights_file.read_bytes())
+    with pytest.raises(UsageError, match="is the weights file of the head's features"):
+        export_model(folder, copy, weights=str(copy))
+    assert copy.read_bytes() == weights_file.read_bytes()

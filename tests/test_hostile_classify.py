@@ -12,6 +12,7 @@ import pickle
 import pty
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ def rewrite_sums(folder: Path) -> None:
     """What someone who rewrites the whole folder does: SHA256SUMS made to match."""
     names = sorted(path.name for path in folder.iterdir() if path.name != "SHA256SUMS")
     (folder / "SHA256SUMS").write_text(
-        "".join(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in names))
+        "".join(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in names)
+        + "".join(f"# size {(folder / name).stat().st_size}  {name}\n" for name in names))
 
 
 def score_new(world: Path, head: Path, *extra) -> subprocess.CompletedProcess:
@@ -120,7 +122,7 @@ def test_rotated_classes_in_head_json_are_refused(world, tmp_path):
     info = json.loads((head / "head.json").read_text())
     info["classes"] = info["classes"][1:] + info["classes"][:1]
     (head / "head.json").write_text(json.dumps(info))
-    one_line(score_new(world, head), 2, "head.json", "does not match the SHA-256")
+    one_line(score_new(world, head), 2, "head.json", "changed after training")
     rewrite_sums(head)  # the checksums made to match: the classes are still the model's
     one_line(score_new(world, head), 2, "refusing to relabel")
 
@@ -167,7 +169,7 @@ def test_two_runs_to_one_out_never_lose_a_result_silently(world, tmp_path):
     assert sorted(status for _, _, status in results) == [0, 2], results
     (loser,) = [err for _, err, status in results if status == 2]
     assert loser.count("\n") == 1 and "Traceback" not in loser and "--out" in loser
-    listed = (out / "SHA256SUMS").read_text().splitlines()
+    listed = [line for line in (out / "SHA256SUMS").read_text().splitlines() if not line.startswith("#")]
     for line in listed:
         digest, name = line.split("  ")
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
@@ -436,3 +438,338 @@ def test_an_output_keeps_the_usual_permissions(world, tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# 9. score-images --output never writes over what the run reads (issue 29, 2)
+
+def copy_cache(world: Path, catalog: Path) -> Path:
+    """The real cache, catalog and shards, under another name (the shards' paths are relative)."""
+    shutil.copyfile(world / "c.h5", catalog)
+    shutil.copytree(world / "c.h5.shards", catalog.with_name(f"{catalog.name}.shards"))
+    return catalog
+
+
+def snapshot(folder: Path) -> dict:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()}
+
+
+OVERWRITES = {  # --output chosen as: what the refusal names
+    "an image": ("x.png", "one of the images to score"),
+    "a hard link to an image": ("hard.png", "one of the images to score"),
+    "a symbolic link to an image": ("soft.png", "one of the images to score"),
+    "a file of the head": ("head/predictions.csv", "in the head folder"),
+    "a new file in the head, through a link to its folder": ("linked/new.csv", "in the head folder"),
+    "the cache's catalog": ("c.h5", "the feature cache"),
+    "a hard link to a shard": ("shard.h5", "in the feature cache's shards folder"),
+    "a list": ("l.csv", "the list"),
+    "a list named in a list": ("inner.txt", "the list"),
+}
+
+
+@pytest.mark.parametrize("case", OVERWRITES)
+def test_an_output_that_is_an_input_is_refused_before_any_work(world, tmp_path, case, monkeypatch):
+    output, named = OVERWRITES[case]
+    copy_head(world, tmp_path / "head")
+    copy_cache(world, tmp_path / "c.h5")
+    shutil.copyfile(world / "new" / "0.png", tmp_path / "x.png")
+    os.link(tmp_path / "x.png", tmp_path / "hard.png")
+    os.symlink(tmp_path / "x.png", tmp_path / "soft.png")
+    os.symlink(tmp_path / "head", tmp_path / "linked")
+    os.link(next((tmp_path / "c.h5.shards").rglob("*.h5")), tmp_path / "shard.h5")
+    (tmp_path / "inner.txt").write_text(f"{world / 'new' / '1.png'}\n")
+    (tmp_path / "l.csv").write_text(f"{world / 'new' / '2.png'}\n@{tmp_path / 'inner.txt'}\n")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr("classify.scoring.image_features", lambda *args: pytest.fail("work started"))
+    result = score("x.png", f"@{tmp_path / 'l.csv'}", "--head", "head", "--cache", "c.h5", "--output", output,
+                   "--quiet", cwd=tmp_path)
+    one_line(result, 2, f"--output '{output}' is {named}", "name another file")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_beside_its_inputs_is_written(world, tmp_path):
+    shutil.copyfile(world / "new" / "0.png", tmp_path / "x.png")
+    result = score(tmp_path / "x.png", "--head", world / "head", "--output", tmp_path / "x.csv", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x.csv").read_text().splitlines()[1].startswith(f"{tmp_path / 'x.png'},ok,")
+
+
+@pytest.mark.parametrize("cache, export", [("c.keras", "c.keras"), ("m.labels.txt", "m.keras")])
+def test_an_export_over_the_cache_is_refused_before_training(world, tmp_path, weights_file, cache, export):
+    """train-head writes --export (and its .labels.txt) aside and renames it over that name:
+    a cache so named would be replaced by the model."""
+    extract_features(world / "data", tmp_path / cache, input_size=SIZE, weights=weights_file, progress=False)
+    before = snapshot(tmp_path)
+    result = train("--cache", cache, "--head", "logreg", "--out", "run", "--export", export, "--quiet", cwd=tmp_path)
+    one_line(result, 2, f"is the feature cache '{cache}'", "name another .keras file")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_export_named_like_out_is_refused_before_training(world, tmp_path):
+    result = train("--cache", world / "c.h5", "--head", "logreg", "--out", tmp_path / "m.keras",
+                   "--export", tmp_path / "m.keras", "--quiet")
+    one_line(result, 2, "is --out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# 10. what a kill -9 leaves beside --out and --output, removed by the next run (issue 29, 8)
+
+def killed(process, folder: Path, pattern: str) -> list[str]:
+    """SIGKILL `process` once it has made a file matching `pattern` in `folder`; what it left."""
+    assert wait_for(folder, pattern, process), process.communicate()
+    process.kill()
+    process.wait(60)
+    return listing(folder, pattern)
+
+
+def paused(process, folder: Path, pattern: str, other: str) -> str:
+    """SIGSTOP `process` once it has made a file matching `pattern` in `folder` other than
+    `other`: alive, for sure, while the test goes on; that file."""
+    while not (mine := [path for path in listing(folder, pattern) if path != other]):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    process.send_signal(signal.SIGSTOP)
+    return mine[0]
+
+
+def test_a_killed_train_heads_partial_folder_is_removed_by_the_next_run_never_a_live_ones(world, tmp_path):
+    epochs = ("--cache", world / "s.h5", "--head", "mlp", "--epochs", "10000", "--quiet")
+    (dead,) = killed(helpers.start(TRAIN, *epochs, "--out", tmp_path / "dead"), tmp_path, "dead.partial-*")
+    assert Path(dead).is_dir()
+    live = helpers.start(TRAIN, *epochs, "--out", tmp_path / "live")
+    try:
+        mine = paused(live, tmp_path, "*.partial-*", dead)
+        assert not os.path.exists(dead)  # the next run in that folder, whatever its --out, removed it
+        done = train("--cache", world / "s.h5", "--head", "knn", "--out", tmp_path / "next", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert listing(tmp_path, "*.partial-*") == [mine]
+    finally:
+        live.kill()
+        live.wait(60)
+
+
+def test_a_killed_scorers_partial_output_is_removed_by_the_next_run_never_a_live_ones(world, tmp_path):
+    for i in range(300):
+        make_image(tmp_path / "many" / f"{i:03d}.png", seed=i, size=(12, 12))
+    output = tmp_path / "out.csv"
+    slow = (tmp_path / "many", "--head", world / "head", "--batch-size", "1", "--output", output, "--quiet")
+    (dead,) = killed(helpers.start(SCORE, *slow), tmp_path, ".out.csv.partial-*")
+    live = helpers.start(SCORE, *slow)
+    try:
+        mine = paused(live, tmp_path, ".out.csv.partial-*", dead)
+        assert not os.path.exists(dead)  # the next run to that --output removed it
+        assert score_new(world, world / "head", "--output", output).returncode == 0
+        assert listing(tmp_path, ".out.csv.partial-*") == [mine] and output.read_text().count("\n") == 4
+    finally:
+        live.kill()
+        live.wait(60)
+
+
+# 11. a head file is refused on its size, before it is read (issue 29, 9)
+
+class _Asked:
+    """An open file that refuses to be asked for more than `most` bytes at once."""
+
+    def __init__(self, file, most):
+        self.file, self.most = file, most
+
+    def read(self, size=-1):
+        assert 0 <= size <= self.most, f"asked to read {size} bytes"
+        return self.file.read(size)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("sizes", [True, False])
+def test_a_sparse_file_in_a_head_is_refused_without_reading_it_whole(world, tmp_path, monkeypatch, sizes):
+    """With sizes in SHA256SUMS, refused on a stat; in an older folder without them, hashed a
+    MiB at a time (it is not head.json or head.joblib, whose bytes are kept)."""
+    from extract import files
+
+    head = copy_head(world, tmp_path / "head")
+    (head / "predictions.csv").unlink()
+    subprocess.run(["truncate", "-s", "2G" if sizes else "512M", head / "predictions.csv"], check=True)
+    if not sizes:
+        lines = (head / "SHA256SUMS").read_text().splitlines()
+        (head / "SHA256SUMS").write_text("".join(line + "\n" for line in lines if not line.startswith("#")))
+    opened = files.open_regular
+    monkeypatch.setattr(files, "open_regular", lambda path: _Asked(opened(path), 2**20 + 1))
+    why = ("not the", "recorded in SHA256SUMS") if sizes else ("does not match the SHA-256",)
+    one_line(score_new(world, head), 2, "predictions.csv", *why, "retrain")
+
+
+def test_a_head_written_before_sizes_were_recorded_still_loads(world, tmp_path):
+    head = copy_head(world, tmp_path / "head")
+    sums = (head / "SHA256SUMS").read_text()
+    assert "# size " in sums
+    (head / "SHA256SUMS").write_text("".join(line + "\n" for line in sums.splitlines() if not line.startswith("#")))
+    assert subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=head, capture_output=True).returncode == 0
+    assert score_new(world, head).returncode == 0
+
+
+def test_sizes_that_do_not_cover_every_file_are_refused(world, tmp_path):
+    head = copy_head(world, tmp_path / "head")
+    lines = (head / "SHA256SUMS").read_text().splitlines()
+    (head / "SHA256SUMS").write_text("".join(line + "\n" for line in lines if "# size" not in line or "head.json" not in line))
+    one_line(score_new(world, head), 2, "does not record a size for each file")
+
+
+# 12. what a third look at 9, 10 and 11 found (issue 29, follow-up of 2, 8, 9)
+
+@pytest.fixture
+def linked(world, tmp_path) -> Path:
+    """A copy of the cache in real/c.h5, named through the link c.h5 in tmp_path: the real catalog."""
+    (tmp_path / "real").mkdir()
+    real = copy_cache(world, tmp_path / "real" / "c.h5")
+    (tmp_path / "c.h5").symlink_to(real)
+    return real
+
+
+def test_a_shard_of_a_cache_named_through_a_link_is_not_an_output(world, tmp_path, linked):
+    """The cache is read from its real path, so its shards are those beside the real file."""
+    shard = next((tmp_path / "real" / "c.h5.shards").rglob("*.h5"))
+    before = snapshot(tmp_path)
+    result = score(world / "new" / "0.png", "--head", world / "head", "--cache", "c.h5", "--output", shard,
+                   "--quiet", cwd=tmp_path)
+    one_line(result, 2, "is in the feature cache's shards folder", "name another file")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_export_into_the_shards_of_a_cache_named_through_a_link_is_refused(world, tmp_path, linked):
+    export = tmp_path / "real" / "c.h5.shards" / "m.keras"
+    result = train("--cache", "c.h5", "--head", "logreg", "--out", "run", "--export", export, "--quiet", cwd=tmp_path)
+    one_line(result, 2, "in the feature cache's shards folder", "name another .keras file")
+    assert not export.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cache", ["c.h5", "real/c.h5"])
+def test_the_caches_lock_file_is_not_an_output(world, tmp_path, linked, cache):
+    """Replaced, the lock file would let a second writer in beside one holding the old one's lock."""
+    lock = tmp_path / "real" / "c.h5.lock"
+    lock.write_text("process 1")
+    result = score(world / "new" / "0.png", "--head", world / "head", "--cache", cache, "--output", lock,
+                   "--quiet", cwd=tmp_path)
+    one_line(result, 2, "is the feature cache's lock file", "name another file")
+    assert lock.read_text() == "process 1"
+
+
+def test_a_fifo_as_output_is_written_into_not_replaced(world, tmp_path):
+    fifo = tmp_path / "f.csv"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", fifo], stdout=subprocess.PIPE)
+    try:
+        result = score_new(world, world / "head", "--output", fifo)
+        assert result.returncode == 0, result.stderr
+        assert fifo.is_fifo()
+        assert reader.communicate(timeout=60)[0].decode().count(",ok,") == 3
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_a_character_device_as_output_is_written_into_not_replaced(world, tmp_path):
+    """A copy of /dev/null (made where a test may: run as root, the real one stays)."""
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device needs root")
+    assert score_new(world, world / "head", "--output", null).returncode == 0
+    assert stat.S_ISCHR(null.stat().st_mode) and null.read_bytes() == b""
+
+
+def test_a_block_device_as_output_is_refused(world, tmp_path):
+    disk = tmp_path / "disk"
+    try:
+        os.mknod(disk, stat.S_IFBLK | 0o600, os.makedev(7, 250))
+    except PermissionError:
+        pytest.skip("making a device needs root")
+    one_line(score_new(world, world / "head", "--output", disk), 2, "is not a regular file (a block device)")
+    assert stat.S_ISBLK(disk.stat().st_mode)
+
+
+def test_a_descriptor_as_output_is_written_into(world, tmp_path):
+    """/dev/fd/1 (bash's >(...) names such a path) is the scorer's stdout: a file here, which
+    cannot be renamed over through /proc."""
+    result = score_apart(world / "new", "--head", world / "head", "--output", "/dev/fd/1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("path,status,label,probability") and result.stdout.count(",ok,") == 3
+
+
+def test_a_descriptor_that_cannot_be_opened_is_refused_before_work(world):
+    """/dev/fd/N of a socket: the kernel will not open it again by name."""
+    import socket
+
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        output = f"/dev/fd/{mine.fileno()}"
+        result = subprocess.run(command(SCORE, world / "new", "--head", world / "head", "--output", output, "--quiet"),
+                                pass_fds=(mine.fileno(),), capture_output=True, timeout=120)
+    one_line(result, 2, f"Cannot write --output '{output}'", "No such device or address")
+
+
+def test_a_dash_as_output_is_stdout(world, tmp_path):
+    result = score(world / "new", "--head", world / "head", "--output", "-", "--format", "jsonl", "--quiet",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["status"] for line in result.stdout.splitlines()] == ["ok"] * 3
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, size, sizes", [("head.joblib", "1T", True), ("head.json", "1G", True),
+                                               ("head.json", "1G", False)])
+def test_a_kept_head_file_is_capped_whatever_size_is_recorded(world, tmp_path, monkeypatch, name, size, sizes):
+    """head.json and head.joblib are read whole (their bytes are loaded): a huge sparse one,
+    its size line edited to match or gone (an older folder), is refused on a stat."""
+    from extract import files
+
+    head = copy_head(world, tmp_path / "head")
+    (head / name).unlink()
+    subprocess.run(["truncate", "-s", size, head / name], check=True)
+    lines = (head / "SHA256SUMS").read_text().splitlines()
+    edited = [f"# size {(head / name).stat().st_size}  {name}" if line.endswith(f"  {name}") and line.startswith("#")
+              else line for line in lines if sizes or not line.startswith("#")]
+    (head / "SHA256SUMS").write_text("".join(line + "\n" for line in edited))
+    opened = files.open_regular
+    monkeypatch.setattr(files, "open_regular", lambda path: _Asked(opened(path), 2**20 + 1))
+    one_line(score_new(world, head), 2, name, "it is over", "restore it or retrain")
+
+
+def test_a_partial_of_a_live_run_in_another_pid_namespace_is_kept(world, tmp_path):
+    """Containers sharing a host name and a folder: the other run's process ids are not ours to look up."""
+    if subprocess.run(["unshare", "-pf", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no PID namespace can be made here")
+    for i in range(300):
+        make_image(tmp_path / "many" / f"{i:03d}.png", seed=i, size=(12, 12))
+    output = tmp_path / "out.csv"
+    live = helpers.start(SCORE, tmp_path / "many", "--head", world / "head", "--batch-size", "1",
+                         "--output", output, "--quiet")
+    try:
+        mine = paused(live, tmp_path, ".out.csv.partial-*", "")
+        other = subprocess.run(["unshare", "-pf", "--mount-proc",
+                                *command(SCORE, world / "new", "--head", world / "head", "--output", output, "--quiet")],
+                               capture_output=True)
+        assert other.returncode == 0, other.stderr
+        assert listing(tmp_path, ".out.csv.partial-*") == [mine]
+    finally:
+        live.kill()
+        live.wait(60)
+
+
+@pytest.mark.parametrize("command_name", ["score-images", "train-head"])
+def test_a_long_but_valid_output_name_has_room_for_its_partial(world, tmp_path, command_name):
+    """A name of 230 bytes is valid (NAME_MAX is 255); its temporary's name must be too."""
+    if command_name == "score-images":
+        output = tmp_path / ("s" * 226 + ".csv")
+        result = score_new(world, world / "head", "--output", output)
+    else:
+        output = tmp_path / ("h" * 230)
+        result = train("--cache", world / "s.h5", "--head", "knn", "--out", output, "--no-report", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert output.exists() and listing(tmp_path, "*.partial-*") == []

@@ -49,6 +49,33 @@ def test_labels_and_splits_come_from_the_csv_and_the_rest_is_skipped(kaggle, wei
                     "images/2.png": ("cat", "test"), "images/3.png": ("dog", "train")}
 
 
+def test_a_rerun_without_labels_is_refused_before_it_relabels_anything(kaggle, weights_file, tmp_path):
+    """Issue 29, failure 6: without --labels, the folders' names (layout classes: "images")
+    silently replaced every label of the CSV. The re-run must choose: the CSV again (edited
+    is fine), or --layout to relabel from the folders."""
+    labels = write(kaggle / "labels.csv", "path,label\nimages/0.png,cat\nimages/1.png,dog\n")
+    cache = tmp_path / "c.h5"
+    options = ("--cache", cache, "--weights", weights_file, "--input-size", SIZE)
+    assert cli(kaggle, "--labels", labels, *options)[0] == 0
+    catalog = cache.read_bytes()
+    status, out, err = cli(kaggle, *options)
+    assert status == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert f"come from --labels {str(labels.resolve())!r}" in err and "Pass --labels" in err
+    assert "or --layout classes to relabel" in err
+    assert cache.read_bytes() == catalog  # nothing written
+
+    write(labels, "path,label\nimages/0.png,cat\nimages/1.png,bird\n")  # the same CSV, edited
+    status, out, _ = cli(kaggle, "--labels", labels, *options, "--json")
+    assert status == 0 and json.loads(out)["class_names"] == ["bird", "cat"] and not json.loads(out)["relabelled_from"]
+
+    status, out, _ = cli(kaggle, "--layout", "classes", *options)  # relabel from the folders, by choice
+    assert status == 0 and "Note:   relabelled: the labels came from --labels" in out and "now from --layout classes" in out
+    with FeatureCache(cache) as opened:
+        assert set(opened.labels()) == {"images"} and opened.config["layout"] == "classes"
+        assert "labels" not in opened.config
+    assert cli(kaggle, *options)[0] == 0  # the folders are the source now: detected, the same
+
+
 def test_the_human_summary_says_what_was_not_in_the_csv_and_what_is_missing(kaggle, weights_file, tmp_path):
     labels = write(tmp_path / "labels.csv", "path,label\nimages/0.png,cat\nimages/1.png,dog\nimages/gone.png,dog\n")
     status, out, _ = cli(kaggle, "--labels", labels, "--cache", tmp_path / "c.h5", "--weights", weights_file,
@@ -93,6 +120,10 @@ def test_an_empty_split_cell_is_drawn_too(kaggle, tmp_path):
     ("path,label\nimages/0.png,\"cat\n", "line 2", "not readable as CSV"),
     ("", "", "empty; expected a header row"),
     ("path,label\n", "", "a header row but no rows"),
+    # NUL: the cache's text cannot hold it (h5py's "VLEN strings do not support embedded NULLs", after the compute)
+    ("path,label\nimages/0.png,cat\nimages/1.png,d\x00og\n", "line 3", "a NUL character (byte 0x00), which the cache"),
+    ("path,label\nimages/0.png\x00,cat\n", "line 2", "a NUL character (byte 0x00)"),
+    ("path,label\nimages/0.png,cat\n".encode("utf-16-le"), "line 1", "(a file saved as UTF-16 is full of them"),
 ])
 def test_a_bad_csv_is_one_line_naming_the_file_and_line(kaggle, tmp_path, text, where, message):
     labels = write(tmp_path / "labels.csv", text)

@@ -72,6 +72,18 @@ def test_layout_can_be_forced(tmp_path):
     assert len(scan.images) == 4 and all(image.label == "" for image in scan.images)
 
 
+def test_a_class_folder_whose_name_is_not_utf8_is_a_failure_row_never_a_class(tmp_path):
+    """Class names go into the cache as HDF5 text, which holds UTF-8 without NUL; a folder
+    name cannot hold a NUL, and one that is not UTF-8 must never reach the catalog."""
+    make_dataset(tmp_path, "classes", classes=("cat",), per_class=2)
+    odd = os.fsencode(tmp_path) + b"/d\xffg"
+    os.mkdir(odd)
+    os.link(tmp_path / "cat" / "0.jpg", odd + b"/0.jpg")
+    scan = scan_folder(tmp_path, layout="classes")
+    assert scan.class_names == ["cat"] and len(scan.images) == 2
+    assert scan.failures == [("d\\xffg/", "folder name is not valid UTF-8; not listed (rename it)")]
+
+
 def test_non_images_and_stray_files_are_skipped_and_counted(tmp_path):
     make_dataset(tmp_path, "splits", per_class=2)
     (tmp_path / "README.txt").write_text("not an image")

@@ -5,7 +5,8 @@ import pytest
 
 from extract.state import CatalogRows, Row, ViewTable
 from extract.layout import ImageFile
-from extract.plan import catalog_rows, row_changes, to_read, view_table
+from extract.errors import UsageError
+from extract.plan import catalog_rows, check_label_source, row_changes, to_read, view_table
 
 
 def image(n: int, size: int = 10, mtime_ns: int = 100, split: str = "train") -> ImageFile:
@@ -100,3 +101,30 @@ def test_view_table_keeps_views_of_training_images_only_and_adds_known_ones():
     old = ViewTable({}, [(sha(1), 2), (sha(2), 1), (sha(9), 1)])  # 2 is no longer training, 9 gone
     table = view_table(rows, old, "aug", 2, {"views_per_image": 2}, lambda key: not key.startswith(sha(0)))
     assert table.keys == [(sha(1), 2), (sha(1), 1)] and table.attrs == {"views_per_image": 2}
+
+
+CSV = {"layout": "csv", "labels": "/d/labels.csv"}
+
+
+def test_a_run_that_forgets_labels_is_refused_naming_both_ways_on():
+    with pytest.raises(UsageError) as refused:
+        check_label_source(CSV, "classes", None, chosen=False)
+    assert "Pass --labels '/d/labels.csv' to keep them, or --layout classes to relabel." in str(refused.value)
+
+
+def test_a_detected_layout_other_than_the_stored_one_is_refused_too():
+    with pytest.raises(UsageError, match="Pass --layout classes to keep them, or --layout splits to relabel"):
+        check_label_source({"layout": "classes"}, "splits", None, chosen=False)
+
+
+def test_the_same_source_goes_on_and_a_chosen_one_names_what_it_replaces():
+    assert check_label_source(CSV, "csv", "/d/labels.csv", chosen=True) is None  # the same CSV, edited or not
+    assert check_label_source({"layout": "splits"}, "splits", None, chosen=False) is None
+    assert check_label_source(CSV, "classes", None, chosen=True) == "--labels '/d/labels.csv'"
+    assert check_label_source(CSV, "csv", "/e/other.csv", chosen=True) == "--labels '/d/labels.csv'"
+    assert check_label_source({"layout": "classes"}, "csv", "/d/labels.csv", chosen=True) == "--layout classes"
+
+
+def test_a_configuration_that_records_no_layout_has_no_source_to_keep():
+    assert check_label_source({}, "classes", None, chosen=False) is None  # a new configuration
+    assert check_label_source({"data_dir": "/d"}, "unlabeled", None, chosen=False) is None

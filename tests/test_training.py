@@ -26,7 +26,10 @@ def test_one_head_is_scored_and_saved(cache, tmp_path):
                      "metrics.json", "predictions.csv", "report.html"]
     info = json.loads((tmp_path / "run" / "head.json").read_text())
     assert info["classes"] == ["a", "b", "c"] and info["fingerprint"] == "synthetic0000001"
-    listed = [line.split("  ")[1] for line in (tmp_path / "run" / "SHA256SUMS").read_text().splitlines()]
+    sums = (tmp_path / "run" / "SHA256SUMS").read_text().splitlines()
+    listed = [line.split("  ")[1] for line in sums if not line.startswith("#")]
+    sizes = {line.split("  ")[1]: int(line.split()[2]) for line in sums if line.startswith("# size ")}
+    assert sizes == {name: (tmp_path / "run" / name).stat().st_size for name in listed}
     assert info["feature_config"]["pooling"] == "avg" and listed == files[1:-1]  # all but the report, which nothing loads
     assert info["metrics"]["validation"]["accuracy"] == result.scores["validation"]["accuracy"]
 
@@ -51,9 +54,13 @@ def test_a_head_refuses_features_of_another_configuration(cache, tmp_path):
 
 def test_a_changed_artifact_is_refused(cache, tmp_path):
     train_head(cache, "logreg", out=tmp_path / "run")
-    with open(tmp_path / "run" / "head.joblib", "ab") as file:
-        file.write(b"\0")
+    artifact = tmp_path / "run" / "head.joblib"
+    data = artifact.read_bytes()
+    artifact.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the same size
     with pytest.raises(UsageError, match="does not match the SHA-256"):
+        load_head(tmp_path / "run")
+    artifact.write_bytes(data + b"\0")
+    with pytest.raises(UsageError, match="bytes, not the .* recorded in SHA256SUMS"):
         load_head(tmp_path / "run")
 
 
