@@ -170,10 +170,13 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         return model
 
     def _validation(self, keras, validation: Rows | None):
-        """Batches of the validation rows of classes the head knows, in their order."""
+        """Batches of the validation rows of classes the head knows, in their order (the
+        rows themselves when every class is known: a subset of rows in memory is a copy)."""
         if validation is None:
             return None
-        validation = validation.subset(np.flatnonzero(np.isin(validation.y, self.classes_)))
+        known = np.isin(validation.y, self.classes_)
+        if not known.all():
+            validation = validation.subset(np.flatnonzero(known))
         y_index = np.searchsorted(self.classes_, validation.y)
         return _batches(keras, validation, y_index, len(self.classes_), VALIDATION_BATCH, model=self.model_)
 

@@ -15,7 +15,7 @@ from classify.heads import HEADS
 from classify.splits import load_splits
 from classify.training import fit
 from conftest import write_synthetic_cache
-from extract import FeatureCache, UsageError
+from extract import FeatureCache, UsageError, import_keras
 
 SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10)}
 
@@ -205,3 +205,22 @@ class _FailingAfter(_Counting):
             self.reads += 1
             raise OSError("the disk went away")
         return super().features_at(rows, views)
+
+
+def test_the_mlp_scores_validation_rows_in_memory_without_copying_them():
+    """In memory, the validation rows handed to Keras are the caller's, not a copy: numpy's
+    allocations while the head fits (a few batches) stay far below the validation features' 32 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((60, 1000), dtype=np.float32), np.arange(60) % 3
+    validation = Rows.from_arrays(rng.random((8000, 1000), dtype=np.float32), np.arange(8000) % 3)
+    head = HEADS["mlp"].build(random_state=0, epochs=1, hidden_units=8)
+    import_keras()  # its import allocates much, once
+    tracemalloc.start()
+    try:
+        head.fit_rows(Rows.from_arrays(X, y), validation)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < validation.nbytes / 4
