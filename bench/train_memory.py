@@ -78,26 +78,25 @@ def write_cache(path: Path, distinct: int, copies: int, validation: float) -> No
 def peak(command: list[str]) -> tuple[float, str, float]:
     """A command's peak resident set (MiB), its stdout and its wall seconds."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    output = process.stdout.read()  # before waiting: a full pipe would block it
-    errors = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{command[:3]} failed: {errors.decode()[-800:]}")
+    with tempfile.TemporaryFile() as errors:  # a file: stderr cannot fill a pipe while stdout is read
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors)
+        output = process.stdout.read()  # before waiting: a full pipe would block it
+        _, status, usage = os.wait4(process.pid, 0)
+        if status != 0:
+            errors.seek(0)
+            raise SystemExit(f"{command[:3]} failed: {errors.read().decode()[-800:]}")
     return usage.ru_maxrss / 1024, output.decode(), time.perf_counter() - started  # kilobytes on Linux
 
 
 def train(cache: Path, head: str, budget: str, epochs: int) -> dict:
-    out = Path(tempfile.mkdtemp(dir="/tmp")) / "head"
-    command = [str(BIN / "train-head"), "--cache", str(cache), "--head", head, "--epochs", str(epochs),
-               "--memory-budget", budget, "--out", str(out), "--json"]
-    if head != "mlp":
-        command.remove("--epochs")
-        command.remove(str(epochs))
-    rss, output, wall = peak(command)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "head"
+        command = [str(BIN / "train-head"), "--cache", str(cache), "--head", head, "--memory-budget", budget,
+                   "--out", str(out), "--json", *(["--epochs", str(epochs)] if head == "mlp" else [])]
+        rss, output, wall = peak(command)
+        if not (out / "report.html").exists():
+            raise SystemExit(f"{head}: no report.html was written")
     result = json.loads(output)
-    if not (out / "report.html").exists():
-        raise SystemExit(f"{head}: no report.html was written")
     return {"head": head, "memory_budget": budget, "streamed": result["streamed"], "peak_rss_mib": round(rss),
             "wall_seconds": round(wall, 1), "validation_accuracy": result["leaderboard"][0]["validation_accuracy"]}
 
