@@ -7,11 +7,13 @@
 A `Rows` knows where each of its rows is in the cache (a row of the configuration or of a
 views table) and holds the features only once `load()`ed. Streamed, it reads a window of
 rows at a time (each chunk of the cache once per window) and never holds more than two
-windows. Its order for an epoch is shuffled by blocks of consecutive rows (rows stored
-together stay together, so a window reads few chunks), then within each window; in memory,
-one block and one window hold every row: a plain shuffle, the same as streamed rows that
-fit in one block. Batches are the same whether the features come from memory or from the
-cache, for the same order.
+windows; no read, window or pass holds more than `read_bytes` (under train-head, a quarter
+of --memory-budget: `READ_SHARE`), so what streamed rows hold stays within the budget
+however large a split is. Its order for an epoch is shuffled by blocks of consecutive rows
+(rows stored together stay together, so a window reads few chunks), then within each
+window; in memory, one block and one window hold every row: a plain shuffle, the same as
+streamed rows that fit in one block. Batches are the same whether the features come from
+memory or from the cache, for the same order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ BLOCK_BYTES = 4 * 2**20  # consecutive rows kept together when an epoch is shuff
 WINDOW_BYTES = 64 * 2**20  # rows read from the cache at once (and shuffled among themselves)
 SCAN_BYTES = 32 * 2**20  # at most, rows a pass that is not a training step takes at once (moments, predictions)
 BUDGET_SHARE = 0.5  # of the memory available when train-head starts: the default --memory-budget
+READ_SHARE = 4  # streamed, one read holds at most 1/4 of --memory-budget: two windows and a pass stay within it
 _IMAGE, _VIEW = 0, 1
 
 
@@ -52,6 +55,7 @@ class Rows:
     X: np.ndarray | None = None
     block_rows: int = 1
     window_rows: int = 1
+    read_rows: int = 1  # the most rows one read or sample takes at once (every row, in memory)
 
     @classmethod
     def from_arrays(cls, X, y, images=None) -> "Rows":
@@ -59,17 +63,20 @@ class Rows:
         X = np.asarray(X, dtype=np.float32)
         images = np.arange(len(X)) if images is None else np.asarray(images)
         return cls(np.asarray(y), images, np.zeros(len(X), np.int8), np.arange(len(X)), X.shape[1], X=X,
-                   block_rows=max(1, len(X)), window_rows=max(1, len(X)))
+                   block_rows=max(1, len(X)), window_rows=max(1, len(X)), read_rows=max(1, len(X)))
 
     @classmethod
-    def in_cache(cls, cache, y, images, table, entry, views=None) -> "Rows":
-        """Rows read from an open `FeatureCache` when they are needed."""
+    def in_cache(cls, cache, y, images, table, entry, views=None, read_bytes: int | None = None) -> "Rows":
+        """Rows read from an open `FeatureCache` when they are needed, at most `read_bytes`
+        of features at once (default: a window, WINDOW_BYTES)."""
         n_features = int(np.prod(cache.feature_shape))
         row_bytes = 4 * n_features
-        block = max(1, BLOCK_BYTES // row_bytes)
-        window = max(block, WINDOW_BYTES // row_bytes // block * block)  # whole blocks
+        read_bytes = WINDOW_BYTES if read_bytes is None else read_bytes
+        window_bytes = min(WINDOW_BYTES, read_bytes)
+        block = max(1, min(BLOCK_BYTES, window_bytes) // row_bytes)
+        window = max(block, window_bytes // row_bytes // block * block)  # whole blocks
         return cls(np.asarray(y), np.asarray(images), np.asarray(table, np.int8), np.asarray(entry, np.int64),
-                   n_features, cache, views, None, block, window)
+                   n_features, cache, views, None, block, window, max(1, read_bytes // row_bytes))
 
     def __len__(self) -> int:
         return len(self.y)
@@ -77,8 +84,9 @@ class Rows:
     @property
     def scan_rows(self) -> int:
         """Rows a pass over all of them should take at once (at most 4,096 and 32 MB),
-        whether they are in memory or not, so both give the same batches."""
-        return max(1, min(4096, SCAN_BYTES // (4 * self.n_features)))
+        whether they are in memory or not, so both give the same batches (streamed under a
+        budget below 4 x 32 MB, fewer: at most `read_rows`)."""
+        return max(1, min(4096, SCAN_BYTES // (4 * self.n_features), self.read_rows))
 
     @property
     def nbytes(self) -> int:
@@ -88,8 +96,10 @@ class Rows:
     def subset(self, positions) -> "Rows":
         positions = np.asarray(positions, dtype=np.int64)
         X = None if self.X is None else self.X[positions]
+        whole = max(1, len(positions))
         return replace(self, y=self.y[positions], images=self.images[positions], table=self.table[positions],
-                       entry=self.entry[positions], X=X, window_rows=self.window_rows if X is None else max(1, len(X)))
+                       entry=self.entry[positions], X=X, window_rows=self.window_rows if X is None else whole,
+                       read_rows=self.read_rows if X is None else whole)
 
     def features(self, positions) -> np.ndarray:
         """float32 features of the rows at `positions`, in that order."""
@@ -123,7 +133,8 @@ class Rows:
         X = np.empty((len(self), self.n_features), dtype=np.float32)
         for start in range(0, len(self), self.window_rows):
             X[start : start + self.window_rows] = self.features(np.arange(start, min(start + self.window_rows, len(self))))
-        return replace(self, X=X, cache=None, block_rows=max(1, len(self)), window_rows=max(1, len(self)))
+        whole = max(1, len(self))
+        return replace(self, X=X, cache=None, block_rows=whole, window_rows=whole, read_rows=whole)
 
     def shuffled(self, random: np.random.RandomState, positions=None) -> np.ndarray:
         """`positions` (default: every row) in a random order: blocks of `block_rows`

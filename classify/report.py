@@ -143,17 +143,20 @@ def _mistakes(result, reader: "_Thumbnails", best: bool) -> str:
 
 def _map(splits, best, seed: int) -> str:
     """The validation features in two dimensions: PCA to at most 50, then t-SNE; with very
-    few images, PCA alone. Coloured by true class; the best head's mistakes circled."""
+    few images, PCA alone. Coloured by true class; the best head's mistakes circled. Of
+    MAP_POINTS images at most, and, streamed, no more than one read may hold (a quarter of
+    --memory-budget), read at once and centred in place."""
     rows = splits.validation
     random = np.random.RandomState(seed)
-    positions = np.arange(len(rows)) if len(rows) <= MAP_POINTS else np.sort(random.choice(len(rows), MAP_POINTS, replace=False))
-    X = rows.features(positions)
+    most = min(MAP_POINTS, rows.read_rows)
+    positions = np.arange(len(rows)) if len(rows) <= most else np.sort(random.choice(len(rows), most, replace=False))
+    X = rows.features(positions)  # a copy, even in memory: PCA may centre it in place
     made = best.predictions["validation"]
     labels, wrong = made.y[positions], (made.predicted != made.y)[positions]
     if len(X) < 3 or np.ptp(X, axis=0).max() == 0:
         return ('<h2 id="map">Map of the validation features</h2>\n'
                 f'<p class="note">No map: {len(X)} validation images{", all with the same features" if len(X) >= 3 else ""}.</p>')
-    reduced = PCA(n_components=min(50, len(X), X.shape[1]), random_state=seed).fit_transform(X)
+    reduced = PCA(n_components=min(50, len(X), X.shape[1]), copy=False, random_state=seed).fit_transform(X)
     if len(X) >= 10:
         points = TSNE(perplexity=min(30.0, (len(X) - 1) / 3), init="pca", learning_rate="auto",
                       max_iter=500, random_state=seed).fit_transform(reduced)

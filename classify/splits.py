@@ -70,19 +70,22 @@ class Splits:
 
 
 def load_splits(
-    cache, config, validation_fraction: float, seed: int, folds: int | None = None, augment: bool = True
+    cache, config, validation_fraction: float, seed: int, folds: int | None = None, augment: bool = True,
+    read_bytes: int | None = None,
 ) -> Splits:
     """The labeled rows of a cache (and, with `augment`, the views of its training images),
-    checked to be able to train a classifier; their features are read when needed."""
+    checked to be able to train a classifier; their features are read when needed, at most
+    `read_bytes` of them at once (see `Rows.in_cache`)."""
     features = FeatureCache(cache, config)
     try:
-        return _split(features, cache, validation_fraction, seed, folds, augment)
+        return _split(features, cache, validation_fraction, seed, folds, augment, read_bytes)
     except BaseException:
         features.close()
         raise
 
 
-def _split(features: FeatureCache, cache, validation_fraction: float, seed: int, folds: int | None, augment: bool):
+def _split(features: FeatureCache, cache, validation_fraction: float, seed: int, folds: int | None, augment: bool,
+           read_bytes: int | None):
     labels, splits = features.labels(), features.splits()
     fingerprint = features.fingerprint
     views = features.views("train", features=False) if augment else None
@@ -133,7 +136,7 @@ def _split(features: FeatureCache, cache, validation_fraction: float, seed: int,
         table = np.concatenate([np.zeros(len(rows), np.int8), np.ones(len(view_entries), np.int8)])
         return Rows.in_cache(features, labels[np.concatenate([rows, rows[views_of]])],
                              np.concatenate([np.arange(len(rows)), views_of]), table,
-                             np.concatenate([rows, view_entries]), views and views.name)
+                             np.concatenate([rows, view_entries]), views and views.name, read_bytes)
 
     facts = {key: features.config[key] for key in CONFIG_FACTS if key in features.config}
     train_set, augmentation = images(train_rows), None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from classify.artifacts import (
     DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, remove_empty, save_head,
 )
-from classify.data import Rows, gigabytes
+from classify.data import READ_SHARE, Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
 from classify.evaluation import Predictions, evaluate, predictions
 from classify.heads import HEADS
@@ -138,7 +138,8 @@ def train_head(
                   TRAIN_HEAD)
     budget = memory_budget_bytes(memory_budget)
     final = check_out(out)
-    with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment) as splits:
+    with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment,
+                     read_bytes=budget // READ_SHARE) as splits:
         streamed = splits.memory_needed > budget
         names = _streaming(names, head, splits, budget, memory_budget) if streamed else names
         splits = splits if streamed else splits.load()

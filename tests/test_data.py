@@ -15,7 +15,7 @@ from classify.heads import HEADS
 from classify.splits import load_splits
 from classify.training import fit
 from conftest import write_synthetic_cache
-from extract import FeatureCache, UsageError
+from extract import FeatureCache, UsageError, import_keras
 
 SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10)}
 
@@ -107,13 +107,16 @@ def test_a_head_streamed_learns_what_it_learns_in_memory(augmented, name):
         assert from_cache.history_["val_loss"] == pytest.approx(from_memory.history_["val_loss"], rel=1e-5)
 
 
-def test_a_budget_too_small_streams_the_heads_that_can(cache, tmp_path):
+def test_a_budget_too_small_streams_the_heads_that_can(tmp_path):
+    # 300 validation rows of 16 floats (19,200 bytes) and 90 training rows (5,760): 24,000 bytes
+    # are too few to hold them, but a quarter of them holds the training rows in one read
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 100)})
     in_memory = train_head(cache, "mlp", out=tmp_path / "memory", epochs=3)
-    streamed = train_head(cache, "mlp", out=tmp_path / "streamed", epochs=3, memory_budget=1000)
+    streamed = train_head(cache, "mlp", out=tmp_path / "streamed", epochs=3, memory_budget=24000)
     assert (in_memory.streamed, streamed.streamed) == (False, True)
     recorded = [json.loads((tmp_path / run / "head.json").read_text())["arguments"]["streamed"] for run in ("memory", "streamed")]
     assert recorded == [False, True]
-    # the rows fit in one block, so the order is the in-memory one: the same head
+    # the training rows fit in one block, so the order is the in-memory one: the same head
     scores, expected = streamed.results[0].scores["validation"], in_memory.results[0].scores["validation"]
     assert scores["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
     assert dict(scores, log_loss=None) == dict(expected, log_loss=None)
@@ -205,3 +208,40 @@ class _FailingAfter(_Counting):
             self.reads += 1
             raise OSError("the disk went away")
         return super().features_at(rows, views)
+
+
+def test_a_tiny_budget_reads_no_split_whole(cache, tmp_path, monkeypatch):
+    """Streamed, each read of the cache holds at most a quarter of --memory-budget (here 2,000
+    bytes: 7 rows of 16 floats), whether it is a training window, a pass for the moments or
+    the predictions, the validation batches or the report's map: never a whole split."""
+    sizes = []
+    features_at = FeatureCache.features_at
+
+    def recording(self, rows, views=None):
+        sizes.append(len(rows))
+        return features_at(self, rows, views)
+
+    monkeypatch.setattr(FeatureCache, "features_at", recording)
+    training = train_head(cache, "all", out=tmp_path / "run", epochs=2, memory_budget=2000)
+    assert training.streamed and [result.head for result in training.results] == ["mlp", "sgd-logreg", "sgd-svm"]
+    assert 'id="map-image"' in training.report.read_text()  # the map is drawn, from 7 images
+    assert sizes and max(sizes) == 2000 // 4 // 64 < 30  # the validation split has 30 rows, training 90
+
+
+def test_the_mlp_scores_validation_rows_in_memory_without_copying_them():
+    """In memory, the validation rows handed to Keras are the caller's, not a copy: numpy's
+    allocations while the head fits (a few batches) stay far below the validation features' 32 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((60, 1000), dtype=np.float32), np.arange(60) % 3
+    validation = Rows.from_arrays(rng.random((8000, 1000), dtype=np.float32), np.arange(8000) % 3)
+    head = HEADS["mlp"].build(random_state=0, epochs=1, hidden_units=8)
+    import_keras()  # its import allocates much, once
+    tracemalloc.start()
+    try:
+        head.fit_rows(Rows.from_arrays(X, y), validation)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < validation.nbytes / 4

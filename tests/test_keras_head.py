@@ -1,5 +1,6 @@
 import logging
 import pickle
+from dataclasses import replace
 
 import joblib
 import numpy as np
@@ -10,8 +11,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from classify import KerasMLPClassifier
+from classify import KerasMLPClassifier, keras_head
+from classify.splits import load_splits
 from conftest import blobs, write_synthetic_cache
+from extract import import_keras
 
 
 @parametrize_with_checks([KerasMLPClassifier(random_state=0)])
@@ -182,3 +185,38 @@ def test_cross_validating_the_mlp_prints_no_retracing_notes(tmp_path, capfd, cap
         training = train_head(cache, "mlp", cv=3, epochs=2, out=tmp_path / "run")
     assert training.results[0].cross_validation["folds"] == 3
     assert "retracing" not in caplog.text + capfd.readouterr().err
+
+
+
+
+def test_batches_are_read_few_ahead_of_the_model(monkeypatch, tmp_path):
+    """Keras reads batches through tf.data's autotuned prefetch, which read 24 batches ahead
+    of the model here (65, 208 MB, on 7x7x512 rows): each is now read once the model has
+    taken all but AHEAD of those before it. Streamed rows, whose windows come in bursts."""
+    keras = import_keras()
+    seen = {"taken": 0, "ahead": 0}
+
+    class Recording(keras_head.Reader):
+        def take(self, start, stop):
+            seen["ahead"] = max(seen["ahead"], start // 16 + 1 - seen["taken"])
+            return super().take(start, stop)
+
+    class Counting(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen["taken"] = batch + 1
+
+    build = KerasMLPClassifier._build
+
+    def building(self, *args):
+        model = build(self, *args)
+        fit = model.fit
+        model.fit = lambda *given, callbacks=(), **options: fit(*given, callbacks=[*callbacks, Counting()], **options)
+        return model
+
+    monkeypatch.setattr(keras_head, "Reader", Recording)
+    monkeypatch.setattr(KerasMLPClassifier, "_build", building)
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": (("a", "b"), 1500)}, features=4096)
+    with load_splits(cache, None, 0.2, seed=0) as splits:
+        rows = replace(splits.train, block_rows=100, window_rows=400)
+        KerasMLPClassifier(epochs=1, batch_size=16, random_state=0).fit_rows(rows)
+    assert 2 <= seen["ahead"] <= keras_head.AHEAD + 1  # Keras reads batches 0 and 1 before it trains
