@@ -25,6 +25,7 @@ import numpy as np
 from extract.catalog import open_cache
 from extract.state import ConfigState, load_state, v1_shard
 from extract.errors import CacheBusyError, CacheError
+from extract.files import owned_prefix
 from extract.schema import (
     CATALOG_LIBVER, COLUMNS, FORMAT, FORMAT_VERSION, LOCATION_COLUMNS, SHARD_TABLE, TEXT, VIEW_COLUMNS, create_group,
     now, seal, shards_folder, write_attrs, write_column,
@@ -84,11 +85,12 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
     """Commit: write the catalog anew with the configurations in `states`; every other
     configuration is copied from the current catalog as it is. Atomic: written aside,
     flushed to disk, then renamed over the old one. It is written inside a folder of its own
-    (`commit_prefix`), never under a name a user's file could have, so that cleaning up
-    after a killed writer can tell it from anything else beside the catalog."""
+    (`commit_prefix`, then its owner: `files.owned_prefix`), never under a name a user's file
+    could have, so that cleaning up after a killed writer can tell it from anything else
+    beside the catalog, and from a live writer's."""
     workspace = None
     try:
-        workspace = Path(tempfile.mkdtemp(prefix=commit_prefix(path), dir=path.parent))
+        workspace = Path(tempfile.mkdtemp(prefix=owned_prefix(commit_prefix(path)), dir=path.parent))
         temporary = workspace / path.name
         with contextlib.ExitStack() as stack:
             old = stack.enter_context(open_cache(path)) if path.exists() else None
@@ -119,7 +121,8 @@ def write_catalog(path: Path, states: dict[str, ConfigState], last_config: str) 
 
 
 def commit_prefix(catalog: Path) -> str:
-    """The name a commit's folder starts with (hidden: `.features.h5.commit-XXXXXXXX`)."""
+    """The name a commit's folder starts with, before its owner's tag and mkdtemp's 8
+    characters (hidden: `.features.h5.commit-<host>-<pid>-XXXXXXXX`)."""
     return f".{catalog.name}.commit-"
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from extract.catalog import catalog_errors, checked_group, open_cache
 from extract.state import ConfigState, damage_message, damaged_shards, load_state
 from extract.errors import CacheError, CatalogDamagedError, UsageError
+from extract.files import NotRegularFile, open_regular, read_bounded
 from extract.schema import FORMAT_VERSION, OWNER_FILE, shards_folder
 from extract.shards import ShardInfo, advice, read_keys, reason, view_key
 
@@ -109,6 +110,9 @@ def set_aside(catalog: Path) -> Path:
     return aside
 
 
+OWNER_BYTES = 65536  # far beyond any path (PATH_MAX is 4096 on Linux); more is not an OWNER this code wrote
+
+
 def check_owner(catalog: Path) -> None:
     """Refuse a shards folder that is another cache's too (a copied cache whose `.shards` is
     a link to the original's, or two catalogs linked to one folder): a run deletes the
@@ -118,12 +122,16 @@ def check_owner(catalog: Path) -> None:
     catalog = Path(os.path.realpath(catalog))
     base = shards_folder(catalog)
     try:
-        owner = Path(os.fsdecode((base / OWNER_FILE).read_bytes().rstrip(b"\n")))
-    except (FileNotFoundError, NotADirectoryError):
-        return  # no owner yet: the next commit claims it
+        with open_regular(base / OWNER_FILE) as file:
+            data = read_bounded(file, OWNER_BYTES)
+    except (FileNotFoundError, NotADirectoryError, NotRegularFile):
+        return  # no owner yet, or none this code wrote (a FIFO, a folder): the next commit claims it
     except OSError as error:
         raise CacheError(f"Cannot read {str(base / OWNER_FILE)!r} ({error.strerror or error}); make the "
                          f"shards folder readable, or choose another place with --cache.") from error
+    if len(data) > OWNER_BYTES:
+        return  # not a path this code wrote (a huge or sparse file): the next commit replaces it
+    owner = Path(os.fsdecode(data.rstrip(b"\n")))
     if owner == catalog or not owner.is_file():
         return
     try:
@@ -145,7 +153,8 @@ def claim_shards(catalog: Path) -> None:
     base = shards_folder(catalog)
     marker, data = base / OWNER_FILE, os.fsencode(str(catalog)) + b"\n"
     try:
-        if not base.is_dir() or (marker.is_file() and marker.read_bytes() == data):
+        if not base.is_dir() or (marker.is_file() and marker.stat().st_size == len(data)
+                                 and marker.read_bytes() == data):  # the size first: never a huge one read
             return
         temporary = base / f"{OWNER_FILE}.tmp"
         temporary.write_bytes(data)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from extract.commit import WriterLock, commit_prefix, remove_commit_folder
 from extract.config import PREPROCESSING, FeatureConfig, fingerprint, path_text
 from extract.engine import Engine
 from extract.errors import CacheError, CatalogDamagedError, UsageError
+from extract.files import stale_partials
 from extract.labels import read_labels
 from extract.layout import Scan, not_regular, scan_folder
 from extract.options import EXTRACT_FEATURES, check_options
@@ -293,9 +293,8 @@ def _real_cache(cache) -> Path:
 
 
 def _clean_leftovers(cache: Path) -> None:
-    """Remove the commit folders of a writer that was killed (see commit.write_catalog);
-    never a file or folder of anyone else's, whatever its name."""
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(cache.parent):
-            if entry.name.startswith(commit_prefix(cache)):
-                remove_commit_folder(Path(entry.path), cache)
+    """Remove the commit folders of a writer that was killed (see commit.write_catalog): named
+    with a commit's prefix and an owner's tag whose process is gone, and holding nothing but
+    the catalog; never a file or folder of anyone else's."""
+    for folder in stale_partials(cache.parent, commit_prefix(cache)):  # by name and owner: its, and gone
+        remove_commit_folder(folder, cache)

@@ -155,8 +155,11 @@ class Pending:
             if stale.is_file():  # regular files only: never open a FIFO or a device
                 stale.unlink()  # a batch whose writing was interrupted: never renamed, never counted
         for batch in sorted(self.folder.glob("batch-*.npz")):
-            if batch.name in self._indexed or not batch.is_file() or not re.fullmatch(r"batch-\d+\.npz", batch.name):
-                continue  # indexed already, or not a batch this code wrote: left alone
+            if not re.fullmatch(r"batch-\d+\.npz", batch.name):
+                continue  # not a name this code writes: left alone
+            self._next = max(self._next, int(batch.stem.split("-")[1]) + 1)  # never a name taken (a folder too)
+            if batch.name in self._indexed or not batch.is_file():
+                continue  # indexed already, or not a regular file (a folder, a FIFO): never opened
             keys = _batch_keys(batch)
             if keys is None:
                 batch.unlink()  # its images are computed again
@@ -165,7 +168,6 @@ class Pending:
             for row, key in enumerate(keys):
                 self.index.setdefault(key.decode(), (batch.name, row))
             self._indexed.add(batch.name)
-            self._next = max(self._next, int(batch.stem.split("-")[1]) + 1)
         return self
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@ pending batches, the catalog's columns and attributes, its shards folder shared 
 another cache, a cache named like a temporary, and plain h5py beside a decoy."""
 
 import json
+import os
 import subprocess
 import sys
 import shutil
@@ -72,6 +73,47 @@ def test_a_damaged_pending_batch_is_computed_again_in_one_line(dataset, tmp_path
     for path, feature in expected.items():
         np.testing.assert_array_equal(got[path], feature)
 
+
+
+def test_a_folder_named_like_a_pending_batch_is_left_alone_and_the_run_ends_well(dataset, tmp_path, weights_file):
+    """A folder where the next batch's name would be, in a cache with a catalog (so batches
+    wait in pending/): never opened, never written over; the run's batches take names after
+    it (it failed every run after all the compute, exit 1, "Free some space")."""
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    later = sorted(dataset.rglob("*.png"))[:4]
+    for number, image in enumerate(later):
+        image.rename(aside / f"{number}.png")
+    first, _ = extract(dataset, tmp_path / "c.h5", weights_file)
+    for number, image in enumerate(later):
+        (aside / f"{number}.png").rename(image)
+    pending = tmp_path / "c.h5.shards" / first["fingerprint"] / "pending"
+    (pending / "batch-000001.npz").mkdir(parents=True)  # the name the run's first batch would take
+    summary, done = extract(dataset, tmp_path / "c.h5", weights_file, "--batch-size", "2", "--save-every", "3600")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert summary["computed"] == 4
+    extract(dataset, tmp_path / "whole.h5", weights_file)
+    got, expected = contents(tmp_path / "c.h5"), contents(tmp_path / "whole.h5")
+    assert got.keys() == expected.keys() and all(np.array_equal(got[path], expected[path]) for path in expected)
+
+
+@pytest.mark.parametrize("owner", ["fifo", "huge"])
+def test_an_owner_file_this_code_did_not_write_is_never_read_whole_nor_waited_on(dataset, tmp_path, weights_file,
+                                                                                  owner):
+    """A FIFO would block a plain read forever, a sparse 8 GiB file be read whole: neither is
+    an OWNER a commit wrote, so the folder is taken as unclaimed and the next commit claims it."""
+    extract(dataset, tmp_path / "a.h5", weights_file)
+    marker = tmp_path / "a.h5.shards" / "OWNER"
+    marker.unlink()
+    if owner == "fifo":
+        os.mkfifo(marker)
+    else:
+        with open(marker, "wb") as file:
+            file.truncate(8 * 2**30)
+    next(dataset.rglob("*.png")).unlink()  # a change, so the run commits
+    summary, done = extract(dataset, tmp_path / "a.h5", weights_file)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert marker.read_text() == f"{tmp_path}/a.h5\n"
 
 # 3: the catalog's integrity
 

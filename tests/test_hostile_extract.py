@@ -18,7 +18,7 @@ import pytest
 
 import helpers
 from conftest import SIZE, make_dataset, make_image
-from extract import FeatureCache
+from extract import FeatureCache, files
 from extract.backbone import Backbone
 from helpers import EXTRACT, one_line
 from extract.layout import MAX_DEPTH
@@ -190,19 +190,36 @@ def test_a_cache_reached_through_a_link_is_written_in_place_under_one_lock(datas
         assert len(through_link.paths()) == len(direct.paths()) == 7
 
 
+def _a_process_gone() -> int:
+    """The id of a process that has ended (reaped): what a writer killed with -9 leaves."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_leftover_cleanup_removes_only_this_caches_temporaries(dataset, tmp_path, weights_file):
     folder = tmp_path / "c"
-    killed = folder / ".features[v2].h5.commit-k1ll3d"  # a killed writer's commit: its folder, its catalog
+    gone = _a_process_gone()
+    tag = files.owned_prefix(".features[v2].h5.commit-").replace(f"-{os.getpid()}-", f"-{gone}-")
+    killed = folder / f"{tag}k1ll3d00"  # a killed writer's commit: its folder, its catalog
     killed.mkdir(parents=True)
     (killed / "features[v2].h5").write_text("x")
     (folder / ".features[v2].h5.commit-notes").mkdir()  # named like one, holding something else
+    mine = folder / ".features[v2].h5.commit-USER1"  # named like one, holding a file named as the catalog
+    mine.mkdir()
+    (mine / "features[v2].h5").write_text("mine")
+    live = folder / f"{files.owned_prefix('.features[v2].h5.commit-')}l1ve0000"  # this process's: alive
+    live.mkdir()
+    (live / "features[v2].h5").write_text("x")
     others = [folder / "features2.h5.tmp-1", folder / "features[v2].h5.tmp-notes",  # glob's [v2] matches "2"
               folder / "features[v2].h5.tmp-123", folder / ".features[v2].h5.commit-file",
-              folder / ".features[v2].h5.commit-notes" / "notes.txt"]
+              folder / ".features[v2].h5.commit-notes" / "notes.txt", mine / "features[v2].h5",
+              live / "features[v2].h5"]
     for path in others:
-        path.write_text("x")
+        if not path.exists():
+            path.write_text("x")
     summary(run(dataset, folder / "features[v2].h5", weights_file, "--json"))
-    assert all(path.exists() for path in others)
+    assert all(path.exists() for path in others) and (mine / "features[v2].h5").read_text() == "mine"
     assert not killed.exists()
 
 
