@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from classify import data  # noqa: E402
+from synthetic import synthetic_writer  # noqa: E402 (bench/, the script's folder)
 
 BIN = Path(sys.executable).parent
 SHAPE = (7, 7, 512)
@@ -39,17 +40,9 @@ FOLDER = Path("bench/streaming-data")
 
 def write_cache(path: Path, rows: int) -> None:
     from extract.state import ConfigState, Row
-    from extract.recovery import open_stored
-    from extract.writer import Writer
 
-    rng = np.random.default_rng(0)
-    size = int(np.prod(SHAPE))
-    centres = rng.normal(0, 1, (10, size)).astype(np.float32)
-    attrs = {"feature_shape": list(SHAPE), "dtype": "float32", "backbone": "vgg16", "weights": "random",
-             "weights_seed": 0, "input_size": 224, "interpolation": "bilinear", "pooling": "none",
-             "precision": "float32"}
-    writer, table = Writer(open_stored(path, "bench" + "0" * 11)), {}
-    writer.state.attrs = attrs  # what a shard is written with
+    writer, attrs, rng, centres = synthetic_writer(path, SHAPE)
+    size, table = centres.shape[1], {}
     for start in range(0, rows, 1000):
         count = min(1000, rows - start)
         y = rng.integers(0, 10, count)

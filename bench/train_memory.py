@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from classify.data import memory_budget  # noqa: E402
+from synthetic import synthetic_writer  # noqa: E402 (bench/, the script's folder)
 
 BIN = Path(sys.executable).parent
 SHAPE = (7, 7, 512)
@@ -48,18 +49,10 @@ HEADS["mlp"].build(random_state=0, epochs=1).fit(X, y)
 
 
 def write_cache(path: Path, distinct: int, copies: int, validation: float) -> None:
-    from extract.recovery import open_stored
     from extract.state import ConfigState, Row
-    from extract.writer import Writer
 
-    rng = np.random.default_rng(0)
-    size = int(np.prod(SHAPE))
-    centres = rng.normal(0, 1, (10, size)).astype(np.float32)
-    attrs = {"feature_shape": list(SHAPE), "dtype": "float32", "backbone": "vgg16", "weights": "random",
-             "weights_seed": 0, "input_size": 224, "interpolation": "bilinear", "pooling": "none",
-             "precision": "float32"}
-    writer, labels = Writer(open_stored(path, "bench" + "0" * 11)), rng.integers(0, 10, distinct)
-    writer.state.attrs = attrs  # what a shard is written with
+    writer, attrs, rng, centres = synthetic_writer(path, SHAPE)
+    size, labels = centres.shape[1], rng.integers(0, 10, distinct)
     keys = [f"{i:064x}" for i in range(distinct)]
     for start in range(0, distinct, 500):
         stop = min(start + 500, distinct)
