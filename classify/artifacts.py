@@ -63,7 +63,7 @@ MAX_FILE_BYTES = 4 * 2**30  # the most read or hashed of one head file (a large 
 MAX_INFO_BYTES = 16 * 2**20  # head.json: classes, configuration, scores, arguments (1,000 classes: ~100 KB)
 MAX_SUMS_BYTES = 2**20  # SHA256SUMS: two lines a file
 CONFIG_FACTS = ("backbone", "weights", "weights_sha256", "weights_seed", "weights_backend", "weights_path",
-                "input_size", "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode")
+                "input_size", "interpolation", "preprocessing", "pooling", "precision", "dtype", "feature_shape", "decode", "layer")
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\\n]+)")
 _SIZE_LINE = re.compile(r"# size ([0-9]{1,20})  ([^/\\\n]+)")
 
@@ -358,31 +358,39 @@ def new_folder(name: str, parent=DEFAULT_HEADS_FOLDER) -> Path:
 
 def head_config(head: LoadedHead, weights: str | None = None) -> FeatureConfig:
     """The feature configuration the head was trained on, checked to be the same one."""
-    facts = head.info["feature_config"]
+    return recorded_config(head.info["feature_config"], head.fingerprint, weights, "head's features",
+                           f"The feature_config in {str(head.folder / INFO)!r}", "retrain the head")
+
+
+def recorded_config(facts: dict, key: str, weights: str | None, whose: str, where: str, fix: str) -> FeatureConfig:
+    """The feature configuration that `facts` record (a head's, or a cache group's) and
+    `key` names, built again, with its weights found where `weights` says (default: where
+    it was made) and checked to be the same ones; refused in one line naming --weights
+    PATH when they are not there or not the same. `whose` names the features in messages
+    ("head's features"), `where` the record, `fix` what to do if it is not readable."""
     try:
         config = FeatureConfig.from_facts(facts, weights)
     except (KeyError, TypeError, ValueError) as error:
         what = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
-        raise UsageError(f"The feature_config in {str(head.folder / 'head.json')!r} is not one train-head wrote "
-                         f"({what}); retrain the head.") from None
-    where = config.weights
-    if where not in ("imagenet", "random") and not Path(where).is_file():
+        raise UsageError(f"{where} is not one train-head can read ({what}); {fix}.") from None
+    place = config.weights
+    if place not in ("imagenet", "random") and not Path(place).is_file():
         raise UsageError(
-            f"The head's features were made with the weights file {where!r}, which is not there; "
+            f"The {whose} were made with the weights file {place!r}, which is not there; "
             f"pass --weights PATH to a copy of it."
         )
     config.validate()
     identity = config.identity()
-    if fingerprint(identity) == head.fingerprint:
+    if fingerprint(identity) == key:
         return config
     if config.weights == "random":
         made_on = facts.get("weights_backend", "tensorflow")
         raise UsageError(
-            f"The head's features were made with random weights (seed {config.seed}) on the Keras backend "
+            f"The {whose} were made with random weights (seed {config.seed}) on the Keras backend "
             f"{made_on}, and random weights differ by backend; run with KERAS_BACKEND={made_on} "
             f"(this is {identity.get('weights_backend', 'tensorflow')})."
         )
     raise UsageError(
-        f"--weights {where}: not the weights the head's features were made with "
-        f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass the right file."
+        f"--weights {place}: not the weights the {whose} were made with "
+        f"(SHA-256 {facts.get('weights_sha256', facts.get('weights'))}); pass --weights PATH to the right file."
     )

@@ -56,6 +56,7 @@ class Rows:
     block_rows: int = 1
     window_rows: int = 1
     read_rows: int = 1  # the most rows one read or sample takes at once (every row, in memory)
+    transform: object = None  # what the features read are passed through (see `through`), or None
 
     @classmethod
     def from_arrays(cls, X, y, images=None) -> "Rows":
@@ -106,11 +107,28 @@ class Rows:
         positions = np.asarray(positions, dtype=np.int64)
         if self.X is not None:
             return self.X[positions]
+        read = self._read(positions)
+        return read if self.transform is None else self.transform(read)
+
+    def through(self, transform, n_features: int) -> "Rows":
+        """The same rows with features `transform(features)` (float32 (n, k) -> float32
+        (n, n_features)): computed now when they are in memory, else as they are read."""
+        if self.X is None:
+            if self.transform is not None:
+                raise ValueError("Expected rows read as they are stored; these pass through a transform already.")
+            return replace(self, transform=transform, n_features=n_features)
+        X = np.empty((len(self), n_features), np.float32)
+        for start in range(0, len(self), self.scan_rows):
+            X[start:start + self.scan_rows] = transform(self.X[start:start + self.scan_rows])
+        return replace(self, X=X, n_features=n_features)
+
+    def _read(self, positions: np.ndarray) -> np.ndarray:
+        """The stored features of the rows at `positions`, float32, flattened."""
         tables = self.table[positions]
         if len(positions) and (tables == tables[0]).all():  # one table: no second copy
             read = self.cache.features_at(self.entry[positions], views=self.views if tables[0] == _VIEW else None)
             return read.reshape(len(read), -1).astype(np.float32, copy=False)
-        result = np.empty((len(positions), self.n_features), dtype=np.float32)
+        result = np.empty((len(positions), int(np.prod(self.cache.feature_shape))), dtype=np.float32)
         for table, views in ((_IMAGE, None), (_VIEW, self.views)):
             inside = tables == table
             if inside.any():
@@ -134,7 +152,7 @@ class Rows:
         for start in range(0, len(self), self.window_rows):
             X[start : start + self.window_rows] = self.features(np.arange(start, min(start + self.window_rows, len(self))))
         whole = max(1, len(self))
-        return replace(self, X=X, cache=None, block_rows=whole, window_rows=whole, read_rows=whole)
+        return replace(self, X=X, cache=None, block_rows=whole, window_rows=whole, read_rows=whole, transform=None)
 
     def shuffled(self, random: np.random.RandomState, positions=None) -> np.ndarray:
         """`positions` (default: every row) in a random order: blocks of `block_rows`

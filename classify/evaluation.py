@@ -132,7 +132,8 @@ def plot_confusion(scores: dict, classes, title: str, path: Path) -> None:
 
 def plot_learning_curve(history: dict, title: str, path: Path, augmented: bool = False) -> None:
     """Loss and accuracy by epoch, on the training rows and on the validation split.
-    `augmented`: the training rows were augmented views, which the label says."""
+    `augmented`: the training rows were augmented views, which the label says. A finetune
+    head's history marks where its second step (block5 tuned) began: `fine_tuning_from`."""
     plt = pyplot()
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(9, 3.5))
     for axes, metric in ((loss, "loss"), (accuracy, "accuracy")):
@@ -140,6 +141,8 @@ def plot_learning_curve(history: dict, title: str, path: Path, augmented: bool =
             if prefix + metric in history:
                 values = history[prefix + metric]
                 axes.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        if history.get("fine_tuning_from"):  # finetune: the head alone, then block5 and the head together
+            axes.axvline(history["fine_tuning_from"][0] + 0.5, color="grey", linestyle="--", label="block5 tuned from here")
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
         axes.legend()

@@ -4,7 +4,8 @@
     BGR, minus the ImageNet means) -> the frozen VGG16 base with the head's pooling ->
     Flatten -> the head
 
-The head becomes Keras layers: `mlp` is its own Keras model; `logreg` and `linear-svm`
+The head becomes Keras layers: `mlp` is its own Keras model, and so is `finetune` (its
+tuned block5 and dense head, on the base up to block4_pool); `logreg` and `linear-svm`
 become Dense layers with the standardization folded into their weights (the calibrated
 SVM's sigmoids and their normalization included). Only built-in layers are used, so
 `keras.saving.load_model(path)` loads it anywhere, with safe_mode on.
@@ -23,7 +24,7 @@ import numpy as np
 from classify.artifacts import LoadedHead, head_config, load_head
 from extract import Backbone, UsageError, import_keras, overwrites, write_aside
 
-EXPORTABLE = ("mlp", "logreg", "linear-svm")
+EXPORTABLE = ("mlp", "finetune", "logreg", "linear-svm")
 
 
 def export_model(head, path, *, weights: str | None = None):
@@ -85,7 +86,7 @@ def labels_text(classes, path) -> str:
 
 
 def _head_layers(keras, name: str, estimator, x):
-    if name == "mlp":
+    if name in ("mlp", "finetune"):  # finetune's model holds the tuned block5 too, above the cached layer
         return estimator.model_(x)
     scaler, model = estimator.steps[0][1], estimator.steps[-1][1]
     if name == "logreg":

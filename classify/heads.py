@@ -23,6 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from classify.finetune import KerasFinetuneClassifier
 from classify.keras_head import KerasMLPClassifier
 from classify.sgd_head import SGDLinearClassifier
 
@@ -34,6 +35,7 @@ class Head:
     build: Callable[..., BaseEstimator]
     grid: dict[str, list] = field(default_factory=dict)  # parameter (as get_params names it) -> values
     class_weights: bool = True  # whether class_weight="balanced" means anything to it
+    tunes: bool = False  # it trains VGG16's block 5 on cached block4_pool maps (see classify.finetune)
 
     @property
     def streams(self) -> bool:
@@ -43,11 +45,11 @@ class Head:
 HEADS: dict[str, Head] = {}
 
 
-def head(name: str, description: str, grid: dict[str, list], class_weights: bool = True):
+def head(name: str, description: str, grid: dict[str, list], class_weights: bool = True, tunes: bool = False):
     """Register a builder `(random_state, class_weight, **options) -> estimator` as a head."""
 
     def register(build):
-        HEADS[name] = Head(name, description, build, grid, class_weights)
+        HEADS[name] = Head(name, description, build, grid, class_weights, tunes)
         return build
 
     return register
@@ -132,3 +134,14 @@ def knn(random_state=None, class_weight=None):
 )
 def random_forest(random_state=None, class_weight=None):
     return RandomForestClassifier(n_estimators=300, class_weight=class_weight, n_jobs=-1, random_state=random_state)
+
+
+@head(
+    "finetune",
+    "VGG16's block5, from the cache's weights, and the mlp head, tuned on cached block4_pool maps: the head first, "
+    "then both by SGD (1e-4, momentum 0.9) with early stopping; streams",
+    grid={"learning_rate": [1e-5, 1e-4, 1e-3]},
+    tunes=True,
+)
+def finetune(random_state=None, class_weight=None, **options):
+    return KerasFinetuneClassifier(random_state=random_state, class_weight=class_weight, **options)

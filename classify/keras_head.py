@@ -99,6 +99,14 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         """Train on `rows` (a `classify.data.Rows`: in memory, or read from the cache a
         window at a time), scoring `validation` after each epoch. Rows of one image
         (`rows.images`) are its views: each epoch uses one of them."""
+        keras, random, rows, y_index, validation = self._prepare(rows, validation)
+        self.model_ = self._build(keras, rows.n_features, len(self.classes_), _moments(rows) if self.standardize else None)
+        self.history_ = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random)
+        return self
+
+    def _prepare(self, rows: Rows, validation: Rows | None):
+        """Check the options and labels, set `classes_`, seed Keras, and hold out a
+        validation split when early stopping has none: (keras, random, rows, y_index, validation)."""
         check_classification_targets(rows.y)
         check_options({name: getattr(self, name) for name in self.parameter_constraints}, self.parameter_constraints)
         self.classes_, y_index = np.unique(rows.y, return_inverse=True)
@@ -116,21 +124,24 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             )
             out = np.isin(rows.images, held_out)
             validation, rows, y_index = rows.subset(np.flatnonzero(out)), rows.subset(np.flatnonzero(~out)), y_index[~out]
-        self.model_ = self._build(keras, rows.n_features, len(self.classes_), _moments(rows) if self.standardize else None)
+        return keras, random, rows, y_index, validation
+
+    def _train(self, keras, model, rows: Rows, y_index, validation: Rows | None, epochs: int, random) -> dict:
+        """`model.fit` on `rows` (batches read as the model takes them, see `_batches`),
+        scoring `validation` after each epoch; its history."""
         callbacks = []
         if self.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True
             ))
-        batches = _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random),
-                           self.model_)
-        validation = self._validation(keras, validation)
+        batches = _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random), model)
+        validation = self._validation(keras, validation, model)
         callbacks.append(_paced(keras, batches, validation))
         try:
             with _without_retracing_notes():
-                history = self.model_.fit(
+                history = model.fit(
                     batches,
-                    epochs=self.epochs,
+                    epochs=epochs,
                     validation_data=validation,
                     class_weight=self._class_weights(y_index),
                     callbacks=callbacks,
@@ -144,16 +155,18 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         for data in (batches, validation):
             if data is not None and data.error is not None:
                 raise data.error
-        self.history_ = {name: [float(v) for v in values] for name, values in history.history.items()}
-        return self
+        return {name: [float(v) for v in values] for name, values in history.history.items()}
+
+    _predict_batch = PREDICT_BATCH  # rows the model is called on at once
+    _validation_batch = VALIDATION_BATCH
 
     def predict_proba(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
         keras = import_keras()
         probabilities = np.concatenate([  # the model called, not model.predict: see _RetracingNotes
-            keras.ops.convert_to_numpy(self.model_(X[start:start + PREDICT_BATCH], training=False))
-            for start in range(0, len(X), PREDICT_BATCH)
+            keras.ops.convert_to_numpy(self.model_(X[start:start + self._predict_batch], training=False))
+            for start in range(0, len(X), self._predict_batch)
         ]).astype(np.float64)
         return probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 +- 1e-7
 
@@ -177,7 +190,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         )
         return model
 
-    def _validation(self, keras, validation: Rows | None):
+    def _validation(self, keras, validation: Rows | None, model):
         """Batches of the validation rows of classes the head knows, in their order (the
         rows themselves when every class is known: a subset of rows in memory is a copy)."""
         if validation is None:
@@ -186,7 +199,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         if not known.all():
             validation = validation.subset(np.flatnonzero(known))
         y_index = np.searchsorted(self.classes_, validation.y)
-        return _batches(keras, validation, y_index, len(self.classes_), VALIDATION_BATCH, model=self.model_)
+        return _batches(keras, validation, y_index, len(self.classes_), self._validation_batch, model=model)
 
     def _class_weights(self, y_index):
         if self.class_weight is None:

@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from classify.artifacts import CONFIG_FACTS
 from classify.data import Rows
-from extract import FeatureCache, UsageError
+from extract import FeatureCache, UsageError, fingerprint
 
 
 class HeadWarning(UserWarning):
@@ -40,6 +40,8 @@ class Splits:
     cache: FeatureCache | None = None
     paths: np.ndarray | None = None  # every row's path in the cache (relative to data_dir); Rows.entry indexes it
     data_dir: str | None = None  # where extract-features read the images
+    base: object = None  # the checked FeatureConfig of cached maps below block5_pool (see `classify.finetune`)
+    computed_from: dict | None = None  # the cached configuration these features were computed from (`through`)
 
     @property
     def training_views(self) -> int:
@@ -52,11 +54,20 @@ class Splits:
         return 2 * self.train.nbytes + self.validation.nbytes + (self.test.nbytes if self.test else 0)
 
     def load(self) -> "Splits":
-        """The same splits with every feature in memory; the cache is closed."""
-        loaded = replace(self, train=self.train.load(), validation=self.validation.load(),
-                         test=self.test and self.test.load(), cache=None)
-        self.close()
-        return loaded
+        """The same splits with every feature in memory (the cache stays open until `close()`)."""
+        return replace(self, train=self.train.load(), validation=self.validation.load(),
+                       test=self.test and self.test.load(), cache=None)
+
+    def through(self, transform, n_features: int, config) -> "Splits":
+        """The same rows with features `transform(features)` (see `Rows.through`), those of
+        the FeatureConfig `config`: block5_pool's maps computed from cached maps below it."""
+        identity = config.identity()
+        facts = dict(identity, weights_path=self.config.get("weights_path"))
+        return replace(self, train=self.train.through(transform, n_features),
+                       validation=self.validation.through(transform, n_features),
+                       test=self.test and self.test.through(transform, n_features),
+                       fingerprint=fingerprint(identity), config={key: facts[key] for key in CONFIG_FACTS if key in facts},
+                       base=None, computed_from={"fingerprint": self.fingerprint, "layer": self.config.get("layer")})
 
     def close(self) -> None:
         if self.cache is not None:

@@ -3,6 +3,7 @@ Its exit statuses are every command's (`extract.console`, docs/exit-status.md)."
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import warnings
@@ -43,15 +44,21 @@ def build_parser() -> console.OneLineParser:
     add("--memory-budget", metavar="SIZE",
         help="features needing more memory than this (8G, 512M ...) are streamed from the cache, and only heads "
              "that stream train (default: half the memory available)")
-    mlp = parser.add_argument_group("mlp head (defaults are the blog recipe's, but its input is standardized)")
+    mlp = parser.add_argument_group(
+        "mlp and finetune heads (defaults are the blog recipe's, but the input is standardized; finetune: "
+        "docs/finetune.md)")
     mlp.add_argument("--hidden-units", type=int, help="units of the hidden layer (256)")
     mlp.add_argument("--dropout-rate", type=float, help="dropout after the hidden layer (0)")
-    mlp.add_argument("--epochs", type=int, help="training epochs (10)")
-    mlp.add_argument("--learning-rate", type=float, help="Adam's learning rate (0.001)")
-    mlp.add_argument("--early-stopping", action="store_true", default=None,
-                     help="stop when the validation loss stops improving; keep the best weights")
+    mlp.add_argument("--epochs", type=int, help="training epochs (10; finetune: of block5 and the head together)")
+    mlp.add_argument("--learning-rate", type=float,
+                     help="Adam's learning rate (0.001); finetune: SGD's, block5 and the head together (0.0001)")
+    mlp.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                     help="stop when the validation loss stops improving; keep the best weights (mlp: off, finetune: on)")
     mlp.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                      help="the blog recipe's exact head: features as they are, not standardized inside the model")
+    add("--weights", metavar="PATH",
+        help="where the weights the cache was made with are now, if moved (finetune, and the other heads on "
+             "--layer block4_pool maps, run block5 with them)")
     add("--out", metavar="DIR", help="folder for the artifacts (default: a new folder under heads/)")
     add("--mistakes", choices=MISTAKES, default="best",
         help="report.html shows the most confident mistakes of the best head (default) or of every head")
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
                 args.cache, args.head, config=args.config, out=args.out, search=args.search, cv=args.cv,
                 class_weight=args.class_weight, seed=args.seed, validation_fraction=args.validation_fraction,
                 augment=args.augment, memory_budget=args.memory_budget, report=args.report, mistakes=args.mistakes,
-                progress=not (args.quiet or args.json), **options,
+                progress=not (args.quiet or args.json), weights=args.weights, **options,
             )
         except ExtractError as error:
             return console.fail(PROG, error)

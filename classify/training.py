@@ -9,10 +9,11 @@ cross-validation, the leaderboard, head folders.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from numbers import Integral, Real
 from pathlib import Path
@@ -24,16 +25,19 @@ from sklearn.model_selection import ParameterGrid
 from tqdm import tqdm
 
 from classify.artifacts import (
-    DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, remove_empty, save_head,
+    DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, recorded_config, remove_empty, save_head,
 )
 from classify.data import READ_SHARE, Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
 from classify.evaluation import Predictions, evaluate, predictions
+from classify.finetune import TUNED_LAYER, frozen_top
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
-from extract import DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, package_versions
+from extract import (
+    DEFAULT_CACHE, SEED, TOP_LAYER, Interval, StrOptions, UsageError, check_options, describe, package_versions,
+)
 
 
 def _option(name: str) -> str:
@@ -42,6 +46,7 @@ def _option(name: str) -> str:
 
 
 MLP_OPTIONS = (*KerasMLPClassifier.parameter_constraints, "early_stopping", "standardize")  # train_head's **options
+KERAS_HEADS = ("mlp", "finetune")  # the heads the options go to
 # Every option's bounds and choices (see extract.options); the mlp's are its estimator's.
 TRAIN_HEAD = {
     "--mistakes": StrOptions(MISTAKES),
@@ -115,6 +120,7 @@ def train_head(
     report: bool = True,
     mistakes: str = "best",
     progress: bool = False,
+    weights: str | None = None,
     **options,
 ) -> Training:
     """Train one head (or every head, `head="all"`) on a cache's features, score it on the
@@ -124,11 +130,17 @@ def train_head(
     `memory_budget` (bytes, or a size such as "8G"; default half the memory available) are
     streamed from the cache, and only heads that stream train. With `report`, the run's
     folder gets a report.html, showing the mistakes of the best head (or, `mistakes="all"`,
-    of every head). `options` go to the mlp
-    head: hidden_units, dropout_rate, epochs, learning_rate, early_stopping, standardize."""
+    of every head). `options` go to the mlp and finetune
+    heads: hidden_units, dropout_rate, epochs, learning_rate, early_stopping, standardize.
+
+    On a cache of unpooled maps below block5_pool (`extract-features --layer block4_pool`),
+    the finetune head tunes block 5 on them, and the other heads train on block5_pool's
+    maps computed from them once (heads of that configuration); `weights` says where the
+    weights the cache was made with are now (default: where they were)."""
     names = _head_names(head)
-    if options and "mlp" not in names:
-        raise UsageError(f"Expected --head mlp (or all) with {', '.join(sorted(options))}; received --head {head}.")
+    if options and not set(names) & set(KERAS_HEADS):
+        raise UsageError(f"Expected --head {' or '.join(KERAS_HEADS)} (or all) with {', '.join(sorted(options))}; "
+                         f"received --head {head}.")
     unknown = set(options) - set(MLP_OPTIONS)
     if unknown:
         raise UsageError(f"Unknown mlp option(s) {', '.join(sorted(unknown))}.")
@@ -140,14 +152,21 @@ def train_head(
     final = check_out(out)
     with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment,
                      read_bytes=budget // READ_SHARE) as splits:
-        streamed = splits.memory_needed > budget
-        names = _streaming(names, head, splits, budget, memory_budget) if streamed else names
-        splits = splits if streamed else splits.load()
+        sets = _feature_sets(names, head, splits, cache, weights)
+        plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, False, report, mistakes)
+        splits_of, plans = {}, {}
+        for features, group in sets:  # each set in memory if it fits in what the sets before it left
+            streamed = features.memory_needed > budget
+            group = _streaming(group, head, features, budget, memory_budget) if streamed else group
+            features = features if streamed else features.load()
+            budget -= 0 if streamed else features.memory_needed
+            splits_of.update((name, features) for name in group)
+            plans.update((name, replace(plan, streamed=streamed)) for name in group)
+        names = [name for name in names if name in splits_of]
         final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
         partial = partial_folder(final)
         try:
-            plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, streamed, report, mistakes)
-            training = _train_all(names, splits, partial, final, plan, options, progress)
+            training = _train_all(names, splits_of, partial, final, plans, options, progress)
             commit_folder(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -155,6 +174,45 @@ def train_head(
                 remove_empty(final)
             raise
     return training
+
+
+def _feature_sets(names: list[str], head: str, splits: Splits, cache, weights) -> list[tuple[Splits, list[str]]]:
+    """The features each head of `names` trains on, as (splits, heads) pairs: the cache's,
+    or on cached maps below block5_pool, those maps for finetune and block5_pool's maps
+    computed from them for the others. The finetune head on another cache is refused
+    (alone) or left out (all)."""
+    facts = splits.config
+    maps = facts.get("pooling") == "none" and facts.get("layer", TOP_LAYER) != TOP_LAYER
+    tunable = maps and facts.get("layer") == TUNED_LAYER
+    tuning = [name for name in names if HEADS[name].tunes]
+    if tuning and not tunable:
+        if head != "all":
+            raise UsageError(_finetune_needs(splits, cache))
+        names = [name for name in names if name not in tuning]
+        tuning = []
+    others = [name for name in names if name not in tuning]
+    if not maps:
+        return [(splits, names)]
+    base = recorded_config(facts, splits.fingerprint, weights, "cache's features",
+                           f"The configuration {splits.fingerprint} of {str(cache)!r}", "extract the features again")
+    splits = replace(splits, base=base)
+    sets = [(splits.through(*frozen_top(base)), others)] if others else []
+    return sets + ([(splits, tuning)] if tuning else [])
+
+
+def _finetune_needs(splits: Splits, cache) -> str:
+    """Why --head finetune cannot train on `splits`, naming the extract-features command that
+    makes features it can."""
+    facts = splits.config
+    weights = facts.get("weights")
+    weights = facts.get("weights_path") or weights if weights == "file" else weights
+    command = (f"extract-features {shlex.quote(splits.data_dir or 'DATA_DIR')} --layer {TUNED_LAYER} --pooling none "
+               f"--input-size {facts.get('input_size')} --weights {shlex.quote(str(weights))}"
+               + (f" --seed {facts.get('weights_seed', 0)}" if weights == "random" else "")
+               + (f" --dtype {facts['dtype']}" if facts.get("dtype", "float32") != "float32" else "")
+               + f" --cache {shlex.quote(str(cache))}")
+    return (f"--head finetune tunes VGG16's block5 from cached unpooled {TUNED_LAYER} maps; configuration "
+            f"{splits.fingerprint} holds {describe(facts)}. Make them with: {command}")
 
 
 def _streaming(names: list[str], head: str, splits: Splits, budget: int, given) -> list[str]:
@@ -174,26 +232,30 @@ def _streaming(names: list[str], head: str, splits: Splits, budget: int, given) 
     return [name for name in names if name not in cannot]
 
 
-def _train_all(names, splits: Splits, partial: Path, final: Path, plan: "_Plan", options: dict, progress: bool):
-    """Every head of `names` into `partial` (as it will be once renamed to `final`). With
-    several heads, one that cannot be trained on these data is a warning, not a stop."""
+def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, plans: dict[str, "_Plan"],
+               options: dict, progress: bool):
+    """Every head of `names` into `partial` (as it will be once renamed to `final`), each on
+    its features (`splits_of`) as its plan says. With several heads, one that cannot be
+    trained on these data is a warning, not a stop."""
     results = []
+    splits = splits_of[names[0]]  # the features the run is described by (the first head's)
     bar = tqdm(names, unit="head", desc="training", disable=None if progress and len(names) > 1 else True)
     for name in bar:
         bar.set_postfix_str(name)
         try:
-            fitted = _fit_one(name, splits, plan, options if name == "mlp" else {})
+            fitted = _fit_one(name, splits_of[name], plans[name], options if name in KERAS_HEADS else {})
         except _CannotTrain as error:
             if len(names) == 1:
                 raise UsageError(str(error)) from None
             warnings.warn(f"{error}; it is left out of the leaderboard.", HeadWarning)
             continue
         relative = Path(name) if len(names) > 1 else Path()
-        results.append(_save_one(fitted, splits, partial / relative, final / relative))
+        results.append(_save_one(fitted, splits_of[name], partial / relative, final / relative))
     if not results:
         raise UsageError("No head could be trained on these data (see the warnings); add training images.")
+    plan = plans[names[0]]
     training = Training(results, final, splits.fingerprint, splits.validation_source, splits.training_images,
-                        splits.training_views, plan.streamed)
+                        splits.training_views, any(plans[result.head].streamed for result in results))
     if len(names) > 1:
         (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     if plan.report:
@@ -246,6 +308,8 @@ def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
     class_weight = plan.class_weight if spec.class_weights else None
     try:
         estimator = spec.build(random_state=plan.seed, class_weight=class_weight, **options)
+        if spec.tunes:
+            estimator.set_params(base=splits.base)
         if "n_neighbors" in estimator.get_params() and estimator.get_params()["n_neighbors"] > splits.training_images:
             estimator.set_params(n_neighbors=splits.training_images)
         table = None
@@ -293,6 +357,7 @@ def _save_one(fitted: _Fitted, splits: Splits, folder: Path, final: Path) -> Hea
         "params": params,
         "arguments": dict(asdict(plan), options=fitted.options),
         "validation_source": splits.validation_source,
+        **({"computed_from": splits.computed_from} if splits.computed_from else {}),
         "metrics": {split: {key: value[key] for key in ("images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")}
                     for split, value in scores.items()},
         "cross_validation": fitted.cross_validation,

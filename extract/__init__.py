@@ -22,7 +22,7 @@ file read bounded, or written aside), `console` (what the three commands share),
 with it: `console`, `read_regular`, `sha256_regular`, `write_aside`, `streamed`, `overwrites`,
 `owned_prefix`, `partial_prefix` and `stale_partials` (`files`), `shards_folder` (what belongs to a cache, `schema`), `decode_image` (the reader's
 decoding, for report thumbnails), `package_versions` (recorded with a head), `Backbone` and
-`import_keras` (export's one model), `image_features`, `ImageFeatures`, `expand_inputs` and
+`import_keras` (export's one model), `vgg16_top` (the finetune head's block 5), `image_features`, `ImageFeatures`, `expand_inputs` and
 `check_engine` (score-images reads and computes as extraction does), and the option checks.
 """
 
@@ -31,8 +31,8 @@ from extract import console
 from extract.augment import Augmentation
 from extract.config import FeatureConfig, describe, fingerprint, option_differences
 from extract.errors import CacheBusyError, CacheError, CatalogDamagedError, ExtractError, UsageError, WeightsUnavailableError
-from extract.options import SEED, Interval, StrOptions, check_options
-from extract.backbone import Backbone, import_keras
+from extract.options import SEED, TOP_LAYER, Interval, StrOptions, check_options
+from extract.backbone import Backbone, import_keras, vgg16_top
 from extract.cluster import ENGINES, check_engine
 from extract.images import ImageFeatures, expand_inputs, image_features
 from extract.runner import DEFAULT_CACHE, extract_features
@@ -60,6 +60,7 @@ __all__ = [
     "Interval",
     "SEED",
     "StrOptions",
+    "TOP_LAYER",
     "UsageError",
     "WeightsUnavailableError",
     "check_engine",
@@ -84,5 +85,6 @@ __all__ = [
     "stale_partials",
     "streamed",
     "version",
+    "vgg16_top",
     "write_aside",
 ]

@@ -19,13 +19,15 @@ import numpy as np
 
 from extract.config import IMAGENET_FILE, IMAGENET_URL, FeatureConfig, keras_backend
 from extract.errors import ExtractError, UsageError, WeightsUnavailableError
+from extract.options import TOP_LAYER
 
 BACKENDS = {"tensorflow": "tensorflow", "jax": "jax[cpu] (or jax[cuda12])", "torch": "torch"}  # name -> pip install
 IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
 
 
 class Backbone:
-    """VGG16 without its top, frozen, with the configured pooling and precision.
+    """VGG16 without its top, frozen, up to the configured layer (the base's output,
+    block5_pool, by default), with the configured pooling and precision.
 
     Call it on a batch of shape (n, size, size, 3) in RGB order, uint8 (images) or float32
     (augmented views); it applies `keras.applications.vgg16.preprocess_input` (in the model,
@@ -38,8 +40,7 @@ class Backbone:
         keras = import_keras()
         self.backend = keras.backend.backend()
         self.device = _device(self.backend)
-        with contextlib.redirect_stdout(sys.stderr):  # Keras reports downloads on stdout, which is for results
-            self.model = _build_vgg16(keras, config)
+        self.model = _build_vgg16(keras, config)
         self._keras, self._xla = keras, xla
         self._to_float = keras.layers.Rescaling(1.0, name="to_float", dtype="float32")
         self._preprocess = caffe_preprocessing(keras)
@@ -141,26 +142,62 @@ def _device(backend: str) -> str:
 
 
 def _build_vgg16(keras, config: FeatureConfig):
+    """The frozen base up to `config.layer`, with the configured pooling and precision."""
     previous_policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(config.precision)
     try:
-        weights = config.weights
-        if weights == "random":
-            keras.utils.set_random_seed(config.seed)
-            weights = None
-        try:
-            model = keras.applications.VGG16(
-                include_top=False,
-                weights=weights,
-                input_shape=(config.input_size, config.input_size, 3),
-                pooling=None if config.pooling == "none" else config.pooling,
-            )
-        except Exception as error:
-            raise weights_error(config.weights, error) from error
+        base = _vgg16(keras, config, pooling=config.pooling if config.layer == TOP_LAYER else "none")
+        model = base
+        if config.layer != TOP_LAYER:
+            output = base.get_layer(config.layer).output
+            if config.pooling != "none":
+                pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+                output = pool(name=f"{config.layer}_{config.pooling}")(output)
+            model = keras.Model(base.inputs, output, name=f"vgg16_to_{config.layer}")
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
     model.trainable = False
     return model
+
+
+def _vgg16(keras, config: FeatureConfig, pooling: str):
+    """Keras's VGG16 without its top, with the weights `config` names (refused in one line
+    when they cannot be had)."""
+    weights = config.weights
+    if weights == "random":
+        keras.utils.set_random_seed(config.seed)
+        weights = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Keras reports downloads on stdout, which is for results
+            return keras.applications.VGG16(
+                include_top=False,
+                weights=weights,
+                input_shape=(config.input_size, config.input_size, 3),
+                pooling=None if pooling == "none" else pooling,
+            )
+    except Exception as error:
+        raise weights_error(config.weights, error) from error
+
+
+def vgg16_top(config: FeatureConfig, trainable: bool = False):
+    """The rest of the base above `config.layer` (an unpooled map below block5_pool: see
+    `FeatureConfig.is_map_below_top`), as a Keras model from that layer's map to block5_pool's,
+    with the same weights as the base that made the features, computing in float32.
+    `trainable`: its layers learn (fine-tuning); else frozen (features for the other heads)."""
+    if not config.is_map_below_top:
+        raise ValueError(f"Expected features of an unpooled layer below {TOP_LAYER}; received layer {config.layer}, "
+                         f"pooling {config.pooling}.")
+    keras = import_keras()
+    base = _vgg16(keras, config, pooling="none")
+    names = [layer.name for layer in base.layers]
+    inputs = keras.Input(config.feature_shape, name=config.layer)
+    x = inputs
+    for name in names[names.index(config.layer) + 1:]:
+        layer = base.get_layer(name)
+        copy = type(layer).from_config(dict(layer.get_config(), dtype="float32", trainable=trainable))
+        x = copy(x)
+        copy.set_weights(layer.get_weights())
+    return keras.Model(inputs, x, name=f"vgg16_above_{config.layer}")
 
 
 def weights_error(weights: str, error: Exception) -> ExtractError:

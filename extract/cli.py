@@ -18,7 +18,7 @@ from extract.errors import ExtractError
 from extract.layout import LAYOUTS
 from extract.cluster import ENGINES
 from extract.options import INTERPOLATIONS
-from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS
+from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS, TOP_LAYER
 from extract.plan import label_source
 from extract.runner import DEFAULT_CACHE, extract_features
 from extract.summary import ExtractSummary
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
              "first, several times faster on large photos, pixels slightly different")
     add("--pooling", choices=POOLINGS, default="none",
         help="none keeps the full map (7x7x512 at 224 px); avg or max give 512 numbers (default none)")
+    add("--layer", default=TOP_LAYER, metavar="NAME",
+        help=f"the layer of the base whose output is cached (default {TOP_LAYER}, the base's output); "
+             f"block4_pool (14x14x512 at 224 px) is what train-head --head finetune tunes block5 from")
     add("--weights", default="imagenet", metavar="imagenet|random|PATH",
         help="ImageNet weights through Keras's cache (default), seeded random ones, or a local weights file")
     add("--seed", type=int, default=0, help="seed for --weights random and for the views of --augment (default 0)")
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
                 precision=args.precision,
                 dtype=args.dtype,
                 decode=args.decode,
+                layer=args.layer,
                 layout=args.layout,
                 validation_percent=args.validation_percent,
                 labels=args.labels,

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from extract.errors import UsageError
-from extract.options import EXTRACT_FEATURES, check_options
+from extract.options import EXTRACT_FEATURES, LAYER_CHANNELS, TOP_LAYER, check_options
 
-FEATURE_CHANNELS = 512
+FEATURE_CHANNELS = 512  # of the base's output, block5_pool
 PREPROCESSING = (
     "keras.applications.vgg16.preprocess_input: caffe mode, RGB to BGR, "
     "minus the ImageNet means (103.939, 116.779, 123.68), no scaling"
@@ -38,11 +38,12 @@ class FeatureConfig:
     precision: str = "float32"
     dtype: str = "float32"  # how features are stored
     decode: str = "exact"  # "draft": JPEGs decoded at reduced size first (see reader.decode)
+    layer: str = TOP_LAYER  # the layer of the base whose output is the feature (options.LAYERS)
 
     def validate(self) -> None:
         check_options({"--input-size": self.input_size, "--seed": self.seed, "--interpolation": self.interpolation,
                        "--pooling": self.pooling, "--precision": self.precision, "--dtype": self.dtype,
-                       "--decode": self.decode}, EXTRACT_FEATURES)
+                       "--decode": self.decode, "--layer": self.layer}, EXTRACT_FEATURES)
         if self.weights not in ("imagenet", "random"):
             path_text("--weights", self.weights)
         if self.weights not in ("imagenet", "random") and not Path(self.weights).is_file():
@@ -61,23 +62,33 @@ class FeatureConfig:
         return cls(
             input_size=int(facts["input_size"]), interpolation=facts["interpolation"], pooling=facts["pooling"],
             weights=str(weights), seed=int(facts.get("weights_seed", 0)), precision=facts["precision"],
-            dtype=facts["dtype"], decode=facts.get("decode", "exact"),
+            dtype=facts["dtype"], decode=facts.get("decode", "exact"), layer=facts.get("layer", TOP_LAYER),
         )
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
+        block = int(self.layer[len("block")])
+        channels = LAYER_CHANNELS[block]
         if self.pooling != "none":
-            return (FEATURE_CHANNELS,)
-        side = self.input_size // 32  # five 2x2 max-pools, each rounding down
-        return (side, side, FEATURE_CHANNELS)
+            return (channels,)
+        pools = block if self.layer.endswith("_pool") else block - 1  # 2x2 max-pools below it, each rounding down
+        side = self.input_size // 2**pools
+        return (side, side, channels)
+
+    @property
+    def is_map_below_top(self) -> bool:
+        """Whether the features are an unpooled map of a layer below the base's output: the
+        rest of the base (`backbone.vgg16_top`) can run on them, frozen or fine-tuned."""
+        return self.pooling == "none" and self.layer != TOP_LAYER
 
     def identity(self) -> dict:
         """The facts that decide the feature values, JSON-ready. A weights file is known by
         its content: a local copy of Keras's ImageNet file is "imagenet", like the download."""
         facts = asdict(self)
         facts.pop("seed")
-        if self.decode == "exact":
-            facts.pop("decode")  # recorded only when not the default, so older caches keep their fingerprints
+        for name, default in (("decode", "exact"), ("layer", TOP_LAYER)):
+            if facts[name] == default:
+                facts.pop(name)  # recorded only when not the default, so older caches keep their fingerprints
         facts.update(backbone="vgg16", preprocessing="caffe", feature_shape=list(self.feature_shape))
         if self.weights == "random":
             facts["weights_seed"] = self.seed
@@ -130,16 +141,16 @@ def _file_digests(path: Path) -> tuple[str, str]:
 
 # The options that make a configuration, in the order `describe` names them, with their
 # defaults (None: always named; the others only where they differ from the default).
-DESCRIBED = (("input_size", None), ("pooling", None), ("precision", None),
+DESCRIBED = (("input_size", None), ("pooling", None), ("precision", None), ("layer", TOP_LAYER),
              ("interpolation", "bilinear"), ("decode", "exact"), ("dtype", "float32"))
-OPTIONS = ("--weights", "--seed", "KERAS_BACKEND", "--input-size", "--pooling", "--precision", "--interpolation",
-           "--decode", "--dtype")  # what `option_differences` compares; KERAS_BACKEND: see `identity`
+OPTIONS = ("--weights", "--seed", "KERAS_BACKEND", "--input-size", "--pooling", "--precision", "--layer",
+           "--interpolation", "--decode", "--dtype")  # what `option_differences` compares; KERAS_BACKEND: see `identity`
 
 
 def describe(facts: dict) -> str:
     """A configuration in words, from its facts (`FeatureConfig.identity()`, or a cache
     group's attributes as `list_configs` gives them): "weights imagenet, input size 224,
-    pooling avg, precision float32", then interpolation, decode and dtype where they are
+    pooling avg, precision float32", then layer, interpolation, decode and dtype where they are
     not the default. A weights file is named by its file name where the facts record it;
     random weights by their seed (and the Keras backend that drew them, if not TensorFlow)."""
     facts = _facts(facts)

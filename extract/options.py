@@ -113,6 +113,12 @@ def _number(value) -> bool:
 # extract-features (and extract_features, FeatureConfig, Augmentation).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")  # keras.utils.load_img's; reader maps them to Pillow's filters
 POOLINGS = ("none", "avg", "max")
+# The layers of VGG16's convolutional base whose output extract-features can cache (--layer),
+# bottom to top, with each block's channels; block5_pool is the base's own output.
+LAYER_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+LAYERS = tuple(f"block{block}_{name}" for block in LAYER_CHANNELS
+               for name in (*(f"conv{n}" for n in range(1, 3 if block < 3 else 4)), "pool"))
+TOP_LAYER = "block5_pool"
 DECODES = ("exact", "draft")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DTYPES = ("float32", "float16")
@@ -130,6 +136,7 @@ EXTRACT_FEATURES = {
     "--interpolation": StrOptions(INTERPOLATIONS),
     "--decode": StrOptions(DECODES),
     "--pooling": StrOptions(POOLINGS),
+    "--layer": StrOptions(LAYERS),
     "--seed": SEED,
     "--augment": [Interval(Integral, 0, 100), None],  # views per training image; 100 makes the run 101 times as long
     "--shear": Interval(Real, 0, 90, closed="left"),  # degrees

@@ -56,6 +56,7 @@ def extract_features(
     precision: str = "float32",
     dtype: str = "float32",
     decode: str = "exact",
+    layer: str = "block5_pool",
     layout: str = "auto",
     validation_percent: float = 20.0,
     labels=None,
@@ -97,7 +98,7 @@ def extract_features(
     layout) must say so by `labels` or a `layout` other than "auto" (`plan.check_label_source`).
     A cache inside `data_dir` is fine: its files are never taken for images or class folders."""
     started = time.perf_counter()
-    config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode)
+    config = FeatureConfig(input_size, interpolation, pooling, str(weights), seed, precision, dtype, decode, layer)
     config.validate()
     check_options({"--layout": layout, "--validation-percent": validation_percent, "--augment": augment,
                    "--batch-size": batch_size, "--workers": workers, "--save-every": save_every, "--compact": compact,

@@ -1,0 +1,154 @@
+"""Fine-tuning VGG16's top block from cached block-4 maps: the step after bottleneck heads.
+
+    extract-features data/ --layer block4_pool        # blocks 1-4 run once per image
+    train-head --head finetune                         # block5 + the head learn from the cache
+
+A cache of `--layer block4_pool` (unpooled) holds what VGG16's block 5 reads. The finetune
+head is block 5 (three 3x3 convolutions and a pool, with the weights the cache was made
+with) and the blog recipe's dense head on top, trained in the two steps known to work
+(the Keras blog's "fine-tuning the top layers"): first the head alone on block 5's frozen
+output, computed once from the cache; then block 5 and the head together by SGD at a small
+learning rate (1e-4, momentum 0.9), stopping early on the validation loss. Every epoch
+reads the cache (a window at a time when it is larger than memory), never an image.
+
+The other heads train on such a cache too: `frozen_top` computes block5_pool's map from
+the cached maps once (9% of the base's work at 224 px), the features a
+`--layer block5_pool` cache of the same weights would hold; their heads are heads of that
+configuration (scored and exported like any other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from numbers import Integral, Real
+
+import numpy as np
+
+from classify.data import Rows
+from classify.keras_head import KerasMLPClassifier, _moments
+from extract import FeatureConfig, Interval, import_keras, vgg16_top
+
+TUNED_LAYER = "block4_pool"  # the cached maps the finetune head reads: block 5 is what it tunes
+FROZEN_BATCH = 64  # maps run through the frozen block 5 at once
+TUNE_BATCH = 64  # rows the tuned model is called on at once (validation, predictions): 12 MB of 14x14x512 maps
+
+
+class KerasFinetuneClassifier(KerasMLPClassifier):
+    """VGG16's block 5 (from `base`, the FeatureConfig of the cached maps) and a dense head,
+    on flattened maps of an unpooled layer below block5_pool.
+
+    head_epochs, head_learning_rate: the first step, the head alone by Adam on block 5's
+        frozen output (0 epochs: the head starts untrained).
+    epochs, learning_rate, momentum: the second step, block 5 and the head by SGD.
+    The other parameters are the mlp's (`KerasMLPClassifier`), early stopping on by default.
+    """
+
+    parameter_constraints = {
+        **KerasMLPClassifier.parameter_constraints,
+        "head_epochs": Interval(Integral, 0, 10000),
+        "head_learning_rate": Interval(Real, 0, 10, closed="right"),
+        "momentum": Interval(Real, 0, 1, closed="left"),
+    }
+    _predict_batch = TUNE_BATCH
+    _validation_batch = TUNE_BATCH
+
+    def __init__(
+        self,
+        hidden_units=256,
+        dropout_rate=0.0,
+        epochs=10,
+        batch_size=32,
+        learning_rate=1e-4,
+        momentum=0.9,
+        head_epochs=10,
+        head_learning_rate=1e-3,
+        early_stopping=True,
+        patience=3,
+        validation_fraction=0.1,
+        class_weight=None,
+        standardize=True,
+        base=None,
+        random_state=None,
+        verbose=0,
+    ):
+        super().__init__(hidden_units=hidden_units, dropout_rate=dropout_rate, epochs=epochs, batch_size=batch_size,
+                         learning_rate=learning_rate, early_stopping=early_stopping, patience=patience,
+                         validation_fraction=validation_fraction, class_weight=class_weight, standardize=standardize,
+                         random_state=random_state, verbose=verbose)
+        self.momentum = momentum
+        self.head_epochs = head_epochs
+        self.head_learning_rate = head_learning_rate
+        self.base = base
+
+    def fit_rows(self, rows: Rows, validation: Rows | None = None):
+        base = self.base
+        if not (isinstance(base, FeatureConfig) and base.is_map_below_top):
+            raise ValueError(f"Expected base= the FeatureConfig of unpooled maps below block5_pool; received {base!r}.")
+        if rows.n_features != int(np.prod(base.feature_shape)):
+            raise ValueError(f"Expected rows of {int(np.prod(base.feature_shape))} features (maps of "
+                             f"{'x'.join(map(str, base.feature_shape))}); received {rows.n_features}.")
+        keras, random, rows, y_index, validation = self._prepare(rows, validation)
+        top = vgg16_top(base)
+        frozen = _Frozen(top, base.feature_shape)
+        head = KerasMLPClassifier(
+            hidden_units=self.hidden_units, dropout_rate=self.dropout_rate, epochs=max(1, self.head_epochs),
+            batch_size=self.batch_size, learning_rate=self.head_learning_rate, early_stopping=self.early_stopping,
+            patience=self.patience, class_weight=self.class_weight, standardize=self.standardize,
+            random_state=random.randint(2**31 - 1), verbose=self.verbose,
+        )
+        frozen_rows = _held(rows.through(frozen, frozen.n_features), rows)
+        frozen_validation = None if validation is None else _held(validation.through(frozen, frozen.n_features), rows)
+        if self.head_epochs:
+            head.fit_rows(frozen_rows, frozen_validation)
+            first = head.history_
+        else:  # the head as built, untrained
+            head.classes_ = self.classes_
+            head.model_ = head._build(keras, frozen.n_features, len(self.classes_),
+                                      _moments(frozen_rows) if self.standardize else None)
+            first = {}
+        top.trainable = True
+        self.model_ = keras.Sequential([keras.Input((rows.n_features,)),
+                                        keras.layers.Reshape(base.feature_shape, name="cached_map"),
+                                        top, keras.layers.Flatten(name="block5_flatten"), head.model_],
+                                       name="vgg16_block5_finetuned")
+        self.model_.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=self.learning_rate, momentum=self.momentum),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        second = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random)
+        self.history_ = {name: first.get(name, []) + values for name, values in second.items()}
+        self.history_["fine_tuning_from"] = [len(first.get("loss", []))]  # epochs of the first step
+        return self
+
+
+class _Frozen:
+    """Flattened maps -> block5_pool's flattened maps, through the frozen rest of the base."""
+
+    def __init__(self, top, shape: tuple[int, ...]):
+        self.top, self.shape = top, tuple(shape)
+        self.n_features = int(np.prod(top.output_shape[1:]))
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        keras = import_keras()
+        result = np.empty((len(X), self.n_features), np.float32)
+        for start in range(0, len(X), FROZEN_BATCH):
+            maps = np.asarray(X[start:start + FROZEN_BATCH], np.float32).reshape(-1, *self.shape)
+            result[start:start + len(maps)] = keras.ops.convert_to_numpy(self.top(maps, training=False)).reshape(len(maps), -1)
+        return result
+
+
+def _held(frozen: Rows, rows: Rows) -> Rows:
+    """Block 5's output of `rows`, computed once and held when it takes no more than one
+    read of `rows` may (a quarter of its size at 224 px); else computed as it is read."""
+    if frozen.X is None and frozen.nbytes <= rows.read_rows * 4 * rows.n_features:
+        return frozen.load()
+    return frozen
+
+
+def frozen_top(config: FeatureConfig):
+    """(transform, n_features, config of its output): block5_pool's maps from the cached maps of
+    `config` (see `Rows.through`), as a cache of `--layer block5_pool` would hold them."""
+    top = vgg16_top(config)
+    frozen = _Frozen(top, config.feature_shape)
+    return frozen, frozen.n_features, replace(config, layer="block5_pool")
