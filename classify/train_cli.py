@@ -20,7 +20,7 @@ from extract import (
 )
 
 PROG = "train-head"
-MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping", "standardize")
+MLP_OPTIONS = ("hidden_units", "dropout_rate", "epochs", "learning_rate", "early_stopping", "standardize", "head_epochs")
 
 
 def build_parser() -> console.OneLineParser:
@@ -52,6 +52,8 @@ def build_parser() -> console.OneLineParser:
     mlp.add_argument("--epochs", type=int, help="training epochs (10; finetune: of block5 and the head together)")
     mlp.add_argument("--learning-rate", type=float,
                      help="Adam's learning rate (0.001); finetune: SGD's, block5 and the head together (0.0001)")
+    mlp.add_argument("--head-epochs", type=int,
+                     help="finetune: epochs of its first step, the head alone on block5's frozen output (10)")
     mlp.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
                      help="stop when the validation loss stops improving; keep the best weights (mlp: off, finetune: on)")
     mlp.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,

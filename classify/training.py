@@ -30,7 +30,7 @@ from classify.artifacts import (
 from classify.data import READ_SHARE, Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
 from classify.evaluation import Predictions, evaluate, predictions
-from classify.finetune import TUNED_LAYER, frozen_top
+from classify.finetune import TUNED_LAYER, KerasFinetuneClassifier, frozen_top
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
@@ -46,6 +46,7 @@ def _option(name: str) -> str:
 
 
 MLP_OPTIONS = (*KerasMLPClassifier.parameter_constraints, "early_stopping", "standardize")  # train_head's **options
+FINETUNE_OPTIONS = ("head_epochs",)  # and the finetune head's own
 KERAS_HEADS = ("mlp", "finetune")  # the heads the options go to
 # Every option's bounds and choices (see extract.options); the mlp's are its estimator's.
 TRAIN_HEAD = {
@@ -54,7 +55,7 @@ TRAIN_HEAD = {
     "--cv": [Interval(Integral, 2, 100), None],
     "--seed": SEED,
     "--validation-fraction": Interval(Real, 0, 1, closed="neither"),
-    **{_option(name): constraint for name, constraint in KerasMLPClassifier.parameter_constraints.items()},
+    **{_option(name): constraint for name, constraint in KerasFinetuneClassifier.parameter_constraints.items()},
 }
 
 
@@ -141,7 +142,10 @@ def train_head(
     if options and not set(names) & set(KERAS_HEADS):
         raise UsageError(f"Expected --head {' or '.join(KERAS_HEADS)} (or all) with {', '.join(sorted(options))}; "
                          f"received --head {head}.")
-    unknown = set(options) - set(MLP_OPTIONS)
+    unknown = set(options) - set(MLP_OPTIONS) - set(FINETUNE_OPTIONS)
+    own = sorted(_option(name) for name in set(options) & set(FINETUNE_OPTIONS))
+    if own and "finetune" not in names:
+        raise UsageError(f"Expected --head finetune (or all) with {', '.join(own)}; received --head {head}.")
     if unknown:
         raise UsageError(f"Unknown mlp option(s) {', '.join(sorted(unknown))}.")
     check_options({"--mistakes": mistakes, "--class-weight": class_weight, "--cv": cv, "--seed": seed,
@@ -218,7 +222,7 @@ def _finetune_needs(splits: Splits, cache) -> str:
 def _streaming(names: list[str], head: str, splits: Splits, budget: int, given) -> list[str]:
     """The heads of `names` that stream; a head that does not is refused (alone) or left
     out with a warning (--head all)."""
-    streaming = [name for name in HEADS if HEADS[name].streams]
+    streaming = [name for name in HEADS if HEADS[name].streams and HEADS[name].tunes == (splits.base is not None)]
     cannot = [name for name in names if not HEADS[name].streams]
     if not cannot:
         return names
@@ -243,7 +247,7 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
     for name in bar:
         bar.set_postfix_str(name)
         try:
-            fitted = _fit_one(name, splits_of[name], plans[name], options if name in KERAS_HEADS else {})
+            fitted = _fit_one(name, splits_of[name], plans[name], _options(name, options))
         except _CannotTrain as error:
             if len(names) == 1:
                 raise UsageError(str(error)) from None
@@ -267,6 +271,13 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
             warnings.warn(f"{REPORT} not written ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
                           f"the heads are saved.", HeadWarning)
     return training
+
+
+def _options(name: str, options: dict) -> dict:
+    """The options of train_head that head `name` takes."""
+    if name not in KERAS_HEADS:
+        return {}
+    return options if name == "finetune" else {key: value for key, value in options.items() if key in MLP_OPTIONS}
 
 
 @dataclass(frozen=True)
