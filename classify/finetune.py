@@ -88,7 +88,7 @@ class KerasFinetuneClassifier(KerasMLPClassifier):
             raise ValueError(f"Expected rows of {int(np.prod(base.feature_shape))} features (maps of "
                              f"{'x'.join(map(str, base.feature_shape))}); received {rows.n_features}.")
         keras, random, rows, y_index, validation = self._prepare(rows, validation)
-        top = vgg16_top(base)
+        top = vgg16_top(base, trainable=True)  # frozen by use in the first step (only called), tuned in the second
         frozen = _Frozen(top, base.feature_shape)
         head = KerasMLPClassifier(
             hidden_units=self.hidden_units, dropout_rate=self.dropout_rate, epochs=max(1, self.head_epochs),
@@ -106,7 +106,6 @@ class KerasFinetuneClassifier(KerasMLPClassifier):
             head.model_ = head._build(keras, frozen.n_features, len(self.classes_),
                                       _moments(frozen_rows) if self.standardize else None)
             first = {}
-        top.trainable = True
         self.model_ = keras.Sequential([keras.Input((rows.n_features,)),
                                         keras.layers.Reshape(base.feature_shape, name="cached_map"),
                                         top, keras.layers.Flatten(name="block5_flatten"), head.model_],
