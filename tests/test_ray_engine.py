@@ -137,6 +137,16 @@ def test_a_two_node_cluster_gives_the_same_and_a_rerun_computes_nothing(hostile_
     assert_same(tmp_path / "ray.h5", local_cache)
 
 
+def test_a_layers_maps_on_the_cluster_are_the_local_engines(hostile_data, weights_file, cluster, tmp_path):
+    data, _, _ = hostile_data
+    maps = ("--layer", "block4_pool", "--pooling", "none", "--dtype", "float16", "--augment", "2")  # after arguments' avg
+    local = summary(apart(data, tmp_path / "local.h5", weights_file, *maps))
+    done = summary(extract(data, tmp_path / "ray.h5", weights_file, *maps, "--engine", "ray",
+                           env=on_cluster(cluster.address)))
+    assert (done["rows"], done["views"], done["feature_shape"]) == (local["rows"], local["views"], [2, 2, 512])
+    assert_same(tmp_path / "ray.h5", tmp_path / "local.h5")
+
+
 def test_the_driver_killed_mid_job_leaves_shards_the_next_run_adopts(weights_file, cluster, tmp_path):
     """Shards of four rows (set in the driver's process), the driver killed once two
     exist; the next run, with the local engine, computes only what no complete shard holds
