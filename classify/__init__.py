@@ -6,7 +6,7 @@ never the reverse).
     head = load_head(training.folder)
 
 Modules: `heads` (the registry of scikit-learn estimators), `keras_head` (the blog recipe's
-dense head as one of them), `sgd_head` (linear heads that stream), `data` (`Rows`: labeled
+dense head as one of them), `finetune` (VGG16's block5 tuned with it, from cached block4_pool maps), `sgd_head` (linear heads that stream), `data` (`Rows`: labeled
 rows in memory or read from the cache a window at a time), `splits` (a cache's rows split
 for training), `training` (fitting, search, cross-validation, the leaderboard),
 `evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
@@ -18,10 +18,11 @@ from classify.artifacts import LoadedHead, load_head
 from classify.export import export_model
 from classify.scoring import ScoreRow, score_images
 from classify.heads import HEADS
+from classify.finetune import KerasFinetuneClassifier
 from classify.keras_head import KerasMLPClassifier
 from classify.training import HeadResult, HeadWarning, Training, train_head
 
 __all__ = [
-    "HEADS", "HeadResult", "HeadWarning", "KerasMLPClassifier", "LoadedHead", "ScoreRow", "Training",
+    "HEADS", "HeadResult", "HeadWarning", "KerasFinetuneClassifier", "KerasMLPClassifier", "LoadedHead", "ScoreRow", "Training",
     "export_model", "load_head", "score_images", "train_head",
 ]
