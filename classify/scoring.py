@@ -77,7 +77,7 @@ def score_images(
     inputs = list(expand_inputs(paths, lists))  # a broken list is refused before any output
     if output is not None:
         check_output(output, inputs, lists, head, config, cache)
-    known = _CachedFeatures(cache, head.fingerprint, cache_required)
+    known = _CachedFeatures(cache, head.fingerprint, cache_required, head.info.get("computed_from"))
     batches = image_features(inputs, config, known, batch_size, workers, engine, ray_address)
     return _score(batches, len(inputs), head, known, top_k, progress)
 
@@ -147,7 +147,7 @@ class _CachedFeatures:
     """Features of one configuration in a cache, found by content hash. Checked when
     made; opened (`open`) when scoring starts."""
 
-    def __init__(self, cache, key: str, required: bool):
+    def __init__(self, cache, key: str, required: bool, computed_from: dict | None = None):
         self.rows: dict[str, int] = {}
         self.cache = None
         self.path, self.key, self.usable = cache, key, False
@@ -155,6 +155,12 @@ class _CachedFeatures:
             return
         configurations = [config["fingerprint"] for config in list_configs(cache)]
         self.usable = key in configurations
+        if not self.usable and required and computed_from and computed_from.get("fingerprint") in configurations:
+            raise UsageError(
+                f"The head was trained on block5_pool maps computed from the {computed_from.get('layer')} maps of "
+                f"configuration {computed_from['fingerprint']} in {str(cache)!r}, which scoring does not reuse; "
+                f"leave out --cache (the images go through VGG16 with the head's configuration {key})."
+            )
         if not self.usable and required:
             raise UsageError(
                 f"The cache {str(cache)!r} holds no features of the head's configuration {key} "

@@ -229,3 +229,12 @@ def test_ctrl_c_in_finetune_is_one_line_and_leaves_nothing(world, tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scoring_a_computed_from_head_with_the_maps_cache_says_to_leave_out_the_cache(world, tmp_path):
+    folder = train_head(world / "b4.h5", "logreg", out=tmp_path / "head").folder
+    image = next((world / "data").glob("validation/*/*.png"))
+    one_line(call(SCORE, image, "--head", folder, "--cache", world / "b4.h5"), 2,
+             "trained on block5_pool maps computed from the block4_pool maps", "leave out --cache")
+    done = call(SCORE, image, "--head", folder, "--quiet")
+    assert done.returncode == 0 and done.stdout.count("\n") == 2, done.stderr  # a header and the row
