@@ -14,19 +14,23 @@ reads the cache (a window at a time when it is larger than memory), never an ima
 The other heads train on such a cache too: `frozen_top` computes block5_pool's map from
 the cached maps once (9% of the base's work at 224 px), the features a
 `--layer block5_pool` cache of the same weights would hold; their heads are heads of that
-configuration (scored and exported like any other).
+configuration (scored and exported like any other). `feature_sets` says which features
+each head of a train-head run gets.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import replace
 from numbers import Integral, Real
 
 import numpy as np
 
+from classify.artifacts import recorded_config
 from classify.data import Rows
 from classify.keras_head import KerasMLPClassifier, _moments
-from extract import FeatureConfig, Interval, import_keras, vgg16_top
+from classify.splits import Splits
+from extract import TOP_LAYER, FeatureConfig, Interval, UsageError, describe, import_keras, vgg16_top
 
 TUNED_LAYER = "block4_pool"  # the cached maps the finetune head reads: block 5 is what it tunes
 FROZEN_BATCH = 64  # maps run through the frozen block 5 at once
@@ -151,3 +155,43 @@ def frozen_top(config: FeatureConfig):
     top = vgg16_top(config)
     frozen = _Frozen(top, config.feature_shape)
     return frozen, frozen.n_features, replace(config, layer="block5_pool")
+
+
+def feature_sets(names: list[str], tuning: list[str], every: bool, splits: Splits, cache,
+                 weights) -> list[tuple[Splits, list[str]]]:
+    """The features each head of `names` trains on, as (splits, heads) pairs: the cache's,
+    or on cached maps below block5_pool, those maps for the heads of `tuning` (finetune)
+    and block5_pool's maps computed from them for the others. A head of `tuning` on
+    another cache is refused, or left out when `every` head was asked for (--head all);
+    `weights`: where the weights the cache was made with are now (None: where they were)."""
+    facts = splits.config
+    maps = facts.get("pooling") == "none" and facts.get("layer", TOP_LAYER) != TOP_LAYER
+    tunable = maps and facts.get("layer") == TUNED_LAYER
+    if tuning and not tunable:
+        if not every:
+            raise UsageError(_finetune_needs(splits, cache))
+        names = [name for name in names if name not in tuning]
+        tuning = []
+    others = [name for name in names if name not in tuning]
+    if not maps:
+        return [(splits, names)]
+    base = recorded_config(facts, splits.fingerprint, weights, "cache's features",
+                           f"The configuration {splits.fingerprint} of {str(cache)!r}", "extract the features again")
+    splits = replace(splits, base=base)
+    sets = [(splits.through(*frozen_top(base)), others)] if others else []
+    return sets + ([(splits, tuning)] if tuning else [])
+
+
+def _finetune_needs(splits: Splits, cache) -> str:
+    """Why --head finetune cannot train on `splits`, naming the extract-features command that
+    makes features it can."""
+    facts = splits.config
+    weights = facts.get("weights")
+    weights = facts.get("weights_path") or weights if weights == "file" else weights
+    command = (f"extract-features {shlex.quote(splits.data_dir or 'DATA_DIR')} --layer {TUNED_LAYER} --pooling none "
+               f"--input-size {facts.get('input_size')} --weights {shlex.quote(str(weights))}"
+               + (f" --seed {facts.get('weights_seed', 0)}" if weights == "random" else "")
+               + (f" --dtype {facts['dtype']}" if facts.get("dtype", "float32") != "float32" else "")
+               + f" --cache {shlex.quote(str(cache))}")
+    return (f"--head finetune tunes VGG16's block5 from cached unpooled {TUNED_LAYER} maps; configuration "
+            f"{splits.fingerprint} holds {describe(facts)}. Make them with: {command}")

@@ -9,7 +9,6 @@ cross-validation, the leaderboard, head folders.
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import time
 import warnings
@@ -25,18 +24,18 @@ from sklearn.model_selection import ParameterGrid
 from tqdm import tqdm
 
 from classify.artifacts import (
-    DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, recorded_config, remove_empty, save_head,
+    DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, remove_empty, save_head,
 )
 from classify.data import READ_SHARE, Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
 from classify.evaluation import Predictions, evaluate, predictions
-from classify.finetune import TUNED_LAYER, KerasFinetuneClassifier, frozen_top
+from classify.finetune import KerasFinetuneClassifier, feature_sets
 from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
 from extract import (
-    DEFAULT_CACHE, SEED, TOP_LAYER, Interval, StrOptions, UsageError, check_options, describe, package_versions,
+    DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, package_versions,
 )
 
 
@@ -156,7 +155,8 @@ def train_head(
     final = check_out(out)
     with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment,
                      read_bytes=budget // READ_SHARE) as splits:
-        sets = _feature_sets(names, head, splits, cache, weights)
+        tuning = [name for name in names if HEADS[name].tunes]
+        sets = feature_sets(names, tuning, head == "all", splits, cache, weights)
         plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, False, report, mistakes)
         splits_of, plans = {}, {}
         for features, group in sets:  # each set in memory if it fits in what the sets before it left
@@ -178,45 +178,6 @@ def train_head(
                 remove_empty(final)
             raise
     return training
-
-
-def _feature_sets(names: list[str], head: str, splits: Splits, cache, weights) -> list[tuple[Splits, list[str]]]:
-    """The features each head of `names` trains on, as (splits, heads) pairs: the cache's,
-    or on cached maps below block5_pool, those maps for finetune and block5_pool's maps
-    computed from them for the others. The finetune head on another cache is refused
-    (alone) or left out (all)."""
-    facts = splits.config
-    maps = facts.get("pooling") == "none" and facts.get("layer", TOP_LAYER) != TOP_LAYER
-    tunable = maps and facts.get("layer") == TUNED_LAYER
-    tuning = [name for name in names if HEADS[name].tunes]
-    if tuning and not tunable:
-        if head != "all":
-            raise UsageError(_finetune_needs(splits, cache))
-        names = [name for name in names if name not in tuning]
-        tuning = []
-    others = [name for name in names if name not in tuning]
-    if not maps:
-        return [(splits, names)]
-    base = recorded_config(facts, splits.fingerprint, weights, "cache's features",
-                           f"The configuration {splits.fingerprint} of {str(cache)!r}", "extract the features again")
-    splits = replace(splits, base=base)
-    sets = [(splits.through(*frozen_top(base)), others)] if others else []
-    return sets + ([(splits, tuning)] if tuning else [])
-
-
-def _finetune_needs(splits: Splits, cache) -> str:
-    """Why --head finetune cannot train on `splits`, naming the extract-features command that
-    makes features it can."""
-    facts = splits.config
-    weights = facts.get("weights")
-    weights = facts.get("weights_path") or weights if weights == "file" else weights
-    command = (f"extract-features {shlex.quote(splits.data_dir or 'DATA_DIR')} --layer {TUNED_LAYER} --pooling none "
-               f"--input-size {facts.get('input_size')} --weights {shlex.quote(str(weights))}"
-               + (f" --seed {facts.get('weights_seed', 0)}" if weights == "random" else "")
-               + (f" --dtype {facts['dtype']}" if facts.get("dtype", "float32") != "float32" else "")
-               + f" --cache {shlex.quote(str(cache))}")
-    return (f"--head finetune tunes VGG16's block5 from cached unpooled {TUNED_LAYER} maps; configuration "
-            f"{splits.fingerprint} holds {describe(facts)}. Make them with: {command}")
 
 
 def _streaming(names: list[str], head: str, splits: Splits, budget: int, given) -> list[str]:

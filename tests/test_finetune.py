@@ -14,7 +14,7 @@ import pytest
 import helpers
 from classify import export_model, load_head, score_images, train_head
 from classify.splits import load_splits
-from classify.training import _feature_sets
+from classify.finetune import feature_sets
 from conftest import make_dataset
 from extract import FeatureCache, FeatureConfig, UsageError, extract_features, fingerprint, list_configs
 from extract.reader import decode
@@ -126,7 +126,8 @@ def test_score_images_with_a_finetune_head_reuses_the_cached_maps(world, tmp_pat
 
 def test_the_other_heads_train_on_block5_maps_computed_from_the_cache(world, weights_file, tmp_path):
     with load_splits(world / "b4.h5", None, 0.2, seed=0, augment=False) as splits:
-        (derived, names), (maps, tuned) = _feature_sets(["logreg", "finetune"], "all", splits, world / "b4.h5", None)
+        (derived, names), (maps, tuned) = feature_sets(["logreg", "finetune"], ["finetune"], True, splits,
+                                                             world / "b4.h5", None)
         assert (names, tuned) == (["logreg"], ["finetune"]) and maps.base.layer == "block4_pool"
         computed = derived.validation.load().X
         key = derived.fingerprint
