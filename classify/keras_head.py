@@ -126,14 +126,13 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             validation, rows, y_index = rows.subset(np.flatnonzero(out)), rows.subset(np.flatnonzero(~out)), y_index[~out]
         return keras, random, rows, y_index, validation
 
-    def _train(self, keras, model, rows: Rows, y_index, validation: Rows | None, epochs: int, random) -> dict:
+    def _train(self, keras, model, rows: Rows, y_index, validation: Rows | None, epochs: int, random,
+               best_loss: float | None = None) -> dict:
         """`model.fit` on `rows` (batches read as the model takes them, see `_batches`),
-        scoring `validation` after each epoch; its history."""
-        callbacks = []
-        if self.early_stopping:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=self.patience, restore_best_weights=True
-            ))
+        scoring `validation` after each epoch; its history. With early stopping and
+        `best_loss`, the model's weights as they are now score `best_loss` on validation,
+        and are kept unless an epoch beats them."""
+        callbacks = [_early_stopping(keras, self.patience, best_loss)] if self.early_stopping else []
         batches = _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random), model)
         validation = self._validation(keras, validation, model)
         callbacks.append(_paced(keras, batches, validation))
@@ -322,6 +321,19 @@ def _batches(keras, rows: Rows, y_index, n_classes: int, batch_size: int, orders
             return np.zeros((1, rows.n_features), np.float32), np.zeros((1, n_classes), np.float32)  # the model is discarded: `error` is raised
 
     return Batches()
+
+
+def _early_stopping(keras, patience: int, best_loss: float | None = None):
+    """Keras's EarlyStopping on the validation loss, restoring the best epoch's weights at the
+    end; with `best_loss`, the weights the model starts with are the best so far, at that loss."""
+
+    class EarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if best_loss is not None:
+                self.best, self.best_weights, self.best_epoch = best_loss, self.model.get_weights(), -1
+
+    return EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
 def _paced(keras, batches, validation):

@@ -239,3 +239,15 @@ def test_scoring_a_computed_from_head_with_the_maps_cache_says_to_leave_out_the_
              "trained on block5_pool maps computed from the block4_pool maps", "leave out --cache")
     done = call(SCORE, image, "--head", folder, "--quiet")
     assert done.returncode == 0 and done.stdout.count("\n") == 2, done.stderr  # a header and the row
+
+
+def test_a_second_step_that_only_makes_it_worse_keeps_the_first_steps_weights(world, tmp_path, weights_file):
+    # learning rate 10: every tuned epoch scores worse on validation than the head trained on
+    # frozen block5 did, so early stopping keeps block5 as the cache's weights made it
+    head = load_head(train_head(world / "b4.h5", "finetune", out=tmp_path / "head", epochs=2, head_epochs=3,
+                                learning_rate=10.0).folder)
+    history = head.estimator.history_
+    assert min(history["val_loss"][3:]) > min(history["val_loss"][:3])
+    tuned = head.estimator.model_.get_layer("vgg16_above_block4_pool").get_layer("block5_conv1").get_weights()[0]
+    start = keras.applications.VGG16(include_top=False, weights=str(weights_file), input_shape=(SIZE, SIZE, 3))
+    np.testing.assert_array_equal(tuned, start.get_layer("block5_conv1").get_weights()[0])
