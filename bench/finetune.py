@@ -5,13 +5,14 @@ weights (--weights random, seed 0: no ImageNet weights here).
     python bench/finetune.py                        # 64, 128 and 224 px: (a) vs (b), the table
     python bench/finetune.py --sizes 64 --epochs 5  # one size
     python bench/finetune.py --float16              # (b)'s accuracy from a float16 cache vs float32
-    python bench/finetune.py --learning-rates       # (b) at SGD 1e-5, 1e-4, 1e-3 and --head-epochs 0
+    python bench/finetune.py --learning-rates       # (b) at SGD 1e-5, 1e-4, 1e-3, and --head-epochs 0
     python bench/finetune.py --memory               # peak RSS on a cache twice --budget
 
 Everything it writes is under bench/data/ (git-ignored): the digits, a subset of them per size,
 the caches. Both runs train the same head the same way: step 1, Flatten -> Normalization ->
 Dense(256, relu) -> Dense(n, softmax) by Adam 1e-3 on block5's frozen output, computed once;
-step 2, block5 and the head together by SGD (1e-4, momentum 0.9), batch 32, no early stopping.
+step 2, block5 and the head together by SGD (--learning-rate, default 1e-4, momentum 0.9), batch 32,
+no early stopping.
 (a) reads images decoded and resized once (the extractor's own decoder) and held in memory, so
 only the network's time counts; blocks 1-4 are frozen. Its seconds per epoch of step 2 are
 Keras's own epoch times (a callback: training and validation). (b)'s are the difference of
@@ -46,12 +47,23 @@ SUBSETS = {64: (30, 10), 128: (12, 5), 224: (6, 3)}  # size -> (train, validatio
 BATCH = 32
 MIB = 2**20
 MAP = "block4_pool"
+# train-head with block5 trainable in step 2: as shipped (1d09e9f), vgg16_top(config) builds block5's
+# layers with trainable=False and `top.trainable = True` leaves them so (Keras 3), so step 2 tunes the
+# head alone; "(b) tuned" runs it with vgg16_top(config, trainable=True) until classify/ is fixed
+TUNED_TRAIN_HEAD = ("import sys, classify.finetune as f, classify.train_cli as cli; top = f.vgg16_top; "
+                    "f.vgg16_top = lambda config: top(config, trainable=True); sys.argv[0] = 'train-head'; cli.run()")
+
+
+class Diverged(Exception):
+    """train-head refused NaN outputs: step 2's SGD diverged."""
 
 
 def run(command: list[str]) -> tuple[str, float]:
     """A command's stdout and wall seconds; its stderr's tail on failure."""
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0 and "contains NaN" in result.stderr:
+        raise Diverged(result.stderr.strip().splitlines()[-1])
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])} failed ({result.returncode}): {result.stderr[-1500:]}")
     return result.stdout, time.perf_counter() - started
@@ -99,24 +111,30 @@ def _cache_of(data: Path, size: int, dtype: str) -> Path:
     return FOLDER / f"finetune-{data.name}-{size}-{dtype}" / "features.h5"
 
 
-def train_head(cache: Path, epochs: int, head_epochs: int, *options: str) -> dict:
-    """train-head --head finetune without early stopping: its leaderboard row."""
+def train_head(cache: Path, epochs: int, head_epochs: int, rate: float, *options: str, tuned: bool = False) -> dict:
+    """train-head --head finetune without early stopping at SGD learning rate `rate` (`tuned`: with
+    block5 trainable, see TUNED_TRAIN_HEAD): its leaderboard row (NaN when it diverged)."""
+    program = [sys.executable, "-c", TUNED_TRAIN_HEAD] if tuned else [str(BIN / "train-head")]
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
-        output, _ = run([str(BIN / "train-head"), "--cache", str(cache), "--head", "finetune", "--no-early-stopping",
-                         "--epochs", str(epochs), "--head-epochs", str(head_epochs), "--no-report",
-                         "--out", str(Path(folder) / "head"), "--json", *options])
+        try:
+            output, _ = run([*program, "--cache", str(cache), "--head", "finetune", "--no-early-stopping",
+                             "--epochs", str(epochs), "--head-epochs", str(head_epochs), "--learning-rate", str(rate),
+                             "--no-report", "--out", str(Path(folder) / "head"), "--json", *options])
+        except Diverged as error:
+            print(f"diverged: {error}", file=sys.stderr)
+            return {"validation_accuracy": float("nan"), "fit_seconds": float("nan")}
     return json.loads(output)["leaderboard"][0]
 
 
-def from_cache(cache: Path, epochs: int, head_epochs: int) -> dict:
+def from_cache(cache: Path, epochs: int, head_epochs: int, rate: float, tuned: bool = False) -> dict:
     """(b): seconds per epoch of step 2 (fit_seconds at N epochs less at 1, over N - 1), step 1's
     seconds, and the validation accuracy after N epochs."""
-    one, full = train_head(cache, 1, head_epochs), train_head(cache, epochs, head_epochs)
+    one, full = (train_head(cache, count, head_epochs, rate, tuned=tuned) for count in (1, epochs))
     per_epoch = (full["fit_seconds"] - one["fit_seconds"]) / (epochs - 1)
     return {"epoch_s": per_epoch, "step1_s": one["fit_seconds"] - per_epoch, "accuracy": full["validation_accuracy"]}
 
 
-def usual_way(data: Path, cache: Path, size: int, epochs: int, head_epochs: int) -> dict:
+def usual_way(data: Path, cache: Path, size: int, epochs: int, head_epochs: int, rate: float) -> dict:
     """(a): plain Keras on the images of `cache` (decoded once, held in memory), blocks 1-4
     frozen; its block4_pool output checked against the cache's rows first."""
     from extract import FeatureCache, import_keras
@@ -156,15 +174,20 @@ def usual_way(data: Path, cache: Path, size: int, epochs: int, head_epochs: int)
     step1_s = time.perf_counter() - started
 
     model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Flatten(), head])
-    model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="categorical_crossentropy",
+    model.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     timer = _EpochTimer(keras)
     history = model.fit(X["train"], Y["train"], batch_size=BATCH, epochs=epochs, callbacks=[timer.callback],
                         validation_data=(X["validation"], Y["validation"]), verbose=0)
     later = timer.seconds[1:] or timer.seconds  # the first epoch also builds the training step
     return {"epoch_s": float(np.mean(later)), "first_epoch_s": timer.seconds[0], "step1_s": step1_s,
-            "decode_s": decode_s, "accuracy": history.history["val_accuracy"][-1], "map_difference": difference,
+            "decode_s": decode_s, "accuracy": _unless_diverged(history.history), "map_difference": difference,
             "train_images": len(X["train"]), "validation_images": len(X["validation"])}
+
+
+def _unless_diverged(history: dict) -> float:
+    """The last validation accuracy, NaN when the training loss went to NaN (as train-head refuses it)."""
+    return history["val_accuracy"][-1] if np.isfinite(history["loss"][-1]) else float("nan")
 
 
 def _variance(X: np.ndarray) -> np.ndarray:
@@ -189,47 +212,54 @@ class _EpochTimer:
         self.callback = Callback()
 
 
-def compare(size: int, epochs: int, head_epochs: int) -> dict:
+def compare(size: int, epochs: int, head_epochs: int, rate: float) -> dict:
     """One row of the table: (a) in a child process (its own Keras state), then (b)."""
     data = subset(SUBSETS[size])
     cache, extract_s = extract(data, size)
     output, _ = run([sys.executable, __file__, "--usual-way", str(size), "--epochs", str(epochs),
-                     "--head-epochs", str(head_epochs)])
+                     "--head-epochs", str(head_epochs), "--learning-rate", str(rate)])
     a = json.loads(output)
-    b = from_cache(cache, epochs, head_epochs)
-    return {"size": size, "images": f"{a['train_images']}+{a['validation_images']}", "a": a, "b": b,
-            "extract_s": extract_s, "speedup": a["epoch_s"] / b["epoch_s"],
-            "total10_a": a["decode_s"] + a["step1_s"] + 10 * a["epoch_s"],
-            "total10_b": extract_s + b["step1_s"] + 10 * b["epoch_s"]}
+    row = {"size": size, "images": f"{a['train_images']}+{a['validation_images']}", "a": a, "extract_s": extract_s,
+           "total10_a": a["decode_s"] + a["step1_s"] + 10 * a["epoch_s"]}
+    for name, tuned in (("b", False), ("b_tuned", True)):
+        b = row[name] = from_cache(cache, epochs, head_epochs, rate, tuned)
+        row[f"total10_{name}"] = extract_s + b["step1_s"] + 10 * b["epoch_s"]
+    return row
 
 
-def print_table(rows: list[dict], epochs: int, head_epochs: int) -> None:
+def print_table(rows: list[dict], epochs: int, head_epochs: int, rate: float) -> None:
     print(f"finetune: digits, --weights random (seed 0), {os.cpu_count()} CPU cores; step 1 {head_epochs} epochs, "
-          f"step 2 {epochs} epochs; images train+validation")
+          f"step 2 {epochs} epochs at SGD {rate:g}; images train+validation")
+    print("(b) as shipped (block5 frozen in step 2) / (b) tuned (block5 trainable); speed-ups over (a)")
     print("| px | images | s/epoch (a) | s/epoch (b) | speed-up | accuracy (a) | accuracy (b) | extraction s "
           "| 10 epochs (a) s | 10 epochs (b) s | total speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['size']} | {row['images']} | {row['a']['epoch_s']:.2f} | {row['b']['epoch_s']:.2f} | "
-              f"{row['speedup']:.1f}x | {row['a']['accuracy']:.3f} | {row['b']['accuracy']:.3f} | {row['extract_s']:.1f} | "
-              f"{row['total10_a']:.0f} | {row['total10_b']:.0f} | {row['total10_a'] / row['total10_b']:.1f}x |")
+        a, b, tuned = row["a"], row["b"], row["b_tuned"]
+        print(f"| {row['size']} | {row['images']} | {a['epoch_s']:.2f} | {b['epoch_s']:.2f} / {tuned['epoch_s']:.2f} | "
+              f"{a['epoch_s'] / b['epoch_s']:.1f}x / {a['epoch_s'] / tuned['epoch_s']:.1f}x | {a['accuracy']:.3f} | "
+              f"{b['accuracy']:.3f} / {tuned['accuracy']:.3f} | {row['extract_s']:.1f} | {row['total10_a']:.0f} | "
+              f"{row['total10_b']:.0f} / {row['total10_b_tuned']:.0f} | "
+              f"{row['total10_a'] / row['total10_b']:.1f}x / {row['total10_a'] / row['total10_b_tuned']:.1f}x |")
 
 
-def float16(epochs: int, head_epochs: int) -> None:
+def float16(epochs: int, head_epochs: int, rate: float) -> None:
     """(b)'s validation accuracy from float16 and float32 caches of the same 64 px images."""
     data = subset(SUBSETS[64])
+    print("| px | cache | accuracy (b) | accuracy (b) tuned |\n|---|---|---|---|")
     for dtype in ("float32", "float16"):
         cache, _ = extract(data, 64, dtype)
-        row = train_head(cache, epochs, head_epochs)
-        print(f"| 64 | {dtype} | {row['validation_accuracy']:.3f} |")
+        shipped, tuned = (train_head(cache, epochs, head_epochs, rate, tuned=tuned) for tuned in (False, True))
+        print(f"| 64 | {dtype} | {shipped['validation_accuracy']:.3f} | {tuned['validation_accuracy']:.3f} |")
 
 
 def learning_rates(epochs: int, head_epochs: int) -> None:
     """(b)'s validation accuracy at 64 px by SGD learning rate, and without step 1."""
     cache, _ = extract(subset(SUBSETS[64]), 64)
-    for rate, first in (("1e-5", head_epochs), ("1e-4", head_epochs), ("1e-3", head_epochs), ("1e-4", 0)):
-        row = train_head(cache, epochs, first, "--learning-rate", rate)
-        print(f"| {rate} | {first} | {row['validation_accuracy']:.3f} |")
+    print("| SGD learning rate | --head-epochs | accuracy (b) | accuracy (b) tuned |\n|---|---|---|---|")
+    for rate, first in ((1e-5, head_epochs), (1e-4, head_epochs), (1e-3, head_epochs), (1e-4, 0), (1e-5, 0)):
+        shipped, tuned = (train_head(cache, epochs, first, rate, tuned=tuned) for tuned in (False, True))
+        print(f"| {rate:g} | {first} | {shipped['validation_accuracy']:.3f} | {tuned['validation_accuracy']:.3f} |")
 
 
 def synthetic_map_cache(path: Path, rows: int) -> None:
@@ -278,6 +308,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=sorted(SUBSETS), choices=sorted(SUBSETS))
     parser.add_argument("--epochs", type=int, default=3, help="epochs of step 2 (at least 2)")
     parser.add_argument("--head-epochs", type=int, default=5, help="epochs of step 1")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="SGD's in step 2, (a) and (b)")
     parser.add_argument("--float16", action="store_true", help="(b)'s accuracy from a float16 cache vs float32")
     parser.add_argument("--learning-rates", action="store_true", help="(b) by SGD learning rate at 64 px")
     parser.add_argument("--memory", action="store_true", help="peak RSS on a cache twice --budget")
@@ -290,9 +321,9 @@ def main() -> None:
     if args.usual_way:
         data = subset(SUBSETS[args.usual_way])
         cache = _cache_of(data, args.usual_way, "float32")
-        print(json.dumps(usual_way(data, cache, args.usual_way, args.epochs, args.head_epochs)))
+        print(json.dumps(usual_way(data, cache, args.usual_way, args.epochs, args.head_epochs, args.learning_rate)))
     elif args.float16:
-        float16(args.epochs, args.head_epochs)
+        float16(args.epochs, args.head_epochs, args.learning_rate)
     elif args.learning_rates:
         learning_rates(args.epochs, args.head_epochs)
     elif args.memory:
@@ -300,9 +331,9 @@ def main() -> None:
     else:
         rows = []
         for size in args.sizes:
-            rows.append(compare(size, args.epochs, args.head_epochs))
+            rows.append(compare(size, args.epochs, args.head_epochs, args.learning_rate))
             print(json.dumps(rows[-1]), file=sys.stderr)
-        print_table(rows, args.epochs, args.head_epochs)
+        print_table(rows, args.epochs, args.head_epochs, args.learning_rate)
 
 
 if __name__ == "__main__":
