@@ -268,8 +268,7 @@ def synthetic_map_cache(path: Path, rows: int) -> None:
     from extract.state import ConfigState, Row
 
     shape = (4, 4, 512)
-    writer, attrs, rng, centres = synthetic_writer(path, shape)
-    writer.state.attrs = attrs = dict(attrs, input_size=64, layer=MAP)
+    writer, attrs, rng, centres = synthetic_writer(path, shape, input_size=64, layer=MAP)
     labels, keys = rng.integers(0, 10, rows), [f"{i:064x}" for i in range(rows)]
     for start in range(0, rows, 2000):
         stop = min(start + 2000, rows)
