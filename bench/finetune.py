@@ -2,7 +2,8 @@
 finetune` on a cache of block4_pool maps (issue 30), on the demo's digits, with seeded random
 weights (--weights random, seed 0: no ImageNet weights here).
 
-    python bench/finetune.py                        # 64, 128 and 224 px: (a) vs (b), the table
+    python bench/finetune.py --epochs 5 --head-epochs 3 --learning-rate 1e-5   # docs/performance.md's table
+    python bench/finetune.py                        # 64, 128 and 224 px: (a) vs (b) (1e-4 diverges on random weights)
     python bench/finetune.py --sizes 64 --epochs 5  # one size
     python bench/finetune.py --float16              # (b)'s accuracy from a float16 cache vs float32
     python bench/finetune.py --learning-rates       # (b) at SGD 1e-5, 1e-4, 1e-3, and --head-epochs 0
@@ -15,7 +16,9 @@ step 2, block5 and the head together by SGD (--learning-rate, default 1e-4, mome
 no early stopping.
 (a) reads images decoded and resized once (the extractor's own decoder) and held in memory, so
 only the network's time counts; blocks 1-4 are frozen. Its seconds per epoch of step 2 are
-Keras's own epoch times (a callback: training and validation). (b)'s are the difference of
+Keras's own epoch times (a callback: training and validation; the first epoch, which also builds
+the training step, left out). (b) runs twice: train-head as it is, and "tuned", with block5
+trainable in step 2 (see TUNED_TRAIN_HEAD). (b)'s seconds per epoch are the difference of
 train-head's fit_seconds between --epochs N and --epochs 1, over N - 1 (no callback), and its
 one-time cost is extract-features' wall seconds. Totals for 10 epochs: (a) decoding + step 1 +
 10 epochs; (b) extraction + step 1 (fit_seconds at one epoch less one epoch) + 10 epochs.
@@ -163,9 +166,11 @@ def usual_way(data: Path, cache: Path, size: int, epochs: int, head_epochs: int,
         layer.trainable = layer.name.startswith("block5")
 
     started = time.perf_counter()  # step 1: the head on block5's frozen output, computed once
-    frozen = {split: base.predict(value, batch_size=BATCH, verbose=0).reshape(len(value), -1) for split, value in X.items()}
+    frozen = {split: base.predict(value, batch_size=BATCH, verbose=0).reshape(len(value), -1)
+              for split, value in X.items()}
+    moments = {"mean": frozen["train"].mean(0), "variance": _variance(frozen["train"])}
     head = keras.Sequential([keras.Input(frozen["train"].shape[1:]), keras.layers.Flatten(),
-                             keras.layers.Normalization(mean=frozen["train"].mean(0), variance=_variance(frozen["train"])),
+                             keras.layers.Normalization(**moments),
                              keras.layers.Dense(256, activation="relu"),
                              keras.layers.Dense(len(classes), activation="softmax")])
     head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])

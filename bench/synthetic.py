@@ -14,9 +14,9 @@ def synthetic_writer(path, shape: tuple[int, ...], **facts):
     (drawn first, so a script's later draws are what they always were). `facts` change
     ATTRS; then the configuration is named by its true fingerprint, as train-head --head
     finetune checks (it builds the network the facts name), else by a made-up one."""
+    from extract import FeatureConfig, fingerprint
     from extract.recovery import open_stored
     from extract.writer import Writer
-    from extract import FeatureConfig, fingerprint
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (10, int(np.prod(shape)))).astype(np.float32)
