@@ -12,13 +12,12 @@ weights (--weights random, seed 0: no ImageNet weights here).
 Everything it writes is under bench/data/ (git-ignored): the digits, a subset of them per size,
 the caches. Both runs train the same head the same way: step 1, Flatten -> Normalization ->
 Dense(256, relu) -> Dense(n, softmax) by Adam 1e-3 on block5's frozen output, computed once;
-step 2, block5 and the head together by SGD (--learning-rate, default 1e-4, momentum 0.9), batch 32,
-no early stopping.
+step 2, block5 and the head together by SGD (--learning-rate, default 1e-4, momentum 0.9, the
+gradient clipped to a global norm of 1 as train-head clips it), batch 32, no early stopping.
 (a) reads images decoded and resized once (the extractor's own decoder) and held in memory, so
 only the network's time counts; blocks 1-4 are frozen. Its seconds per epoch of step 2 are
 Keras's own epoch times (a callback: training and validation; the first epoch, which also builds
-the training step, left out). (b) runs twice: train-head as it is, and "tuned", with block5
-trainable in step 2 (see TUNED_TRAIN_HEAD). (b)'s seconds per epoch are the difference of
+the training step, left out). (b)'s seconds per epoch are the difference of
 train-head's fit_seconds between --epochs N and --epochs 1, over N - 1 (no callback), and its
 one-time cost is extract-features' wall seconds. Totals for 10 epochs: (a) decoding + step 1 +
 10 epochs; (b) extraction + step 1 (fit_seconds at one epoch less one epoch) + 10 epochs.
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from classify.data import memory_budget  # noqa: E402
+from classify.finetune import CLIP_NORM  # noqa: E402
 from synthetic import synthetic_writer  # noqa: E402 (bench/, the script's folder)
 
 BIN = Path(sys.executable).parent
@@ -50,22 +50,15 @@ SUBSETS = {64: (30, 10), 128: (12, 5), 224: (6, 3)}  # size -> (train, validatio
 BATCH = 32
 MIB = 2**20
 MAP = "block4_pool"
-# train-head with block5 trainable in step 2: as shipped (1d09e9f), vgg16_top(config) builds block5's
-# layers with trainable=False and `top.trainable = True` leaves them so (Keras 3), so step 2 tunes the
-# head alone; "(b) tuned" runs it with vgg16_top(config, trainable=True) until classify/ is fixed
-TUNED_TRAIN_HEAD = ("import sys, classify.finetune as f, classify.train_cli as cli; top = f.vgg16_top; "
-                    "f.vgg16_top = lambda config: top(config, trainable=True); sys.argv[0] = 'train-head'; cli.run()")
-
-
 class Diverged(Exception):
-    """train-head refused NaN outputs: step 2's SGD diverged."""
+    """train-head refused the head: step 2's SGD diverged."""
 
 
 def run(command: list[str]) -> tuple[str, float]:
     """A command's stdout and wall seconds; its stderr's tail on failure."""
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0 and "contains NaN" in result.stderr:
+    if result.returncode != 0 and ("diverged" in result.stderr or "contains NaN" in result.stderr):
         raise Diverged(result.stderr.strip().splitlines()[-1])
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])} failed ({result.returncode}): {result.stderr[-1500:]}")
@@ -114,10 +107,10 @@ def _cache_of(data: Path, size: int, dtype: str) -> Path:
     return FOLDER / f"finetune-{data.name}-{size}-{dtype}" / "features.h5"
 
 
-def train_head(cache: Path, epochs: int, head_epochs: int, rate: float, *options: str, tuned: bool = False) -> dict:
-    """train-head --head finetune without early stopping at SGD learning rate `rate` (`tuned`: with
-    block5 trainable, see TUNED_TRAIN_HEAD): its leaderboard row (NaN when it diverged)."""
-    program = [sys.executable, "-c", TUNED_TRAIN_HEAD] if tuned else [str(BIN / "train-head")]
+def train_head(cache: Path, epochs: int, head_epochs: int, rate: float, *options: str) -> dict:
+    """train-head --head finetune without early stopping at SGD learning rate `rate`: its
+    leaderboard row (NaN when it diverged)."""
+    program = [str(BIN / "train-head")]
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
         try:
             output, _ = run([*program, "--cache", str(cache), "--head", "finetune", "--no-early-stopping",
@@ -129,10 +122,10 @@ def train_head(cache: Path, epochs: int, head_epochs: int, rate: float, *options
     return json.loads(output)["leaderboard"][0]
 
 
-def from_cache(cache: Path, epochs: int, head_epochs: int, rate: float, tuned: bool = False) -> dict:
+def from_cache(cache: Path, epochs: int, head_epochs: int, rate: float) -> dict:
     """(b): seconds per epoch of step 2 (fit_seconds at N epochs less at 1, over N - 1), step 1's
     seconds, and the validation accuracy after N epochs."""
-    one, full = (train_head(cache, count, head_epochs, rate, tuned=tuned) for count in (1, epochs))
+    one, full = (train_head(cache, count, head_epochs, rate) for count in (1, epochs))
     per_epoch = (full["fit_seconds"] - one["fit_seconds"]) / (epochs - 1)
     return {"epoch_s": per_epoch, "step1_s": one["fit_seconds"] - per_epoch, "accuracy": full["validation_accuracy"]}
 
@@ -179,8 +172,8 @@ def usual_way(data: Path, cache: Path, size: int, epochs: int, head_epochs: int,
     step1_s = time.perf_counter() - started
 
     model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Flatten(), head])
-    model.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9, global_clipnorm=CLIP_NORM),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
     timer = _EpochTimer(keras)
     history = model.fit(X["train"], Y["train"], batch_size=BATCH, epochs=epochs, callbacks=[timer.callback],
                         validation_data=(X["validation"], Y["validation"]), verbose=0)
@@ -226,45 +219,40 @@ def compare(size: int, epochs: int, head_epochs: int, rate: float) -> dict:
     a = json.loads(output)
     row = {"size": size, "images": f"{a['train_images']}+{a['validation_images']}", "a": a, "extract_s": extract_s,
            "total10_a": a["decode_s"] + a["step1_s"] + 10 * a["epoch_s"]}
-    for name, tuned in (("b", False), ("b_tuned", True)):
-        b = row[name] = from_cache(cache, epochs, head_epochs, rate, tuned)
-        row[f"total10_{name}"] = extract_s + b["step1_s"] + 10 * b["epoch_s"]
+    b = row["b"] = from_cache(cache, epochs, head_epochs, rate)
+    row["total10_b"] = extract_s + b["step1_s"] + 10 * b["epoch_s"]
     return row
 
 
 def print_table(rows: list[dict], epochs: int, head_epochs: int, rate: float) -> None:
     print(f"finetune: digits, --weights random (seed 0), {os.cpu_count()} CPU cores; step 1 {head_epochs} epochs, "
           f"step 2 {epochs} epochs at SGD {rate:g}; images train+validation")
-    print("(b) as shipped (block5 frozen in step 2) / (b) tuned (block5 trainable); speed-ups over (a)")
     print("| px | images | s/epoch (a) | s/epoch (b) | speed-up | accuracy (a) | accuracy (b) | extraction s "
           "| 10 epochs (a) s | 10 epochs (b) s | total speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        a, b, tuned = row["a"], row["b"], row["b_tuned"]
-        print(f"| {row['size']} | {row['images']} | {a['epoch_s']:.2f} | {b['epoch_s']:.2f} / {tuned['epoch_s']:.2f} | "
-              f"{a['epoch_s'] / b['epoch_s']:.1f}x / {a['epoch_s'] / tuned['epoch_s']:.1f}x | {a['accuracy']:.3f} | "
-              f"{b['accuracy']:.3f} / {tuned['accuracy']:.3f} | {row['extract_s']:.1f} | {row['total10_a']:.0f} | "
-              f"{row['total10_b']:.0f} / {row['total10_b_tuned']:.0f} | "
-              f"{row['total10_a'] / row['total10_b']:.1f}x / {row['total10_a'] / row['total10_b_tuned']:.1f}x |")
+        a, b = row["a"], row["b"]
+        print(f"| {row['size']} | {row['images']} | {a['epoch_s']:.2f} | {b['epoch_s']:.2f} | "
+              f"{a['epoch_s'] / b['epoch_s']:.1f}x | {a['accuracy']:.3f} | {b['accuracy']:.3f} | "
+              f"{row['extract_s']:.1f} | {row['total10_a']:.0f} | {row['total10_b']:.0f} | "
+              f"{row['total10_a'] / row['total10_b']:.1f}x |")
 
 
 def float16(epochs: int, head_epochs: int, rate: float) -> None:
     """(b)'s validation accuracy from float16 and float32 caches of the same 64 px images."""
     data = subset(SUBSETS[64])
-    print("| px | cache | accuracy (b) | accuracy (b) tuned |\n|---|---|---|---|")
+    print("| px | cache | accuracy (b) |\n|---|---|---|")
     for dtype in ("float32", "float16"):
         cache, _ = extract(data, 64, dtype)
-        shipped, tuned = (train_head(cache, epochs, head_epochs, rate, tuned=tuned) for tuned in (False, True))
-        print(f"| 64 | {dtype} | {shipped['validation_accuracy']:.3f} | {tuned['validation_accuracy']:.3f} |")
+        print(f"| 64 | {dtype} | {train_head(cache, epochs, head_epochs, rate)['validation_accuracy']:.3f} |")
 
 
 def learning_rates(epochs: int, head_epochs: int) -> None:
     """(b)'s validation accuracy at 64 px by SGD learning rate, and without step 1."""
     cache, _ = extract(subset(SUBSETS[64]), 64)
-    print("| SGD learning rate | --head-epochs | accuracy (b) | accuracy (b) tuned |\n|---|---|---|---|")
-    for rate, first in ((1e-5, head_epochs), (1e-4, head_epochs), (1e-3, head_epochs), (1e-4, 0), (1e-5, 0)):
-        shipped, tuned = (train_head(cache, epochs, first, rate, tuned=tuned) for tuned in (False, True))
-        print(f"| {rate:g} | {first} | {shipped['validation_accuracy']:.3f} | {tuned['validation_accuracy']:.3f} |")
+    print("| SGD learning rate | --head-epochs | accuracy (b) |\n|---|---|---|")
+    for rate, first in ((1e-5, head_epochs), (1e-4, head_epochs), (1e-3, head_epochs), (1e-2, head_epochs), (1e-4, 0)):
+        print(f"| {rate:g} | {first} | {train_head(cache, epochs, first, rate)['validation_accuracy']:.3f} |")
 
 
 def synthetic_map_cache(path: Path, rows: int) -> None:

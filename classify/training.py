@@ -34,9 +34,7 @@ from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
-from extract import (
-    DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, package_versions,
-)
+from extract import DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, package_versions
 
 
 def _option(name: str) -> str:
