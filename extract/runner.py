@@ -123,9 +123,9 @@ def extract_features(
     labels_path = None if labels is None else str(Path(labels).resolve())  # as the cache records it
     cache = _real_cache(cache)
     scan = scan_folder(data_dir, layout, validation_percent, named, cache)
+    key = fingerprint(config.identity())  # reads the weights file: refused before the cache is touched
     with WriterLock(cache):
         _clean_leftovers(cache)
-        key = fingerprint(config.identity())
         stored = open_stored(cache, key, rebuild, repair)  # the cache as found, what a killed run left taken up
         data_root = str(scan.root.resolve())
         if stored.state.attrs and stored.state.attrs.get("data_dir") != data_root:

@@ -2,6 +2,7 @@
 --layer`, `train-head --head finetune`, the other heads on such a cache, export and scoring."""
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -189,6 +190,30 @@ def test_weights_gone_or_changed_are_one_line_naming_weights_and_nothing_is_writ
     done = call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "finetune", "--weights", tmp_path / "elsewhere.h5",
                 "--out", tmp_path / "head", "--epochs", "1", "--head-epochs", "1", "--quiet")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_a_weights_file_that_cannot_be_read_is_one_line_before_any_work(world, tmp_path):
+    unreadable = "/proc/self/mem"  # a regular file whose first read fails (EIO), even for root
+    one_line(call(EXTRACT, world / "data", "--cache", tmp_path / "c.h5", "--weights", unreadable, "--input-size", "32"),
+             2, f"Cannot read the weights file {unreadable!r} (Input/output error)", "--weights PATH")
+    assert list(tmp_path.iterdir()) == []  # not even the cache's lock file
+    one_line(call(TRAIN, "--cache", world / "b4.h5", "--head", "finetune", "--weights", unreadable,
+                  "--out", tmp_path / "head"), 2, f"Cannot read the weights file {unreadable!r}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_uses_the_weights_train_head_was_given(tmp_path, weights_file):
+    moved = tmp_path / "copy.h5"
+    shutil.copy(weights_file, moved)
+    make_dataset(tmp_path / "data", per_class=6)
+    extract_features(tmp_path / "data", tmp_path / "c.h5", input_size=32, weights=moved, layer="block4_pool",
+                     progress=False)
+    moved.rename(tmp_path / "elsewhere.h5")
+    done = call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "logreg", "--weights", tmp_path / "elsewhere.h5",
+                "--export", tmp_path / "model.keras", "--out", tmp_path / "head", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert keras.saving.load_model(tmp_path / "model.keras").output_shape == (None, 2)
 
 
 @pytest.mark.parametrize("args, words", [
