@@ -66,6 +66,18 @@ def test_an_unknown_layer_is_one_line_listing_the_valid_names(dataset, tmp_path)
     assert not (tmp_path / "c.h5").exists()
 
 
+def test_a_batch_of_a_low_layer_too_large_to_hold_is_refused_naming_the_batch_size_that_fits(dataset, tmp_path):
+    """block1_conv1 at 1024 px is 256 MiB a row: 32 of them (8 GiB) were taken, and held three times over."""
+    done = call(EXTRACT, dataset, "--cache", tmp_path / "c.h5", "--layer", "block1_conv1", "--input-size", "1024",
+                "--weights", "random")
+    one_line(done, 2, "--layer block1_conv1 at most 2 GiB", "received 32 x 256 MiB (1024x1024x64 float32",
+             "Lower --batch-size to 8.")
+    assert not listing(tmp_path, "c.h5*")
+    (tmp_path / "empty").mkdir()  # the batch that fits passes the check, to the next refusal
+    one_line(call(EXTRACT, tmp_path / "empty", "--cache", tmp_path / "c.h5", "--layer", "block1_conv1",
+                  "--input-size", "1024", "--batch-size", "8", "--weights", "random"), 2, "Found no images")
+
+
 def test_a_float16_layer_cache_is_extracted_incrementally(tmp_path, weights_file):
     make_dataset(tmp_path / "data", per_class=3)
     options = dict(input_size=32, weights=weights_file, layer="block4_pool", dtype="float16", progress=False)
