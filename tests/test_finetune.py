@@ -103,6 +103,22 @@ def test_finetune_trains_a_head_folder_with_its_learning_curve(world, tmp_path):
     assert info["params"]["learning_rate"] == 1e-4 and info["params"]["momentum"] == 0.9
 
 
+def test_finetune_cross_validates_few_images_holding_out_one_of_each_class_to_stop_early(world, tmp_path):
+    """A fold of 14 images of 3 classes: a tenth of them (2) held out for early stopping
+    was fewer than the classes, and every fold refused."""
+    training = train_head(world / "b4.h5", "finetune", out=tmp_path / "head", cv=3, epochs=1, head_epochs=1,
+                          report=False)
+    assert training.results[0].cross_validation["folds"] == 3
+
+
+def test_too_few_images_to_stop_early_say_so_and_name_no_early_stopping():
+    from classify.keras_head import KerasMLPClassifier
+    with pytest.raises(ValueError, match=r"Too few images to hold out a validation split for early stopping "
+                                         r"\(3 images of 3 classes, 1 of the least\); add images or pass "
+                                         r"--no-early-stopping"):
+        KerasMLPClassifier(early_stopping=True, epochs=1).fit(np.eye(3), [0, 1, 2])
+
+
 def test_finetune_changes_block5(world, tmp_path, weights_file):
     head = load_head(train_head(world / "b4.h5", "finetune", out=tmp_path / "head", epochs=2, head_epochs=1,
                                 early_stopping=False, learning_rate=0.01).folder)
