@@ -211,6 +211,10 @@ def test_weights_gone_or_changed_are_one_line_naming_weights_and_nothing_is_writ
         one_line(call(TRAIN, "--cache", tmp_path / "c.h5", "--head", head, "--out", tmp_path / "head"), 2,
                  f"weights file {str(moved)!r}, which is not there; pass --weights PATH")
     assert not (tmp_path / "head").exists() and not listing(tmp_path, "head*")
+    moved.mkdir()  # a folder where the weights were: there, but no weights file
+    one_line(call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "finetune", "--out", tmp_path / "head"), 2,
+             f"weights file {str(moved)!r}, which is not a regular file; pass --weights PATH")
+    moved.rmdir()
     with h5py.File(tmp_path / "other.h5", "w") as file:  # another file at the recorded place
         file.attrs["nothing"] = 1
     one_line(call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "finetune", "--weights", tmp_path / "other.h5",
