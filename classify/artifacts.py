@@ -375,8 +375,9 @@ def recorded_config(facts: dict, key: str, weights: str | None, whose: str, wher
         raise UsageError(f"{where} is not one train-head can read ({what}); {fix}.") from None
     place = config.weights
     if place not in ("imagenet", "random") and not Path(place).is_file():
+        what = "not a regular file" if os.path.exists(place) else "not there"  # a folder, a FIFO ... is there
         raise UsageError(
-            f"The {whose} were made with the weights file {place!r}, which is not there; "
+            f"The {whose} were made with the weights file {place!r}, which is {what}; "
             f"pass --weights PATH to a copy of it."
         )
     config.validate()

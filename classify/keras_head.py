@@ -118,13 +118,28 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         keras.utils.set_random_seed(int(random.randint(2**31 - 1)))
         if self.early_stopping and validation is None:
             first = np.unique(rows.images, return_index=True)[1]  # one row (label) per image
-            _, held_out = train_test_split(
-                rows.images[first], test_size=self.validation_fraction, stratify=y_index[first],
-                random_state=int(check_random_state(self.random_state).randint(2**31 - 1)),
-            )
+            held_out = self._held_out(rows.images[first], y_index[first])
             out = np.isin(rows.images, held_out)
             validation, rows, y_index = rows.subset(np.flatnonzero(out)), rows.subset(np.flatnonzero(~out)), y_index[~out]
         return keras, random, rows, y_index, validation
+
+    def _held_out(self, images: np.ndarray, y_index: np.ndarray) -> np.ndarray:
+        """The images early stopping holds out: a stratified `validation_fraction` of them,
+        but at least one of each class (a fold of --cv, or --search, on few images), so
+        that a fraction smaller than the classes is no refusal. Too few images of a class
+        to keep one on each side is one: that says to add images or stop early no more."""
+        size = self.validation_fraction
+        if np.ceil(size * len(images)) < len(self.classes_):
+            size = len(self.classes_)
+        try:
+            return train_test_split(images, test_size=size, stratify=y_index,
+                                    random_state=int(check_random_state(self.random_state).randint(2**31 - 1)))[1]
+        except ValueError:
+            fewest = int(np.bincount(y_index, minlength=len(self.classes_)).min())
+            raise ValueError(
+                f"Too few images to hold out a validation split for early stopping ({len(images)} images of "
+                f"{len(self.classes_)} classes, {fewest} of the least); add images or pass --no-early-stopping"
+            ) from None
 
     def _train(self, keras, model, rows: Rows, y_index, validation: Rows | None, epochs: int, random,
                best_loss: float | None = None) -> dict:

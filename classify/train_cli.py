@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if args.export:
         saved = f"The head is saved in {str(training.folder)!r}."
         try:
-            export_model(training.results[0].folder, args.export)
+            export_model(training.results[0].folder, args.export, weights=args.weights)
         except UsageError as error:
             return console.fail(PROG, f"{error} {saved}", console.status_of(error))
         except (ExtractError, OSError) as error:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from extract.console import why
 from extract.errors import UsageError
 from extract.options import EXTRACT_FEATURES, LAYER_CHANNELS, TOP_LAYER, check_options
 
@@ -131,11 +132,19 @@ def fingerprint(identity: dict) -> str:
 
 
 def _file_digests(path: Path) -> tuple[str, str]:
+    """The weights file's MD5 and SHA-256; one that cannot be read (no permission, an I/O
+    error) is refused in one line, before any work: it is the user's file to fix."""
     md5, sha256 = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            md5.update(block)
-            sha256.update(block)
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                md5.update(block)
+                sha256.update(block)
+    except OSError as error:
+        raise UsageError(
+            f"Cannot read the weights file {str(path)!r} ({why(error)}); make it readable, "
+            f"or pass --weights PATH to a readable copy."
+        ) from None
     return md5.hexdigest(), sha256.hexdigest()
 
 

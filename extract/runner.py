@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from extract import compaction
 from extract._version import __version__
 from extract.augment import Augmentation
@@ -42,6 +44,12 @@ VERSIONED = ("keras", "tensorflow", "jax", "torch", "h5py", "pillow", "numpy")  
 PROVENANCE = ("backends", "extract_version", *(f"{name}_version" for name in VERSIONED))
 # The options' bounds and choices: options.EXTRACT_FEATURES.
 BATCH_PIXELS = 32 * 1024**2  # pixels of one batch: the default 32 images up to 1024 px, fewer above 181 px
+# A batch's features, as float32: a run holds them about three times over (the network's output,
+# the copy it stores, the pending batch read back whole at a checkpoint), beside the network's own
+# activations. Only a layer below block4 at a large input size comes near: block1_conv1 at 1024 px
+# is 268 MB a row, 8.6 GB for 32 images (a 3.6 GB peak RSS for 8 images at 512 px, 1.3 GB over
+# block5_pool's), so a batch of it at most 8 images.
+BATCH_FEATURE_BYTES = 2 * 1024**3
 
 
 def extract_features(
@@ -108,6 +116,7 @@ def extract_features(
             f"Expected --batch-size x --input-size² at most 32 x 1024² (VGG16's first layer alone then holds "
             f"8.6 GB); received {batch_size} x {input_size}². Lower --batch-size."
         )
+    _check_batch_features(batch_size, config)
     if augmentation is not None and augment is None:
         raise UsageError("Transform options (--shear, --zoom, --flip, --rotation, --shift) need --augment K.")
     check_engine(engine, ray_address, ray_actors)
@@ -123,9 +132,9 @@ def extract_features(
     labels_path = None if labels is None else str(Path(labels).resolve())  # as the cache records it
     cache = _real_cache(cache)
     scan = scan_folder(data_dir, layout, validation_percent, named, cache)
+    key = fingerprint(config.identity())  # reads the weights file: refused before the cache is touched
     with WriterLock(cache):
         _clean_leftovers(cache)
-        key = fingerprint(config.identity())
         stored = open_stored(cache, key, rebuild, repair)  # the cache as found, what a killed run left taken up
         data_root = str(scan.root.resolve())
         if stored.state.attrs and stored.state.attrs.get("data_dir") != data_root:
@@ -263,6 +272,20 @@ class _Commits:
         )
         if not unchanged:
             self.commit(state)
+
+
+def _check_batch_features(batch_size: int, config: FeatureConfig) -> None:
+    """Refuse a batch whose features alone exceed BATCH_FEATURE_BYTES (a low --layer at a
+    large --input-size), naming the --batch-size that fits, before any work."""
+    row = 4 * int(np.prod(config.feature_shape))
+    if batch_size * row <= BATCH_FEATURE_BYTES:
+        return
+    shape = "x".join(map(str, config.feature_shape))
+    raise UsageError(
+        f"Expected --batch-size x one row of --layer {config.layer} at most 2 GiB (a batch's features are held "
+        f"about three times over while they are stored); received {batch_size} x {row / 2**20:.0f} MiB ({shape} "
+        f"float32 at --input-size {config.input_size}). Lower --batch-size to {max(1, BATCH_FEATURE_BYTES // row)}."
+    )
 
 
 def _other_configs(cache: Path, key: str) -> list[dict]:

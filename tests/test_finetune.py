@@ -2,6 +2,7 @@
 --layer`, `train-head --head finetune`, the other heads on such a cache, export and scoring."""
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -65,6 +66,18 @@ def test_an_unknown_layer_is_one_line_listing_the_valid_names(dataset, tmp_path)
     assert not (tmp_path / "c.h5").exists()
 
 
+def test_a_batch_of_a_low_layer_too_large_to_hold_is_refused_naming_the_batch_size_that_fits(dataset, tmp_path):
+    """block1_conv1 at 1024 px is 256 MiB a row: 32 of them (8 GiB) were taken, and held three times over."""
+    done = call(EXTRACT, dataset, "--cache", tmp_path / "c.h5", "--layer", "block1_conv1", "--input-size", "1024",
+                "--weights", "random")
+    one_line(done, 2, "--layer block1_conv1 at most 2 GiB", "received 32 x 256 MiB (1024x1024x64 float32",
+             "Lower --batch-size to 8.")
+    assert not listing(tmp_path, "c.h5*")
+    (tmp_path / "empty").mkdir()  # the batch that fits passes the check, to the next refusal
+    one_line(call(EXTRACT, tmp_path / "empty", "--cache", tmp_path / "c.h5", "--layer", "block1_conv1",
+                  "--input-size", "1024", "--batch-size", "8", "--weights", "random"), 2, "Found no images")
+
+
 def test_a_float16_layer_cache_is_extracted_incrementally(tmp_path, weights_file):
     make_dataset(tmp_path / "data", per_class=3)
     options = dict(input_size=32, weights=weights_file, layer="block4_pool", dtype="float16", progress=False)
@@ -90,6 +103,22 @@ def test_finetune_trains_a_head_folder_with_its_learning_curve(world, tmp_path):
     assert info["params"]["learning_rate"] == 1e-4 and info["params"]["momentum"] == 0.9
 
 
+def test_finetune_cross_validates_few_images_holding_out_one_of_each_class_to_stop_early(world, tmp_path):
+    """A fold of 14 images of 3 classes: a tenth of them (2) held out for early stopping
+    was fewer than the classes, and every fold refused."""
+    training = train_head(world / "b4.h5", "finetune", out=tmp_path / "head", cv=3, epochs=1, head_epochs=1,
+                          report=False)
+    assert training.results[0].cross_validation["folds"] == 3
+
+
+def test_too_few_images_to_stop_early_say_so_and_name_no_early_stopping():
+    from classify.keras_head import KerasMLPClassifier
+    with pytest.raises(ValueError, match=r"Too few images to hold out a validation split for early stopping "
+                                         r"\(3 images of 3 classes, 1 of the least\); add images or pass "
+                                         r"--no-early-stopping"):
+        KerasMLPClassifier(early_stopping=True, epochs=1).fit(np.eye(3), [0, 1, 2])
+
+
 def test_finetune_changes_block5(world, tmp_path, weights_file):
     head = load_head(train_head(world / "b4.h5", "finetune", out=tmp_path / "head", epochs=2, head_epochs=1,
                                 early_stopping=False, learning_rate=0.01).folder)
@@ -111,6 +140,26 @@ def test_the_exported_finetune_model_gives_the_pipelines_probabilities(world, tm
     scored = np.array([[dict(row.top)[name] for name in classes] for row in rows])
     np.testing.assert_allclose(exported, scored, atol=1e-5)
     assert model.input_shape == (None, SIZE, SIZE, 3) and model.output_shape == (None, 3)
+
+
+def test_the_exported_model_of_a_float16_cache_rounds_as_the_cache_does(tmp_path, weights_file):
+    """The head learnt float16 maps: the model gives it its maps rounded so. Unrounded, 69% of
+    them differed from the cache's (by up to half a float16 step), and the probabilities of a
+    head trained on cached views by 3.8e-3."""
+    make_dataset(tmp_path / "data", per_class=6, classes=("cat", "dog", "fox"))
+    extract_features(tmp_path / "data", tmp_path / "c.h5", input_size=SIZE, weights=weights_file, layer="block4_pool",
+                     dtype="float16", progress=False)
+    folder = train_head(tmp_path / "c.h5", "finetune", out=tmp_path / "head", epochs=1, head_epochs=1,
+                        report=False).folder
+    model = export_model(folder, tmp_path / "model.keras")
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        paths, stored = list(cache.paths()), cache.features()
+    pixels = np.stack([decode((tmp_path / "data" / path).read_bytes(), SIZE) for path in paths])
+    maps = keras.Model(model.inputs, model.get_layer("flatten_features").output).predict(pixels, verbose=0)
+    assert (maps != stored.reshape(len(paths), -1)).mean() < 0.01  # a rare float32 difference may round apart
+    classes = load_head(folder).classes
+    scored = [[dict(row.top)[name] for name in classes] for row in score_images([tmp_path / "data" / path for path in paths], folder)]
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), scored, atol=1e-5)
 
 
 def test_score_images_with_a_finetune_head_reuses_the_cached_maps(world, tmp_path):
@@ -183,6 +232,10 @@ def test_weights_gone_or_changed_are_one_line_naming_weights_and_nothing_is_writ
         one_line(call(TRAIN, "--cache", tmp_path / "c.h5", "--head", head, "--out", tmp_path / "head"), 2,
                  f"weights file {str(moved)!r}, which is not there; pass --weights PATH")
     assert not (tmp_path / "head").exists() and not listing(tmp_path, "head*")
+    moved.mkdir()  # a folder where the weights were: there, but no weights file
+    one_line(call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "finetune", "--out", tmp_path / "head"), 2,
+             f"weights file {str(moved)!r}, which is not a regular file; pass --weights PATH")
+    moved.rmdir()
     with h5py.File(tmp_path / "other.h5", "w") as file:  # another file at the recorded place
         file.attrs["nothing"] = 1
     one_line(call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "finetune", "--weights", tmp_path / "other.h5",
@@ -190,6 +243,30 @@ def test_weights_gone_or_changed_are_one_line_naming_weights_and_nothing_is_writ
     done = call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "finetune", "--weights", tmp_path / "elsewhere.h5",
                 "--out", tmp_path / "head", "--epochs", "1", "--head-epochs", "1", "--quiet")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_a_weights_file_that_cannot_be_read_is_one_line_before_any_work(world, tmp_path):
+    unreadable = "/proc/self/mem"  # a regular file whose first read fails (EIO), even for root
+    one_line(call(EXTRACT, world / "data", "--cache", tmp_path / "c.h5", "--weights", unreadable, "--input-size", "32"),
+             2, f"Cannot read the weights file {unreadable!r} (Input/output error)", "--weights PATH")
+    assert list(tmp_path.iterdir()) == []  # not even the cache's lock file
+    one_line(call(TRAIN, "--cache", world / "b4.h5", "--head", "finetune", "--weights", unreadable,
+                  "--out", tmp_path / "head"), 2, f"Cannot read the weights file {unreadable!r}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_uses_the_weights_train_head_was_given(tmp_path, weights_file):
+    moved = tmp_path / "copy.h5"
+    shutil.copy(weights_file, moved)
+    make_dataset(tmp_path / "data", per_class=6)
+    extract_features(tmp_path / "data", tmp_path / "c.h5", input_size=32, weights=moved, layer="block4_pool",
+                     progress=False)
+    moved.rename(tmp_path / "elsewhere.h5")
+    done = call(TRAIN, "--cache", tmp_path / "c.h5", "--head", "logreg", "--weights", tmp_path / "elsewhere.h5",
+                "--export", tmp_path / "model.keras", "--out", tmp_path / "head", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert keras.saving.load_model(tmp_path / "model.keras").output_shape == (None, 2)
 
 
 @pytest.mark.parametrize("args, words", [
