@@ -6,11 +6,13 @@ from conftest import blobs
 
 
 def test_the_registry_holds_every_head():
-    assert list(HEADS) == ["mlp", "logreg", "linear-svm", "sgd-logreg", "sgd-svm", "sklearn-mlp", "knn", "random-forest"]
-    assert [name for name, head in HEADS.items() if head.streams] == ["mlp", "sgd-logreg", "sgd-svm"]
+    assert list(HEADS) == ["mlp", "logreg", "linear-svm", "sgd-logreg", "sgd-svm", "sklearn-mlp", "knn", "random-forest",
+                           "finetune"]
+    assert [name for name, head in HEADS.items() if head.streams] == ["mlp", "sgd-logreg", "sgd-svm", "finetune"]
+    assert [name for name, head in HEADS.items() if head.tunes] == ["finetune"]  # on block4_pool maps: test_finetune.py
 
 
-@pytest.mark.parametrize("name", list(HEADS))
+@pytest.mark.parametrize("name", [name for name, head in HEADS.items() if not head.tunes])
 def test_every_head_trains_and_predicts(name):
     X, y = blobs(per_class=40, seed=1)
     X_test, y_test = blobs(per_class=10, seed=1)  # the same centres, new points
