@@ -125,8 +125,8 @@ class KerasFinetuneClassifier(KerasMLPClassifier):
             loss="categorical_crossentropy",
             metrics=["accuracy"],
         )
-        first_loss = _kept_loss(first, self.early_stopping) if validation is not None else None
-        second = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random, first_loss)
+        second = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random,
+                             _kept_loss(first, self.early_stopping))
         if not np.isfinite(second["loss"][-1]) and not self.early_stopping:
             raise ValueError(f"block5's training diverged (a training loss of {second['loss'][-1]}) at "
                              f"--learning-rate {self.learning_rate}; lower it, or keep early stopping on")
@@ -148,11 +148,11 @@ class _Frozen:
     """Flattened maps -> block5_pool's flattened maps, through the frozen rest of the base."""
 
     def __init__(self, top, shape: tuple[int, ...]):
-        self.top, self.shape = top, tuple(shape)
+        self.top, self.shape, self.keras = top, tuple(shape), import_keras()
         self.n_features = int(np.prod(top.output_shape[1:]))
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        keras = import_keras()
+        keras = self.keras
         result = np.empty((len(X), self.n_features), np.float32)
         for start in range(0, len(X), FROZEN_BATCH):
             maps = np.asarray(X[start:start + FROZEN_BATCH], np.float32).reshape(-1, *self.shape)
@@ -173,7 +173,7 @@ def frozen_top(config: FeatureConfig):
     `config` (see `Rows.through`), as a cache of `--layer block5_pool` would hold them."""
     top = vgg16_top(config)
     frozen = _Frozen(top, config.feature_shape)
-    return frozen, frozen.n_features, replace(config, layer="block5_pool")
+    return frozen, frozen.n_features, replace(config, layer=TOP_LAYER)
 
 
 def feature_sets(names: list[str], tuning: list[str], every: bool, splits: Splits, cache,
@@ -184,9 +184,8 @@ def feature_sets(names: list[str], tuning: list[str], every: bool, splits: Split
     another cache is refused, or left out when `every` head was asked for (--head all);
     `weights`: where the weights the cache was made with are now (None: where they were)."""
     facts = splits.config
-    maps = facts.get("pooling") == "none" and facts.get("layer", TOP_LAYER) != TOP_LAYER
-    tunable = maps and facts.get("layer") == TUNED_LAYER
-    if tuning and not tunable:
+    maps = FeatureConfig.from_facts(facts).is_map_below_top
+    if tuning and not (maps and facts.get("layer") == TUNED_LAYER):
         if not every:
             raise UsageError(_finetune_needs(splits, cache))
         names = [name for name in names if name not in tuning]
@@ -206,7 +205,8 @@ def _finetune_needs(splits: Splits, cache) -> str:
     makes features it can."""
     facts = splits.config
     weights = facts.get("weights")
-    weights = facts.get("weights_path") or weights if weights == "file" else weights
+    if weights == "file":  # named by its path where the cache recorded one
+        weights = facts.get("weights_path") or weights
     command = (f"extract-features {shlex.quote(splits.data_dir or 'DATA_DIR')} --layer {TUNED_LAYER} --pooling none "
                f"--input-size {facts.get('input_size')} --weights {shlex.quote(str(weights))}"
                + (f" --seed {facts.get('weights_seed', 0)}" if weights == "random" else "")

@@ -28,7 +28,7 @@ from extract.errors import CacheError, CatalogDamagedError, UsageError
 from extract.files import stale_partials
 from extract.labels import read_labels
 from extract.layout import Scan, not_regular, scan_folder
-from extract.options import EXTRACT_FEATURES, check_options
+from extract.options import EXTRACT_FEATURES, TOP_LAYER, check_options
 from extract.plan import Plan, changed, check_label_source, next_state, plan
 from extract.progress import Checkpoints, Tally
 from extract.ray_engine import RayEngine
@@ -64,7 +64,7 @@ def extract_features(
     precision: str = "float32",
     dtype: str = "float32",
     decode: str = "exact",
-    layer: str = "block5_pool",
+    layer: str = TOP_LAYER,
     layout: str = "auto",
     validation_percent: float = 20.0,
     labels=None,

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -186,6 +187,29 @@ def listing(folder: Path, pattern: str) -> list[str]:
     removes them: the glob module passes over a folder that vanishes as it is listed
     (Path.glob raises FileNotFoundError)."""
     return glob.glob(os.path.join(glob.escape(str(folder)), pattern))
+
+
+def wait_for(folder: Path, pattern: str, process, timeout: float = 120) -> bool:
+    """Wait until a running `process` has written something matching `pattern` under `folder`
+    (True), or has ended first (False); fails the test after `timeout` seconds of neither."""
+    deadline = time.monotonic() + timeout
+    while not listing(folder, pattern):
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.005)
+    return True
+
+
+def ctrl_c(process, folder: Path, pattern: str, settle: float) -> str:
+    """Ctrl-C a running command `settle` seconds after it wrote `pattern` under `folder`; it must
+    end with status 130 and one line on stderr saying it was interrupted (returned)."""
+    assert wait_for(folder, pattern, process), process.communicate()
+    time.sleep(settle)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    return err
 
 
 def one_line(done: subprocess.CompletedProcess, status: int, *words: str) -> str:

@@ -4,8 +4,6 @@
 import json
 import os
 import shutil
-import signal
-import time
 
 import h5py
 import keras
@@ -17,7 +15,7 @@ from classify import export_model, load_head, score_images, train_head
 from classify.splits import load_splits
 from classify.finetune import feature_sets
 from conftest import make_dataset
-from extract import FeatureCache, FeatureConfig, UsageError, extract_features, fingerprint, list_configs
+from extract import FeatureCache, FeatureConfig, extract_features, fingerprint, list_configs
 from extract.reader import decode
 from helpers import EXTRACT, SCORE, TRAIN, call, listing, one_line
 
@@ -195,7 +193,7 @@ def test_the_other_heads_train_on_block5_maps_computed_from_the_cache(world, wei
     assert heads["finetune"].fingerprint == list_configs(world / "b4.h5")[0]["fingerprint"]
     # a derived head is a head of the block5_pool configuration: it scores that cache's features
     with FeatureCache(world / "b5.h5") as cache:
-        heads["logreg"].predict_proba(cache.features(), cache.fingerprint)
+        assert heads["logreg"].predict_proba(cache.features(), cache.fingerprint).shape == (len(cache.paths()), 3)
 
 
 def test_all_on_a_block5_cache_leaves_finetune_out_without_a_word(world, tmp_path):
@@ -298,14 +296,7 @@ def test_finetune_streams_a_cache_larger_than_the_budget(world, tmp_path):
 def test_ctrl_c_in_finetune_is_one_line_and_leaves_nothing(world, tmp_path):
     process = helpers.start(TRAIN, "--cache", world / "b4.h5", "--head", "finetune", "--epochs", "10000",
                             "--no-early-stopping", "--out", tmp_path / "run", "--quiet")
-    deadline = time.monotonic() + 120
-    while not listing(tmp_path, "run.partial-*") and process.poll() is None:
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.005)
-    time.sleep(1.0)  # into the epochs
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    helpers.ctrl_c(process, tmp_path, "run.partial-*", 1.0)  # 1 s: into the epochs
     assert list(tmp_path.iterdir()) == []
 
 

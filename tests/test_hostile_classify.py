@@ -24,7 +24,7 @@ import helpers
 from classify import train_head
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
 from extract import extract_features
-from helpers import SCORE, TRAIN, command_line as command, listing, one_line
+from helpers import SCORE, TRAIN, command_line as command, listing, one_line, wait_for
 
 
 def train(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -263,24 +263,10 @@ def test_an_export_name_that_is_not_keras_is_refused_before_training(world, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def wait_for(pattern_root: Path, pattern: str, process, timeout=120) -> bool:
-    deadline = time.monotonic() + timeout
-    while not listing(pattern_root, pattern):
-        if process.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.005)
-    return True
-
-
 def test_ctrl_c_in_train_head_is_one_line_and_leaves_nothing(world, tmp_path):
     process = helpers.start(TRAIN, "--cache", world / "s.h5", "--head", "mlp", "--epochs", "10000",
                             "--out", tmp_path / "run", "--quiet")
-    assert wait_for(tmp_path, "run.partial-*", process), process.communicate()
-    time.sleep(0.5)  # into the epochs
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    helpers.ctrl_c(process, tmp_path, "run.partial-*", 0.5)  # 0.5 s: into the epochs
     assert list(tmp_path.iterdir()) == []
 
 
@@ -291,11 +277,7 @@ def test_ctrl_c_in_score_images_is_one_line_and_keeps_the_output(world, tmp_path
     output.write_text("precious\n")
     process = helpers.start(SCORE, tmp_path / "many", "--head", world / "head", "--batch-size", "1",
                             "--output", output, "--quiet")
-    assert wait_for(tmp_path, ".out.csv.partial-*", process), process.communicate()
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    helpers.ctrl_c(process, tmp_path, ".out.csv.partial-*", 0.3)
     assert output.read_text() == "precious\n" and not list(tmp_path.glob(".out.csv.partial-*"))
 
 
