@@ -1,0 +1,58 @@
+"""Where images come from: a folder of files, or shards that hold many images each
+(WebDataset tars, Parquet files), on this machine or at an fsspec URL (s3://, gs://,
+https://, file://).
+
+Every image enters through one contract. A location (`location`) lists its files: image files,
+each one image, and shards (`Shard`), each many. A shard is read by streaming it once, in
+order (`samples`): each of its images comes as a `Sample`, its key within the shard, its bytes,
+and the label and split it carries, if any. The stored path of a sample is the shard's path,
+"#", and its key (`member_path`): `shards/000012.tar#cat_0017`.
+
+The kinds of shard, by file name (`SHARD_KINDS`):
+- `tars`: WebDataset tars (what img2dataset writes): members grouped into samples by key,
+  the image under jpg, jpeg, png or webp, the label in .cls or in .json under "label".
+- `parquet`: Parquet files with the image in a column `image` (Hugging Face's struct of bytes
+  and path, or plain binary), an optional `label` and `split`; read a batch of rows at a time.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Iterator, NamedTuple
+
+SHARD_KINDS = {".tar": "tar", ".parquet": "parquet", ".pq": "parquet"}
+SEPARATOR = "#"  # between a shard's path and a sample's key in a stored path
+
+
+class Sample(NamedTuple):
+    """One image of a shard, as read: its bytes, or why it could not be read (`error`).
+    A sample with key "" and an error stands for the rest of the shard, not read (a
+    truncated tar, a connection lost for good)."""
+
+    key: str  # unique within its shard: the WebDataset key, or a Parquet row's number
+    data: bytes | None  # the image's bytes; None when `error`
+    label: str | None = None  # the class the sample carries (a .cls, a .json's "label", a label column)
+    split: str | None = None  # the split the sample carries (a Parquet split column); None: by the layout
+    error: str | None = None
+
+
+def shard_kind(name: str) -> str | None:
+    """"tar" or "parquet" for a shard's file name, None for any other file."""
+    dot = name.rfind(".")
+    return SHARD_KINDS.get(name[dot:].lower()) if dot > 0 else None
+
+
+def member_path(shard: str, key: str) -> str:
+    """The stored path of a shard's sample: `shards/000012.tar#cat_0017`."""
+    return f"{shard}{SEPARATOR}{key}"
+
+
+def samples(kind: str, file: BinaryIO, name: str, limit: int) -> Iterator[Sample]:
+    """The samples of one shard of `kind`, read from the open binary `file` (named `name`
+    in messages), in order; a sample over `limit` bytes is an error sample, never read whole."""
+    if kind == "tar":
+        from extract.sources.tars import tar_samples
+
+        return tar_samples(file, name, limit)
+    from extract.sources.parquet import parquet_samples
+
+    return parquet_samples(file, name, limit)
