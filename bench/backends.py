@@ -89,9 +89,10 @@ def features(data: Path, weights: str, precision: str, count: int, size: int) ->
     from extract.config import FeatureConfig
     from extract.layout import scan_folder
     from extract.reader import load_all
+    from extract.sources.folder import Folder
 
     images = scan_folder(data).images[:count]
-    pixels = np.stack([item.pixels for item in load_all(data, images, size, "bilinear", workers=2, prefetch=32)])
+    pixels = np.stack([item.pixels for item in load_all(Folder(data), images, size, "bilinear", workers=2, prefetch=32)])
     backbone = Backbone(FeatureConfig(input_size=size, weights=weights, precision=precision))
     return np.concatenate([backbone(pixels[start:start + 16]) for start in range(0, len(pixels), 16)])
 

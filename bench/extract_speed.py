@@ -31,6 +31,7 @@ from extract.backbone import Backbone  # noqa: E402
 from extract.config import FeatureConfig  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
+from extract.sources.folder import Folder  # noqa: E402
 
 
 def photo_folder(count: int, size=(500, 375), workers: int = 1) -> Path:
@@ -101,7 +102,7 @@ def main() -> None:
     results = {"images": len(images), "input_size": size, "batch_size": args.batch_size, "precision": args.precision}
 
     start = time.perf_counter()
-    loaded = list(load_all(data, images, size, "bilinear", workers=2, prefetch=64))
+    loaded = list(load_all(Folder(data), images, size, "bilinear", workers=2, prefetch=64))
     results["read_images_per_s"] = round(len(loaded) / (time.perf_counter() - start), 1)
     results["mean_jpeg_kb"] = round(sum(image.size for image in images) / len(images) / 1024, 1)
 

@@ -89,6 +89,7 @@ def check(args) -> None:
     from extract.backbone import cpu_has_bfloat16
     from extract.layout import scan_folder
     from extract.reader import load_all
+    from extract.sources.folder import Folder
 
     started = time.perf_counter()
     gpu = gpu_name()
@@ -120,7 +121,7 @@ def check(args) -> None:
           f"({sum(image.size for image in images) / len(images) / 1024:.0f} KB each); "
           f"{args.input_size} px, batch {args.batch_size}, {args.workers} reader threads")
     reading = time.perf_counter()
-    count = sum(1 for loaded in load_all(data, images, args.input_size, "bilinear", (), args.workers,
+    count = sum(1 for loaded in load_all(Folder(data), images, args.input_size, "bilinear", (), args.workers,
                                           prefetch=2 * args.batch_size) if loaded.error is None)
     read_rate = count / (time.perf_counter() - reading)
     print(f"read   {read_rate:8.0f} images/s  (reading, SHA-256, decode, resize on {args.workers} threads; no network)")
@@ -221,7 +222,7 @@ def reference(args) -> None:
     from extract.reader import load_all
 
     images = sorted(scan_folder(Path(args.data)).images, key=lambda image: image.path)[:COMPARED]
-    pixels = np.stack([item.pixels for item in load_all(Path(args.data), images, args.input_size, "bilinear",
+    pixels = np.stack([item.pixels for item in load_all(Folder(Path(args.data)), images, args.input_size, "bilinear",
                                                           (), args.workers, prefetch=COMPARED)])
     backbone = Backbone(FeatureConfig(input_size=args.input_size, weights=args.weights))
     np.save(Path(args.data).parent / "features-reference.npy", backbone(pixels))

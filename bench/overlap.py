@@ -30,6 +30,7 @@ from extract.backbone import Backbone  # noqa: E402
 from extract.config import FeatureConfig  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
+from extract.sources.folder import Folder  # noqa: E402
 
 
 class FastNetwork:
@@ -57,7 +58,7 @@ def main() -> None:
     data = photo_folder(args.images, workers=os.cpu_count() or 1)
     images = scan_folder(data).images
     started = time.perf_counter()
-    loaded = [item.pixels for item in load_all(data, images, 224, "bilinear", (), args.workers, prefetch=64)]
+    loaded = [item.pixels for item in load_all(Folder(data), images, 224, "bilinear", (), args.workers, prefetch=64)]
     read_rate = len(loaded) / (time.perf_counter() - started)
     backbone = Backbone(FeatureConfig(input_size=224, weights="random"))
     FastNetwork.maps = np.concatenate([backbone(np.stack(loaded[i:i + 16])) for i in range(0, 64, 16)])

@@ -31,6 +31,7 @@ from bench.extract_speed import photo_folder  # noqa: E402
 from extract.config import FeatureConfig  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load  # noqa: E402
+from extract.sources.folder import Folder  # noqa: E402
 
 
 def timed(arguments: list[str], env=None) -> tuple[float, dict]:
@@ -74,7 +75,7 @@ def main() -> None:
     config = FeatureConfig(input_size=args.input_size, weights="random")
     images = scan_folder(data).images[:min(args.images, 200)]
     started = time.perf_counter()
-    loaded = [load(data, image, args.input_size, config.interpolation) for image in images]
+    loaded = [load(Folder(data), image, args.input_size, config.interpolation) for image in images]
     read_ms = (time.perf_counter() - started) / len(images) * 1000
     from extract.backbone import Backbone
 

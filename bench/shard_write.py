@@ -26,6 +26,7 @@ from extract.backbone import Backbone  # noqa: E402
 from extract.config import FeatureConfig  # noqa: E402
 from extract.layout import scan_folder  # noqa: E402
 from extract.reader import load_all  # noqa: E402
+from extract.sources.folder import Folder  # noqa: E402
 from extract.schema import COMPRESSION_LEVEL, feature_chunk_rows  # noqa: E402
 from extract.shards import write_shard  # noqa: E402
 
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     data = photo_folder(args.photos)
     images = scan_folder(data).images[: args.photos]
-    pixels = np.stack([item.pixels for item in load_all(data, images, 224, "bilinear", workers=2)])
+    pixels = np.stack([item.pixels for item in load_all(Folder(data), images, 224, "bilinear", workers=2)])
     backbone = Backbone(FeatureConfig(weights="random"))
     maps = np.concatenate([backbone(pixels[start : start + 32]) for start in range(0, len(pixels), 32)])
     rows = np.concatenate([maps] * args.repeat)

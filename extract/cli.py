@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add = parser.add_argument
-    add("data_dir", metavar="DATA_DIR", help="folder of images: train/ + validation/ (+ test/), <class>/ folders, or unlabeled")
+    add("data_dir", metavar="DATA_DIR",
+        help="folder of images: train/ + validation/ (+ test/), <class>/ folders, or unlabeled; or shards: "
+             "WebDataset .tar or .parquet files, a folder of them, a brace pattern (shards/{000..099}.tar); "
+             "local, or at an s3://, gs://, https:// URL (docs/sources.md)")
+    add("--storage-options", metavar="JSON",
+        help="fsspec options for a URL DATA_DIR, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' "
+             "(credentials as s3fs and gcsfs read them: AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)")
     add("--cache", default=DEFAULT_CACHE, metavar="PATH", help=f"HDF5 feature cache (default {DEFAULT_CACHE})")
     add("--layout", choices=LAYOUTS, default="auto",
         help="how DATA_DIR is organised (default: detected; a cache labelled otherwise needs it named to relabel)")
@@ -132,6 +138,7 @@ def main(argv=None) -> int:
                 engine=args.engine,
                 ray_address=args.ray_address,
                 ray_actors=args.ray_actors,
+                storage_options=_storage_options(args.storage_options),
                 progress=not (args.quiet or args.json),
             )
     except ExtractError as error:
@@ -149,6 +156,14 @@ def main(argv=None) -> int:
         return fail(PROG, f"{summary.failed} images failed (--strict); their reasons are in the cache's failure table.",
                     FAILED)
     return DONE
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    from extract.sources.remote import parse_storage_options
+
+    return parse_storage_options(text)
 
 
 def _augmentation(args) -> Augmentation | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -24,6 +23,7 @@ from extract.layout import ImageFile
 from extract.progress import Checkpoints, Tally
 from extract.reader import Loaded, ViewRequest, load_all
 from extract.shards import view_key
+from extract.sources import Shard
 from extract.writer import Writer
 
 
@@ -36,19 +36,26 @@ class Engine:
         self.checkpoints, self.batch_size = checkpoints, batch_size
         self.tally = Tally()
 
-    def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, workers: int,
-            progress: bool) -> Iterator[None]:
-        """Compute what `images` (and their `views`) need; yields when a checkpoint is due."""
+    def run(self, location, images: list[ImageFile], views: ViewRequest | None, workers: int,
+            progress: bool, shards: list[Shard] = ()) -> Iterator[None]:
+        """Compute what `images` and the samples of `shards` (and their `views`) need, read from
+        `location`; yields when a checkpoint is due."""
         config, writer, tally = self.config, self.writer, self.tally
         network = Network(config)
         started = time.perf_counter()
-        loaded = load_all(root, images, config.input_size, config.interpolation, _Known(writer), workers,
-                          prefetch=2 * self.batch_size, views=views, draft=config.decode == "draft")
+        loaded = load_all(location, images, config.input_size, config.interpolation, _Known(writer), workers,
+                          prefetch=2 * self.batch_size, views=views, draft=config.decode == "draft", shards=shards)
         work = _work(loaded, writer, views.augmentation.fingerprint if views else "")
-        with tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True) as bar:
+        total = None if shards else len(images)  # a shard's samples are known only as it is read
+        with tqdm(total=total, unit="img", desc="extracting", disable=None if progress else True) as bar:
             for done in featurize(work, network, self.batch_size):
                 read = [(image, features) for image, features in done.items if image is not None]
                 for image, features in read:  # before the batch is stored: a commit takes only what is
+                    if image.samples is not None:
+                        tally.shard_ended(image.shard.path, image.samples, image.error)
+                        continue
+                    if image.shard is not None:
+                        tally.sample(image.shard.path, image.image)
                     if image.error:
                         tally.failures.append((image.image.path, image.error))
                     else:
@@ -59,7 +66,7 @@ class Engine:
                     tally.count(done.keys)
                     tally.device, tally.backend = network.device, network.backend
                     tally.start_seconds = network.start_seconds
-                bar.update(len(read))
+                bar.update(sum(image.samples is None for image, _ in read))
                 if writer.new if done.started else done.keys and self.checkpoints.due(writer):
                     yield
         tally.images_per_second = network.rate(tally.computed + tally.views_computed, time.perf_counter() - started)
@@ -69,7 +76,7 @@ def _work(loaded: Iterator[Loaded], writer: Writer, views: str) -> Iterator[tupl
     """What each image still needs computed: its content, unless stored (the image's row
     waits for it alone), then its views, unless stored (as an item of their own: None)."""
     for image in loaded:
-        if image.error:
+        if image.error or image.samples is not None:  # a failure, or a shard's end
             yield image, {}
             continue
         needs = {} if writer.knows(image.sha256) else {image.sha256: image.pixels}

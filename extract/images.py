@@ -21,7 +21,8 @@ from extract.config import FeatureConfig
 from extract.errors import UsageError
 from extract.featurize import Network, featurize
 from extract.files import read_regular
-from extract.layout import IMAGE_EXTENSIONS, ImageFile, walk
+from extract.layout import IMAGE_EXTENSIONS, ImageFile
+from extract.sources.folder import Folder, walk
 from extract.ray_engine import forward
 from extract.reader import Loaded, load_all
 
@@ -53,7 +54,7 @@ def image_features(paths: list[str], config: FeatureConfig, known: Collection[st
                                                                  batch["key"], batch["features"])]
         return
     loaded = load_all(
-        Path(""), (ImageFile(path, "", "", 0, 0) for path in paths), config.input_size, config.interpolation,
+        Folder(""), (ImageFile(path, "", "", 0, 0) for path in paths), config.input_size, config.interpolation,
         known, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
         draft=config.decode == "draft",
     )

@@ -25,17 +25,17 @@ or a second way into a folder, is a failure row naming the first) and no deeper 
 from __future__ import annotations
 
 import hashlib
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from extract.errors import UsageError
-from extract.files import not_regular
+from extract.sources import Sample, Shard, member_path, shard_kind
+from extract.sources.folder import Folder, _is_cache_entry, _is_utf8, _is_visible_dir
+from extract.sources.location import open_location
 
-MAX_DEPTH = 200  # folders below DATA_DIR; deeper ones are a failure row (and Python's recursion stays bounded)
-LAYOUTS = ("auto", "splits", "classes", "unlabeled")
+LAYOUTS = ("auto", "splits", "classes", "unlabeled", "shards")
 SPLITS = ("train", "validation", "test", "unlabeled")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 IMAGE_EXTENSIONS = frozenset(
@@ -64,15 +64,22 @@ class Labelled(NamedTuple):
 
 @dataclass
 class Scan:
-    """What a data folder holds."""
+    """What a data folder holds: image files, each placed now, and shards, whose samples are
+    placed as they are read (`place_sample`)."""
 
-    root: Path
+    location: object  # where the files are: sources.folder.Folder, sources.remote.Remote, ...
     layout: str
     images: list[ImageFile] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # not images by name, outside any class, not in the labels
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unlistable
     not_in_labels: int = 0  # images skipped because the labels file does not name them (layout "csv")
     missing: list[str] = field(default_factory=list)  # what the labels file names but is no image here
+
+    @property
+    def root(self) -> Path:
+        """The local folder stored paths are relative to (a local location's)."""
+        return self.location.root
 
     @property
     def class_names(self) -> list[str]:
@@ -80,32 +87,38 @@ class Scan:
 
 
 def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0,
-                labels: dict[str, Labelled] | None = None, cache=None) -> Scan:
-    """List the images of `data_dir` with their labels and splits: by the layout, or by
-    `labels` (what `labels.read_labels` read: the layout is then "csv", whatever `layout`
-    says; extract_features refuses both). The files of the
-    cache at `cache` (its catalog, lock and shards) are never listed."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UsageError(f"Expected DATA_DIR to be a folder of images; {str(root)!r} is not a folder.")
+                labels: dict[str, Labelled] | None = None, cache=None, storage_options: dict | None = None) -> Scan:
+    """List the images and shards of `data_dir` (a folder, a shard file, a URL, a brace
+    pattern: see `sources.location`; or a location itself) with their labels and splits: by
+    the layout, or by `labels` (what `labels.read_labels` read: the layout is then "csv",
+    whatever `layout` says; extract_features refuses both). The files of the cache at `cache`
+    (its catalog, lock and shards) are never listed."""
     if layout not in LAYOUTS:
         raise UsageError(f"Expected --layout to be one of {', '.join(LAYOUTS)}; received {layout!r}.")
     if not 0 <= validation_percent < 100:
         raise UsageError(
             f"Expected --validation-percent in [0, 100); received {validation_percent}."
         )
-    ignored = _cache_entries(root, cache)
+    location = data_dir if hasattr(data_dir, "entries") else open_location(data_dir, storage_options)
+    local = isinstance(location, Folder)
+    ignored = _cache_entries(location.root, cache) if local else None
+    entries = location.entries(ignored)
+    sharded = labels is None and layout in ("auto", "shards", "unlabeled") and any(
+        shard_kind(path) and not error for path, _, _, error in entries)
     if labels is not None:
         layout = "csv"
+    elif sharded and layout == "auto":
+        layout = "shards"
     elif layout == "auto":
-        layout = detect_layout(root, ignored)
-    scan = Scan(root=root, layout=layout)
-    for path, stat, error in walk(root, ignored):
+        layout = detect_layout(location.root, ignored) if local else _detect_from(entries)
+    scan = Scan(location=location, layout=layout)
+    for path, size, stamp, error in entries:
         if path.endswith("/"):  # a folder that could not be entered
             scan.failures.append((path, error))
             continue
         parts = path.split("/")
-        if _extension(parts[-1]) not in IMAGE_EXTENSIONS:
+        kind = shard_kind(parts[-1]) if sharded else None
+        if kind is None and (layout == "shards" or _extension(parts[-1]) not in IMAGE_EXTENSIONS):
             scan.skipped.append(path)
             continue
         if labels is not None and path not in labels:
@@ -115,26 +128,61 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
         if error:
             scan.failures.append((path, error))
             continue
+        if kind is not None:
+            split = "unlabeled" if layout == "unlabeled" else SPLIT_FOLDERS.get(parts[0]) if len(parts) > 1 else None
+            scan.shards.append(Shard(path, kind, size, stamp, split, layout != "unlabeled", validation_percent))
+            continue
         placed = _place(parts, layout, validation_percent, labels)
         if placed is None:
             scan.skipped.append(path)
             continue
         label, split = placed
-        scan.images.append(ImageFile(path, label, split, stat.st_size, stat.st_mtime_ns))
+        scan.images.append(ImageFile(path, label, split, size, stamp))
+    if layout == "shards" and scan.skipped and any(_extension(path) in IMAGE_EXTENSIONS for path in scan.skipped):
+        image = next(path for path in scan.skipped if _extension(path) in IMAGE_EXTENSIONS)
+        raise UsageError(
+            f"Found both shards ({scan.shards[0].path if scan.shards else 'none readable'}) and image files "
+            f"({image}) in {location.url!r}; keep one kind in a data folder (or pass --layout unlabeled for both)."
+        )
     if labels is not None:
         found = {image.path for image in scan.images} | {path for path, _ in scan.failures}
         scan.missing = [path for path in labels if path not in found]
         if not scan.images and not any(path in labels for path, _ in scan.failures):
             raise UsageError(
-                f"Found none of the {len(labels)} images the labels file names in {str(root)!r} "
+                f"Found none of the {len(labels)} images the labels file names in {location.url!r} "
                 f"(first: {scan.missing[0]!r}); its paths are relative to DATA_DIR."
             )
-    if not scan.images and not scan.failures:
+    if not scan.images and not scan.shards and not scan.failures:
         raise UsageError(
-            f"Found no images in {str(root)!r} (layout {layout!r}); expected files named "
-            f"*.jpg, *.png, ... (see IMAGE_EXTENSIONS) in the layout README describes."
+            f"Found no images in {location.url!r} (layout {layout!r}); expected image files (.jpg, .png, ...) "
+            f"in the layout README describes, or shards (.tar, .parquet)."
         )
     return scan
+
+
+def place_sample(shard: Shard, sample: Sample) -> tuple[str, str] | str:
+    """(label, split) of a shard's sample, or why it cannot be stored. The label is the
+    sample's own (required unless --layout unlabeled); the split, its shard's folder's, else
+    the sample's own (a Parquet split column), else drawn by the hash of its stored path."""
+    if not shard.labelled:
+        return "", "unlabeled"
+    label = sample.label
+    if label is None or not label.strip():
+        return ("no label (expected KEY.cls, a \"label\" in KEY.json, or a label column); pass --layout unlabeled "
+                "to store samples without labels")
+    if "\x00" in label or not _is_utf8(label):
+        return f"label {label!r} holds a character the cache cannot store (NUL, or text that is not UTF-8)"
+    split = shard.split or sample.split
+    if split is None:
+        path = member_path(shard.path, sample.key)
+        split = "validation" if validation_fraction(path) < shard.validation_percent else "train"
+    return label.strip(), split
+
+
+def _detect_from(entries: list[tuple[str, int, int, str | None]]) -> str:
+    """`detect_layout` for a location that is no local folder: its folders, from the listing."""
+    folders = sorted({path.split("/", 1)[0] for path, _, _, _ in entries if "/" in path})
+    return _layout_of(folders, "the data folder")
 
 
 def detect_layout(root: Path, ignored: tuple[str, str] | None = None) -> str:
@@ -146,6 +194,11 @@ def detect_layout(root: Path, ignored: tuple[str, str] | None = None) -> str:
     top = ignored[0].split("/")[0] if ignored else ""
     if top in folders and _holds_only_cache(root, ignored):
         folders.remove(top)
+    return _layout_of(folders, repr(str(root)))
+
+
+def _layout_of(folders: list[str], where: str) -> str:
+    """The layout the top-level `folders` of the data folder (shown as `where`) say."""
     split_folders = [name for name in folders if name in SPLIT_FOLDERS]
     if not folders:
         return "unlabeled"
@@ -154,13 +207,13 @@ def detect_layout(root: Path, ignored: tuple[str, str] | None = None) -> str:
     if len(split_folders) == len(folders):
         if "val" in folders and "validation" in folders:
             raise UsageError(
-                f"Found both val/ and validation/ in {str(root)!r}; keep one of them."
+                f"Found both val/ and validation/ in {where}; keep one of them."
             )
         return "splits"
     others = sorted(set(folders) - set(split_folders))
     raise UsageError(
         f"Found split folders ({', '.join(split_folders)}) beside other folders "
-        f"({', '.join(others[:3])}) in {str(root)!r}; pass --layout splits or --layout classes."
+        f"({', '.join(others[:3])}) in {where}; pass --layout splits or --layout classes."
     )
 
 
@@ -200,12 +253,6 @@ def _cache_entries(root: Path, cache) -> tuple[str, str] | None:
     return ("" if folder == "." else folder.replace(os.sep, "/") + "/"), os.path.basename(real)
 
 
-def _is_cache_entry(prefix: str, name: str, ignored: tuple[str, str] | None) -> bool:
-    """Whether `name` in the folder `prefix` is the cache's catalog, lock, temporary catalog,
-    shard folder or a copy moved aside (`<catalog>`, `<catalog>.lock`, `.tmp-N`, `.shards`, `.replaced-T`)."""
-    return ignored is not None and prefix == ignored[0] and (name == ignored[1] or name.startswith(ignored[1] + "."))
-
-
 def _holds_only_cache(root: Path, ignored: tuple[str, str]) -> bool:
     """Whether each folder on the way down to the cache's folder holds only the next one,
     and the cache's folder only the cache (hidden entries aside)."""
@@ -223,99 +270,9 @@ def _holds_only_cache(root: Path, ignored: tuple[str, str]) -> bool:
     return True
 
 
-def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, os.stat_result | None, str | None]]:
-    """(relative path, stat, error) for every visible file below `root`, in sorted order,
-    following symbolic links. Each real folder is listed once, by the first path that
-    reaches it: a link to a folder already listed (or to one that contains it) comes with
-    a trailing "/" and why it was not entered, as does a folder that cannot be entered or
-    lies deeper than `MAX_DEPTH`. A file that is not a regular one (a FIFO, a device, a
-    socket) comes with its reason: it is never opened. The cache's own entries (`ignored`,
-    see `_cache_entries`) are left out. (One list, not nested generators: it runs for every
-    file of every run.)"""
-    found = []
-    first: dict[tuple[int, int], str] = {}  # (device, inode) of each folder listed -> its path
-
-    def visit(directory: str, prefix: str, ancestors: frozenset) -> None:
-        if prefix.count("/") > MAX_DEPTH:
-            found.append((prefix, None, f"folders nested deeper than {MAX_DEPTH} levels; not listed"))
-            return
-        try:
-            with os.scandir(directory) as listing:
-                entries = sorted(listing, key=_name)
-        except OSError as error:
-            found.append((prefix or "./", None, f"cannot list folder: {error.strerror}"))
-            return
-        for entry in entries:
-            name = entry.name
-            if name[0] == "." or (ignored is not None and _is_cache_entry(prefix, name, ignored)):
-                continue
-            path = prefix + name
-            if not (name.isascii() or _is_utf8(name)):  # the cache stores paths as UTF-8 text
-                if _is_visible_dir(entry):
-                    found.append((_shown(path) + "/", None, "folder name is not valid UTF-8; not listed (rename it)"))
-                else:
-                    found.append((_shown(path), None, "file name is not valid UTF-8 (rename it)"))
-                continue
-            try:
-                is_dir = entry.is_dir()  # the name is visible: checked above
-            except OSError:
-                is_dir = False
-            if is_dir:
-                try:
-                    key = _identity(entry.path)
-                except OSError as error:
-                    found.append((path + "/", None, f"cannot list folder: {error.strerror}"))
-                    continue
-                if key in ancestors:
-                    found.append((path + "/", None, "symbolic link loop: the folder contains itself"))
-                elif key in first:
-                    found.append((path + "/", None, f"the same folder as {first[key]} (reached again through a link); listed once"))
-                else:
-                    first[key] = path + "/"
-                    visit(entry.path, path + "/", ancestors | {key})
-                continue
-            try:
-                info = entry.stat()
-                found.append((path, info, not_regular(info.st_mode)))
-            except OSError as error:
-                reason = "broken symbolic link" if entry.is_symlink() else error.strerror
-                found.append((path, None, f"cannot read file: {reason}"))
-
-    top = _identity(root)
-    first[top] = "./"
-    visit(str(root), "", frozenset({top}))
-    return found
-
-
 def _extension(name: str) -> str:
     """".jpg" of "a.JPG" (os.path.splitext's answer, faster: it runs for every file)."""
     dot = name.rfind(".")
     return name[dot:].lower() if dot > 0 else ""
 
 
-_name = operator.attrgetter("name")
-
-
-def _is_visible_dir(entry: os.DirEntry) -> bool:
-    try:
-        return not entry.name.startswith(".") and entry.is_dir()
-    except OSError:
-        return False
-
-
-def _identity(path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
-
-
-def _shown(path: str) -> str:
-    """A path with undecodable bytes (surrogate escapes) as UTF-8 text, each such byte as "\\xNN"."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -27,6 +27,7 @@ from extract.layout import ImageFile
 from extract.reader import ViewRequest
 from extract.schema import now
 from extract.shards import view_key
+from extract.sources import SEPARATOR, Shard
 
 
 def to_read(images: Sequence[ImageFile], cached: CatalogRows,
@@ -39,6 +40,56 @@ def to_read(images: Sequence[ImageFile], cached: CatalogRows,
         return [image for image, keep in zip(images, unchanged.tolist()) if not keep]
     return [image for image, keep, row in zip(images, unchanged.tolist(), at.tolist())
             if not keep or missing_views(image, cached.sha256[row])]
+
+
+def shards_to_read(shards: Sequence[Shard], cached: CatalogRows,
+                   missing_views: Callable[[ImageFile, str], list] | None = None) -> tuple[list[ImageFile], list[Shard]]:
+    """The samples of the shards that keep their rows unread (as the catalog has them), and
+    the shards to read. A shard is kept when it has rows and every one carries its size and
+    stamp: a shard read to its end with no failure stores its rows so (`shard_rows`); a new
+    or changed one, one read in part or with failures, or one whose samples lack views, is read."""
+    if not shards:
+        return [], []
+    by_path = {shard.path: shard for shard in shards}
+    rows: dict[str, list[int]] = {}
+    for row, path in enumerate(cached.path.tolist()):
+        shard = _shard_of(path, by_path)
+        if shard is not None:
+            rows.setdefault(shard, []).append(row)
+    kept, reading = [], []
+    for shard in shards:
+        at = rows.get(shard.path)
+        same = at is not None and shard.stamp != -1 and bool(
+            np.all((cached.size[at] == shard.size) & (cached.mtime_ns[at] == shard.stamp)))
+        taken = cached.take(at) if same else CatalogRows()
+        samples = [ImageFile(*row) for row in zip(taken.path.tolist(), taken.label.tolist(), taken.split.tolist(),
+                                                  taken.size.tolist(), taken.mtime_ns.tolist())]
+        if missing_views and samples:
+            same = not any(missing_views(image, sha256) for image, sha256 in zip(samples, taken.sha256.tolist()))
+        if same:
+            kept += samples
+        else:
+            reading.append(shard)
+    return kept, reading
+
+
+def shard_rows(shard: Shard, samples: list[ImageFile], complete: bool) -> list[ImageFile]:
+    """The samples read of a shard as they are to be stored: with the shard's size and stamp
+    when it was read to its end with no failure (next run keeps them unread), else with stamp -1
+    (next run reads the shard again; only what is not stored is computed)."""
+    stamp = shard.stamp if complete else -1
+    return [image._replace(size=shard.size, mtime_ns=stamp) for image in samples]
+
+
+def _shard_of(path: str, shards: dict[str, Shard]) -> str | None:
+    """The shard a stored path names (`shards/000012.tar#key`: "shards/000012.tar"), if listed.
+    A path may hold "#" in its shard's name or in its key: each split is tried."""
+    at = path.find(SEPARATOR)
+    while at >= 0:
+        if path[:at] in shards:
+            return path[:at]
+        at = path.find(SEPARATOR, at + 1)
+    return None
 
 
 def catalog_rows(images: Sequence[ImageFile], cached: CatalogRows, read: dict[str, str], failed: set[str]) -> CatalogRows:
@@ -138,6 +189,8 @@ class Plan:
     views_per_image: int
     known: Callable[[str], bool]  # whether a key's features are stored (a shard, a pending batch)
     reading: list[ImageFile] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)  # the shards to read (their samples are found as they are)
+    kept: list[ImageFile] = field(default_factory=list)  # the samples of the shards not read, as stored
 
     def missing_views(self, image: ImageFile, sha256: str) -> list[int]:
         """The view numbers still to compute for an image (only training images have views)."""
@@ -155,13 +208,27 @@ class Plan:
 
 
 def plan(images: list[ImageFile], cached: CatalogRows, attrs: dict, augment: int | None,
-         augmentation: Augmentation, known: Callable[[str], bool]) -> Plan:
-    """The run's plan for the folder's `images` against the stored configuration (its rows
-    `cached` and `attrs`; `known` tells stored keys): see `Plan`."""
+         augmentation: Augmentation, known: Callable[[str], bool], shards: Sequence[Shard] = ()) -> Plan:
+    """The run's plan for the folder's `images` and `shards` against the stored configuration
+    (its rows `cached` and `attrs`; `known` tells stored keys): see `Plan`."""
     augmentation, views_per_image = choose_views(attrs, augment, augmentation)
     run = Plan(cached, augmentation, views_per_image, known)
-    run.reading = to_read(images, cached, run.missing_views if views_per_image else None)
+    missing = run.missing_views if views_per_image else None
+    run.reading = to_read(images, cached, missing)
+    if shards and not _placed_alike(attrs, shards[0]):
+        run.shards = list(shards)  # every sample placed anew: read again (nothing is computed again)
+    else:
+        run.kept, run.shards = shards_to_read(shards, cached, missing)
     return run
+
+
+def _placed_alike(attrs: dict, shard: Shard) -> bool:
+    """Whether the stored samples were given their labels and splits as this run gives them
+    (the same layout and validation share): else their stored labels and splits are stale."""
+    if not attrs:
+        return True
+    layout = "shards" if shard.labelled else "unlabeled"
+    return attrs.get("layout") == layout and (not shard.labelled or attrs.get("validation_percent") == shard.validation_percent)
 
 
 def next_state(images: list[ImageFile], run: Plan, read: dict[str, str], failures: list[tuple[str, str]],

@@ -36,6 +36,8 @@ from extract.layout import ImageFile
 from extract.progress import Checkpoints, Tally
 from extract.reader import ViewRequest, load
 from extract.shards import TARGET_SHARD_BYTES, ShardInfo, view_key, write_shard
+from extract.sources import Shard
+from extract.sources.folder import Folder
 from extract.writer import Writer
 
 # Rows a write task gathers into one shard, at most (fewer when they pass TARGET_SHARD_BYTES):
@@ -55,28 +57,30 @@ class RayEngine:
         self.tally = Tally()  # its start_seconds stay None: the actors' start is not seen from here
         self._shards: dict[str, dict[int, str]] = {}  # shard -> its rows come so far (row -> key)
 
-    def run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, workers: int,
-            progress: bool) -> Iterator[None]:
+    def run(self, location, images: list[ImageFile], views: ViewRequest | None, workers: int,
+            progress: bool, shards: list[Shard] = ()) -> Iterator[None]:
+        if shards:
+            raise UsageError("--engine ray does not read shards yet; use --engine local.")
         if not images:
             return
         with session(self.address):
-            yield from self._run(root, images, views, progress)
+            yield from self._run(location, images, views, progress)
 
-    def _run(self, root: Path, images: list[ImageFile], views: ViewRequest | None, progress: bool) -> Iterator[None]:
+    def _run(self, location, images: list[ImageFile], views: ViewRequest | None, progress: bool) -> Iterator[None]:
         import ray
 
         writer, config, tally = self.writer, self.config, self.tally
-        root = root.absolute()  # the workers' current folder is not the driver's
         known = ray.put(frozenset(writer.state.located) | frozenset(writer.pending.index))
         wanted = _Wanted(views.augmentation, views.per_image) if views else None
         row_bytes = int(np.prod(config.feature_shape)) * np.dtype(config.dtype).itemsize
-        dataset = stream(root, images, config, known, wanted, self.batch_size, self.actors).map_batches(
+        dataset = stream(location, images, config, known, wanted, self.batch_size, self.actors).map_batches(
             _write, batch_size=max(1, min(TARGET_SHARD_BYTES // row_bytes, SHARD_ROWS)), batch_format="numpy",
             fn_kwargs=dict(folder=str(writer.folder), base=str(writer.base), fingerprint=writer.fingerprint,
                            shape=tuple(config.feature_shape), dtype=config.dtype),
         )
         writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
-        check_shared(writer.folder, [root / images[0].path, *weights_file(config)])
+        local = [location.root / images[0].path] if isinstance(location, Folder) else []
+        check_shared(writer.folder, [*local, *weights_file(config)])
         started = time.perf_counter()
         bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
         with bar, job_errors():
@@ -117,7 +121,7 @@ class RayEngine:
         return images
 
 
-def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known=frozenset(), wanted=None,
+def stream(location, images: Iterable[ImageFile], config: FeatureConfig, known=frozenset(), wanted=None,
            batch_size: int = 32, actors: int | None = None):
     """The Ray Data dataset of read tasks feeding a pool of backbone actors: one row per
     image (path, sha256, error, key, features, device) and one per view computed (its
@@ -143,7 +147,7 @@ def stream(root: Path, images: Iterable[ImageFile], config: FeatureConfig, known
     # driver's Keras backend, whatever the nodes' own environment says.
     return ray.data.from_items(items).map_batches(
         _read, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        fn_kwargs=dict(root=str(root), config=config, known=known, wanted=wanted),
+        fn_kwargs=dict(location=location, config=config, known=known, wanted=wanted),
     ).map_batches(
         Forward, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=dict(config=config),
         compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=1,
@@ -168,7 +172,7 @@ def forward(paths: list[str], config: FeatureConfig, known=frozenset(), batch_si
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         readable = next((Path(path).absolute() for path in paths if os.path.isfile(path)), None)
         check_shared(None, [*weights_file(config), *([readable] if readable else [])])
-        dataset = stream(Path.cwd(), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known),
+        dataset = stream(Folder(Path.cwd()), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known),
                          None, batch_size, actors)
         with job_errors():
             yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
@@ -206,7 +210,7 @@ def _known(known):
     return _KNOWN[known.hex()]
 
 
-def _read(batch: dict, root: str, config: FeatureConfig, known, wanted: _Wanted | None) -> dict:
+def _read(batch: dict, location, config: FeatureConfig, known, wanted: _Wanted | None) -> dict:
     """A read task: `reader.load` each image of the batch; an image's row, then its views'.
     Pixels travel as they are made: an image's as uint8, a view's as float32 (`view`)."""
     known = _known(known)
@@ -214,7 +218,7 @@ def _read(batch: dict, root: str, config: FeatureConfig, known, wanted: _Wanted 
     rows = {"path": [], "sha256": [], "error": [], "key": [], "pixels": [], "view": []}
     none, no_view = np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0, 3), np.float32)
     for path, label, split in zip(batch["path"], batch["label"], batch["split"]):
-        loaded = load(Path(root), ImageFile(str(path), str(label), str(split), 0, 0), config.input_size,
+        loaded = load(location, ImageFile(str(path), str(label), str(split), 0, 0), config.input_size,
                       config.interpolation, known, views, config.decode == "draft")
         fresh = loaded.pixels is not None and not loaded.error and loaded.sha256 not in known
         for column, value in zip(rows, (str(path), loaded.sha256 or "", loaded.error or "",

@@ -23,18 +23,20 @@ import hashlib
 import io
 import os
 import warnings
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Full, Queue
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Container, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extract.augment import Augmentation
-from extract.files import open_regular, read_bounded
-from extract.layout import ImageFile
+from extract.files import read_bounded
+from extract.layout import ImageFile, place_sample
+from extract.sources import Shard, member_path, samples
 from extract.options import INTERPOLATIONS as FILTER_NAMES
 
 # The names keras.utils.load_img accepts (options.INTERPOLATIONS), mapped to the same Pillow filters.
@@ -60,6 +62,8 @@ class Loaded:
     pixels: np.ndarray | None = None  # uint8 (size, size, 3)
     error: str | None = None
     views: dict[int, np.ndarray] = field(default_factory=dict)  # view number -> float32 pixels
+    shard: Shard | None = None  # the shard a sample (or a shard's end) comes from
+    samples: int | None = None  # set on a shard's end: the samples it gave (`image` is then the shard's own)
 
 
 @dataclass(frozen=True)
@@ -91,18 +95,27 @@ def decode(data: bytes, size: int, interpolation: str = "bilinear", draft: bool 
 
 
 def load(
-    root: Path, image: ImageFile, size: int, interpolation: str, known: Container[str] = (),
+    location, image: ImageFile, size: int, interpolation: str, known: Container[str] = (),
     views: ViewRequest | None = None, draft: bool = False,
 ) -> Loaded:
-    """Read, hash and decode one image file, unless its hash is in `known` and it needs
-    no views; make the views `views` asks for."""
+    """Read, hash and decode one image file of `location` (anything with `open(path)`: a
+    `sources.folder.Folder`, a `sources.remote.Remote`), unless its hash is in `known` and it
+    needs no views; make the views `views` asks for."""
     try:
-        with open_regular(root / image.path) as file:
+        with location.open(image.path) as file:
             data, refused = read_image_bytes(file)
     except OSError as error:
         return Loaded(image, error=f"cannot read file: {error.strerror or error}")
     if refused:
         return Loaded(image, error=refused)
+    return load_bytes(image, data, size, interpolation, known, views, draft)
+
+
+def load_bytes(
+    image: ImageFile, data: bytes, size: int, interpolation: str, known: Container[str] = (),
+    views: ViewRequest | None = None, draft: bool = False,
+) -> Loaded:
+    """`load` for an image whose bytes are in hand (a shard's sample): hash, decode, views."""
     sha256 = hashlib.sha256(data).hexdigest()
     missing = views.missing(image, sha256) if views else ()
     if sha256 in known and not missing:
@@ -114,10 +127,33 @@ def load(
     return Loaded(image, sha256, pixels, views={view: views.augmentation.view(pixels, sha256, view) for view in missing})
 
 
+def shard_samples(location, shard: Shard) -> Iterator[tuple[ImageFile, bytes | None, str | None]]:
+    """Each sample of a shard of `location`, placed (`layout.place_sample`), with its bytes or
+    why it cannot be stored; then, last, the shard's own entry (its path), with why the rest of
+    it could not be read, or None: the end of the shard."""
+    end = ImageFile(shard.path, "", "", shard.size, shard.stamp)
+    try:
+        file = location.open(shard.path)
+    except OSError as error:
+        yield end, None, f"cannot read file: {error.strerror or error}"
+        return
+    rest = None
+    with file:
+        for sample in samples(shard.kind, file, shard.path, MAX_FILE_BYTES):
+            if not sample.key:
+                rest = sample.error
+                continue
+            placed = place_sample(shard, sample) if sample.error is None else sample.error
+            label, split = placed if isinstance(placed, tuple) else ("", "")
+            image = ImageFile(member_path(shard.path, sample.key), label, split, shard.size, shard.stamp)
+            yield (image, sample.data, None) if isinstance(placed, tuple) else (image, None, placed)
+    yield end, None, rest
+
+
 def read_image_bytes(file) -> tuple[bytes, str | None]:
     """The bytes of an open image file, and None; or b"" and why it was not read whole:
     over `MAX_FILE_BYTES`, or, when large, a header that is not an image's."""
-    size = os.fstat(file.fileno()).st_size
+    size = _size(file)
     if size > MAX_FILE_BYTES:
         return b"", f"file too large: {size} bytes (at most {MAX_FILE_BYTES} are read for one image)"
     if size > HEADER_CHECK_BYTES:
@@ -128,14 +164,14 @@ def read_image_bytes(file) -> tuple[bytes, str | None]:
         except Exception as error:
             return b"", describe_failure(error, b"?")
         file.seek(0)
-    data = read_bounded(file, MAX_FILE_BYTES)
+    data = read_bounded(file, MAX_FILE_BYTES) if _descriptor(file) is not None else file.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:  # it grew since (or, like /proc's files, it does not know its size)
         return b"", f"file too large: over {MAX_FILE_BYTES} bytes (at most {MAX_FILE_BYTES} are read for one image)"
     return data, None
 
 
 def load_all(
-    root: Path,
+    location,
     images: Iterable[ImageFile],
     size: int,
     interpolation: str,
@@ -144,24 +180,134 @@ def load_all(
     prefetch: int = 64,
     views: ViewRequest | None = None,
     draft: bool = False,
+    shards: Iterable[Shard] = (),
 ) -> Iterator[Loaded]:
-    """`load` every image on a pool of threads (Pillow and hashlib release the GIL),
-    yielding results in input order with at most `prefetch` images and views in flight
-    (an image that may need K views counts 1 + K; one image is always let through), so
-    memory stays bounded whatever K."""
+    """`load` every image file of `location`, then every sample of its `shards`, on a pool of
+    threads (Pillow and hashlib release the GIL), yielding results in input order with at
+    most `prefetch` images and views in flight (an image that may need K views counts 1 + K;
+    one image is always let through), so memory stays bounded whatever K. The shards are
+    read in order by a thread of their own, `prefetch` samples ahead of the decoding; each
+    shard's samples are followed by its end (`Loaded.samples` set)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
     pending: deque = deque()
     weight = 1 + (views.per_image if views else 0)
-    todo = iter(images)
+    arguments = (size, interpolation, known, views, draft)
+
+    def jobs() -> Iterator[Future]:
+        for image in images:
+            yield pool.submit(load, location, image, *arguments)
+        counts: dict[str, int] = {}
+        for shard, (image, data, error) in _ahead(_samples(location, shards), prefetch):
+            if image.path == shard.path:
+                yield _ready(Loaded(image, error=error, shard=shard, samples=counts.pop(shard.path, 0)))
+                continue
+            counts[shard.path] = counts.get(shard.path, 0) + 1
+            yield (_ready(Loaded(image, error=error, shard=shard)) if data is None else
+                   pool.submit(_with_shard, shard, load_bytes, image, data, *arguments))
+
     try:
-        for image in todo:
-            pending.append(pool.submit(load, root, image, size, interpolation, known, views, draft))
+        for job in jobs():
+            pending.append(job)
             if len(pending) * weight >= prefetch:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _samples(location, shards: Iterable[Shard]) -> Iterator[tuple[Shard, tuple]]:
+    for shard in shards:
+        for item in shard_samples(location, shard):
+            yield shard, item
+
+
+def _with_shard(shard: Shard, load, *arguments) -> Loaded:
+    loaded = load(*arguments)
+    loaded.shard = shard
+    return loaded
+
+
+def _ready(loaded: Loaded) -> Future:
+    future: Future = Future()
+    future.set_result(loaded)
+    return future
+
+
+def _ahead(items: Iterator, depth: int) -> Iterator:
+    """`items`, made by a thread of their own up to `depth` ahead of the caller: a shard is
+    read (from a disk, a network) while the samples before are decoded. An error in making
+    them is raised here; a caller that stops early stops the thread at its next item."""
+    queue: Queue = Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def make() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as error:  # handed to the caller, raised there
+            put((end, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close:
+                close()
+
+    thread = threading.Thread(target=make, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)  # a read stuck on a network ends on its own; the thread is a daemon
+
+
+def _size(file) -> int:
+    """The size of an open file: a local one's from its descriptor, else the file object's own
+    (an fsspec file knows it from the listing)."""
+    descriptor = _descriptor(file)
+    return os.fstat(descriptor).st_size if descriptor is not None else int(getattr(file, "size", 0) or 0)
+
+
+def _descriptor(file) -> int | None:
+    """A local file's descriptor; None for a file object with none (a network stream)."""
+    try:
+        return file.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def check_shards(location, shards: Iterable[Shard]) -> None:
+    """Refuse, before any work, Parquet shards that hold no image column (`parquet.check_parquet`
+    reads only their footers); a tar cannot be checked short of reading it."""
+    parquet = [shard for shard in shards if shard.kind == "parquet"]
+    if not parquet:
+        return
+    from extract.sources.parquet import check_parquet
+
+    for shard in parquet:
+        try:
+            with location.open(shard.path) as file:
+                check_parquet(file, shard.path)
+        except OSError:
+            continue  # unreadable now: its failure row comes when it is read
 
 
 def describe_failure(error: Exception, data: bytes) -> str:

@@ -27,9 +27,12 @@ from extract.engine import Engine
 from extract.errors import CacheError, CatalogDamagedError, UsageError
 from extract.files import stale_partials
 from extract.labels import read_labels
-from extract.layout import Scan, not_regular, scan_folder
+from extract.files import not_regular
+from extract.layout import ImageFile, Scan, scan_folder
+from extract.reader import check_shards
+from extract.sources.location import is_url
 from extract.options import EXTRACT_FEATURES, TOP_LAYER, check_options
-from extract.plan import Plan, changed, check_label_source, next_state, plan
+from extract.plan import Plan, changed, check_label_source, next_state, plan, shard_rows
 from extract.progress import Checkpoints, Tally
 from extract.ray_engine import RayEngine
 from extract.recovery import check as check_stored, open_stored
@@ -79,6 +82,7 @@ def extract_features(
     engine: str = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
+    storage_options: dict | None = None,
     progress: bool = True,
 ) -> ExtractSummary:
     """Run every new or changed image of `data_dir` once through the frozen VGG16 base and
@@ -99,6 +103,11 @@ def extract_features(
     `engine="ray"` runs the reading and computing as one Ray Data job (see `ray_engine`):
     on the cluster at `ray_address` (else RAY_ADDRESS, else a Ray started here for the
     run), with `ray_actors` backbone actors (default: one per GPU, or one).
+
+    `data_dir` may also be a shard file (a WebDataset .tar, a .parquet), a brace pattern of
+    them (`shards/{000..099}.tar`) or an fsspec URL of any of these (s3://, gs://, https://),
+    read with `storage_options` (fsspec's; credentials as s3fs and gcsfs read them): see
+    `extract.sources`. A shard's samples are stored as `<shard>#<key>` rows.
 
     `labels` is the path of a labels CSV (see `labels`): only the images it names are
     extracted, with its labels and splits; the layout is then "csv". A run that would take
@@ -122,7 +131,7 @@ def extract_features(
     check_engine(engine, ray_address, ray_actors)
     augmentation = augmentation or Augmentation(seed=seed)
     augmentation.validate()
-    path_text("DATA_DIR", Path(data_dir).resolve())
+    path_text("DATA_DIR", data_dir if is_url(str(data_dir)) else Path(data_dir).resolve())
     shown = path_text("--cache", cache)
     if labels is not None and layout != "auto":
         raise UsageError(
@@ -131,12 +140,13 @@ def extract_features(
     named = None if labels is None else read_labels(path_text("--labels", labels))
     labels_path = None if labels is None else str(Path(labels).resolve())  # as the cache records it
     cache = _real_cache(cache)
-    scan = scan_folder(data_dir, layout, validation_percent, named, cache)
+    scan = scan_folder(data_dir, layout, validation_percent, named, cache, storage_options)
+    check_shards(scan.location, scan.shards)
     key = fingerprint(config.identity())  # reads the weights file: refused before the cache is touched
     with WriterLock(cache):
         _clean_leftovers(cache)
         stored = open_stored(cache, key, rebuild, repair)  # the cache as found, what a killed run left taken up
-        data_root = str(scan.root.resolve())
+        data_root = scan.location.url
         if stored.state.attrs and stored.state.attrs.get("data_dir") != data_root:
             raise UsageError(
                 f"The cache {str(cache)!r} holds these features for {stored.state.attrs.get('data_dir')!r}, "
@@ -155,7 +165,7 @@ def extract_features(
                            bool(stored.state.attrs), others)
         summary.repaired = check_stored(stored, repair)
         writer = Writer(stored)
-        run = plan(scan.images, stored.state.rows, stored.state.attrs, augment, augmentation, writer.knows)
+        run = plan(scan.images, stored.state.rows, stored.state.attrs, augment, augmentation, writer.knows, scan.shards)
         commits = _Commits(writer, run, scan, config, validation_percent, labels_path, Checkpoints(save_every), summary)
         engine_run = (
             Engine(config, writer, run.cached_sha256, commits.checkpoints, batch_size) if engine == "local"
@@ -163,8 +173,8 @@ def extract_features(
         )
         commits.tally = engine_run.tally
         try:
-            for _ in engine_run.run(scan.root, run.reading, run.views(), workers or max(2, min(8, os.cpu_count() or 1)),
-                                    progress):
+            for _ in engine_run.run(scan.location, run.reading, run.views(),
+                                    workers or max(2, min(8, os.cpu_count() or 1)), progress, run.shards):
                 commits.checkpoint()
         except KeyboardInterrupt:
             if not stored.rebuild:  # a rebuild not begun has nothing to keep: the old cache stays
@@ -209,7 +219,7 @@ class _Commits:
             data_dir=summary.data_dir,
             layout=layout,
             labels=labels_path,
-            validation_percent=validation_percent if layout in ("classes", "csv") else None,
+            validation_percent=validation_percent if layout in ("classes", "csv", "shards") else None,
         )
 
     def state(self) -> ConfigState:
@@ -229,7 +239,15 @@ class _Commits:
             **{f"{name}_version": version for name, version in package_versions(VERSIONED).items()},
         )
         attrs = {name: value for name, value in attrs.items() if value is not None}
-        return next_state(self.scan.images, run, read, failures, self.stored, attrs)
+        return next_state(self.images(), run, read, failures, self.stored, attrs)
+
+    def images(self) -> list[ImageFile]:
+        """Every image the cache is to hold a row for, if its features are stored: the folder's
+        files, the samples of the shards not read, and those met so far in the shards read."""
+        tally = self.tally
+        met = [image for shard in self.run.shards if shard.path in tally.samples
+               for image in shard_rows(shard, tally.samples[shard.path], tally.complete(shard.path))]
+        return self.scan.images + self.run.kept + met if met or self.run.kept else self.scan.images
 
     def _backends(self) -> str | None:
         """The Keras backends that computed this configuration's features, in order of first

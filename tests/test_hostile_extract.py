@@ -21,8 +21,9 @@ from conftest import SIZE, make_dataset, make_image
 from extract import FeatureCache, files
 from extract.backbone import Backbone
 from helpers import EXTRACT, one_line
-from extract.layout import MAX_DEPTH
+from extract.sources.folder import MAX_DEPTH
 from extract.reader import HEADER_CHECK_BYTES, MAX_FILE_BYTES
+from extract.sources.folder import Folder
 
 
 def arguments(data, cache, weights_file, *extra, quiet=True) -> list:
@@ -137,7 +138,7 @@ def test_views_in_flight_are_bounded_whatever_k(tmp_path):
             yield image
 
     request = ViewRequest(Augmentation(), lambda image, sha256: list(range(1, 31)), per_image=30)
-    loaded = load_all(tmp_path, listing(), SIZE, "bilinear", workers=2, prefetch=64, views=request)
+    loaded = load_all(Folder(tmp_path), listing(), SIZE, "bilinear", workers=2, prefetch=64, views=request)
     first = next(loaded)
     assert len(first.views) == 30 and len(taken) <= 3  # 64 // 31 images in flight, not 64
     assert len([first, *loaded]) == len(paths)
@@ -392,7 +393,7 @@ def test_a_file_swapped_for_a_fifo_after_listing_is_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "x.png")
     signal.alarm(10)
     try:
-        loaded = load(tmp_path, ImageFile("x.png", "", "unlabeled", 10, 0), SIZE, "bilinear")
+        loaded = load(Folder(tmp_path), ImageFile("x.png", "", "unlabeled", 10, 0), SIZE, "bilinear")
     finally:
         signal.alarm(0)
     assert loaded.error == "cannot read file: not a regular file (a FIFO)"

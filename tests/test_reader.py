@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import make_image
 from extract.layout import ImageFile
 from extract.reader import INTERPOLATIONS, decode, load, load_all
+from extract.sources.folder import Folder
 
 
 def keras_pixels(path, size, interpolation):
@@ -107,21 +108,21 @@ def test_broken_files_become_failures(tmp_path, content, reason):
     elif content == "bomb":
         content = bomb_png()
     (tmp_path / "bad.jpg").write_bytes(content)
-    loaded = load(tmp_path, image_file("bad.jpg"), 32, "bilinear")
+    loaded = load(Folder(tmp_path), image_file("bad.jpg"), 32, "bilinear")
     assert loaded.pixels is None
     assert reason in loaded.error
     assert loaded.sha256 == hashlib.sha256(content).hexdigest()
 
 
 def test_unreadable_path_is_a_failure(tmp_path):
-    loaded = load(tmp_path, image_file("missing.png"), 32, "bilinear")
+    loaded = load(Folder(tmp_path), image_file("missing.png"), 32, "bilinear")
     assert loaded.error.startswith("cannot read file") and loaded.sha256 is None
 
 
 def test_known_content_is_hashed_but_not_decoded(tmp_path):
     path = make_image(tmp_path / "a.png")
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    loaded = load(tmp_path, image_file("a.png"), 32, "bilinear", known={sha256})
+    loaded = load(Folder(tmp_path), image_file("a.png"), 32, "bilinear", known={sha256})
     assert loaded.sha256 == sha256 and loaded.pixels is None and loaded.error is None
 
 
@@ -133,7 +134,7 @@ def test_load_all_keeps_input_order_and_survives_failures(tmp_path):
         else:
             make_image(tmp_path / f"{i}.png", seed=i)
         names.append(f"{i}.png")
-    results = list(load_all(tmp_path, map(image_file, names), 32, "nearest", workers=3, prefetch=4))
+    results = list(load_all(Folder(tmp_path), map(image_file, names), 32, "nearest", workers=3, prefetch=4))
     assert [result.image.path for result in results] == names
     assert [result.error is not None for result in results] == [i % 7 == 3 for i in range(30)]
 

@@ -23,6 +23,20 @@ SHARD_KINDS = {".tar": "tar", ".parquet": "parquet", ".pq": "parquet"}
 SEPARATOR = "#"  # between a shard's path and a sample's key in a stored path
 
 
+class Shard(NamedTuple):
+    """A file of many images, as listed: read whole when it is new or changed, else its
+    samples keep their rows unread (`plan.shards_to_read`). Carries what places its samples
+    (`layout.place_sample`), so a reader on any machine needs nothing else."""
+
+    path: str  # relative to the location, "/"-separated
+    kind: str  # "tar" or "parquet"
+    size: int
+    stamp: int  # changes when the file does: its modification time in ns, or a number made of its ETag; -1: unknown
+    split: str | None  # the split its folder gives (train/, validation/, test/), else None
+    labelled: bool  # False under --layout unlabeled: samples' labels are not asked for
+    validation_percent: float  # the share of samples drawn for validation when nothing else gives the split
+
+
 class Sample(NamedTuple):
     """One image of a shard, as read: its bytes, or why it could not be read (`error`).
     A sample with key "" and an error stands for the rest of the shard, not read (a

@@ -1,0 +1,105 @@
+"""DATA_DIR as a location: a local folder or file (`folder.Folder`), an fsspec URL
+(`remote.Remote`: s3://, gs://, https://, file://), or a brace pattern over either
+(`shards/{000000..000099}.tar`, as webdataset and img2dataset name shards).
+
+Every location answers the same three things: `url` (what the cache records as the data
+folder), `entries()` (what it holds, relative paths with size and a stamp that changes when
+a file does) and `open(relative)` (a file to read).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import BinaryIO
+
+from extract.errors import UsageError
+from extract.sources.folder import Folder
+
+MAX_EXPANDED = 1_000_000  # names one brace pattern may give: a million shards is far past any data set
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def open_location(data, storage_options: dict | None = None):
+    """The location DATA_DIR names (see the module's text); a missing local path is refused."""
+    text = str(data)
+    names = braces(text)
+    if len(names) > 1 or names[0] != text:
+        parent = _common_folder(names)
+        return Selection(open_location(parent, storage_options), [name[len(parent):].lstrip("/") for name in names],
+                         text)
+    if is_url(text):
+        from extract.sources.remote import Remote
+
+        location = Remote(text, storage_options)
+        location.check()
+        return location
+    if storage_options:
+        raise UsageError(f"--storage-options applies to URLs (s3://, gs://, https://); received the local path {text!r}.")
+    folder = Folder(text)
+    if not (folder.path.is_dir() or folder.is_file):
+        raise UsageError(f"Expected DATA_DIR to be a folder of images or shards, a shard file or a URL; "
+                         f"{text!r} is not a folder, a shard file (.tar, .parquet) or a URL.")
+    return folder
+
+
+def is_url(text: str) -> bool:
+    """Whether `text` is an fsspec URL ("s3://bucket/set", "https://host/a.tar"), not a path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
+def braces(pattern: str) -> list[str]:
+    """The names a brace pattern stands for: `{000..012}` a range (zero-padded to the width
+    written), `{a,b}` a list; nested and repeated braces multiply. Anything else: itself."""
+    match = _RANGE.search(pattern) or re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    if match.re is _RANGE:
+        low, high = match.group(1), match.group(2)
+        if int(high) < int(low):
+            raise UsageError(f"The range {match.group(0)} in {pattern!r} runs backwards; write {{{high}..{low}}}.")
+        if int(high) - int(low) >= MAX_EXPANDED:
+            raise UsageError(f"The range {match.group(0)} in {pattern!r} names over {MAX_EXPANDED} shards.")
+        width = len(low) if low.startswith("0") else 0
+        choices = [str(number).zfill(width) for number in range(int(low), int(high) + 1)]
+    else:
+        choices = match.group(1).split(",")
+    names = [name for choice in choices for name in braces(head + choice + tail)]
+    if len(names) > MAX_EXPANDED:
+        raise UsageError(f"The pattern {pattern!r} names over {MAX_EXPANDED} shards.")
+    return names
+
+
+def _common_folder(names: list[str]) -> str:
+    """The folder (or URL prefix) all `names` lie in, ending before a "/"."""
+    common = names[0]
+    for name in names[1:]:
+        while not name.startswith(common):
+            common = common[:-1]
+    folder = common[:common.rfind("/") + 1] if "/" in common else ""
+    if is_url(folder) and folder.count("/") < 3:  # "s3://bucket/" is the shortest prefix a URL may have
+        folder = common[:common.find("/", common.find("://") + 3) + 1]
+    return folder.rstrip("/") or "."
+
+
+class Selection:
+    """The files a brace pattern names, in the folder (or URL prefix) that holds them all. Its
+    data folder is that folder: a pattern that names more shards next time adds their rows."""
+
+    def __init__(self, location, names: list[str], pattern: str):
+        self.location, self.names, self.pattern = location, names, pattern
+        self.is_file = False
+        self.url = location.url
+
+    def __repr__(self) -> str:
+        return f"Selection({self.pattern!r})"
+
+    def entries(self, ignored=None) -> list[tuple[str, int, int, str | None]]:
+        """The named files as the location lists them; a name it does not hold, a failure entry."""
+        wanted = set(self.names)
+        found = [entry for entry in self.location.entries(ignored) if entry[0] in wanted]
+        missing = wanted - {entry[0] for entry in found}
+        return sorted(found + [(name, 0, 0, f"not found (named by {self.pattern!r})") for name in missing])
+
+    def open(self, relative: str) -> BinaryIO:
+        return self.location.open(relative)
