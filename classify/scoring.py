@@ -20,7 +20,7 @@ from tqdm import tqdm
 from classify.artifacts import LoadedHead, head_config, load_head
 from extract import (
     FeatureCache, FeatureConfig, ImageFeatures, Interval, UsageError, check_engine, check_options, expand_inputs,
-    image_features, list_configs, overwrites, shards_folder,
+    image_features, list_configs, overwrites, shard_kind, shards_folder,
 )
 
 
@@ -56,11 +56,13 @@ def score_images(
     workers: int | None = None,
     engine: str = "local",
     ray_address: str | None = None,
+    storage_options: dict | None = None,
     progress: bool = False,
     output=None,
 ) -> Iterator[ScoreRow]:
-    """Score image files, folders (recursively) and `@list.txt` files (a path a line) with
-    a head (a folder or a `LoadedHead`). Everything that can be checked before scoring is
+    """Score image files, shards (a WebDataset .tar, a .parquet: a row per sample), folders
+    of them (recursively), URLs of any of these (read with fsspec's `storage_options`) and
+    `@list.txt` files (a path a line) with a head (a folder or a `LoadedHead`). Everything that can be checked before scoring is
     checked at the call (the head, its weights, the cache, the options, the lists), raising
     UsageError; then the rows come, one per input image, in input order, holding at most a
     few batches in memory. Features already in `cache` are reused; a cache without the
@@ -74,12 +76,13 @@ def score_images(
     top_k = min(top_k, len(head.classes))
     config = head_config(head, weights)
     lists = []
-    inputs = list(expand_inputs(paths, lists))  # a broken list is refused before any output
+    inputs = list(expand_inputs(paths, lists, storage_options=storage_options))  # a broken list: refused before any output
     if output is not None:
         check_output(output, inputs, lists, head, config, cache)
     known = _CachedFeatures(cache, head.fingerprint, cache_required, head.info.get("computed_from"))
-    batches = image_features(inputs, config, known, batch_size, workers, engine, ray_address)
-    return _score(batches, len(inputs), head, known, top_k, progress)
+    batches = image_features(inputs, config, known, batch_size, workers, engine, ray_address, storage_options)
+    total = None if any(map(shard_kind, inputs)) else len(inputs)  # a shard's samples are counted as they come
+    return _score(batches, total, head, known, top_k, progress)
 
 
 def check_output(output, inputs: list[str], lists: list[str], head: LoadedHead, config: FeatureConfig,
@@ -109,7 +112,7 @@ def cache_files(cache) -> list[tuple[str, list, list]]:
             ("in the feature cache's shards folder", (), [shards_folder(real)])]
 
 
-def _score(batches: Iterator[list[ImageFeatures]], total: int, head: LoadedHead, known, top_k: int,
+def _score(batches: Iterator[list[ImageFeatures]], total: int | None, head: LoadedHead, known, top_k: int,
            progress: bool) -> Iterator[ScoreRow]:
     try:
         known.open()

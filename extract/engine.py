@@ -43,8 +43,8 @@ class Engine:
         config, writer, tally = self.config, self.writer, self.tally
         network = Network(config)
         started = time.perf_counter()
-        loaded = load_all(location, images, config.input_size, config.interpolation, _Known(writer), workers,
-                          prefetch=2 * self.batch_size, views=views, draft=config.decode == "draft", shards=shards)
+        loaded = load_all(location, [*images, *shards], config.input_size, config.interpolation, _Known(writer), workers,
+                          prefetch=2 * self.batch_size, views=views, draft=config.decode == "draft")
         work = _work(loaded, writer, views.augmentation.fingerprint if views else "")
         total = None if shards else len(images)  # a shard's samples are known only as it is read
         with tqdm(total=total, unit="img", desc="extracting", disable=None if progress else True) as bar:

@@ -22,7 +22,9 @@ from extract.errors import UsageError
 from extract.featurize import Network, featurize
 from extract.files import read_regular
 from extract.layout import IMAGE_EXTENSIONS, ImageFile
-from extract.sources.folder import Folder, walk
+from extract.sources import Shard, shard_kind
+from extract.sources.folder import walk
+from extract.sources.location import Paths, is_url, open_location
 from extract.ray_engine import forward
 from extract.reader import Loaded, load_all
 
@@ -42,11 +44,13 @@ class ImageFeatures(NamedTuple):
 
 def image_features(paths: list[str], config: FeatureConfig, known: Collection[str] = frozenset(),
                    batch_size: int = 32, workers: int | None = None, engine: str = "local",
-                   address: str | None = None) -> Iterator[list[ImageFeatures]]:
-    """Batches of `batch_size` inputs, in input order: each image file of `paths`
-    (relative to the current folder) read, hashed and, unless its content is in `known`,
-    run through VGG16 (content met twice is computed once). `engine="ray"` reads and
-    computes as a Ray Data job on the cluster at `address`."""
+                   address: str | None = None, storage_options: dict | None = None) -> Iterator[list[ImageFeatures]]:
+    """Batches of `batch_size` inputs, in input order: each image file of `paths` (relative
+    to the current folder, or URLs read with fsspec's `storage_options`) read, hashed and,
+    unless its content is in `known`, run through VGG16 (content met twice is computed once);
+    a shard (a WebDataset .tar, a .parquet) gives one input per sample (`<shard>#<key>`), and
+    one for the rest of it if it is cut short. `engine="ray"` reads and computes as a Ray
+    Data job on the cluster at `address`."""
     if engine == "ray":
         for batch in forward(paths, config, frozenset(known), batch_size, address=address):
             yield [ImageFeatures(str(path), error or None, sha256 or None, features if key else None)
@@ -54,7 +58,7 @@ def image_features(paths: list[str], config: FeatureConfig, known: Collection[st
                                                                  batch["key"], batch["features"])]
         return
     loaded = load_all(
-        Folder(""), (ImageFile(path, "", "", 0, 0) for path in paths), config.input_size, config.interpolation,
+        Paths(storage_options), map(_input, paths), config.input_size, config.interpolation,
         known, workers or max(2, min(8, os.cpu_count() or 1)), prefetch=2 * batch_size,
         draft=config.decode == "draft",
     )
@@ -63,9 +67,16 @@ def image_features(paths: list[str], config: FeatureConfig, known: Collection[st
         ImageFeatures(image.image.path, image.error, image.sha256, features.get(image.sha256))
         for done in featurize(work, Network(config), batch_size, ordered=True)
         for image, features in done.items
+        if image.samples is None or image.error  # a shard's end is an input only when the rest was lost
     )
     while batch := list(islice(images, batch_size)):
         yield batch
+
+
+def _input(path: str) -> ImageFile | Shard:
+    """An input as the reader takes it: a shard by its name, else an image file."""
+    kind = shard_kind(path)
+    return Shard(path, kind, 0, -1, None, False, 0.0) if kind else ImageFile(path, "", "", 0, 0)
 
 
 def _fresh(image: Loaded) -> dict[str, np.ndarray]:
@@ -73,11 +84,13 @@ def _fresh(image: Loaded) -> dict[str, np.ndarray]:
     return {image.sha256: image.pixels} if image.error is None and image.pixels is not None else {}
 
 
-def expand_inputs(paths: Iterable[str], lists: list | None = None, _lists: tuple[str, ...] = ()) -> Iterator[str]:
-    """Files as given, folders as their image files (sorted, recursive), `@list.txt` as
-    the paths it lists (one a line, UTF-8, relative to the current folder; # starts a
-    comment). A list that includes itself, directly or not, is refused. Each list read
-    is appended to `lists`, where given (files a command must not write over)."""
+def expand_inputs(paths: Iterable[str], lists: list | None = None, _lists: tuple[str, ...] = (),
+                  storage_options: dict | None = None) -> Iterator[str]:
+    """Files as given, folders as their image files and shards (sorted, recursive), URLs of a
+    file as given and of a folder (a prefix) as the image files and shards below it,
+    `@list.txt` as the paths it lists (one a line, UTF-8, relative to the current folder; #
+    starts a comment). A list that includes itself, directly or not, is refused. Each list
+    read is appended to `lists`, where given (files a command must not write over)."""
     for path in paths:
         path = str(path)
         if path.startswith("@"):
@@ -85,13 +98,27 @@ def expand_inputs(paths: Iterable[str], lists: list | None = None, _lists: tuple
             if lists is not None:
                 lists.append(path[1:])
             yield from expand_inputs((line.strip() for line in lines if line.strip() and not line.startswith("#")),
-                                     lists, (*_lists, os.path.realpath(path[1:])))
+                                     lists, (*_lists, os.path.realpath(path[1:])), storage_options)
+        elif is_url(path):
+            yield from _remote_inputs(path, storage_options)
         elif Path(path).is_dir():
             for relative, _, error in walk(Path(path)):
-                if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
+                if error or Path(relative).suffix.lower() in IMAGE_EXTENSIONS or shard_kind(relative):
                     yield os.path.join(path, relative)
         else:
             yield path
+
+
+def _remote_inputs(url: str, storage_options: dict | None) -> Iterator[str]:
+    """A URL as inputs: itself when it names an image or a shard, else what lies below it."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if shard_kind(name) or Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        yield url
+        return
+    location = open_location(url, storage_options)
+    for relative, _, _, _ in location.entries():
+        if Path(relative).suffix.lower() in IMAGE_EXTENSIONS or shard_kind(relative):
+            yield f"{url.rstrip('/')}/{relative}"
 
 
 def _read_list(name: str, including: tuple[str, ...]) -> list[str]:

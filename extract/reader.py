@@ -172,7 +172,7 @@ def read_image_bytes(file) -> tuple[bytes, str | None]:
 
 def load_all(
     location,
-    images: Iterable[ImageFile],
+    items: Iterable[ImageFile | Shard],
     size: int,
     interpolation: str,
     known: Container[str] = (),
@@ -180,30 +180,31 @@ def load_all(
     prefetch: int = 64,
     views: ViewRequest | None = None,
     draft: bool = False,
-    shards: Iterable[Shard] = (),
 ) -> Iterator[Loaded]:
-    """`load` every image file of `location`, then every sample of its `shards`, on a pool of
-    threads (Pillow and hashlib release the GIL), yielding results in input order with at
-    most `prefetch` images and views in flight (an image that may need K views counts 1 + K;
-    one image is always let through), so memory stays bounded whatever K. The shards are
-    read in order by a thread of their own, `prefetch` samples ahead of the decoding; each
-    shard's samples are followed by its end (`Loaded.samples` set)."""
+    """`load` every image file of `location` and every sample of its shards in `items`, on a
+    pool of threads (Pillow and hashlib release the GIL), yielding results in input order with
+    at most `prefetch` images and views in flight (an image that may need K views counts 1 + K;
+    one image is always let through), so memory stays bounded whatever K. Shards are read in
+    order by a thread of their own, a few samples ahead of the decoding; each shard's
+    samples are followed by its end (`Loaded.samples` set)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
     pending: deque = deque()
     weight = 1 + (views.per_image if views else 0)
     arguments = (size, interpolation, known, views, draft)
 
     def jobs() -> Iterator[Future]:
-        for image in images:
-            yield pool.submit(load, location, image, *arguments)
-        counts: dict[str, int] = {}
-        for shard, (image, data, error) in _ahead(_samples(location, shards), prefetch):
-            if image.path == shard.path:
-                yield _ready(Loaded(image, error=error, shard=shard, samples=counts.pop(shard.path, 0)))
+        for item in items:
+            if not isinstance(item, Shard):
+                yield pool.submit(load, location, item, *arguments)
                 continue
-            counts[shard.path] = counts.get(shard.path, 0) + 1
-            yield (_ready(Loaded(image, error=error, shard=shard)) if data is None else
-                   pool.submit(_with_shard, shard, load_bytes, image, data, *arguments))
+            count = 0
+            for image, data, error in _ahead(shard_samples(location, item), max(1, prefetch // weight)):
+                if image.path == item.path:  # the shard's end
+                    yield _ready(Loaded(image, error=error, shard=item, samples=count))
+                    continue
+                count += 1
+                yield (_ready(Loaded(image, error=error, shard=item)) if data is None else
+                       pool.submit(_with_shard, item, load_bytes, image, data, *arguments))
 
     try:
         for job in jobs():
@@ -214,12 +215,6 @@ def load_all(
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _samples(location, shards: Iterable[Shard]) -> Iterator[tuple[Shard, tuple]]:
-    for shard in shards:
-        for item in shard_samples(location, shard):
-            yield shard, item
 
 
 def _with_shard(shard: Shard, load, *arguments) -> Loaded:

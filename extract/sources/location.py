@@ -13,6 +13,7 @@ import re
 from typing import BinaryIO
 
 from extract.errors import UsageError
+from extract.files import open_regular
 from extract.sources.folder import Folder
 
 MAX_EXPANDED = 1_000_000  # names one brace pattern may give: a million shards is far past any data set
@@ -103,3 +104,18 @@ class Selection:
 
     def open(self, relative: str) -> BinaryIO:
         return self.location.open(relative)
+
+
+class Paths:
+    """Files named one by one (score-images's inputs): each a local path, relative to the
+    current folder, or a URL read with `storage_options`."""
+
+    def __init__(self, storage_options: dict | None = None):
+        self.storage_options = storage_options
+
+    def open(self, path: str) -> BinaryIO:
+        if is_url(path):
+            from extract.sources.remote import open_url
+
+            return open_url(path, self.storage_options)
+        return open_regular(path)
