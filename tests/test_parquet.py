@@ -236,9 +236,20 @@ def test_a_truncated_file_is_not_parquet():
     assert len(got) == 1 and got[0].key == "" and got[0].error.startswith("x.parquet: not a Parquet file (")
 
 
-@pytest.mark.parametrize("data", [b"a,b,label\n1,2,cat\n", b""])
-def test_a_csv_or_an_empty_file_named_parquet_is_refused(data):
+GARBLED_FOOTER = b"PAR1" + b"\xff" * 50 + (50).to_bytes(4, "little") + b"PAR1"  # pyarrow: a plain OSError
+
+
+@pytest.mark.parametrize("data", [b"a,b,label\n1,2,cat\n", b"", GARBLED_FOOTER])
+def test_a_csv_an_empty_file_or_a_garbled_footer_is_not_parquet(data):
     assert refusal(data).startswith("x.parquet: not a Parquet file (")
+
+
+def test_a_read_error_while_reading_the_footer_is_not_called_a_wrong_file():
+    data, _ = two_row_groups()
+    with pytest.raises(ConnectionResetError):
+        check_parquet(FailingAfter(data, 0, ConnectionResetError("connection reset")), "x.parquet")
+    got = list(parquet_samples(FailingAfter(data, 0, ConnectionResetError("connection reset")), "x", LIMIT))
+    assert got == [Sample("", None, error="damaged Parquet after 0 rows: connection reset")]
 
 
 def test_no_image_column_lists_the_columns_found():
@@ -247,6 +258,12 @@ def test_no_image_column_lists_the_columns_found():
         "x.parquet: no column 'image'; found columns img, label, file_name (expected the image in a column "
         "named image, as Hugging Face datasets writes it)"
     )
+
+
+def test_many_or_oddly_named_columns_stay_on_one_line():
+    columns = {"file\nname": ["a.jpg"], **{f"c{n}": [n] for n in range(30)}}
+    message = refusal(parquet_bytes(columns))
+    assert "found columns 'file\\nname', c0, c1," in message and ", c18 and 11 more (expected" in message
 
 
 @pytest.mark.parametrize("image", [

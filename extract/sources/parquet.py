@@ -47,7 +47,7 @@ class Columns(NamedTuple):
 def check_parquet(file: BinaryIO, name: str) -> None:
     """Raise a one-line `UsageError` unless `file` is a Parquet file with an `image` column
     this module can read (and `label`, `split` columns of types it reads). Reads only the
-    footer."""
+    footer; an error of `file`'s own reads (a connection lost) passes as it is."""
     _open(file, name)
 
 
@@ -62,6 +62,9 @@ def parquet_samples(file: BinaryIO, name: str, limit: int) -> Iterator[Sample]:
     except UsageError as error:
         yield Sample("", None, error=str(error))
         return
+    except Exception as error:  # noqa: BLE001 - the file's own reads failing (a connection lost)
+        yield _unreadable(0, error)
+        return
     read = [column for column, present in ((IMAGE, True), (LABEL, columns.label), (SPLIT, columns.split))
             if present]
     batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=read, use_threads=False)
@@ -70,7 +73,7 @@ def parquet_samples(file: BinaryIO, name: str, limit: int) -> Iterator[Sample]:
         try:
             batch = next(batches, None)
         except Exception as error:  # noqa: BLE001 - only pyarrow and the file's own reads run here
-            yield Sample("", None, error=f"damaged Parquet after {row} rows: {_reason(error)}")
+            yield _unreadable(row, error)
             return
         if batch is None:
             return
@@ -85,10 +88,14 @@ def _open(file: BinaryIO, name: str):
         parquet = pq.ParquetFile(file, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
         schema = parquet.schema_arrow
     except (pa.ArrowException, OSError) as error:
+        # pyarrow reports a footer it cannot parse as ArrowInvalid or a plain OSError ("Couldn't
+        # deserialize thrift"); the file object's own errors come as raised (ConnectionResetError ...).
+        if not isinstance(error, pa.ArrowException) and type(error) is not OSError:
+            raise
         raise UsageError(f"{name}: not a Parquet file ({_reason(error)})") from None
     if IMAGE not in schema.names:
         raise UsageError(
-            f"{name}: no column 'image'; found columns {', '.join(schema.names) or 'none'} (expected the "
+            f"{name}: no column 'image'; found columns {_listed(schema.names)} (expected the "
             f"image in a column named image, as Hugging Face datasets writes it)"
         )
     image_in_struct = _image_in_struct(pa, schema.field(IMAGE).type, name)
@@ -201,6 +208,19 @@ def _splits(values: list) -> list[str | None]:
     """The project's split names (`layout.SPLIT_FOLDERS`) from a split column's values;
     anything else None."""
     return [SPLIT_FOLDERS.get(value.strip().lower()) if isinstance(value, str) else None for value in values]
+
+
+def _listed(columns: list[str], shown: int = 20) -> str:
+    """Column names for a one-line message: the first `shown`, each on the line (repr when it
+    holds a line break or other unprintable character)."""
+    names = [column if column.isprintable() else repr(column) for column in columns[:shown]]
+    more = f" and {len(columns) - shown} more" if len(columns) > shown else ""
+    return (", ".join(names) or "none") + more
+
+
+def _unreadable(row: int, error: Exception) -> Sample:
+    """The error sample that stands for the rest of a file that cannot be read from `row` on."""
+    return Sample("", None, error=f"damaged Parquet after {row} rows: {_reason(error)}")
 
 
 def _reason(error: BaseException) -> str:
