@@ -64,8 +64,8 @@ def test_samples_reaches_the_parquet_reader():
 
 @pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary(), pa.binary_view()])
 def test_plain_binary_image_and_string_labels(kind):
-    data = parquet_bytes({"image": pa.array([b"a", b"bb"], kind), "label": ["cat", None]})
-    assert read(data) == [Sample("0", b"a", "cat"), Sample("1", b"bb", None)]
+    data = parquet_bytes({"image": pa.array([b"a", b"bb", b"c"], kind), "label": ["cat", None, ""]})
+    assert read(data) == [Sample("0", b"a", "cat"), Sample("1", b"bb", None), Sample("2", b"c", None)]
 
 
 def test_dictionary_encoded_labels_as_pandas_categoricals_are_written():

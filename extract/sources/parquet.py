@@ -26,9 +26,11 @@ from extract.sources import Sample
 # Memory is bounded by one batch of rows (pyarrow decodes BATCH_ROWS rows of the columns read,
 # then this module hands them out one by one) and one page of the file: pages are read through a
 # buffer of READ_BUFFER_BYTES, not a row group's whole column at once (a page larger than the
-# buffer is read whole; the writer chose its size: about 1 MB by pyarrow's default, though never
-# less than one write batch of rows). 64 rows of photos of a few hundred KB are tens of MB, and
-# 64 rows share pyarrow's cost per batch. An image over `limit` is never copied out of the batch.
+# buffer is read whole; the writer chose its size: `datasets` writes pages of 256 KB to 1 MB,
+# pyarrow's defaults up to 1024 rows a page). 64 rows of photos of a few hundred KB are tens of
+# MB, and pyarrow's cost per batch (about 30 microseconds) is then paid once for 64 rows: about
+# 250,000 rows/s on one core (docs/faults.md, "Parquet shards"). An image over `limit` is never
+# copied out of the batch.
 BATCH_ROWS = 64
 READ_BUFFER_BYTES = 1 << 20
 IMAGE, LABEL, SPLIT = "image", "label", "split"
@@ -190,7 +192,7 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
 
 
 def _labels(values: list, names: list[str] | None) -> list[str | None]:
-    """Class names from a label column's values: a string as it is; an integer by its
+    """Class names from a label column's values: a string as it is (None when empty); an integer by its
     ClassLabel name (None out of range), or as text when the file names no classes; a negative
     integer None (Hugging Face's -1 for "no label")."""
     return [_label(value, names) for value in values]
@@ -198,7 +200,7 @@ def _labels(values: list, names: list[str] | None) -> list[str | None]:
 
 def _label(value, names: list[str] | None) -> str | None:
     if value is None or isinstance(value, str):
-        return value
+        return value or None  # an empty name is no class
     if value < 0 or (names is not None and value >= len(names)):
         return None
     return str(value) if names is None else names[value]
