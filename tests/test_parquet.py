@@ -118,6 +118,19 @@ def test_rows_are_read_in_batches_in_order(monkeypatch):
     assert sum(batches) == 100 and max(batches) <= 7
 
 
+def test_an_fsspec_file_reading_ranges():
+    """What a remote shard is: fsspec's buffered file, fetching byte ranges."""
+    fsspec_spec = pytest.importorskip("fsspec.spec")
+    data = parquet_bytes({"image": [b"%d" % n for n in range(300)]}, row_group_size=50)
+
+    class Remote(fsspec_spec.AbstractBufferedFile):
+        def _fetch_range(self, start, end):
+            return data[start:end]
+
+    file = Remote(fsspec_spec.AbstractFileSystem(), "x.parquet", mode="rb", size=len(data), block_size=512)
+    assert [s.data for s in parquet_samples(file, "x.parquet", LIMIT)] == [b"%d" % n for n in range(300)]
+
+
 class RecordedReads(io.BytesIO):
     """A file that records the size of each read asked of it."""
 
