@@ -192,9 +192,9 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
 
 
 def _labels(values: list, names: list[str] | None) -> list[str | None]:
-    """Class names from a label column's values: a string as it is (None when empty); an integer by its
-    ClassLabel name (None out of range), or as text when the file names no classes; a negative
-    integer None (Hugging Face's -1 for "no label")."""
+    """Class names from a label column's values: a string as it is (None when empty); an
+    integer by its ClassLabel name (None out of range), or as text when the file names no
+    classes; a negative integer None (Hugging Face's -1 for "no label")."""
     return [_label(value, names) for value in values]
 
 
