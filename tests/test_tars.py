@@ -57,7 +57,8 @@ THREE = [
 
 
 def test_members_are_grouped_by_key_with_folders_kept_and_extensions_after_the_first_dot(tmp_path):
-    got = read(make_tar(tmp_path / "s.tar", [("d", None)] + THREE + [("README", b"no extension")]))
+    members = [("d", None)] + THREE[:1] + [("d/e", None)] + THREE[1:] + [("README", b"no extension")]
+    got = read(make_tar(tmp_path / "s.tar", members))
     assert got == [
         Sample("a", b"A" * 50, "cat"),
         Sample("d/b", b"B" * 60, "dog"),
@@ -190,6 +191,7 @@ def test_a_truncated_tar_keeps_the_samples_before_then_one_error_for_the_rest(tm
         spans[3][0]: "truncated tar after sample a (1 samples read): ",  # d/b has begun: a is complete
         spans[6][0] + 10: "truncated tar after sample d/b (2 samples read): ",  # c has begun
         last_end: "truncated tar after sample d/b (2 samples read): ",  # c whole but the tar not ended
+        end_marker: "truncated tar after sample d/b (2 samples read): the data ends without the tar's end marker",
         end_marker + 100: "truncated tar after sample d/b (2 samples read): ",  # inside the end marker
     }
     for cut, error in cases.items():

@@ -61,7 +61,7 @@ class _Header(tarfile.TarInfo):
         except tarfile.EOFHeaderError:
             raise
         except tarfile.EmptyHeaderError:
-            reason = "the data ends before the tar's end" if tar.offset else "an empty file"
+            reason = "the data ends without the tar's end marker" if tar.offset else "an empty file"
             raise tarfile.ReadError(reason) from None
         except tarfile.HeaderError as error:
             raise tarfile.ReadError(f"a damaged member header ({error})") from None
@@ -126,7 +126,7 @@ def _grouped(tar: tarfile.TarFile, limit: int, progress: _Progress) -> Iterator[
         if group is None or key != group.key:
             if group is not None:
                 yield group.sample()
-            group = _Group(key, progress.members, key in seen)
+            group = _Group(key, progress.members, repeated=key in seen)
             seen.add(key)
         group.add(tar, member, extension, limit, progress.members)
     if group is not None:
@@ -138,15 +138,15 @@ class _Group:
     extension, every extension found (for the message when there is no image), and the first
     error, after which nothing more of the sample is read."""
 
-    def __init__(self, key: str, index: int, seen: bool):
+    def __init__(self, key: str, index: int, repeated: bool):
         self.key = key
         self.found: list[str] = []
         self.data: dict[str, bytes] = {}
         self.error = _key_error(key)
-        if seen and self.error is None:
+        if repeated and self.error is None:
             self.error = f"the key {key} again at member {index}; keys must be unique in a tar"
 
-    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, extension: str, limit: int, index: int):
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, extension: str, limit: int, index: int) -> None:
         """Reads `member` if the sample needs it (an image or a label) and it is under its limit."""
         self.found.append(extension)
         wanted = extension.lower()
@@ -163,6 +163,7 @@ class _Group:
         self.data[wanted] = tar.extractfile(member).read()
 
     def sample(self) -> Sample:
+        """The sample these members make: the image and its label, or why not."""
         if self.error is not None:
             return Sample(_shown(self.key), None, error=self.error)
         image = next((self.data[e] for e in IMAGE_EXTENSIONS if e in self.data), None)
