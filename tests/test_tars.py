@@ -238,6 +238,13 @@ def test_a_stream_that_fails_keeps_the_samples_before(tmp_path):
     )
 
 
+def test_a_stream_that_fails_at_once_is_not_called_not_a_tar(tmp_path):
+    data = make_tar(tmp_path / "s.tar", THREE).read_bytes()
+    assert list(tar_samples(Stream(data, fail_after=0), "s.tar", LIMIT)) == [
+        Sample("", None, error="truncated tar in its first sample (0 samples read): reading failed: connection reset by peer")
+    ]
+
+
 def test_ctrl_c_while_reading_passes_through(tmp_path):
     class Interrupted(Stream):
         def read(self, size=-1):

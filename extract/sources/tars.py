@@ -83,7 +83,7 @@ class _Progress:
     def rest(self, name: str, error: BaseException) -> Sample:
         """The error sample (key "") for what could not be read after the damage."""
         reason = str(error) or type(error).__name__
-        if self.members == 0:
+        if self.members == 0 and not isinstance(error, _ReadFailed):
             message = f"not a tar file ({reason}); expected a WebDataset tar: {name}"
         elif self.samples == 0:
             message = f"truncated tar in its first sample (0 samples read): {reason}"
