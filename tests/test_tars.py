@@ -1,0 +1,269 @@
+import io
+import tarfile
+
+import pytest
+
+from extract.sources import Sample, samples
+from extract.sources.tars import LABEL_LIMIT, tar_samples
+
+LIMIT = 1000
+
+
+def make_tar(path, members, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"):
+    """A tar at `path` of (name, bytes) members, in order; bytes None: a folder."""
+    with tarfile.open(path, mode, format=format, encoding=encoding) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def read(path, limit=LIMIT):
+    with open(path, "rb") as file:
+        return list(tar_samples(file, path.name, limit))
+
+
+class PayloadError(Exception):
+    """What an HTTP client raises when a response is cut: not an OSError."""
+
+
+class Stream:
+    """A network stream: read() only, no seek, no tell, at most a block at a time."""
+
+    def __init__(self, data, fail_after=None):
+        self._data = io.BytesIO(data)
+        self._fail_after = fail_after
+
+    def read(self, size=-1):
+        if self._fail_after is not None and self._data.tell() >= self._fail_after:
+            raise PayloadError("connection reset by peer")
+        return self._data.read(min(512, size) if size >= 0 else 512)
+
+
+THREE = [
+    ("a.jpg", b"A" * 50),
+    ("a.cls", b"cat\n"),
+    ("a.txt", b"a caption"),
+    ("d/b.seg.png", b"mask"),
+    ("d/b.png", b"B" * 60),
+    ("d/b.json", b'{"label": "dog", "caption": "x"}'),
+    ("c.webp", b"C" * 70),
+]
+
+
+def test_members_are_grouped_by_key_with_folders_kept_and_extensions_after_the_first_dot(tmp_path):
+    members = [("d", None)] + THREE[:1] + [("d/e", None)] + THREE[1:] + [("README", b"no extension")]
+    got = read(make_tar(tmp_path / "s.tar", members))
+    assert got == [
+        Sample("a", b"A" * 50, "cat"),
+        Sample("d/b", b"B" * 60, "dog"),
+        Sample("c", b"C" * 70, None),
+    ]
+
+
+def test_the_first_image_extension_in_order_of_preference(tmp_path):
+    members = [("x.webp", b"w"), ("x.PNG", b"p"), ("x.jpeg", b"e"), ("y.png", b"p"), ("y.webp", b"w")]
+    assert [s.data for s in read(make_tar(tmp_path / "s.tar", members))] == [b"e", b"p"]
+
+
+@pytest.mark.parametrize(
+    "members, label",
+    [
+        ([("k.cls", b"  7 \n")], "7"),
+        ([("k.cls", b"tabby cat")], "tabby cat"),
+        ([("k.json", b'{"label": 3}')], "3"),
+        ([("k.json", b'{"label": "owl"}')], "owl"),
+        ([("k.json", b'{"label": 2.5}')], None),
+        ([("k.json", b'{"label": true}')], None),
+        ([("k.json", b'{"label": ["a"]}')], None),
+        ([("k.json", b"[1, 2]")], None),
+        ([("k.json", b'{"caption": "x"}')], None),
+        ([("k.json", b'{"label": "owl"}'), ("k.cls", b"cat")], "cat"),  # .cls wins
+        ([], None),
+    ],
+)
+def test_each_label_form(tmp_path, members, label):
+    (sample,) = read(make_tar(tmp_path / "s.tar", [("k.jpg", b"img")] + members))
+    assert sample == Sample("k", b"img", label)
+
+
+@pytest.mark.parametrize(
+    "member, error",
+    [(("k.json", b"{not json"), "k.json is not valid JSON"), (("k.cls", b"\xff\xfe"), "k.cls is not UTF-8 text")],
+)
+def test_an_unreadable_label_is_an_error_sample(tmp_path, member, error):
+    (sample,) = read(make_tar(tmp_path / "s.tar", [("k.jpg", b"img"), member]))
+    assert sample.key == "k" and sample.data is None and error in sample.error
+
+
+def test_a_sample_without_an_image_names_what_it_found(tmp_path):
+    got = read(make_tar(tmp_path / "s.tar", [("k.txt", b"t"), ("k.cls", b"1"), ("m.jpg", b"i")]))
+    assert got == [
+        Sample("k", None, error="no image (expected k.jpg, .jpeg, .png or .webp); found k.txt, k.cls"),
+        Sample("m", b"i"),
+    ]
+
+
+def test_a_member_over_the_limit_is_an_error_and_never_read(tmp_path, monkeypatch):
+    extracted = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: extracted.append(m.name) or real(self, m))
+    members = [("a.jpg", b"x" * LIMIT), ("b.cls", b"1"), ("b.jpg", b"x" * (LIMIT + 1)), ("c.jpg", b"c")]
+    got = read(make_tar(tmp_path / "s.tar", members))
+    assert got == [
+        Sample("a", b"x" * LIMIT),
+        Sample("b", None, error=f"b.jpg is {LIMIT + 1} bytes, over the limit of {LIMIT} bytes"),
+        Sample("c", b"c"),
+    ]
+    assert extracted == ["a.jpg", "b.cls", "c.jpg"]
+
+
+def test_a_label_over_a_mebibyte_is_an_error_whatever_the_limit(tmp_path):
+    members = [("k.jpg", b"i"), ("k.json", b" " * (LABEL_LIMIT + 1))]
+    (sample,) = read(make_tar(tmp_path / "s.tar", members), limit=10 * LABEL_LIMIT)
+    assert sample.error == f"k.json is {LABEL_LIMIT + 1} bytes, over the limit of {LABEL_LIMIT} bytes"
+
+
+def test_a_key_met_again_is_an_error_sample(tmp_path):
+    members = [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.cls", b"x"), ("c.jpg", b"3"), ("c.jpg", b"4")]
+    assert read(make_tar(tmp_path / "s.tar", members)) == [
+        Sample("a", b"1"),
+        Sample("b", b"2"),
+        Sample("a", None, error="the key a again at member 3; keys must be unique in a tar"),
+        Sample("c", None, error="the member c.jpg again at member 5; keys must be unique in a tar"),
+    ]
+
+
+def test_keys_are_strings_even_when_they_look_like_paths(tmp_path):
+    members = [("../x.jpg", b"1"), ("/abs/y.jpg", b"2"), ("./z.png", b"3")]
+    got = read(make_tar(tmp_path / "s.tar", members))
+    assert [(s.key, s.data) for s in got] == [("../x", b"1"), ("/abs/y", b"2"), ("./z", b"3")]
+
+
+def test_a_key_that_is_not_utf8_is_an_error_sample_shown_escaped(tmp_path):
+    path = make_tar(tmp_path / "s.tar", [("caf\xe9.jpg", b"1"), ("ok.jpg", b"2")], format=tarfile.GNU_FORMAT, encoding="latin-1")
+    assert read(path) == [
+        Sample("caf\\xe9", None, error="the key caf\\xe9 is not valid UTF-8; rename the member"),
+        Sample("ok", b"2"),
+    ]
+
+
+def test_a_key_with_a_nul_is_an_error_sample(tmp_path):
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("ab.jpg")
+        info.size, info.pax_headers = 1, {"path": "a\0b.jpg"}  # only a PAX header can carry a NUL
+        tar.addfile(info, io.BytesIO(b"1"))
+    assert read(tmp_path / "s.tar") == [Sample("a\\x00b", None, error="the key a\\x00b holds a NUL character; rename the member")]
+
+
+def test_a_gzip_tar_is_read_like_a_tar(tmp_path):
+    got = read(make_tar(tmp_path / "s.tar.gz", THREE, mode="w:gz"))
+    assert [(s.key, s.label) for s in got] == [("a", "cat"), ("d/b", "dog"), ("c", None)]
+
+
+def test_a_stream_without_seek_is_read_once_in_order(tmp_path):
+    data = make_tar(tmp_path / "s.tar", THREE).read_bytes()
+    assert list(tar_samples(Stream(data), "s.tar", LIMIT)) == read(tmp_path / "s.tar")
+    assert [s.key for s in samples("tar", Stream(data), "s.tar", LIMIT)] == ["a", "d/b", "c"]
+
+
+def member_spans(data):
+    """(where its data starts, where it ends) for each member, from the tar's own headers."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.offset_data, m.offset_data + m.size) for m in tar.getmembers()]
+
+
+def test_a_truncated_tar_keeps_the_samples_before_then_one_error_for_the_rest(tmp_path):
+    whole = make_tar(tmp_path / "whole.tar", THREE).read_bytes()
+    spans = member_spans(whole)  # a.jpg a.cls a.txt d/b.seg.png d/b.png d/b.json c.webp
+    last_end = spans[6][1]
+    end_marker = last_end + -last_end % 512
+    cases = {
+        0: "not a tar file (an empty file)",
+        100: "not a tar file",  # inside the first header
+        spans[0][0] + 10: "truncated tar in its first sample (0 samples read): ",  # inside a's image
+        spans[2][1]: "truncated tar in its first sample (0 samples read): ",  # nothing says a has ended
+        spans[3][0]: "truncated tar after sample a (1 samples read): ",  # d/b has begun: a is complete
+        spans[6][0] + 10: "truncated tar after sample d/b (2 samples read): ",  # c has begun
+        last_end: "truncated tar after sample d/b (2 samples read): ",  # c whole but the tar not ended
+        end_marker: "truncated tar after sample d/b (2 samples read): the data ends without the tar's end marker",
+        end_marker + 100: "truncated tar after sample d/b (2 samples read): ",  # inside the end marker
+    }
+    for cut, error in cases.items():
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        got = read(tmp_path / "cut.tar")
+        kept = 0 if "0 samples" in error or "not a tar" in error else int(error.split("(")[1].split()[0])
+        assert got[:-1] == read(tmp_path / "whole.tar")[:kept], cut
+        assert got[-1].key == "" and got[-1].data is None and got[-1].error.startswith(error), (cut, got[-1])
+    (tmp_path / "cut.tar").write_bytes(whole[: end_marker + 512])  # a whole block of zeros: the end
+    assert read(tmp_path / "cut.tar") == read(tmp_path / "whole.tar")
+
+
+def test_a_corrupt_member_header_ends_the_tar_with_an_error_not_silently(tmp_path):
+    data = bytearray(make_tar(tmp_path / "s.tar", THREE).read_bytes())
+    data[member_spans(data)[6][0] - 512] ^= 0xFF  # c.webp's header: its name's first byte
+    (tmp_path / "s.tar").write_bytes(data)
+    got = read(tmp_path / "s.tar")
+    assert [s.key for s in got] == ["a", ""]  # d/b may have had more members: not complete
+    assert got[-1].error == "truncated tar after sample a (1 samples read): a damaged member header (bad checksum)"
+
+
+def test_a_truncated_gzip_tar_keeps_a_prefix_then_one_error(tmp_path):
+    whole = make_tar(tmp_path / "s.tar.gz", THREE, mode="w:gz").read_bytes()
+    counts = []
+    for cut in range(0, len(whole), 7):
+        got = list(tar_samples(Stream(whole[:cut]), "s.tar.gz", LIMIT))
+        read_whole = [s.key for s in got] == ["a", "d/b", "c"]  # cut after the tar's end marker
+        assert read_whole or ([s.key for s in got[:-1]] == ["a", "d/b"][: len(got) - 1] and got[-1].error), cut
+        counts.append(len(got) - (not read_whole))
+    assert counts == sorted(counts) and counts[0] == 0 and 1 in counts and counts[-1] == 3
+
+
+def test_garbage_is_not_a_tar_file(tmp_path):
+    (sample,) = tar_samples(Stream(b"PK\x03\x04 a zip file, not a tar" * 40), "s.tar", LIMIT)
+    assert sample.key == "" and sample.error.startswith("not a tar file (") and sample.error.endswith("s.tar")
+
+
+def test_a_stream_that_fails_keeps_the_samples_before(tmp_path):
+    data = make_tar(tmp_path / "s.tar", THREE).read_bytes()
+    got = list(tar_samples(Stream(data, fail_after=member_spans(data)[6][0]), "s.tar", LIMIT))
+    assert got[:-1] == read(tmp_path / "s.tar")[:2]
+    assert got[-1] == Sample(
+        "", None, error="truncated tar after sample d/b (2 samples read): reading failed: connection reset by peer"
+    )
+
+
+def test_a_stream_that_fails_at_once_is_not_called_not_a_tar(tmp_path):
+    data = make_tar(tmp_path / "s.tar", THREE).read_bytes()
+    assert list(tar_samples(Stream(data, fail_after=0), "s.tar", LIMIT)) == [
+        Sample("", None, error="truncated tar in its first sample (0 samples read): reading failed: connection reset by peer")
+    ]
+
+
+def test_ctrl_c_while_reading_passes_through(tmp_path):
+    class Interrupted(Stream):
+        def read(self, size=-1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(tar_samples(Interrupted(b""), "s.tar", LIMIT))
+
+
+def test_tarfile_keeps_no_header_behind(tmp_path, monkeypatch):
+    kept = []
+    real = tarfile.TarFile.next
+    monkeypatch.setattr(tarfile.TarFile, "next", lambda self: kept.append(len(self.members)) or real(self))
+    members = [(f"{i:04d}.jpg", b"i") for i in range(50)]
+    assert len(read(make_tar(tmp_path / "s.tar", members))) == 50
+    assert max(kept) <= 1
+
+
+def test_utf8_names_are_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    path = make_tar(tmp_path / "s.tar", [("café.jpg", b"1")], format=tarfile.GNU_FORMAT)
+    monkeypatch.setattr(tarfile.TarFile, "encoding", "ascii")  # tarfile's default: the locale's
+    assert read(path) == [Sample("café", b"1")]
