@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterator, NamedTuple
 
-SHARD_KINDS = {".tar": "tar", ".parquet": "parquet", ".pq": "parquet"}
+SHARD_KINDS = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".tar.bz2": "tar", ".tar.xz": "tar",
+               ".parquet": "parquet", ".pq": "parquet"}
 SEPARATOR = "#"  # between a shard's path and a sample's key in a stored path
 
 
@@ -50,9 +51,14 @@ class Sample(NamedTuple):
 
 
 def shard_kind(name: str) -> str | None:
-    """"tar" or "parquet" for a shard's file name, None for any other file."""
-    dot = name.rfind(".")
-    return SHARD_KINDS.get(name[dot:].lower()) if dot > 0 else None
+    """"tar" or "parquet" for a shard's file name (by its last one or two suffixes: a
+    compressed tar is read as a stream too), None for any other file."""
+    lower = name.lower()
+    last = lower.rfind(".")
+    if last <= 0:
+        return None
+    before = lower.rfind(".", 0, last)
+    return SHARD_KINDS.get(lower[before:]) if before > 0 and lower[before:] in SHARD_KINDS else SHARD_KINDS.get(lower[last:])
 
 
 def member_path(shard: str, key: str) -> str:
