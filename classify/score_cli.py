@@ -11,7 +11,9 @@ import sys
 
 from classify.artifacts import load_head, spreadsheet_cell
 from classify.scoring import score_images
-from extract import DEFAULT_CACHE, ENGINES, ExtractError, UsageError, console, streamed, version, write_aside
+from extract import (
+    DEFAULT_CACHE, ENGINES, ExtractError, UsageError, console, parse_storage_options, streamed, version, write_aside,
+)
 
 PROG = "score-images"
 
@@ -23,7 +25,11 @@ def build_parser() -> console.OneLineParser:
         epilog="example: score-images new_photos/ --head heads/20260101-120000-logreg --output scores.csv",
     )
     add = parser.add_argument
-    add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive), or @list.txt (a path a line)")
+    add("paths", nargs="+", metavar="PATH",
+        help="image files, shards (WebDataset .tar, .parquet: a row per sample), folders of them (recursive), "
+             "s3:// gs:// https:// URLs of any of these, or @list.txt (a path a line)")
+    add("--storage-options", metavar="JSON",
+        help="fsspec options for URL inputs, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     add("--head", required=True, metavar="DIR", help="a head folder written by train-head")
     add("--cache", metavar="PATH",
         help=f"reuse features of images already in this cache (default: {DEFAULT_CACHE}, where it exists "
@@ -56,11 +62,12 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             if not args.output and stdout is None:
                 raise UsageError("stdout is closed; pass --output FILE.")
+            storage_options = None if args.storage_options is None else parse_storage_options(args.storage_options)
             head = load_head(args.head)
             rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
                                 cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
                                 batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
-                                progress=not args.quiet, output=args.output)
+                                storage_options=storage_options, progress=not args.quiet, output=args.output)
             with _destination(args.output, stdout) as stream:
                 write = row_writer(stream, kind, min(args.top_k, len(head.classes)), terminal=_is_terminal(stream))
                 for row in rows:

@@ -23,7 +23,7 @@ with it: `console`, `read_regular`, `sha256_regular`, `write_aside`, `streamed`,
 `owned_prefix`, `partial_prefix` and `stale_partials` (`files`), `shards_folder` (what belongs to a cache, `schema`), `decode_image` (the reader's
 decoding, for report thumbnails), `package_versions` (recorded with a head), `Backbone` and
 `import_keras` (export's one model), `vgg16_top` (the finetune head's block 5), `image_features`, `ImageFeatures`, `expand_inputs` and
-`check_engine` (score-images reads and computes as extraction does), `shard_kind` (which inputs are shards), and the option checks.
+`check_engine` (score-images reads and computes as extraction does), `shard_kind` (which inputs are shards), `parse_storage_options` (--storage-options), and the option checks.
 """
 
 from extract._version import __version__, version
@@ -44,6 +44,7 @@ from extract.files import (
 from extract.reader import decode as decode_image
 from extract.schema import package_versions, shards_folder
 from extract.sources import shard_kind
+from extract.sources.remote import parse_storage_options
 
 __all__ = [
     "Augmentation",
@@ -79,6 +80,7 @@ __all__ = [
     "overwrites",
     "owned_prefix",
     "package_versions",
+    "parse_storage_options",
     "partial_prefix",
     "read_regular",
     "sha256_regular",

@@ -21,6 +21,7 @@ from extract.options import INTERPOLATIONS
 from extract.options import COMPACTIONS, DECODES, DTYPES, POOLINGS, PRECISIONS, TOP_LAYER
 from extract.plan import label_source
 from extract.runner import DEFAULT_CACHE, extract_features
+from extract.sources.remote import parse_storage_options
 from extract.summary import ExtractSummary
 
 PROG = "extract-features"
@@ -159,11 +160,7 @@ def main(argv=None) -> int:
 
 
 def _storage_options(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    from extract.sources.remote import parse_storage_options
-
-    return parse_storage_options(text)
+    return None if text is None else parse_storage_options(text)
 
 
 def _augmentation(args) -> Augmentation | None:

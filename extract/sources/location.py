@@ -15,6 +15,7 @@ from typing import BinaryIO
 from extract.errors import UsageError
 from extract.files import open_regular
 from extract.sources.folder import Folder
+from extract.sources.remote import Remote, is_url, open_url
 
 MAX_EXPANDED = 1_000_000  # names one brace pattern may give: a million shards is far past any data set
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -29,10 +30,8 @@ def open_location(data, storage_options: dict | None = None):
         return Selection(open_location(parent, storage_options), [name[len(parent):].lstrip("/") for name in names],
                          text)
     if is_url(text):
-        from extract.sources.remote import Remote
-
-        location = Remote(text, storage_options)
-        location.check()
+        location = Remote(text.rstrip("/") if text.rstrip("/").count("/") > 2 else text, storage_options)
+        location.check()  # one line naming what to set, before any work
         return location
     if storage_options:
         raise UsageError(f"--storage-options applies to URLs (s3://, gs://, https://); received the local path {text!r}.")
@@ -41,11 +40,6 @@ def open_location(data, storage_options: dict | None = None):
         raise UsageError(f"Expected DATA_DIR to be a folder of images or shards, a shard file or a URL; "
                          f"{text!r} is not a folder, a shard file (.tar, .parquet) or a URL.")
     return folder
-
-
-def is_url(text: str) -> bool:
-    """Whether `text` is an fsspec URL ("s3://bucket/set", "https://host/a.tar"), not a path."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
 
 
 def braces(pattern: str) -> list[str]:
@@ -115,7 +109,5 @@ class Paths:
 
     def open(self, path: str) -> BinaryIO:
         if is_url(path):
-            from extract.sources.remote import open_url
-
             return open_url(path, self.storage_options)
         return open_regular(path)

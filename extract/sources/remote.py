@@ -154,6 +154,11 @@ class Remote:
             entries.append((relative, int(info["size"]), stamp(info)))
         return sorted(entries)
 
+    def entries(self, ignored=None) -> list[tuple[str, int, int, None]]:
+        """`list` as a local folder's listing gives it (`folder.Folder.entries`): no errors, as
+        a store lists only what is there; `ignored` (a local cache's files) does not apply."""
+        return [(relative, size, stamp, None) for relative, size, stamp in self.list()]
+
     def open(self, relative: str = "") -> BinaryIO:
         """A readable, seekable binary file of the object at `relative` (a path from `list`;
         "" for the URL itself) that re-opens it where it was when a connection drops."""
