@@ -90,11 +90,22 @@ class Selection:
         return f"Selection({self.pattern!r})"
 
     def entries(self, ignored=None) -> list[tuple[str, int, int, str | None]]:
-        """The named files as the location lists them; a name it does not hold, a failure entry."""
-        wanted = set(self.names)
-        found = [entry for entry in self.location.entries(ignored) if entry[0] in wanted]
-        missing = wanted - {entry[0] for entry in found}
-        return sorted(found + [(name, 0, 0, f"not found (named by {self.pattern!r})") for name in missing])
+        """The named files as the location lists them (a local folder: its safe listing; a URL:
+        each object asked for by name); a name it does not hold, a failure entry."""
+        if isinstance(self.location, Folder):
+            wanted = set(self.names)
+            found = [entry for entry in self.location.entries(ignored) if entry[0] in wanted]
+            missing = wanted - {entry[0] for entry in found}
+            return sorted(found + [(name, 0, 0, f"not found (named by {self.pattern!r})") for name in missing])
+        return sorted(map(self._entry, self.names))
+
+    def _entry(self, name: str) -> tuple[str, int, int, str | None]:
+        try:
+            return (name, *self.location.stat(name), None)
+        except FileNotFoundError:
+            return name, 0, 0, f"not found (named by {self.pattern!r})"
+        except OSError as error:
+            return name, 0, 0, f"cannot read file: {error}"
 
     def open(self, relative: str) -> BinaryIO:
         return self.location.open(relative)

@@ -159,6 +159,12 @@ class Remote:
         a store lists only what is there; `ignored` (a local cache's files) does not apply."""
         return [(relative, size, stamp, None) for relative, size, stamp in self.list()]
 
+    def stat(self, relative: str) -> tuple[int, int]:
+        """(size, stamp) of the object at `relative`: what `list` gives, for one object named
+        (a brace pattern's shard: an HTTP server need not list its folders)."""
+        info = self.fs.info(self._path(relative))
+        return int(info["size"]), stamp(info)
+
     def open(self, relative: str = "") -> BinaryIO:
         """A readable, seekable binary file of the object at `relative` (a path from `list`;
         "" for the URL itself) that re-opens it where it was when a connection drops."""
