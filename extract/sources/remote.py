@@ -34,7 +34,7 @@ BACKOFF_SECONDS = 0.5  # the first wait before a re-open; doubled after each, up
 BACKOFF_CAP_SECONDS = 8.0
 BLOCK_SIZE = 4 * 2**20  # bytes a read asks the store for at once: few requests, bounded memory
 CHECK_SECONDS = 15.0  # `check` gives up on a store that does not answer within this
-# botocore's defaults retry a closed port for minutes; the check needs one quick answer.
+# botocore's defaults retry a silent endpoint for minutes; the check needs one quick answer.
 CHECK_BOTOCORE = {"connect_timeout": 5, "read_timeout": 5, "retries": {"max_attempts": 1}}
 
 # The package and the project's extra each protocol needs (fsspec loads it by name).
@@ -121,6 +121,8 @@ class Remote:
         if self.protocol in ("s3", "s3a"):
             options["config_kwargs"] = {**options.get("config_kwargs", {}), **CHECK_BOTOCORE}
         fs, root = self._connect(options)
+        if self.protocol in ("s3", "s3a"):
+            fs.retries = 1  # s3fs's own retries of a timed-out request (5), on top of botocore's
         outcome: list = []
         probe = threading.Thread(target=_capture, args=(lambda: fs.info(root), outcome), daemon=True)
         probe.start()
@@ -163,7 +165,7 @@ class Remote:
 
     def _path(self, relative: str) -> str:
         self.fs  # sets _root
-        if not relative or (self._is_file and relative == posixpath.basename(self._root)):
+        if not relative or (relative == posixpath.basename(self._root.rstrip("/")) and self.is_file):
             return self._root
         return self._root.rstrip("/") + "/" + relative
 
@@ -266,7 +268,8 @@ class RetryingFile(io.RawIOBase):
             self._offset = offset + (self._offset if whence == io.SEEK_CUR else 0)
         return self._offset
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
         data = self._retrying(lambda file: file.read(size))
         self._offset += len(data)
         return data
