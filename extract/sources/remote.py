@@ -143,7 +143,7 @@ class Remote:
         fs = self.fs
         if self.is_file:
             info = fs.info(self._root)
-            return [(posixpath.basename(self._root.rstrip("/")), int(info["size"]), stamp(info))]
+            return [(self._base_name(), int(info["size"]), stamp(info))]
         prefix = self._root.rstrip("/") + "/"
         entries = []
         for name, info in fs.find(self._root, detail=True).items():
@@ -166,9 +166,13 @@ class Remote:
 
     def _path(self, relative: str) -> str:
         self.fs  # sets _root
-        if not relative or (relative == posixpath.basename(self._root.rstrip("/")) and self.is_file):
+        if not relative or (relative == self._base_name() and self.is_file):
             return self._root
         return self._root.rstrip("/") + "/" + relative
+
+    def _base_name(self) -> str:
+        """The name `list` gives the one object of a URL that names one."""
+        return posixpath.basename(self._root.rstrip("/"))
 
     def _names_file(self, info: dict) -> bool:
         # An HTTP server answers a folder's URL with a page: a trailing "/" says it is a folder.
