@@ -4,8 +4,8 @@
   port); it yields the endpoint URL. `put_objects` fills a bucket; `s3_env` is the environment
   a subprocess needs to reach it (the test credentials, no metadata service, no config files).
 - `http_server(folder)`: a context manager serving a folder over HTTP with Range requests,
-  ETag and Last-Modified, and dropped connections on demand (`HTTPServer.fail`), so a test can
-  watch a reader resume where it was.
+  ETag and Last-Modified, dropped connections on demand (`HTTPServer.fail`), so a test can
+  watch a reader resume where it was, and 403 Forbidden for the paths in `HTTPServer.denied`.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class HTTPServer(ThreadingHTTPServer):
     def __init__(self, address, handler):
         super().__init__(address, handler)
         self.requests: list[Request] = []
+        self.denied: set[str] = set()  # paths answered 403 Forbidden
         self._faults: dict[str, list] = {}  # path -> [bytes sent before dropping, requests left or None]
         self._lock = threading.Lock()
 
@@ -139,6 +140,9 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
     def send_head(self):
         self._span = None  # (first byte, length) of a file's body; None for a listing
+        if self._relative() in self.server.denied:
+            self.send_error(HTTPStatus.FORBIDDEN)
+            return None
         path = self.translate_path(self.path)
         if os.path.isdir(path):
             return super().send_head()

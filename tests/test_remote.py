@@ -1,8 +1,11 @@
 """extract/sources/remote.py against moto's S3 and a local HTTP server (tests/servers.py)."""
 
+import importlib.util
 import os
 import pickle
 import socket
+import subprocess
+import sys
 from contextlib import closing
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from extract.errors import UsageError
 from extract.sources import remote
 from extract.sources.remote import Remote, is_url, open_url, parse_storage_options
-from servers import http_server, put_objects, s3_server  # noqa: F401 (a fixture)
+from servers import http_server, put_objects, s3_env, s3_server  # noqa: F401 (a fixture)
 
 DATA = os.urandom(300_000)
 
@@ -59,6 +62,18 @@ def test_storage_options_are_a_json_object():
         message = one_line_error(lambda: parse_storage_options(bad))
         assert message.startswith("Expected --storage-options to be a JSON object such as")
         assert f"received {bad!r}" in message
+
+
+def test_file_url_lists_a_local_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(b"png")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_bytes(b"ref")
+    location = Remote(f"file://{tmp_path}")
+    location.check()
+    [(path, size, stamp)] = location.list()
+    assert (path, size) == ("a/1.png", 3) and stamp >= 0
+    assert location.open(path).read() == b"png"
 
 
 # S3 through moto
@@ -150,6 +165,14 @@ def test_remote_pickles_without_its_filesystem(s3_server):
     assert copy.open("b.tar").read() == b"bb"
 
 
+def test_a_subprocess_reaches_the_server_through_s3_env(s3_server):
+    put_objects(s3_server, "subprocess", {"k/a.tar": b"abc"})
+    script = "from extract.sources.remote import Remote; print(Remote('s3://subprocess/k').list()[0][:2])"
+    done = subprocess.run([sys.executable, "-c", script], env=s3_env(s3_server),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "('a.tar', 3)", done.stderr
+
+
 # HTTP through tests/servers.py
 
 def test_http_url_naming_one_file(served):
@@ -211,10 +234,16 @@ def test_http_missing_file_is_not_retried(served, fast_retries):
     assert message.startswith(f"Nothing at {served.url}nope.tar;")
 
 
+def test_http_access_denied(served):
+    served.denied.add("f.bin")
+    message = one_line_error(Remote(served.url + "f.bin").check)
+    assert message.startswith(f"Access denied to {served.url}f.bin (")
+
+
 def test_http_closed_port():
-    url = f"http://127.0.0.1:{closed_port()}/a.tar"
-    message = one_line_error(Remote(url).check)
-    assert message.startswith(f"Cannot reach 127.0.0.1:{url.split(':')[2].split('/')[0]} for {url} (")
+    host = f"127.0.0.1:{closed_port()}"
+    message = one_line_error(Remote(f"http://{host}/a.tar").check)
+    assert message.startswith(f"Cannot reach {host} for http://{host}/a.tar (")
 
 
 def test_check_is_bounded_when_the_host_never_answers(monkeypatch):
@@ -227,13 +256,7 @@ def test_check_is_bounded_when_the_host_never_answers(monkeypatch):
     assert message.startswith(f"No answer from {host} within 0.5 s for http://{host}/a.tar;")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
 def test_missing_package_names_the_extra():
-    pytest.importorskip("fsspec")
-    try:
-        import gcsfs  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("gcsfs is installed")
     message = one_line_error(Remote("gs://bucket/shards").check)
     assert message == "Reading gs:// URLs needs gcsfs: pip install 'bottleneck-features[gcs]'"

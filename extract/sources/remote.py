@@ -34,9 +34,10 @@ BACKOFF_SECONDS = 0.5  # the first wait before a re-open; doubled after each, up
 BACKOFF_CAP_SECONDS = 8.0
 BLOCK_SIZE = 4 * 2**20  # bytes a read asks the store for at once: few requests, bounded memory
 CHECK_SECONDS = 15.0  # `check` gives up on a store that does not answer within this
-# botocore's defaults retry a closed port for minutes; the check needs one quick answer.
+# botocore's defaults retry a silent endpoint for minutes; the check needs one quick answer.
 CHECK_BOTOCORE = {"connect_timeout": 5, "read_timeout": 5, "retries": {"max_attempts": 1}}
 
+S3 = ("s3", "s3a")  # fsspec's names for s3fs's protocol
 # The package and the project's extra each protocol needs (fsspec loads it by name).
 PACKAGES = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"),
             "gcs": ("gcsfs", "gcs"), "http": ("aiohttp", "http"), "https": ("aiohttp", "http")}
@@ -118,9 +119,11 @@ class Remote:
         """Read the location once, within CHECK_SECONDS, before any work; UsageError naming
         what to set when it cannot be read."""
         options = dict(self.storage_options)
-        if self.protocol in ("s3", "s3a"):
+        if self.protocol in S3:
             options["config_kwargs"] = {**options.get("config_kwargs", {}), **CHECK_BOTOCORE}
         fs, root = self._connect(options)
+        if self.protocol in S3:
+            fs.retries = 1  # s3fs's own retries of a timed-out request (5), on top of botocore's
         outcome: list = []
         probe = threading.Thread(target=_capture, args=(lambda: fs.info(root), outcome), daemon=True)
         probe.start()
@@ -140,7 +143,7 @@ class Remote:
         fs = self.fs
         if self.is_file:
             info = fs.info(self._root)
-            return [(posixpath.basename(self._root.rstrip("/")), int(info["size"]), stamp(info))]
+            return [(self._base_name(), int(info["size"]), stamp(info))]
         prefix = self._root.rstrip("/") + "/"
         entries = []
         for name, info in fs.find(self._root, detail=True).items():
@@ -174,9 +177,13 @@ class Remote:
 
     def _path(self, relative: str) -> str:
         self.fs  # sets _root
-        if not relative or (self._is_file and relative == posixpath.basename(self._root)):
+        if not relative or (relative == self._base_name() and self.is_file):
             return self._root
         return self._root.rstrip("/") + "/" + relative
+
+    def _base_name(self) -> str:
+        """The name `list` gives the one object of a URL that names one."""
+        return posixpath.basename(self._root.rstrip("/"))
 
     def _names_file(self, info: dict) -> bool:
         # An HTTP server answers a folder's URL with a page: a trailing "/" says it is a folder.
@@ -197,7 +204,7 @@ class Remote:
 
     def _endpoint(self) -> str:
         """The host a request goes to: the endpoint for object stores, the URL's host otherwise."""
-        if self.protocol in ("s3", "s3a"):
+        if self.protocol in S3:
             client = self.storage_options.get("client_kwargs", {})
             return (self.storage_options.get("endpoint_url") or client.get("endpoint_url")
                     or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -205,7 +212,7 @@ class Remote:
         return urlsplit(self.url).netloc or self.url
 
     def _endpoint_hint(self) -> str:
-        if self.protocol in ("s3", "s3a"):
+        if self.protocol in S3:
             return ("check the endpoint: --storage-options '{\"endpoint_url\": ...}' or "
                     "AWS_ENDPOINT_URL, and the network")
         return "check the host name and port, and the network"
@@ -222,9 +229,12 @@ class Remote:
             lost = next(link for link in _chain(error) if _names(link) & CONNECTION_ERRORS)
             return (f"Cannot reach {self._endpoint()} for {self.url} ({_line(lost) or type(lost).__name__}); "
                     f"{self._endpoint_hint()}")
-        if isinstance(error, PermissionError) or "AccessDenied" in reason:
-            return (f"Access denied to {self.url} ({reason}); check the credentials' permissions, "
-                    "or pass --storage-options '{\"anon\": true}' for a public bucket")
+        denied = next((link for link in _chain(error) if isinstance(link, PermissionError)
+                       or getattr(link, "status", None) in (401, 403)), None)  # HTTP's answer
+        if denied is not None:
+            hint = ("check the credentials' permissions on it" if self.protocol in CREDENTIALS
+                    else "check that the server lets it be read (a signed URL may have expired)")
+            return f"Access denied to {self.url} ({_line(denied)}); {hint}"
         if isinstance(error, FileNotFoundError) and "bucket does not exist" in reason:
             bucket = root.split("/", 1)[0]
             return (f"No bucket '{bucket}' at {self._endpoint()} for {self.url}; "
@@ -277,7 +287,8 @@ class RetryingFile(io.RawIOBase):
             self._offset = offset + (self._offset if whence == io.SEEK_CUR else 0)
         return self._offset
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
         data = self._retrying(lambda file: file.read(size))
         self._offset += len(data)
         return data
