@@ -27,13 +27,12 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from classify.evaluation import pyplot, natural_order
-from extract import UsageError, decode_image, describe, read_regular, write_aside
+from extract import decode_image, describe, stored_images, write_aside
 
 REPORT = "report.html"
 MISTAKES_SHOWN = 24  # thumbnails per head and split
 MAP_POINTS = 1000  # validation images on the map, drawn at random beyond this (the whole page: ~5 s for 1,000 on two cores)
 THUMBNAIL = 112  # pixels a side
-MAX_IMAGE_BYTES = 256 * 2**20  # the most read of one image, as extract-features reads it
 MISTAKES = ("best", "all")
 
 PAGE = string.Template("""<!DOCTYPE html>
@@ -129,6 +128,7 @@ def _mistakes(result, reader: "_Thumbnails", best: bool) -> str:
         parts.append(f'<p>{split}: {wrong} of {len(made.y)} images wrong'
                      f'{f"; {len(shown)} shown, {order}" if wrong else ""}.</p>')
         confidence = made.confidence()
+        reader.read([made.paths[i] for i in shown])
         figures = []
         for i in shown:
             probability = "" if confidence[i] != confidence[i] else f" ({confidence[i]:.1%})"
@@ -206,19 +206,27 @@ def _picture(path: Path, alt: str) -> str:
 
 
 class _Thumbnails:
-    """Thumbnails of cached images, read again from the data folder and resized to a
-    square, as the network saw them. A file gone or unreadable since says so instead."""
+    """Thumbnails of cached images, read again from where they came from (a data folder, a
+    shard, a URL: `extract.stored_images`) and resized to a square, as the network saw them.
+    An image gone or unreadable since says so instead."""
 
     def __init__(self, splits):
-        self.root = Path(splits.data_dir) if splits.data_dir else None
+        self.data_dir = splits.data_dir
+        self.images: dict[str, bytes | str] = {}
+
+    def read(self, paths: list[str]) -> None:
+        """Read the images of `paths` not read yet, together (a shard is read once for all of its)."""
+        if self.data_dir:
+            self.images.update(stored_images(self.data_dir, [path for path in paths if path not in self.images]))
 
     def html(self, relative: str) -> str:
-        if self.root is None:
+        if not self.data_dir:
             return '<div class="missing">no data folder recorded</div>'
+        data = self.images.get(relative, "not read")
+        if isinstance(data, str):  # gone, not a regular file or too large since extraction
+            return f'<div class="missing">not readable now: {_e(data)}</div>'
         try:
-            pixels = decode_image(read_regular(self.root / relative, MAX_IMAGE_BYTES, repr(relative)), THUMBNAIL)
-        except UsageError as error:  # gone, not a regular file or too large since extraction
-            return f'<div class="missing">not readable now: {_e(error)}</div>'
+            pixels = decode_image(data, THUMBNAIL)
         except Exception as error:  # a file broken since extraction is a note, not a failed report
             return f'<div class="missing">not readable now: {_e(type(error).__name__)}</div>'
         jpeg = io.BytesIO()

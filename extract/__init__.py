@@ -20,8 +20,8 @@ file read bounded, or written aside), `console` (what the three commands share),
 
 `__all__` is what `classify` may import: the pipeline's API, and the pieces stage 2 shares
 with it: `console`, `read_regular`, `sha256_regular`, `write_aside`, `streamed`, `overwrites`,
-`owned_prefix`, `partial_prefix` and `stale_partials` (`files`), `shards_folder` (what belongs to a cache, `schema`), `decode_image` (the reader's
-decoding, for report thumbnails), `package_versions` (recorded with a head), `Backbone` and
+`owned_prefix`, `partial_prefix` and `stale_partials` (`files`), `shards_folder` (what belongs to a cache, `schema`), `decode_image` and `stored_images` (the reader's
+decoding, and images read again from where a cache says they came from, for report thumbnails), `package_versions` (recorded with a head), `Backbone` and
 `import_keras` (export's one model), `vgg16_top` (the finetune head's block 5), `image_features`, `ImageFeatures`, `expand_inputs` and
 `check_engine` (score-images reads and computes as extraction does), `shard_kind` (which inputs are shards), `parse_storage_options` (--storage-options), and the option checks.
 """
@@ -41,7 +41,7 @@ from extract.catalog import FeatureCache, list_configs
 from extract.files import (
     overwrites, owned_prefix, partial_prefix, read_regular, sha256_regular, stale_partials, streamed, write_aside,
 )
-from extract.reader import decode as decode_image
+from extract.reader import decode as decode_image, stored_images
 from extract.schema import package_versions, shards_folder
 from extract.sources import shard_kind
 from extract.sources.remote import parse_storage_options
@@ -87,6 +87,7 @@ __all__ = [
     "shard_kind",
     "shards_folder",
     "stale_partials",
+    "stored_images",
     "streamed",
     "version",
     "vgg16_top",

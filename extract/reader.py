@@ -36,7 +36,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from extract.augment import Augmentation
 from extract.files import read_bounded
 from extract.layout import ImageFile, place_sample
-from extract.sources import Shard, member_path, samples
+from extract.errors import UsageError
+from extract.sources import SEPARATOR, Shard, member_path, samples, shard_kind
+from extract.sources.location import open_location
 from extract.options import INTERPOLATIONS as FILTER_NAMES
 
 # The names keras.utils.load_img accepts (options.INTERPOLATIONS), mapped to the same Pillow filters.
@@ -287,6 +289,53 @@ def _descriptor(file) -> int | None:
         return file.fileno()
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
+
+
+def stored_images(data_dir: str, paths: Iterable[str], storage_options: dict | None = None) -> dict[str, bytes | str]:
+    """The bytes of images as a cache names them (its data folder, and stored paths: files,
+    and shards' samples `<shard>#<key>`), read again from where they came from; or, for each
+    one that cannot be read now, why (a str). Each shard is read once, up to its last sample
+    asked for. (For report pages: a few dozen images.)"""
+    wanted: dict[str, dict[str, str]] = {}  # shard -> key -> stored path
+    out: dict[str, bytes | str] = {}
+    try:
+        location = open_location(data_dir, storage_options)
+    except UsageError as error:
+        return {path: str(error) for path in paths}
+    for path in paths:
+        shard, key = _split_member(path)
+        if shard:
+            wanted.setdefault(shard, {})[key] = path
+            continue
+        try:
+            with location.open(path) as file:
+                data, refused = read_image_bytes(file)
+            out[path] = refused or data
+        except OSError as error:
+            out[path] = f"cannot read file: {error.strerror or error}"
+    for shard, keys in wanted.items():
+        try:
+            with location.open(shard) as file:
+                for sample in samples(shard_kind(shard), file, shard, MAX_FILE_BYTES):
+                    if sample.key in keys:
+                        out[keys.pop(sample.key)] = sample.error or sample.data
+                    if not keys:
+                        break
+        except OSError as error:
+            out.update({path: f"cannot read {shard}: {error.strerror or error}" for path in keys.values()})
+            continue
+        out.update({path: f"not in {shard} now" for path in keys.values()})
+    return out
+
+
+def _split_member(path: str) -> tuple[str | None, str]:
+    """(shard, key) of a stored sample's path, or (None, path) for a file's."""
+    at = path.find(SEPARATOR)
+    while at >= 0:
+        if shard_kind(path[:at]):
+            return path[:at], path[at + 1:]
+        at = path.find(SEPARATOR, at + 1)
+    return None, path
 
 
 def check_shards(location, shards: Iterable[Shard]) -> None:

@@ -196,3 +196,16 @@ def test_a_killed_run_leaves_a_partly_read_shard_to_be_read_again(extract, datas
         assert set(cache.paths()) == set(members)
     again = extract(shards)
     assert again.computed == 0 and again.unchanged == len(members)
+
+
+def test_stored_images_reads_samples_and_files_again_for_report_pages(dataset, tmp_path):
+    from extract import stored_images
+
+    members = tars_of(dataset, tmp_path / "shards")
+    wanted = ["train/000000.tar#cat_1", "validation/000000.tar#dog_2", "train/000000.tar#gone", "nope.tar#x"]
+    images = stored_images(str(tmp_path / "shards"), wanted)
+    assert images[wanted[0]] == members[wanted[0]] and images[wanted[1]] == members[wanted[1]]
+    assert "not in train/000000.tar" in images[wanted[2]] and "cannot read nope.tar" in images[wanted[3]]
+    files = stored_images(str(dataset), ["train/cat/0.png", "train/cat/none.png"])
+    assert files["train/cat/0.png"] == (dataset / "train/cat/0.png").read_bytes()
+    assert "cannot read file" in files["train/cat/none.png"]
