@@ -9,11 +9,13 @@ a file does) and `open(relative)` (a file to read).
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from typing import BinaryIO
 
 from extract.errors import UsageError
-from extract.files import open_regular
+from extract.files import not_regular, open_regular
 from extract.sources.folder import Folder
 from extract.sources.remote import Remote, is_url, open_url
 
@@ -37,9 +39,20 @@ def open_location(data, storage_options: dict | None = None):
         raise UsageError(f"--storage-options applies to URLs (s3://, gs://, https://); received the local path {text!r}.")
     folder = Folder(text)
     if not (folder.path.is_dir() or folder.is_file):
-        raise UsageError(f"Expected DATA_DIR to be a folder of images or shards, a shard file or a URL; "
-                         f"{text!r} is not a folder, a shard file (.tar, .parquet) or a URL.")
+        raise UsageError(f"Expected DATA_DIR to be a folder of images or shards, a shard file (.tar, .parquet) "
+                         f"or a URL; {text!r} {_what_is(text)}.")
     return folder
+
+
+def _what_is(path: str) -> str:
+    """What a local DATA_DIR that is neither a folder nor a regular file is, for its refusal."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist" if not os.path.islink(path) else "is a broken symbolic link"
+    except OSError as error:
+        return "is a symbolic link loop" if error.errno == errno.ELOOP else f"cannot be read ({error.strerror})"
+    return f"is {not_regular(mode)}"
 
 
 def braces(pattern: str) -> list[str]:
