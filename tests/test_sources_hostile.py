@@ -2,10 +2,15 @@
 user can hand the commands in place of a data folder or a shard, through the commands."""
 
 import os
+import socket
+
+import pytest
 
 from conftest import SIZE
 from helpers import EXTRACT, call, one_line
+from extract.errors import UsageError
 from extract.sources.folder import walk
+from extract.sources.location import open_location
 
 
 def extract(data, cache, *more):
@@ -29,3 +34,73 @@ def test_a_fifo_named_as_a_shard_as_data_dir_says_what_it_is(tmp_path):
 def test_a_link_loop_in_a_folder_is_named_a_loop(tmp_path):
     os.symlink("loop.tar", tmp_path / "loop.tar")
     assert [(path, error) for path, _, error in walk(tmp_path)] == [("loop.tar", "cannot read file: symbolic link loop")]
+
+
+def test_a_fifo_in_a_folder_at_a_file_url_is_a_failure_row_never_opened(tmp_path):
+    # fsspec lists it (type "other") and its plain open() of a FIFO blocks for ever: the run hung
+    from extract.sources.remote import Remote
+
+    os.mkfifo(tmp_path / "y.parquet")
+    (tmp_path / "a.tar").write_bytes(b"")
+    entries = Remote(f"file://{tmp_path}").entries()
+    assert [(path, error) for path, _, _, error in entries] == [
+        ("a.tar", None), ("y.parquet", "not a regular file (fsspec says: other)")]
+
+
+def test_a_file_url_to_a_fifo_is_refused(tmp_path):
+    # was "Found no images" (a FIFO taken for an empty folder)
+    os.mkfifo(tmp_path / "x.tar")
+    with pytest.raises(UsageError, match="is neither a file nor a folder"):
+        open_location(f"file://{tmp_path}/x.tar")
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///x.tar", "https://"])
+def test_a_url_without_bucket_or_host_is_refused(url):
+    # "s3://" passed the check (s3fs answers its root without a request), then listing it raised
+    # ValueError("Cannot traverse all of S3") out of the command
+    pytest.importorskip("s3fs")
+    pytest.importorskip("aiohttp")
+    with pytest.raises(UsageError, match="a bucket or host"):
+        open_location(url)
+
+
+def test_a_filesystem_that_connects_when_made_is_checked_within_the_bound(tmp_path):
+    # ftp:// connects in its constructor, which ran outside the bounded check: ConnectionRefusedError traceback
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    done = extract(f"ftp://127.0.0.1:{port}/x.tar", tmp_path / "c.h5")
+    one_line(done, 2, f"Cannot reach 127.0.0.1:{port}")
+
+
+def test_storage_options_nested_too_deep_are_one_short_line(tmp_path):
+    # json.loads raised RecursionError: a traceback; and the message quoted all 100,000 characters
+    done = extract("s3://bucket/x.tar", tmp_path / "c.h5", "--storage-options", "[" * 100_000)
+    assert len(one_line(done, 2, "Expected --storage-options to be a JSON object")) < 500
+
+
+def test_a_pattern_of_many_names_is_refused_as_it_grows(monkeypatch):
+    # the product of ranges was built whole before being counted: {0..999}/{0..999}/{0..9} made
+    # ten million names (20 s, about 1 GB) to refuse it at one million
+    from extract.sources import location
+
+    calls = []
+    expand = location.braces
+    monkeypatch.setattr(location, "MAX_EXPANDED", 100)
+    monkeypatch.setattr(location, "braces", lambda pattern: calls.append(pattern) or expand(pattern))
+    with pytest.raises(UsageError, match="names over 100 shards"):
+        location.braces("{0..9}/{0..99}.tar")
+    assert len(calls) < 300  # two of the ten first choices, not all ten (1,011 calls)
+
+
+def test_a_range_of_thousands_of_digits_is_one_line():
+    # int() refuses over 4,300 digits: ValueError traceback
+    with pytest.raises(UsageError, match="over 18 digits"):
+        open_location("{0.." + "9" * 5000 + "}.tar")
+
+
+def test_a_pattern_that_names_nothing_there_says_so(tmp_path):
+    # was "Found no images in ... (layout 'classes')", its folders guessed from the names
+    (tmp_path / "a.tar").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"None of the 4 files the pattern .* names is there \(first: 'ac/x.tar'\)"):
+        open_location(f"{tmp_path}/{{a,b}}{{c,d}}/x.tar").entries()
