@@ -180,7 +180,10 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
     splits = _splits(batch.column(SPLIT).to_pylist()) if columns.split else [None] * len(sizes)
     for index, size in enumerate(sizes):
         key = str(first_row + index)
-        if size is None:
+        if isinstance(splits[index], _Unknown):
+            yield Sample(key, None, labels[index], error=f"unknown split {splits[index].value!r} in row {key}; expected "
+                         f"one of {', '.join(SPLIT_FOLDERS)} (or empty: drawn by the path's hash)")
+        elif size is None:
             path = paths[index] if paths else None
             where = f" (only a path, {path!r}, which is not read)" if path else ""
             yield Sample(key, None, labels[index], splits[index], error=f"no image bytes in row {key}{where}")
@@ -206,10 +209,22 @@ def _label(value, names: list[str] | None) -> str | None:
     return str(value) if names is None else names[value]
 
 
-def _splits(values: list) -> list[str | None]:
-    """The project's split names (`layout.SPLIT_FOLDERS`) from a split column's values;
-    anything else None."""
-    return [SPLIT_FOLDERS.get(value.strip().lower()) if isinstance(value, str) else None for value in values]
+class _Unknown(NamedTuple):
+    """A split column's value that names no split: the sample's failure, never a split drawn
+    for it (a "dev" set drawn into train would leak), as a labels CSV refuses it."""
+
+    value: str
+
+
+def _splits(values: list) -> list:
+    """The project's split names (`layout.SPLIT_FOLDERS`) from a split column's values, in any
+    case and spacing; None for null or empty (drawn), `_Unknown` for any other text."""
+    return [_split(value) for value in values]
+
+
+def _split(value: str | None):
+    name = (value or "").strip().lower()
+    return SPLIT_FOLDERS.get(name, _Unknown(value)) if name else None
 
 
 def _listed(columns: list[str], shown: int = 20) -> str:
