@@ -144,6 +144,8 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
             f"Found both shards ({scan.shards[0].path if scan.shards else 'none readable'}) and image files "
             f"({image}) in {location.url!r}; keep one kind in a data folder (or pass --layout unlabeled for both)."
         )
+    if not scan.images and not scan.shards:
+        _refuse_shards_read_as_files(entries, layout, location.url)
     if labels is not None:
         found = {image.path for image in scan.images} | {path for path, _ in scan.failures}
         scan.missing = [path for path in labels if path not in found]
@@ -158,6 +160,17 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
             f"in the layout README describes, or shards (.tar, .parquet)."
         )
     return scan
+
+
+def _refuse_shards_read_as_files(entries: list[tuple[str, int, int, str | None]], layout: str, url: str) -> None:
+    """A UsageError when a layout that reads image files (--layout splits or classes, --labels)
+    found none where there are shards: their samples carry their own labels."""
+    shard = next((path for path, _, _, error in entries if error is None and shard_kind(path.rsplit("/", 1)[-1])), None)
+    if shard is None:
+        return
+    given = "--labels" if layout == "csv" else f"--layout {layout}"
+    raise UsageError(f"{given} reads image files, and {url!r} holds shards ({shard}), whose samples carry their "
+                     f"own labels (.cls, .json, a label column); drop {given}.")
 
 
 def place_sample(shard: Shard, sample: Sample) -> tuple[str, str] | str:

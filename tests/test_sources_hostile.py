@@ -6,11 +6,12 @@ import socket
 
 import pytest
 
-from conftest import SIZE
+from conftest import SIZE, make_image
 from helpers import EXTRACT, call, one_line
 from extract.errors import UsageError
 from extract.sources.folder import walk
 from extract.sources.location import open_location
+from test_sources import write_tar
 
 
 def extract(data, cache, *more):
@@ -104,3 +105,15 @@ def test_a_pattern_that_names_nothing_there_says_so(tmp_path):
     (tmp_path / "a.tar").write_bytes(b"")
     with pytest.raises(UsageError, match=r"None of the 4 files the pattern .* names is there \(first: 'ac/x.tar'\)"):
         open_location(f"{tmp_path}/{{a,b}}{{c,d}}/x.tar").entries()
+
+
+@pytest.mark.parametrize("option", [("--layout", "splits"), ("--layout", "classes"), ("--labels", "labels.csv")])
+def test_a_layout_of_image_files_on_shards_says_what_to_drop(tmp_path, option):
+    # was "Found no images ... expected image files ... or shards (.tar, .parquet)" with shards there,
+    # or "Found none of the 1 images the labels file names" naming a sample that is there
+    write_tar(tmp_path / "d" / "train" / "0.tar", [("cat_0", make_image(tmp_path / "a.png").read_bytes(), "cat")])
+    (tmp_path / "labels.csv").write_text("path,label\ntrain/0.tar#cat_0,cat\n")
+    value = str(tmp_path / option[1]) if option[0] == "--labels" else option[1]
+    done = extract(tmp_path / "d", tmp_path / "c.h5", option[0], value)
+    one_line(done, 2, f"{option[0]} {value if option[0] == '--layout' else ''}".strip(), "holds shards (train/0.tar)",
+             f"drop {option[0]}")
