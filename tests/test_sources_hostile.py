@@ -3,6 +3,7 @@ user can hand the commands in place of a data folder or a shard, through the com
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,37 @@ def test_a_layout_of_image_files_on_shards_says_what_to_drop(tmp_path, option):
     done = extract(tmp_path / "d", tmp_path / "c.h5", option[0], value)
     one_line(done, 2, f"{option[0]} {value if option[0] == '--layout' else ''}".strip(), "holds shards (train/0.tar)",
              f"drop {option[0]}")
+
+
+def _parquet_with(tmp_path, placeholder: bytes, replacement: bytes, **columns) -> Path:
+    """A Parquet file (plain pages, no compression) with `placeholder` replaced by
+    `replacement` wherever it is: text no writer would let through."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table(columns), path, compression="none", use_dictionary=False, store_schema=False)
+    data = path.read_bytes()
+    assert placeholder in data
+    path.write_bytes(data.replace(placeholder, replacement))
+    return path
+
+
+def test_a_label_that_is_not_utf8_fails_its_row_only(tmp_path):
+    # pyarrow does not check UTF-8 on read: to_pylist raised UnicodeDecodeError for the whole
+    # batch, out of the shard's reader (found by flipping each byte of a small file)
+    from extract.sources.parquet import parquet_samples
+
+    path = _parquet_with(tmp_path, b"Q@Q", b"Q\xffQ", image=[b"a", b"b"], label=["Q@Q", "cat"])
+    with open(path, "rb") as file:
+        first, second = parquet_samples(file, "x.parquet", 1 << 20)
+    assert first.error == "the label in row 0 is not UTF-8 text (b'Q\\xffQ')"
+    assert (second.data, second.label, second.error) == (b"b", "cat", None)
+
+
+def test_a_column_name_that_is_not_utf8_is_no_parquet_file(tmp_path):
+    from extract.sources.parquet import check_parquet
+
+    path = _parquet_with(tmp_path, b"zzcol", b"zz\xffol", image=[b"a"], zzcol=[1])
+    with open(path, "rb") as file, pytest.raises(UsageError, match="not a Parquet file .a column name is not UTF-8"):
+        check_parquet(file, "x.parquet")

@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterator, NamedTuple
 from extract.errors import UsageError
 from extract.layout import SPLIT_FOLDERS
 from extract.sources import Sample
+from extract.sources.remote import clipped
 
 # Memory is bounded by one batch of rows (pyarrow decodes BATCH_ROWS rows of the columns read,
 # then this module hands them out one by one) and one page of the file: pages are read through a
@@ -95,6 +96,8 @@ def _open(file: BinaryIO, name: str):
         if not isinstance(error, pa.ArrowException) and type(error) is not OSError:
             raise
         raise UsageError(f"{name}: not a Parquet file ({_reason(error)})") from None
+    except UnicodeDecodeError as error:  # pyarrow decodes the footer's column names as it opens
+        raise UsageError(f"{name}: not a Parquet file (a column name is not UTF-8: {_reason(error)})") from None
     if IMAGE not in schema.names:
         raise UsageError(
             f"{name}: no column 'image'; found columns {_listed(schema.names)} (expected the "
@@ -171,27 +174,62 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
     images = batch.column(IMAGE)
     paths = None
     if columns.image_in_struct:
-        paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else None
+        paths = _texts(pa, images.field("path")) if images.type.get_field_index("path") >= 0 else None
         images = pc.struct_field(images, "bytes")  # null where the struct itself is null
     if pa.types.is_binary_view(images.type):  # binary_length has no kernel for views
         images = images.cast(pa.large_binary())
     sizes = pc.binary_length(images).to_pylist()
-    labels = _labels(batch.column(LABEL).to_pylist(), columns.names) if columns.label else [None] * len(sizes)
-    splits = _splits(batch.column(SPLIT).to_pylist()) if columns.split else [None] * len(sizes)
+    labels = _labels(_texts(pa, batch.column(LABEL)), columns.names) if columns.label else [None] * len(sizes)
+    splits = _splits(_texts(pa, batch.column(SPLIT))) if columns.split else [None] * len(sizes)
     for index, size in enumerate(sizes):
         key = str(first_row + index)
-        if isinstance(splits[index], _Unknown):
-            yield Sample(key, None, labels[index], error=f"unknown split {splits[index].value!r} in row {key}; expected "
-                         f"one of {', '.join(SPLIT_FOLDERS)} (or empty: drawn by the path's hash)")
+        wrong = _wrong_text(key, labels[index], splits[index])
+        if wrong:
+            yield Sample(key, None, error=wrong)
         elif size is None:
             path = paths[index] if paths else None
-            where = f" (only a path, {path!r}, which is not read)" if path else ""
+            where = f" (only a path, {clipped(repr(getattr(path, 'value', path)))}, which is not read)" if path else ""
             yield Sample(key, None, labels[index], splits[index], error=f"no image bytes in row {key}{where}")
         elif size > limit:
             yield Sample(key, None, labels[index], splits[index],
                          error=f"image too large: {size} bytes in row {key} (at most {limit} are read for one image)")
         else:
             yield Sample(key, images[index].as_py(), labels[index], splits[index])
+
+
+class _NotText(NamedTuple):
+    """A string column's value that is not UTF-8 (pyarrow does not check on read: a damaged
+    file, or a writer that did not either): the sample's failure."""
+
+    value: bytes
+
+
+def _texts(pa, column) -> list:
+    """A column's values; a string column's decoded here, one by one, a value that is not
+    UTF-8 a `_NotText` (pyarrow's own `to_pylist` fails the whole batch on it)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_integer(column.type):
+        return column.to_pylist()
+    return [value if value is None else _text(value) for value in column.cast(pa.large_binary()).to_pylist()]
+
+
+def _text(value: bytes):
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NotText(value)
+
+
+def _wrong_text(key: str, label, split) -> str | None:
+    """Why a row's label or split cannot be taken (not UTF-8; a split naming no split), or None."""
+    for column, value in ((LABEL, label), (SPLIT, split)):
+        if isinstance(value, _NotText):
+            return f"the {column} in row {key} is not UTF-8 text ({clipped(repr(value.value))})"
+    if isinstance(split, _Unknown):
+        return (f"unknown split {clipped(repr(split.value))} in row {key}; expected one of "
+                f"{', '.join(SPLIT_FOLDERS)} (or empty: drawn by the path's hash)")
+    return None
 
 
 def _labels(values: list, names: list[str] | None) -> list[str | None]:
@@ -202,6 +240,8 @@ def _labels(values: list, names: list[str] | None) -> list[str | None]:
 
 
 def _label(value, names: list[str] | None) -> str | None:
+    if isinstance(value, _NotText):
+        return value
     if value is None or isinstance(value, str):
         return value or None  # an empty name is no class
     if value < 0 or (names is not None and value >= len(names)):
@@ -223,6 +263,8 @@ def _splits(values: list) -> list:
 
 
 def _split(value: str | None):
+    if isinstance(value, _NotText):
+        return value
     name = (value or "").strip().lower()
     return SPLIT_FOLDERS.get(name, _Unknown(value)) if name else None
 
