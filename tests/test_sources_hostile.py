@@ -175,3 +175,12 @@ def test_a_compressed_tar_is_decompressed_in_bounded_steps_not_by_tarfile(tmp_pa
         got = list(tar_samples(file, "c.tar", limit=100))
     assert [(s.key, s.label, s.error is None) for s in got] == [("a", None, False), ("b", "dog", True)]
     assert kinds == ["tar"]
+
+
+def test_score_images_on_a_file_url_of_a_folder_holding_a_fifo_gives_it_an_error_row(tmp_path):
+    # score-images listed the FIFO and opened it through fsspec: it hung for ever
+    from extract.sources.location import Paths
+
+    os.mkfifo(tmp_path / "x.tar")
+    with pytest.raises(OSError, match="not a regular file"):
+        Paths().open(f"file://{tmp_path}/x.tar")

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from extract.errors import UsageError
+from extract.files import open_regular
 
 RETRIES = 5  # re-opens of an object after a dropped connection, before a read fails for good
 BACKOFF_SECONDS = 0.5  # the first wait before a re-open; doubled after each, up to the cap
@@ -193,8 +194,12 @@ class Remote:
 
     def open(self, relative: str = "") -> BinaryIO:
         """A readable, seekable binary file of the object at `relative` (a path from `list`;
-        "" for the URL itself) that re-opens it where it was when a connection drops."""
+        "" for the URL itself) that re-opens it where it was when a connection drops. A file://
+        URL's file is opened as a local one is (`files.open_regular`): without blocking, and
+        refused unless regular (fsspec's open of a FIFO waits for a writer for ever)."""
         path = self._path(relative)
+        if self.protocol in ("file", "local"):
+            return open_regular(path)
         shown = self.url if path == self._root else self.url.rstrip("/") + "/" + relative
         return RetryingFile(lambda: self.fs.open(path, "rb", block_size=BLOCK_SIZE), shown)
 
