@@ -186,6 +186,9 @@ def place_sample(shard: Shard, sample: Sample) -> tuple[str, str] | str:
     if "\x00" in label or not _is_utf8(label):
         return f"label {label!r} holds a character the cache cannot store (NUL, or text that is not UTF-8)"
     split = shard.split or sample.split
+    if split is not None and split not in SPLIT_FOLDERS.values():  # a Parquet split column's "holdout"
+        return (f"unknown split {split!r}; expected one of {', '.join(SPLIT_FOLDERS)} (or none: drawn by "
+                f"the path's hash)")
     if split is None:
         path = member_path(shard.path, sample.key)
         split = "validation" if validation_fraction(path) < shard.validation_percent else "train"

@@ -136,14 +136,19 @@ def _parquet_with(tmp_path, placeholder: bytes, replacement: bytes, **columns) -
 
 def test_a_label_that_is_not_utf8_fails_its_row_only(tmp_path):
     # pyarrow does not check UTF-8 on read: to_pylist raised UnicodeDecodeError for the whole
-    # batch, out of the shard's reader (found by flipping each byte of a small file)
+    # batch, out of the shard's reader (found by flipping each byte of a small file). Now the
+    # label keeps its bytes as surrogate escapes, refused where samples are placed
+    from extract.layout import place_sample
+    from extract.sources import Shard
     from extract.sources.parquet import parquet_samples
 
     path = _parquet_with(tmp_path, b"Q@Q", b"Q\xffQ", image=[b"a", b"b"], label=["Q@Q", "cat"])
     with open(path, "rb") as file:
         first, second = parquet_samples(file, "x.parquet", 1 << 20)
-    assert first.error == "the label in row 0 is not UTF-8 text (b'Q\\xffQ')"
-    assert (second.data, second.label, second.error) == (b"b", "cat", None)
+    assert (first.data, second.data, second.label) == (b"a", b"b", "cat")  # scoring reads both
+    shard = Shard("x.parquet", "parquet", 1, 1, "train", True, 20.0)
+    assert "holds a character the cache cannot store" in place_sample(shard, first)
+    assert place_sample(shard, second) == ("cat", "train")
 
 
 def test_a_column_name_that_is_not_utf8_is_no_parquet_file(tmp_path):

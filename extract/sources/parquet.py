@@ -183,12 +183,9 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
     splits = _splits(_texts(pa, batch.column(SPLIT))) if columns.split else [None] * len(sizes)
     for index, size in enumerate(sizes):
         key = str(first_row + index)
-        wrong = _wrong_text(key, labels[index], splits[index])
-        if wrong:
-            yield Sample(key, None, error=wrong)
-        elif size is None:
+        if size is None:
             path = paths[index] if paths else None
-            where = f" (only a path, {clipped(repr(getattr(path, 'value', path)))}, which is not read)" if path else ""
+            where = f" (only a path, {clipped(repr(path))}, which is not read)" if path else ""
             yield Sample(key, None, labels[index], splits[index], error=f"no image bytes in row {key}{where}")
         elif size > limit:
             yield Sample(key, None, labels[index], splits[index],
@@ -197,39 +194,17 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
             yield Sample(key, images[index].as_py(), labels[index], splits[index])
 
 
-class _NotText(NamedTuple):
-    """A string column's value that is not UTF-8 (pyarrow does not check on read: a damaged
-    file, or a writer that did not either): the sample's failure."""
-
-    value: bytes
-
-
 def _texts(pa, column) -> list:
-    """A column's values; a string column's decoded here, one by one, a value that is not
-    UTF-8 a `_NotText` (pyarrow's own `to_pylist` fails the whole batch on it)."""
+    """A column's values; a string column's decoded here, one by one, with bytes that are not
+    UTF-8 kept as surrogate escapes (pyarrow does not check UTF-8 on read, and its own
+    `to_pylist` fails the whole batch on one such value). Such a label is refused where
+    samples are placed (`layout.place_sample`), as a tar's is; scoring never looks at it."""
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     if pa.types.is_integer(column.type):
         return column.to_pylist()
-    return [value if value is None else _text(value) for value in column.cast(pa.large_binary()).to_pylist()]
-
-
-def _text(value: bytes):
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return _NotText(value)
-
-
-def _wrong_text(key: str, label, split) -> str | None:
-    """Why a row's label or split cannot be taken (not UTF-8; a split naming no split), or None."""
-    for column, value in ((LABEL, label), (SPLIT, split)):
-        if isinstance(value, _NotText):
-            return f"the {column} in row {key} is not UTF-8 text ({clipped(repr(value.value))})"
-    if isinstance(split, _Unknown):
-        return (f"unknown split {clipped(repr(split.value))} in row {key}; expected one of "
-                f"{', '.join(SPLIT_FOLDERS)} (or empty: drawn by the path's hash)")
-    return None
+    return [value if value is None else value.decode("utf-8", "surrogateescape")
+            for value in column.cast(pa.large_binary()).to_pylist()]
 
 
 def _labels(values: list, names: list[str] | None) -> list[str | None]:
@@ -240,8 +215,6 @@ def _labels(values: list, names: list[str] | None) -> list[str | None]:
 
 
 def _label(value, names: list[str] | None) -> str | None:
-    if isinstance(value, _NotText):
-        return value
     if value is None or isinstance(value, str):
         return value or None  # an empty name is no class
     if value < 0 or (names is not None and value >= len(names)):
@@ -249,24 +222,16 @@ def _label(value, names: list[str] | None) -> str | None:
     return str(value) if names is None else names[value]
 
 
-class _Unknown(NamedTuple):
-    """A split column's value that names no split: the sample's failure, never a split drawn
-    for it (a "dev" set drawn into train would leak), as a labels CSV refuses it."""
-
-    value: str
-
-
-def _splits(values: list) -> list:
+def _splits(values: list) -> list[str | None]:
     """The project's split names (`layout.SPLIT_FOLDERS`) from a split column's values, in any
-    case and spacing; None for null or empty (drawn), `_Unknown` for any other text."""
+    case and spacing; None for null or empty (drawn by the layout); any other text as it is,
+    which `layout.place_sample` refuses (a "dev" set drawn into train would leak)."""
     return [_split(value) for value in values]
 
 
-def _split(value: str | None):
-    if isinstance(value, _NotText):
-        return value
+def _split(value: str | None) -> str | None:
     name = (value or "").strip().lower()
-    return SPLIT_FOLDERS.get(name, _Unknown(value)) if name else None
+    return SPLIT_FOLDERS.get(name, value) if name else None
 
 
 def _listed(columns: list[str], shown: int = 20) -> str:
