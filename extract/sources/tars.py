@@ -79,29 +79,13 @@ COMPRESSED = ((b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream, mode="r
               (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
 
 
-class _Decompressed:
-    """A tar's bytes as its decompressor gives them, with `head` (its first bytes, read to
-    choose the decompressor) put back in front. Decompressed here rather than by tarfile's
-    stream mode, which copies its whole buffer at each 10 KB step over a skipped member: a
-    3 GB member of zeros in a 14 MB .tar.gz took 64 s to pass over (2.9 s this way). The
-    compressed data ending early ends the tar's bytes, as it did in tarfile: the tar's own
-    end marker, or its absence (`_Header`), tells a whole tar from a cut one."""
+class _Prepended:
+    """The shard's bytes with `head`, read from it to choose a decompressor, put back in front."""
 
     def __init__(self, head: bytes, source: _Source):
         self._head, self._source = head, source
-        opener = next((opener for magic, opener in COMPRESSED if head.startswith(magic)), None)
-        self._stream = self if opener is None else opener(self._Raw(self))
 
-    class _Raw:
-        """The compressed bytes, head first, for the decompressor to read."""
-
-        def __init__(self, outer: "_Decompressed"):
-            self._outer = outer
-
-        def read(self, size: int = -1) -> bytes:
-            return self._outer._raw(size)
-
-    def _raw(self, size: int) -> bytes:
+    def read(self, size: int = -1) -> bytes:
         if not self._head:
             return self._source.read(size)
         if size is None or size < 0:
@@ -110,9 +94,18 @@ class _Decompressed:
         data, self._head = self._head[:size], self._head[size:]
         return data
 
+
+class _Decompressed:
+    """A compressed tar's bytes, decompressed here rather than by tarfile's stream mode, which
+    copies its whole buffer at each 10 KB step over a skipped member: a 3 GB member of zeros in
+    a 14 MB .tar.gz took 64 s to pass over (2.6 s this way). The compressed data ending early
+    ends the tar's bytes, as it did in tarfile: the tar's own end marker, or its absence
+    (`_Header`), tells a whole tar from a cut one."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
     def read(self, size: int = -1) -> bytes:
-        if self._stream is self:
-            return self._raw(size)
         data = bytearray()
         while size < 0 or len(data) < size:
             try:  # read1: a buffered read(size) drops what it holds when the data ends short
@@ -123,6 +116,14 @@ class _Decompressed:
                 break
             data += piece
         return bytes(data)
+
+
+def _tar_bytes(source: _Source):
+    """The tar's bytes from the shard's: decompressed when its first bytes say gzip, bz2 or xz."""
+    head = source.read(6)
+    opener = next((opener for magic, opener in COMPRESSED if head.startswith(magic)), None)
+    stream = _Prepended(head, source)
+    return stream if opener is None else _Decompressed(opener(stream))
 
 
 class _Progress:
@@ -153,8 +154,7 @@ def tar_samples(file: BinaryIO, name: str, limit: int) -> Iterator[Sample]:
     an error sample, its member never read; `name` names the shard in messages."""
     progress = _Progress()
     try:
-        source = _Source(file)
-        with tarfile.open(fileobj=_Decompressed(source.read(6), source), mode="r|", tarinfo=_Header,
+        with tarfile.open(fileobj=_tar_bytes(_Source(file)), mode="r|", tarinfo=_Header,
                           encoding="utf-8", errors="surrogateescape") as tar:
             for sample in _grouped(tar, limit, progress):
                 yield sample
