@@ -189,3 +189,52 @@ def test_score_images_on_a_file_url_of_a_folder_holding_a_fifo_gives_it_an_error
     os.mkfifo(tmp_path / "x.tar")
     with pytest.raises(OSError, match="not a regular file"):
         Paths().open(f"file://{tmp_path}/x.tar")
+
+
+def test_shards_samples_waiting_to_be_decoded_are_bounded_in_bytes(tmp_path, monkeypatch):
+    # they were bounded in number only (about 2 x prefetch): a .tar.gz of 12 members of 250 MB
+    # peaked at 1.1 GB, and larger valid images decoding slower than the tar is read would hold
+    # up to 128 of 256 MiB. The first decodes wait until the reader has read all it will.
+    import threading
+
+    from extract import reader
+    from extract.sources import Shard
+    from extract.sources.folder import Folder
+
+    write_tar(tmp_path / "s.tar", [(f"k{i}", bytes([i]) * 1000, None) for i in range(6)])
+    monkeypatch.setattr(reader, "BYTES_IN_FLIGHT", 2500)
+    ahead = threading.Event()  # the reader has read every sample, or waits for bytes given back
+    produced, finished, outstanding = [], [], []
+
+    class Signalling(threading.Condition):
+        def wait(self, timeout=None):
+            ahead.set()
+            return super().wait(timeout)
+
+    class Watched(reader._Budget):
+        def __init__(self, most):
+            super().__init__(most)
+            self._changed = Signalling()
+
+    def counted(location, shard):
+        for item in real_samples(location, shard):
+            produced.append(len(item[1] or b""))
+            yield item
+        ahead.set()
+
+    def gated(image, data, *rest):
+        assert ahead.wait(60)
+        outstanding.append(sum(produced) - sum(finished))
+        try:
+            return real_load(image, data, *rest)
+        finally:
+            finished.append(len(data))
+
+    real_samples, real_load = reader.shard_samples, reader.load_bytes
+    monkeypatch.setattr(reader, "_Budget", Watched)
+    monkeypatch.setattr(reader, "shard_samples", counted)
+    monkeypatch.setattr(reader, "load_bytes", gated)
+    shard = Shard("s.tar", "tar", 0, -1, None, False, 0.0)
+    loaded = list(reader.load_all(Folder(tmp_path), [shard], SIZE, "bilinear", workers=2))
+    assert len(loaded) == 7 and len(finished) == 6
+    assert max(outstanding) <= 3000  # two samples held, a third read and waiting (6,000 before)
