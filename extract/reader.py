@@ -191,7 +191,8 @@ def load_all(
     pool of threads (Pillow and hashlib release the GIL), yielding results in input order with
     at most `prefetch` images and views in flight (an image that may need K views counts 1 + K;
     one image is always let through), so memory stays bounded whatever K. Shards are read in
-    order by a thread of their own, a few samples ahead of the decoding; each shard's
+    order by a thread of their own, a few samples ahead of the decoding (and no more than
+    `BYTES_IN_FLIGHT` of their bytes waiting to be decoded); each shard's
     samples are followed by its end (`Loaded.samples` set)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
     pending: deque = deque()
