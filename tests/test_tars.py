@@ -1,9 +1,13 @@
+import gzip
 import io
+import random
 import tarfile
+import tracemalloc
 
 import pytest
 
 from extract.sources import Sample, samples
+from extract.sources import tars
 from extract.sources.tars import LABEL_LIMIT, tar_samples
 
 LIMIT = 1000
@@ -110,9 +114,9 @@ def test_a_sample_without_an_image_names_what_it_found(tmp_path):
 
 
 def test_a_member_over_the_limit_is_an_error_and_never_read(tmp_path, monkeypatch):
-    extracted = []
-    real = tarfile.TarFile.extractfile
-    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: extracted.append(m.name) or real(self, m))
+    taken = []
+    real = tars._Blocks.data
+    monkeypatch.setattr(tars._Blocks, "data", lambda self, size: taken.append(size) or real(self, size))
     members = [("a.jpg", b"x" * LIMIT), ("b.cls", b"1"), ("b.jpg", b"x" * (LIMIT + 1)), ("c.jpg", b"c")]
     got = read(make_tar(tmp_path / "s.tar", members))
     assert got == [
@@ -120,7 +124,21 @@ def test_a_member_over_the_limit_is_an_error_and_never_read(tmp_path, monkeypatc
         Sample("b", None, error=f"b.jpg is {LIMIT + 1} bytes, over the limit of {LIMIT} bytes"),
         Sample("c", b"c"),
     ]
-    assert extracted == ["a.jpg", "b.cls", "c.jpg"]
+    assert taken == [LIMIT, 1, 1]  # a.jpg, b.cls, c.jpg
+
+
+def test_a_member_skipped_is_passed_over_in_pieces_never_held(tmp_path):
+    big = 32 << 20
+    data = make_tar(tmp_path / "s.tar", [("a.jpg", b"a"), ("b.jpg", bytes(big)), ("b.txt", bytes(big)), ("c.jpg", b"c")]).read_bytes()
+    stream = io.BytesIO(data)
+    tracemalloc.start()
+    try:
+        got = list(tar_samples(stream, "s.tar", LIMIT))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s.key for s in got] == ["a", "b", "c"] and got[1].error.startswith("b.jpg is ")
+    assert peak < 1 << 20
 
 
 def test_a_label_over_a_mebibyte_is_an_error_whatever_the_limit(tmp_path):
@@ -258,12 +276,100 @@ def test_tarfile_keeps_no_header_behind(tmp_path, monkeypatch):
     kept = []
     real = tarfile.TarFile.next
     monkeypatch.setattr(tarfile.TarFile, "next", lambda self: kept.append(len(self.members)) or real(self))
-    members = [(f"{i:04d}.jpg", b"i") for i in range(50)]
+    members = [(f"\u00e9{i:04d}.jpg", b"i") for i in range(50)]  # not ASCII: PAX headers, read by tarfile
     assert len(read(make_tar(tmp_path / "s.tar", members))) == 50
-    assert max(kept) <= 1
+    assert len(kept) > 50 and max(kept) <= 1
 
 
 def test_utf8_names_are_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
     path = make_tar(tmp_path / "s.tar", [("café.jpg", b"1")], format=tarfile.GNU_FORMAT)
     monkeypatch.setattr(tarfile.TarFile, "encoding", "ascii")  # tarfile's default: the locale's
     assert read(path) == [Sample("café", b"1")]
+
+
+FORMATS = (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT)
+EXTENSIONS = ("jpg", "JPG", "png", "webp", "cls", "json", "txt", "seg.png")
+
+
+def random_tar(rng):
+    """A tar's bytes with random members: names plain, long, not ASCII, in folders, met twice;
+    folders and links; sizes around a block and the limit; in one of tarfile's formats."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=rng.choice(FORMATS)) as tar:
+        keys = [rng.choice(["k", "d/k", "é", "x" * 120, "long/" * 25 + "k"]) + str(i) for i in range(rng.randint(0, 6))]
+        for key in keys + rng.sample(keys, min(len(keys), rng.randint(0, 1))):
+            for extension in rng.sample(EXTENSIONS, rng.randint(0, 3)):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                kind = rng.random()
+                if kind < 0.1:
+                    info.type = tarfile.DIRTYPE
+                elif kind < 0.15:
+                    info.type, info.linkname = tarfile.SYMTYPE, "elsewhere"
+                else:
+                    info.size = rng.choice([0, 1, 511, 512, 513, LIMIT, LIMIT + 1, rng.randint(0, 3000)])
+                label = rng.choice([b"cat", b'{"label": 3}', b"\xff", b"{"])
+                data = label[: info.size] + bytes(max(0, info.size - len(label)))
+                try:
+                    tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+                except ValueError:  # a name ustar cannot hold
+                    pass
+    return out.getvalue()
+
+
+def rewritten_header(data, rng):
+    """`data` with one member header changed and its checksum made right again."""
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    if not offsets:
+        return data
+    at = rng.choice(offsets)
+    header = bytearray(data[at:at + 512])
+    field, value = rng.choice([
+        (156, rng.choice([b"0", b"\0", b"1", b"5", b"7", b"x", b"g", b"L", b"S", b"Z"])),
+        (124, rng.choice([b"00000001000\0", b"  777     \0 ", b"12x", b"\x80" + bytes(10) + b"\x05", b"\xff" * 12])),
+        (100, rng.choice([b"0000644\0", b"9999999\0", b"\x80\0\0\0\0\0\0\x01"])),
+        (99, b"/"),
+        (345, rng.choice([b"pre", b"\0"])),
+    ])
+    header[field:field + len(value)] = value
+    signed = rng.random() < 0.5 and any(b > 127 for b in header)
+    sums = tarfile.calc_chksums(bytes(header[:148] + b" " * 8 + header[156:]))
+    header[148:156] = b"%06o\0 " % (sums[1] if signed else sums[0] & 0o777777)
+    return data[:at] + bytes(header) + data[at + 512:]
+
+
+class RandomStream(Stream):
+    """A stream that returns pieces of random sizes and may fail at a given byte."""
+
+    def __init__(self, data, rng, fail_after=None):
+        super().__init__(data, fail_after)
+        self._rng = rng
+
+    def read(self, size=-1):
+        if self._fail_after is not None and self._data.tell() >= self._fail_after:
+            raise PayloadError("connection reset by peer")
+        return self._data.read(min(self._rng.randint(1, 20000), size) if size >= 0 else -1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_plain_headers_read_here_give_what_tarfile_gives(seed, monkeypatch):
+    rng = random.Random(seed)
+    for case in range(150):
+        data = random_tar(rng)
+        damage = rng.random()
+        if damage < 0.3:
+            data = data[: rng.randint(0, len(data))]
+        elif damage < 0.45:
+            at = rng.randrange(len(data))
+            data = data[:at] + bytes([data[at] ^ rng.randint(1, 255)]) + data[at + 1:]
+        elif damage < 0.7:
+            data = rewritten_header(data, rng)
+        if rng.random() < 0.2:
+            data = gzip.compress(data)
+        fail_after = rng.choice([None, None, rng.randint(0, len(data))])
+        chunks = rng.randrange(1 << 30)
+        read_here = list(tar_samples(RandomStream(data, random.Random(chunks), fail_after), "s.tar", LIMIT))
+        with monkeypatch.context() as patch:
+            patch.setattr(tars, "_members", tars._tarfile_members)
+            by_tarfile = list(tar_samples(RandomStream(data, random.Random(chunks), fail_after), "s.tar", LIMIT))
+        assert read_here == by_tarfile, (seed, case)
