@@ -324,17 +324,20 @@ def rewritten_header(data, rng):
         return data
     at = rng.choice(offsets)
     header = bytearray(data[at:at + 512])
-    field, value = rng.choice([
-        (156, rng.choice([b"0", b"\0", b"1", b"5", b"7", b"x", b"g", b"L", b"S", b"Z"])),
-        (124, rng.choice([b"00000001000\0", b"  777     \0 ", b"12x", b"\x80" + bytes(10) + b"\x05", b"\xff" * 12])),
-        (100, rng.choice([b"0000644\0", b"9999999\0", b"\x80\0\0\0\0\0\0\x01"])),
-        (99, b"/"),
-        (345, rng.choice([b"pre", b"\0"])),
-    ])
-    header[field:field + len(value)] = value
+    numbers = [b"17\0", b" 17 \0", b"+17\0", b"1_7\0", b"\t17\0", b"18\0", b"\0" * 12, b"\x80" + bytes(10) + b"\x05"]
+    for _ in range(rng.randint(1, 3)):
+        field, value = rng.choice([
+            (156, rng.choice([b"0", b"\0", b"1", b"5", b"7", b"x", b"g", b"L", b"S", b"Z"])),
+            (124, rng.choice(numbers + [b"00000001000\0", b"12x", b"\xff" * 12, b"\xff" * 10 + b"\xfd\xa8"])),
+            (rng.choice([100, 108, 116, 136, 329, 337]), rng.choice(numbers[:-1] + [b"9999999\0", b"\x80\0\0\0\0\0\0\x01"])),
+            (header.index(0) if 0 in header[:100] else 99, b"/"),
+            (345, rng.choice([b"pre", b"\0"])),
+        ])
+        header[field:field + len(value)] = value
     signed = rng.random() < 0.5 and any(b > 127 for b in header)
     sums = tarfile.calc_chksums(bytes(header[:148] + b" " * 8 + header[156:]))
-    header[148:156] = b"%06o\0 " % (sums[1] if signed else sums[0] & 0o777777)
+    checksum = sums[1] if signed else sums[0]
+    header[148:156] = (rng.choice([b"%06o\0 ", b"%07o\0", b" %o \0"]) % (checksum & 0o777777)).ljust(8, b"\0")[:8]
     return data[:at] + bytes(header) + data[at + 512:]
 
 
@@ -373,3 +376,42 @@ def test_plain_headers_read_here_give_what_tarfile_gives(seed, monkeypatch):
             patch.setattr(tars, "_members", tars._tarfile_members)
             by_tarfile = list(tar_samples(RandomStream(data, random.Random(chunks), fail_after), "s.tar", LIMIT))
         assert read_here == by_tarfile, (seed, case)
+
+
+def by_tarfile(data, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(tars, "_members", tars._tarfile_members)
+        return list(tar_samples(Stream(data), "s.tar", LIMIT))
+
+
+def with_header(data, index, fields):
+    """`data` with member `index`'s header fields ({offset: bytes}) replaced, its checksum made right."""
+    at = member_spans(data)[index][0] - 512
+    header = bytearray(data[at:at + 512])
+    for offset, value in fields.items():
+        header[offset:offset + len(value)] = value
+    header[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(header[:148] + b" " * 8 + header[156:]))[0]
+    return data[:at] + bytes(header) + data[at + 512:]
+
+
+ODD_HEADERS = {
+    "size -600": {124: (256 ** 12 - 600).to_bytes(12, "big")},  # base-256
+    "size -16": {124: (256 ** 12 - 16).to_bytes(12, "big")},
+    "v7 folder with a size": {0: b"b/\0", 156: b"\0"},
+    "an 8 in a number": {124: b"00000001278\0"},
+    "a number as spaces": {100: b"   644 \0", 124: b" 1274 \0\0\0\0\0"},
+}
+
+
+@pytest.mark.parametrize("odd", ["pax", "gnu long name", *ODD_HEADERS])
+def test_tarfile_takes_over_mid_tar_as_if_it_had_read_from_the_start(tmp_path, odd, monkeypatch):
+    members = [("a.jpg", b"A" * 600), ("a.cls", b"cat"), ("b.jpg", b"B" * 700), ("c.jpg", b"C")]
+    if odd == "pax":
+        members[2] = ("é.jpg", b"B" * 700)
+    if odd == "gnu long name":
+        members[2] = ("b" * 150 + ".jpg", b"B" * 700)
+    data = make_tar(tmp_path / "s.tar", members, format=tarfile.GNU_FORMAT if "gnu" in odd else tarfile.PAX_FORMAT).read_bytes()
+    if odd in ODD_HEADERS:
+        data = with_header(data, 2, ODD_HEADERS[odd])
+    for cut in [*range(0, len(data), 64), len(data)]:
+        assert list(tar_samples(Stream(data[:cut]), "s.tar", LIMIT)) == by_tarfile(data[:cut], monkeypatch), cut

@@ -180,6 +180,10 @@ DATALESS_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLK
 # Where a header's numbers lie besides its size (mode, uid, gid; mtime; devmajor, devminor):
 # tarfile refuses a header if any cannot be read.
 NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+PLAIN_TYPES = FILE_TYPES + DATALESS_TYPES
+# The numbers from mode to checksum, and the device numbers, as tarfile and GNU tar write them.
+COMMON_NUMBERS = re.compile(rb"(?:[0-7]{7}\0){3}(?:[0-7]{11}\0){2}[0-7]{6}\0 ")
+COMMON_DEVICES = re.compile(rb"(?:[0-7]{7}\0|\0{8}){2}")
 
 
 def _members(stream) -> Iterator[_Member]:
@@ -210,21 +214,32 @@ def _plain(header: bytes) -> tuple[str, bool, int] | None:
     them, or None where tarfile must read it: another type, a number tarfile refuses, a bad
     checksum (signed or unsigned sums both pass), a block cut short, a negative size."""
     kind = header[156:157]
-    if len(header) != tarfile.BLOCKSIZE or kind not in FILE_TYPES + DATALESS_TYPES:
+    if len(header) != tarfile.BLOCKSIZE or kind not in PLAIN_TYPES:
         return None
     try:
-        checksum, size = tarfile.nti(header[148:156]), tarfile.nti(header[124:136])
-        for start, end in NUMBER_FIELDS:
-            tarfile.nti(header[start:end])
+        checksum, size = _numbers(header)
     except tarfile.HeaderError:
         return None
-    if checksum not in tarfile.calc_chksums(header) or size < 0:
+    unsigned = 256 + sum(header) - sum(header[148:156])
+    if (checksum != unsigned and checksum not in tarfile.calc_chksums(header)) or size < 0:
         return None
     name = tarfile.nts(header[0:100], "utf-8", "surrogateescape")
     if kind not in FILE_TYPES or (kind == tarfile.AREGTYPE and name.endswith("/")):
         return name, False, size  # a folder's name is never a key: left as it is
-    prefix = tarfile.nts(header[345:500], "utf-8", "surrogateescape")
-    return (f"{prefix}/{name}" if prefix else name), True, size
+    if not header[345]:
+        return name, True, size
+    return f"{tarfile.nts(header[345:500], 'utf-8', 'surrogateescape')}/{name}", True, size
+
+
+def _numbers(header: bytes) -> tuple[int, int]:
+    """The header's checksum and size, as tarfile's `nti` reads them, its other numbers
+    checked as tarfile checks them (HeaderError where it refuses one); without nti's cost
+    where they are written as tarfile and GNU tar write them."""
+    if COMMON_NUMBERS.fullmatch(header, 100, 156) and COMMON_DEVICES.fullmatch(header, 329, 345):
+        return int(header[148:154], 8), int(header[124:135], 8)
+    for start, end in NUMBER_FIELDS:
+        tarfile.nti(header[start:end])
+    return tarfile.nti(header[148:156]), tarfile.nti(header[124:136])
 
 
 def _tarfile_members(stream, start: int = 0, read: bytes = b"") -> Iterator[_Member]:
