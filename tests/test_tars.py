@@ -13,11 +13,13 @@ from extract.sources.tars import LABEL_LIMIT, tar_samples
 LIMIT = 1000
 
 
-def make_tar(path, members, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"):
-    """A tar at `path` of (name, bytes) members, in order; bytes None: a folder."""
+def make_tar(path, members, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", mtime=0):
+    """A tar at `path` of (name, bytes) members, in order; bytes None: a folder. A float
+    `mtime` puts a pax header before each member, as webdataset's TarWriter does."""
     with tarfile.open(path, mode, format=format, encoding=encoding) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
+            info.mtime = mtime
             if data is None:
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
@@ -300,6 +302,7 @@ def random_tar(rng):
         for key in keys + rng.sample(keys, min(len(keys), rng.randint(0, 1))):
             for extension in rng.sample(EXTENSIONS, rng.randint(0, 3)):
                 info = tarfile.TarInfo(f"{key}.{extension}")
+                info.mtime = rng.choice([0, 1700000000, 1700000000.25])  # a float: a pax header
                 kind = rng.random()
                 if kind < 0.1:
                     info.type = tarfile.DIRTYPE
@@ -403,14 +406,24 @@ ODD_HEADERS = {
 }
 
 
-@pytest.mark.parametrize("odd", ["pax", "gnu long name", *ODD_HEADERS])
+@pytest.mark.parametrize("odd", [
+    "pax", "gnu long name", "pax times", "pax times, a length of 0", "pax times, a path in the padding", "pax times twice", *ODD_HEADERS,
+])
 def test_tarfile_takes_over_mid_tar_as_if_it_had_read_from_the_start(tmp_path, odd, monkeypatch):
     members = [("a.jpg", b"A" * 600), ("a.cls", b"cat"), ("b.jpg", b"B" * 700), ("c.jpg", b"C")]
     if odd == "pax":
         members[2] = ("é.jpg", b"B" * 700)
     if odd == "gnu long name":
         members[2] = ("b" * 150 + ".jpg", b"B" * 700)
-    data = make_tar(tmp_path / "s.tar", members, format=tarfile.GNU_FORMAT if "gnu" in odd else tarfile.PAX_FORMAT).read_bytes()
+    data = make_tar(tmp_path / "s.tar", members, format=tarfile.GNU_FORMAT if "gnu" in odd else tarfile.PAX_FORMAT,
+                    mtime=1.5 if "times" in odd else 0).read_bytes()
+    records = member_spans(data)[2][0] - 1024 if "times" in odd else None  # b.jpg's pax record "13 mtime=1.5\n"
+    if odd == "pax times, a length of 0":  # tarfile refuses it
+        data = data[:records] + b"00" + data[records + 2:]
+    if odd == "pax times, a path in the padding":  # tarfile reads it
+        data = data[:records + 13] + b"14 path=x.jpg\n" + data[records + 27:]
+    if odd == "pax times twice":
+        data = data[:records - 512] + data[records - 512:records + 512] + data[records - 512:]
     if odd in ODD_HEADERS:
         data = with_header(data, 2, ODD_HEADERS[odd])
     for cut in [*range(0, len(data), 64), len(data)]:
