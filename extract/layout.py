@@ -77,11 +77,6 @@ class Scan:
     missing: list[str] = field(default_factory=list)  # what the labels file names but is no image here
 
     @property
-    def root(self) -> Path:
-        """The local folder stored paths are relative to (a local location's)."""
-        return self.location.root
-
-    @property
     def class_names(self) -> list[str]:
         return sorted({image.label for image in self.images if image.label})
 
