@@ -252,3 +252,16 @@ def test_a_parquet_file_without_an_image_column_is_refused_before_any_work(extra
     with pytest.raises(UsageError, match="no column 'image'; found columns picture, label"):
         extract(tmp_path / "pq")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_sample_over_the_size_limit_is_a_failure_row_never_read_whole(extract, dataset, tmp_path, monkeypatch):
+    from extract import reader
+
+    images = sorted(dataset.rglob("*.png"))
+    small, large = sorted(images, key=lambda image: image.stat().st_size)[::len(images) - 1]
+    write_tar(tmp_path / "shards" / "a.tar", [("small", small.read_bytes(), "cat"), ("large", large.read_bytes(), "dog")])
+    monkeypatch.setattr(reader, "MAX_FILE_BYTES", small.stat().st_size)
+    summary = extract(tmp_path / "shards")
+    assert list(rows_of(summary.cache)) == ["a.tar#small"]
+    (path, reason), = summary.failures
+    assert path == "a.tar#large" and str(small.stat().st_size) in reason
