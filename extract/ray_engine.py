@@ -42,6 +42,7 @@ from extract.shards import TARGET_SHARD_BYTES, ShardInfo, view_key, write_shard
 from extract.sources import Shard
 from extract.sources.folder import Folder
 from extract.sources.location import Paths, is_url
+from extract.sources.remote import Remote
 from extract.writer import Writer
 
 # Rows a write task gathers into one shard, at most (fewer when they pass TARGET_SHARD_BYTES):
@@ -82,9 +83,9 @@ class RayEngine:
                            shape=tuple(config.feature_shape), dtype=config.dtype),
         )
         writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
-        # One of DATA_DIR's files, to prove every node sees it; a URL's objects are read from each node by itself.
-        local = [location.root / items[0].path] if isinstance(location, Folder) else []
+        local = [location.root / items[0].path] if isinstance(location, Folder) else []  # one of DATA_DIR's files
         check_shared(writer.folder, [*local, *weights_file(config)])
+        check_readable(location)
         started = time.perf_counter()
         total = None if any(isinstance(item, Shard) for item in items) else len(items)  # samples: known as read
         bar = tqdm(total=total, unit="img", desc="extracting", disable=None if progress else True)
@@ -160,8 +161,8 @@ def stream(location, items: Iterable[ImageFile | Shard], config: FeatureConfig, 
     # Files and shards are one dataset of units, a block each, so a read task takes one
     # unit: a shard is read in order, once, by one task, and the units keep the order of
     # `items` (which `forward` needs; two datasets unioned would not). A read task is a
-    # generator that gives up its rows every `batch_size` images, so a shard of any size
-    # is never held whole in a task. The reads are tasks and the backbone an actor pool
+    # generator that gives up its rows every `batch_size` images, which leave it in blocks
+    # of Ray Data's target size: a shard of any length is never held whole in a task. The reads are tasks and the backbone an actor pool
     # that says how much memory it needs (which also keeps Ray Data from fusing the reads
     # into the actors, as it does when the resources of a task stage and the next actor
     # stage match). The actors run on the driver's Keras backend, whatever the nodes' own
@@ -192,6 +193,36 @@ def _units(items: Iterable[ImageFile | Shard], batch_size: int) -> list[dict]:
     if files:
         units.append(files)
     return [{"unit": pickle.dumps(unit)} for unit in units]
+
+
+def check_readable(location) -> None:
+    """Refuse, in one line, a URL that some node of the cluster cannot read. Each node reads
+    with its own credentials and network: the driver's environment (AWS_ACCESS_KEY_ID, say)
+    does not travel with the tasks, so a node without credentials would otherwise turn every
+    shard it reads into a failure row. Each alive node runs `Remote.check`, as the driver did."""
+    remote = getattr(location, "location", location)  # a brace pattern's `Selection` reads through its location
+    if not isinstance(remote, Remote):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    probe = ray.remote(num_cpus=0, max_retries=0)(remote_answer)
+    answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                       .remote(remote) for node in nodes])
+    for node, why in zip(nodes, answers):
+        if why:
+            raise UsageError(f"On Ray node {node.get('NodeManagerAddress')}: {why} (each node reads DATA_DIR with its "
+                             f"own credentials and network).")
+
+
+def remote_answer(remote: Remote) -> str | None:
+    """On one node: None if `remote` can be read from here, else why not (`Remote.check`'s line)."""
+    try:
+        remote.check()
+    except UsageError as error:
+        return str(error)
+    return None
 
 
 def actor_memory(config: FeatureConfig, batch_size: int) -> int:

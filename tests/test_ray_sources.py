@@ -78,6 +78,23 @@ def test_an_s3_source_on_a_two_node_cluster_equals_the_local_engine(tars, s3_ser
     assert b"testing" not in cache  # the test credentials (servers.S3_ENV) are nowhere in the cache
 
 
+def test_a_node_without_credentials_is_refused_in_one_line_before_the_job(tars, s3_server, cluster, weights_file,
+                                                                          tmp_path):
+    """The driver's environment does not travel with the tasks: a node started without
+    credentials (AWS_ACCESS_KEY_ID empty in its raylet's environment) cannot read the bucket."""
+    shards, _, _ = tars
+    put_objects(s3_server, "ray-nocreds", {"a.tar": (shards / "validation" / "000000.tar").read_bytes()})
+    node = cluster.add_node(num_cpus=1, env_vars={"AWS_ACCESS_KEY_ID": ""})
+    try:
+        done = extract("s3://ray-nocreds", tmp_path / "c.h5", weights_file, "--storage-options",
+                       json.dumps({"endpoint_url": s3_server}), "--engine", "ray",
+                       env=s3_env(base=on_cluster(cluster.address)))
+    finally:
+        cluster.remove_node(node)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("extract-features: error: On Ray node ") and "No credentials" in done.stderr
+
+
 def test_score_images_on_ray_gives_a_row_per_sample_in_input_order(tars, s3_server, cluster, weights_file, tmp_path):
     """A local tar, a truncated one (its samples, then a row for the rest) and a tar by URL."""
     shards, local_cache, _ = tars
