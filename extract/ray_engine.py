@@ -162,11 +162,11 @@ def stream(location, items: Iterable[ImageFile | Shard], config: FeatureConfig, 
     # unit: a shard is read in order, once, by one task, and the units keep the order of
     # `items` (which `forward` needs; two datasets unioned would not). A read task is a
     # generator that gives up its rows every `batch_size` images, which leave it in blocks
-    # of Ray Data's target size: a shard of any length is never held whole in a task. The reads are tasks and the backbone an actor pool
-    # that says how much memory it needs (which also keeps Ray Data from fusing the reads
-    # into the actors, as it does when the resources of a task stage and the next actor
-    # stage match). The actors run on the driver's Keras backend, whatever the nodes' own
-    # environment says.
+    # of Ray Data's target size: a shard of any length is never held whole in a task.
+    # The reads are tasks and the backbone an actor pool that says how much memory it needs
+    # (which also keeps Ray Data from fusing the reads into the actors, as it does when the
+    # resources of a task stage and the next actor stage match). The actors run on the
+    # driver's Keras backend, whatever the nodes' own environment says.
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         _read, batch_size=1, batch_format="numpy", num_cpus=1,
         fn_kwargs=dict(location=location, config=config, known=known, wanted=wanted, batch_size=batch_size),
@@ -207,7 +207,7 @@ def check_readable(location) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
-    probe = ray.remote(num_cpus=0, max_retries=0)(remote_answer)
+    probe = ray.remote(num_cpus=0, max_retries=0)(_why_unreadable)
     answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
                        .remote(remote) for node in nodes])
     for node, why in zip(nodes, answers):
@@ -216,7 +216,7 @@ def check_readable(location) -> None:
                              f"own credentials and network).")
 
 
-def remote_answer(remote: Remote) -> str | None:
+def _why_unreadable(remote: Remote) -> str | None:
     """On one node: None if `remote` can be read from here, else why not (`Remote.check`'s line)."""
     try:
         remote.check()
@@ -337,16 +337,18 @@ class _Rows:
                                               "pixels", "view")}
 
     def add(self, loaded: Loaded, source: str = "") -> None:
-        image, none, no_view = loaded.image, _NO_PIXELS, _NO_VIEW
+        """An image's row (`source`: the shard of a sample), then its views'."""
+        image = loaded.image
         fresh = loaded.pixels is not None and not loaded.error and loaded.sha256 not in self.known
         self._row(image.path, image.label, image.split, source, -1, loaded.sha256 or "", loaded.error or "",
-                  loaded.sha256 if fresh else "", loaded.pixels if fresh else none, no_view)
+                  loaded.sha256 if fresh else "", loaded.pixels if fresh else _NO_PIXELS, _NO_VIEW)
         self.images += 1
         for number, pixels in loaded.views.items():
             key = view_key(loaded.sha256, self.wanted.augmentation.fingerprint, number)
-            self._row("", "", "", source, -1, loaded.sha256, "", key, none, pixels)
+            self._row("", "", "", source, -1, loaded.sha256, "", key, _NO_PIXELS, pixels)
 
     def end(self, shard: str, samples: int, error: str | None) -> None:
+        """A shard's end: the samples it gave, and why the rest was not read, if it was not."""
         self._row(shard, "", "", "", samples, "", error or "", "", _NO_PIXELS, _NO_VIEW)
 
     def _row(self, *values) -> None:
