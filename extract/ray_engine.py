@@ -245,6 +245,9 @@ def forward(items: list[ImageFile | Shard], config: FeatureConfig, known=frozens
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         readable = next((Path(item.path).absolute() for item in items if os.path.isfile(item.path)), None)
         check_shared(None, [*weights_file(config), *([readable] if readable else [])])
+        url = next((item.path for item in items if is_url(item.path)), None)
+        if url:
+            check_readable(Remote(url, storage_options))
         dataset = stream(_Inputs(Path.cwd(), storage_options), items, config, ray.put(known), None, batch_size, actors)
         with job_errors():
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

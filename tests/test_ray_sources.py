@@ -81,18 +81,27 @@ def test_an_s3_source_on_a_two_node_cluster_equals_the_local_engine(tars, s3_ser
 def test_a_node_without_credentials_is_refused_in_one_line_before_the_job(tars, s3_server, cluster, weights_file,
                                                                           tmp_path):
     """The driver's environment does not travel with the tasks: a node started without
-    credentials (AWS_ACCESS_KEY_ID empty in its raylet's environment) cannot read the bucket."""
-    shards, _, _ = tars
+    credentials (AWS_ACCESS_KEY_ID empty in its raylet's environment) cannot read the bucket,
+    which extract-features and score-images say before any work."""
+    shards, local_cache, _ = tars
+    from classify import train_head
+
+    train_head(local_cache, head="logreg", out=tmp_path / "head")
     put_objects(s3_server, "ray-nocreds", {"a.tar": (shards / "validation" / "000000.tar").read_bytes()})
+    options, env = json.dumps({"endpoint_url": s3_server}), s3_env(base=on_cluster(cluster.address))
     node = cluster.add_node(num_cpus=1, env_vars={"AWS_ACCESS_KEY_ID": ""})
     try:
-        done = extract("s3://ray-nocreds", tmp_path / "c.h5", weights_file, "--storage-options",
-                       json.dumps({"endpoint_url": s3_server}), "--engine", "ray",
-                       env=s3_env(base=on_cluster(cluster.address)))
+        done = extract("s3://ray-nocreds", tmp_path / "c.h5", weights_file, "--storage-options", options,
+                       "--engine", "ray", env=env)
+        scored = subprocess.run(helpers.command_line(
+            helpers.SCORE, "s3://ray-nocreds/a.tar", "--head", str(tmp_path / "head"), "--weights", str(weights_file),
+            "--storage-options", options, "--engine", "ray"), capture_output=True, text=True, timeout=TIMEOUT, env=env)
     finally:
         cluster.remove_node(node)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("extract-features: error: On Ray node ") and "No credentials" in done.stderr
+    assert scored.returncode == 2 and scored.stderr.count("\n") == 1, scored.stderr
+    assert "On Ray node " in scored.stderr and "No credentials" in scored.stderr
 
 
 def test_score_images_on_ray_gives_a_row_per_sample_in_input_order(tars, s3_server, cluster, weights_file, tmp_path):
