@@ -162,6 +162,11 @@ class S3:
         self.process.terminate()
         self.process.wait(timeout=10)
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far, user and system (Linux's /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def put(self, folder: Path, prefix: str) -> str:
         """Upload every file below `folder` under `prefix`; the s3:// URL of the prefix."""
         import boto3
@@ -201,41 +206,55 @@ def least_median(values: list[float], digits: int = 2) -> str:
     return f"{round(min(values), digits)} / {round(statistics.median(values), digits)}"
 
 
-def measure_reading(sources: dict[str, tuple], repeat: int) -> dict[str, list[float]]:
-    """images/s of `read_all` per source, each run of each."""
-    rates = {}
-    for name, (data, options) in sources.items():
-        seconds, decoded = timed(lambda: read_all(data, options), repeat)
-        rates[name] = [decoded / spent for spent in seconds]
-        print(f"  read {name}: {decoded} images, {[round(s, 2) for s in seconds]} s", file=sys.stderr)
-    return rates
+def measure_reading(sources: dict[str, tuple], repeat: int, server=None) -> dict[str, dict]:
+    """Per source, each run of `read_all`: images/s, and the CPU milliseconds per image of
+    this process and of the S3 server (`server`, for s3 sources). The sources take turns
+    within each round, so a change in what else the machine runs weighs on all of them; and
+    CPU time per image compares them where wall time depends on that load."""
+    results = {name: {"rates": [], "cpu": [], "server": []} for name in sources}
+    for _ in range(repeat):
+        for name, (data, options) in sources.items():
+            served = server.cpu_seconds if options else lambda: 0.0
+            started, used, serving = time.perf_counter(), _cpu_seconds(), served()
+            decoded = read_all(data, options)
+            run = results[name]
+            run["rates"].append(decoded / (time.perf_counter() - started))
+            run["server"].append(1000 * (served() - serving) / decoded)
+            run["cpu"].append(1000 * (_cpu_seconds() - used) / decoded + run["server"][-1])
+            print(f"  read {name}: {decoded} images, {run['rates'][-1]:.0f} images/s, {run['cpu'][-1]:.3f} CPU ms "
+                  f"per image ({run['server'][-1]:.3f} of them the server's)", file=sys.stderr)
+    return results
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time, every thread's, user and system."""
+    times = os.times()
+    return times.user + times.system
 
 
 def measure_extraction(sources: dict[str, tuple], repeat: int) -> dict[str, dict]:
-    """Per source and run: a cold extraction into a fresh cache (images/s, seconds), then a re-run."""
+    """Per source and run (the sources taking turns in each round): a cold extraction into a
+    fresh cache (seconds), then a re-run over the same data and cache (seconds)."""
     from extract import extract_features
 
     import keras  # noqa: F401 (TensorFlow's import, once, outside every timing)
 
-    results = {}
-    for name, (data, options) in sources.items():
-        cold, rerun, rows = [], [], 0
-        for _ in range(repeat):
-            work = Path(tempfile.mkdtemp(dir=ROOT))
-            arguments = dict(input_size=64, pooling="avg", weights="random", progress=False, storage_options=options)
+    results = {name: {"rows": 0, "cold": [], "rerun": []} for name in sources}
+    arguments = dict(input_size=64, pooling="avg", weights="random", progress=False)
+    for _ in range(repeat):
+        for name, (data, options) in sources.items():
+            work, run = Path(tempfile.mkdtemp(dir=ROOT)), results[name]
             started = time.perf_counter()
-            summary = extract_features(data, work / "cache.h5", **arguments)
-            cold.append(time.perf_counter() - started)
-            rows = summary.rows
+            run["rows"] = extract_features(data, work / "cache.h5", storage_options=options, **arguments).rows
+            run["cold"].append(time.perf_counter() - started)
             started = time.perf_counter()
-            again = extract_features(data, work / "cache.h5", **arguments)
-            rerun.append(time.perf_counter() - started)
+            again = extract_features(data, work / "cache.h5", storage_options=options, **arguments)
+            run["rerun"].append(time.perf_counter() - started)
+            shutil.rmtree(work)
             if again.computed:
                 raise SystemExit(f"the re-run over {name} computed {again.computed} images; expected none")
-            shutil.rmtree(work)
-        results[name] = {"rows": rows, "cold": cold, "rerun": rerun}
-        print(f"  extract {name}: {rows} rows, cold {[round(s, 1) for s in cold]} s, "
-              f"re-run {[round(s, 2) for s in rerun]} s", file=sys.stderr)
+            print(f"  extract {name}: {run['rows']} rows, cold {run['cold'][-1]:.1f} s, re-run {run['rerun'][-1]:.2f} s",
+                  file=sys.stderr)
     return results
 
 
@@ -274,13 +293,16 @@ def plan_cost(tars: Path, repeat: int) -> tuple[int, list[float]]:
 def print_tables(args, reading, extraction, memory, plans) -> None:
     local = {"tars": "folder", "parquet": "folder", "s3 tars": "tars", "s3 parquet": "parquet"}
     print(f"\n{args.images} JPEGs (96x96), 64 px; best / median of {args.repeat}\n")
-    print("| source | read images/s | x goal reference |" + (" extract images/s | extract s | re-run s |" if extraction else ""))
-    print("| --- | --- | --- |" + (" --- | --- | --- |" if extraction else ""))
-    for name, rates in reading.items():
-        reference = local.get(name)
-        ratio = (f"{statistics.median(rates) / statistics.median(reading[reference]):.2f} of {reference}"
-                 if reference in reading else "")
-        row = f"| {name} | {best_median(rates, 0)} | {ratio} |"
+    print("| source | read images/s | x reference | read CPU ms/image (least / median) | x reference |"
+          " of which the S3 server's (median) |" + (" extract images/s | extract s | re-run s |" if extraction else ""))
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if extraction else ""))
+    for name, read in reading.items():
+        reference = reading.get(local.get(name))
+        rate = statistics.median(read["rates"]) / statistics.median(reference["rates"]) if reference else None
+        cpu = statistics.median(reference["cpu"]) / statistics.median(read["cpu"]) if reference else None
+        row = (f"| {name} | {best_median(read['rates'], 0)} | {f'{rate:.2f} of {local[name]}' if reference else ''} |"
+               f" {least_median(read['cpu'], 3)} | {f'{cpu:.2f} of {local[name]}' if reference else ''} |"
+               f" {round(statistics.median(read['server']), 3) if name.startswith('s3') else ''} |")
         if extraction:
             run = extraction[name]
             row += (f" {best_median([run['rows'] / s for s in run['cold']])} | {least_median(run['cold'], 1)} |"
@@ -317,7 +339,7 @@ def main() -> None:
             options = {"endpoint_url": s3.endpoint}
             for name in ("tars", "parquet"):
                 sources[f"s3 {name}"] = (s3.put(forms[name], f"{args.images}/{name}"), options)
-        reading = measure_reading(sources, args.repeat)
+        reading = measure_reading(sources, args.repeat, s3)
         extraction = None if args.skip_extract else measure_extraction(sources, args.repeat)
     memory, plans = {}, {}
     if not args.skip_memory:
