@@ -4,21 +4,24 @@ as Parquet, locally and through a loopback S3 server (issue 31).
     python bench/sources.py --images 10000 --repeat 3
     python bench/sources.py --images 2000 --skip-s3 --skip-extract --repeat 1   (a quick look)
 
-Makes N JPEGs once under /tmp/bench31/ (96x96, gradients plus noise, quality 90, about 5 KB)
+Makes N JPEGs once under /tmp/bench31/ (96x96, gradients plus noise, quality 90, 4.5 KB on average)
 and puts the same bytes in every form: a folder in the classes layout, tars of 1,000 samples
 (KEY.jpg + KEY.cls), Parquet files of 1,000 rows in the Hugging Face layout (struct
 image{bytes, path}, ClassLabel names in the schema metadata), and the tars and Parquet files
 again in a moto S3 server that this script starts in a process of its own on 127.0.0.1.
 Then, best and median of --repeat runs:
-  read     scan_folder + load_all over every image at 64 px, 2 threads, no network model: images/s
+  read     scan_folder + load_all over every image at 64 px, 2 threads, no network model: images/s,
+           and CPU ms per image (this process's threads and the S3 server's: on a shared
+           machine it compares sources where wall time follows the others' load)
   extract  extract_features(..., input_size=64, pooling="avg", weights="random") into a fresh
            cache: images/s and seconds; then the same again (nothing new): seconds
   memory   peak RSS of `read` over tars of N and of 10N samples (the same bytes under other
            keys), each in a process of its own (ru_maxrss); and the listing and plan cost of
-           10N samples already cached: scan_folder + plan.shards_to_read against catalog rows
+           N and 10N samples already cached: scan_folder + plan.shards_to_read against catalog rows
            made for them (`CatalogRows`), as a re-run does before it reads anything
-Prints markdown tables. The goals (issue 31): tar and Parquet at least as fast as the folder
-locally; through S3 at least 0.8 of local; memory flat in the number of samples.
+The sources take turns in each round. Prints markdown tables. The goals (issue 31): tar and
+Parquet at least as fast as the folder locally; through S3 at least 0.8 of local; memory flat
+in the number of samples. Results: docs/performance.md, "Sources".
 """
 
 import argparse
