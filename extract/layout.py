@@ -143,6 +143,8 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
             f"Found both shards ({scan.shards[0].path if scan.shards else 'none readable'}) and image files "
             f"({image}) in {location.url!r}; keep one kind in a data folder (or pass --layout unlabeled for both)."
         )
+    if not scan.images and not scan.shards:
+        _refuse_shards_read_as_files(entries, layout, location.url)
     if labels is not None:
         found = {image.path for image in scan.images} | {path for path, _ in scan.failures}
         scan.missing = [path for path in labels if path not in found]
@@ -159,6 +161,17 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
     return scan
 
 
+def _refuse_shards_read_as_files(entries: list[tuple[str, int, int, str | None]], layout: str, url: str) -> None:
+    """A UsageError when a layout that reads image files (--layout splits or classes, --labels)
+    found none where there are shards: their samples carry their own labels."""
+    shard = next((path for path, _, _, error in entries if error is None and shard_kind(path.rsplit("/", 1)[-1])), None)
+    if shard is None:
+        return
+    given = "--labels" if layout == "csv" else f"--layout {layout}"
+    raise UsageError(f"{given} reads image files, and {url!r} holds shards ({shard}), whose samples carry their "
+                     f"own labels (.cls, .json, a label column); drop {given}.")
+
+
 def place_sample(shard: Shard, sample: Sample) -> tuple[str, str] | str:
     """(label, split) of a shard's sample, or why it cannot be stored. The label is the
     sample's own (required unless --layout unlabeled); the split, its shard's folder's, else
@@ -172,6 +185,9 @@ def place_sample(shard: Shard, sample: Sample) -> tuple[str, str] | str:
     if "\x00" in label or not is_utf8(label):
         return f"label {label!r} holds a character the cache cannot store (NUL, or text that is not UTF-8)"
     split = shard.split or sample.split
+    if split is not None and split not in SPLIT_FOLDERS.values():  # a Parquet split column's "holdout"
+        return (f"unknown split {split!r}; expected one of {', '.join(SPLIT_FOLDERS)} (or none: drawn by "
+                f"the path's hash)")
     if split is None:
         path = member_path(shard.path, sample.key)
         split = "validation" if validation_fraction(path) < shard.validation_percent else "train"

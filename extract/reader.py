@@ -51,6 +51,10 @@ MAX_FILE_BYTES = 256 * 2**20
 # A file larger than this has its header checked (Pillow's open reads only the header)
 # before it is read whole, so a large file that is no image costs a few bytes, not its size.
 HEADER_CHECK_BYTES = 4 * 2**20
+# The most bytes of shards' samples read and not yet decoded (`load_all`): a tar of 250 MB
+# members of a valid format would otherwise hold up to 2 x prefetch of them (tens of GB).
+# Never reached by photos (64 samples ahead of 300 KB are 19 MB); one sample always passes.
+BYTES_IN_FLIGHT = 4 * MAX_FILE_BYTES
 
 
 
@@ -187,7 +191,8 @@ def load_all(
     pool of threads (Pillow and hashlib release the GIL), yielding results in input order with
     at most `prefetch` images and views in flight (an image that may need K views counts 1 + K;
     one image is always let through), so memory stays bounded whatever K. Shards are read in
-    order by a thread of their own, a few samples ahead of the decoding; each shard's
+    order by a thread of their own, a few samples ahead of the decoding (and no more than
+    `BYTES_IN_FLIGHT` of their bytes waiting to be decoded); each shard's
     samples are followed by its end (`Loaded.samples` set)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
     pending: deque = deque()
@@ -200,14 +205,15 @@ def load_all(
                 yield pool.submit(load, location, item, *arguments)
                 continue
             count = 0
-            for image, data, error in _ahead(shard_samples(location, item), max(1, prefetch // weight)):
+            for image, data, error in _ahead(budget.taken(shard_samples(location, item)), max(1, prefetch // weight)):
                 if image.path == item.path:  # the shard's end
                     yield _ready(Loaded(image, error=error, shard=item, samples=count))
                     continue
                 count += 1
                 yield (_ready(Loaded(image, error=error, shard=item)) if data is None else
-                       pool.submit(_with_shard, item, load_bytes, image, data, *arguments))
+                       pool.submit(_with_shard, item, budget.giving(len(data), load_bytes), image, data, *arguments))
 
+    budget = _Budget(BYTES_IN_FLIGHT)
     try:
         for job in jobs():
             pending.append(job)
@@ -216,7 +222,43 @@ def load_all(
         while pending:
             yield pending.popleft().result()
     finally:
+        budget.close()  # a shard's reader waiting for bytes to be given back goes on, to its stop
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Budget:
+    """The bytes of shards' samples read and not yet decoded, at most `most` (one sample always
+    passes): a shard's reader waits in `taken` until decoding gives bytes back (`giving`)."""
+
+    def __init__(self, most: int):
+        self.most, self.held, self.closed = most, 0, False
+        self._changed = threading.Condition()
+
+    def taken(self, items: Iterator[tuple[ImageFile, bytes | None, str | None]]) -> Iterator:
+        """`items` (a shard's samples), each one's bytes taken from the budget before it is let through."""
+        for item in items:
+            size = len(item[1] or b"")
+            with self._changed:
+                while self.held and self.held + size > self.most and not self.closed:
+                    self._changed.wait()
+                self.held += size
+            yield item
+
+    def giving(self, size: int, load: Callable) -> Callable:
+        """`load`, giving `size` bytes back once it is done with them."""
+        def load_then_give(*arguments):
+            try:
+                return load(*arguments)
+            finally:
+                with self._changed:
+                    self.held -= size
+                    self._changed.notify_all()
+        return load_then_give
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
 
 def _with_shard(shard: Shard, load, *arguments) -> Loaded:

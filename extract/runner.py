@@ -131,14 +131,14 @@ def extract_features(
     check_engine(engine, ray_address, ray_actors)
     augmentation = augmentation or Augmentation(seed=seed)
     augmentation.validate()
-    path_text("DATA_DIR", data_dir if is_url(str(data_dir)) else Path(data_dir).resolve())
+    path_text("DATA_DIR", data_dir if is_url(str(data_dir)) else os.path.realpath(data_dir))  # realpath: a link loop is no RuntimeError
     shown = path_text("--cache", cache)
     if labels is not None and layout != "auto":
         raise UsageError(
             f"--labels gives every image its label and split; received --layout {layout} as well. Drop one of them."
         )
     named = None if labels is None else read_labels(path_text("--labels", labels))
-    labels_path = None if labels is None else str(Path(labels).resolve())  # as the cache records it
+    labels_path = None if labels is None else os.path.realpath(labels)  # as the cache records it
     cache = _real_cache(cache)
     scan = scan_folder(data_dir, layout, validation_percent, named, cache, storage_options)
     check_shards(scan.location, scan.shards)
@@ -316,7 +316,7 @@ def _other_configs(cache: Path, key: str) -> list[dict]:
 
 
 def _weights_path(config: FeatureConfig) -> str | None:
-    return None if config.weights in ("imagenet", "random") else str(Path(config.weights).resolve())
+    return None if config.weights in ("imagenet", "random") else os.path.realpath(config.weights)
 
 
 def _real_cache(cache) -> Path:

@@ -38,7 +38,7 @@ def test_human_summary_reports_counts(dataset, weights_file, tmp_path):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["{missing}"], "is not a folder"),
+        (["{missing}"], "does not exist"),
         (["{empty}"], "Found no images"),
         (["{data}", "--input-size", "16"], "Expected --input-size between 32 (VGG16's minimum without its top) and 1024"),
         (["{data}", "--pooling", "mean"], "argument --pooling: invalid choice"),

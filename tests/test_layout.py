@@ -136,7 +136,7 @@ def test_folder_without_images_is_a_usage_error(tmp_path, setup, message):
 
 
 def test_missing_folder_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="is not a folder"):
+    with pytest.raises(UsageError, match="does not exist"):
         scan_folder(tmp_path / "nope")
 
 

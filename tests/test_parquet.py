@@ -93,9 +93,21 @@ def test_metadata_without_class_names_leaves_integers_as_text(metadata):
 
 
 def test_split_column_names_the_projects_splits():
-    splits = ["train", "Validation", "val", " TEST ", "holdout", None]
+    splits = ["train", "Validation", "val", " TEST ", "", None]  # "holdout": below
     data = parquet_bytes({"image": [b"a"] * 6, "split": splits})
     assert [s.split for s in read(data)] == ["train", "validation", "validation", "test", None, None]
+
+
+def test_split_column_naming_no_split_is_the_samples_failure():
+    # "holdout" was drawn by the path's hash: a held-out set partly trained on (a labels CSV refuses it);
+    # the sample keeps its bytes (score-images reads it), and is refused where it is placed
+    from extract.layout import place_sample
+    from extract.sources import Shard
+
+    [sample] = read(parquet_bytes({"image": [b"a"], "label": ["cat"], "split": ["holdout"]}))
+    assert (sample.data, sample.split) == (b"a", "holdout")
+    refused = place_sample(Shard("x.parquet", "parquet", 1, 1, None, True, 20.0), sample)
+    assert refused.startswith("unknown split 'holdout'; expected one of train")
 
 
 def test_rows_are_read_in_batches_in_order(monkeypatch):

@@ -46,7 +46,7 @@ class Sample(NamedTuple):
     key: str  # unique within its shard: the WebDataset key, or a Parquet row's number
     data: bytes | None  # the image's bytes; None when `error`
     label: str | None = None  # the class the sample carries (a .cls, a .json's "label", a label column)
-    split: str | None = None  # the split the sample carries (a Parquet split column); None: by the layout
+    split: str | None = None  # the split the sample carries (a Parquet split column); None: by the layout; a name that is no split: refused
     error: str | None = None
 
 

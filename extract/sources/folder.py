@@ -10,6 +10,7 @@ cache's own files are left out.
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ class Folder:
         self.path = Path(path)
         self.is_file = self.path.is_file()
         self.root = (self.path.parent if self.is_file else self.path).absolute()  # what stored paths are relative to
-        self.url = str(self.path.resolve())  # what the cache records as the data folder
+        self.url = os.path.realpath(self.path)  # what the cache records as the data folder (a link loop: as named)
 
     def __repr__(self) -> str:
         return f"Folder({str(self.path)!r})"
@@ -101,7 +102,8 @@ def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, 
                 info = entry.stat()
                 found.append((path, info, not_regular(info.st_mode)))
             except OSError as error:
-                reason = "broken symbolic link" if entry.is_symlink() else error.strerror
+                reason = (("symbolic link loop" if error.errno == errno.ELOOP else "broken symbolic link")
+                          if entry.is_symlink() else error.strerror)
                 found.append((path, None, f"cannot read file: {reason}"))
 
     top = _identity(root)

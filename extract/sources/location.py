@@ -9,13 +9,15 @@ a file does) and `open(relative)` (a file to read).
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from typing import BinaryIO
 
 from extract.errors import UsageError
-from extract.files import open_regular
+from extract.files import not_regular, open_regular
 from extract.sources.folder import Folder
-from extract.sources.remote import Remote, is_url, open_url
+from extract.sources.remote import Remote, clipped, is_url, open_url
 
 MAX_EXPANDED = 1_000_000  # names one brace pattern may give: a million shards is far past any data set
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -37,9 +39,20 @@ def open_location(data, storage_options: dict | None = None):
         raise UsageError(f"--storage-options applies to URLs (s3://, gs://, https://); received the local path {text!r}.")
     folder = Folder(text)
     if not (folder.path.is_dir() or folder.is_file):
-        raise UsageError(f"Expected DATA_DIR to be a folder of images or shards, a shard file or a URL; "
-                         f"{text!r} is not a folder, a shard file (.tar, .parquet) or a URL.")
+        raise UsageError(f"Expected DATA_DIR to be a folder of images or shards, a shard file (.tar, .parquet) "
+                         f"or a URL; {text!r} {_what_is(text)}.")
     return folder
+
+
+def _what_is(path: str) -> str:
+    """What a local DATA_DIR that is neither a folder nor a regular file is, for its refusal."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist" if not os.path.islink(path) else "is a broken symbolic link"
+    except OSError as error:
+        return "is a symbolic link loop" if error.errno == errno.ELOOP else f"cannot be read ({error.strerror})"
+    return f"is {not_regular(mode)}"
 
 
 def braces(pattern: str) -> list[str]:
@@ -51,17 +64,22 @@ def braces(pattern: str) -> list[str]:
     head, tail = pattern[:match.start()], pattern[match.end():]
     if match.re is _RANGE:
         low, high = match.group(1), match.group(2)
+        if max(len(low.lstrip("0")), len(high.lstrip("0"))) > 18:  # int() refuses over 4,300 digits
+            raise UsageError(f"A range in {clipped(pattern)!r} has a number of over 18 digits; "
+                             f"shards are numbered in far fewer.")
         if int(high) < int(low):
-            raise UsageError(f"The range {match.group(0)} in {pattern!r} runs backwards; write {{{high}..{low}}}.")
+            raise UsageError(f"The range {match.group(0)} in {clipped(pattern)!r} runs backwards; write {{{high}..{low}}}.")
         if int(high) - int(low) >= MAX_EXPANDED:
-            raise UsageError(f"The range {match.group(0)} in {pattern!r} names over {MAX_EXPANDED} shards.")
+            raise UsageError(f"The range {match.group(0)} in {clipped(pattern)!r} names over {MAX_EXPANDED} shards.")
         width = len(low) if low.startswith("0") else 0
         choices = [str(number).zfill(width) for number in range(int(low), int(high) + 1)]
     else:
         choices = match.group(1).split(",")
-    names = [name for choice in choices for name in braces(head + choice + tail)]
-    if len(names) > MAX_EXPANDED:
-        raise UsageError(f"The pattern {pattern!r} names over {MAX_EXPANDED} shards.")
+    names = []
+    for choice in choices:  # counted as it grows: {0..999}/{0..999}/{0..9} is refused at a million, not at ten
+        names += braces(head + choice + tail)
+        if len(names) > MAX_EXPANDED:
+            raise UsageError(f"The pattern {clipped(pattern)!r} names over {MAX_EXPANDED} shards.")
     return names
 
 
@@ -96,14 +114,23 @@ class Selection:
             wanted = set(self.names)
             found = [entry for entry in self.location.entries(ignored) if entry[0] in wanted]
             missing = wanted - {entry[0] for entry in found}
-            return sorted(found + [(name, 0, 0, f"not found (named by {self.pattern!r})") for name in missing])
-        return sorted(map(self._entry, self.names))
+            entries = sorted(found + [(name, 0, 0, self._not_found) for name in missing])
+        else:
+            entries = sorted(map(self._entry, self.names))
+        if all(error == self._not_found for _, _, _, error in entries):
+            raise UsageError(f"None of the {len(self.names)} files the pattern {clipped(self.pattern)!r} names is "
+                             f"there (first: {clipped(self.names[0])!r}); check the pattern.")
+        return entries
+
+    @property
+    def _not_found(self) -> str:
+        return f"not found (named by {clipped(self.pattern)!r})"
 
     def _entry(self, name: str) -> tuple[str, int, int, str | None]:
         try:
             return (name, *self.location.stat(name), None)
         except FileNotFoundError:
-            return name, 0, 0, f"not found (named by {self.pattern!r})"
+            return name, 0, 0, self._not_found
         except OSError as error:
             return name, 0, 0, f"cannot read file: {error}"
 

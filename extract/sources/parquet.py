@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterator, NamedTuple
 from extract.errors import UsageError
 from extract.layout import SPLIT_FOLDERS
 from extract.sources import Sample
+from extract.sources.remote import clipped
 
 # Memory is bounded by one batch of rows (pyarrow decodes BATCH_ROWS rows of the columns read,
 # then this module hands them out one by one) and one page of the file: pages are read through a
@@ -95,6 +96,8 @@ def _open(file: BinaryIO, name: str):
         if not isinstance(error, pa.ArrowException) and type(error) is not OSError:
             raise
         raise UsageError(f"{name}: not a Parquet file ({_reason(error)})") from None
+    except UnicodeDecodeError as error:  # pyarrow decodes the footer's column names as it opens
+        raise UsageError(f"{name}: not a Parquet file (a column name is not UTF-8: {_reason(error)})") from None
     if IMAGE not in schema.names:
         raise UsageError(
             f"{name}: no column 'image'; found columns {_listed(schema.names)} (expected the "
@@ -171,24 +174,37 @@ def _batch_samples(batch, columns: Columns, first_row: int, limit: int) -> Itera
     images = batch.column(IMAGE)
     paths = None
     if columns.image_in_struct:
-        paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else None
+        paths = _texts(pa, images.field("path")) if images.type.get_field_index("path") >= 0 else None
         images = pc.struct_field(images, "bytes")  # null where the struct itself is null
     if pa.types.is_binary_view(images.type):  # binary_length has no kernel for views
         images = images.cast(pa.large_binary())
     sizes = pc.binary_length(images).to_pylist()
-    labels = _labels(batch.column(LABEL).to_pylist(), columns.names) if columns.label else [None] * len(sizes)
-    splits = _splits(batch.column(SPLIT).to_pylist()) if columns.split else [None] * len(sizes)
+    labels = _labels(_texts(pa, batch.column(LABEL)), columns.names) if columns.label else [None] * len(sizes)
+    splits = _splits(_texts(pa, batch.column(SPLIT))) if columns.split else [None] * len(sizes)
     for index, size in enumerate(sizes):
         key = str(first_row + index)
         if size is None:
             path = paths[index] if paths else None
-            where = f" (only a path, {path!r}, which is not read)" if path else ""
+            where = f" (only a path, {clipped(repr(path))}, which is not read)" if path else ""
             yield Sample(key, None, labels[index], splits[index], error=f"no image bytes in row {key}{where}")
         elif size > limit:
             yield Sample(key, None, labels[index], splits[index],
                          error=f"image too large: {size} bytes in row {key} (at most {limit} are read for one image)")
         else:
             yield Sample(key, images[index].as_py(), labels[index], splits[index])
+
+
+def _texts(pa, column) -> list:
+    """A column's values; a string column's decoded here, one by one, with bytes that are not
+    UTF-8 kept as surrogate escapes (pyarrow does not check UTF-8 on read, and its own
+    `to_pylist` fails the whole batch on one such value). Such a label is refused where
+    samples are placed (`layout.place_sample`), as a tar's is; scoring never looks at it."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_integer(column.type):
+        return column.to_pylist()
+    return [value if value is None else value.decode("utf-8", "surrogateescape")
+            for value in column.cast(pa.large_binary()).to_pylist()]
 
 
 def _labels(values: list, names: list[str] | None) -> list[str | None]:
@@ -207,9 +223,15 @@ def _label(value, names: list[str] | None) -> str | None:
 
 
 def _splits(values: list) -> list[str | None]:
-    """The project's split names (`layout.SPLIT_FOLDERS`) from a split column's values;
-    anything else None."""
-    return [SPLIT_FOLDERS.get(value.strip().lower()) if isinstance(value, str) else None for value in values]
+    """The project's split names (`layout.SPLIT_FOLDERS`) from a split column's values, in any
+    case and spacing; None for null or empty (drawn by the layout); any other text as it is,
+    which `layout.place_sample` refuses (a "dev" set drawn into train would leak)."""
+    return [_split(value) for value in values]
+
+
+def _split(value: str | None) -> str | None:
+    name = (value or "").strip().lower()
+    return SPLIT_FOLDERS.get(name, value) if name else None
 
 
 def _listed(columns: list[str], shown: int = 20) -> str:

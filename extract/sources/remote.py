@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from extract.errors import UsageError
+from extract.files import open_regular
 
 RETRIES = 5  # re-opens of an object after a dropped connection, before a read fails for good
 BACKOFF_SECONDS = 0.5  # the first wait before a re-open; doubled after each, up to the cap
@@ -72,12 +73,17 @@ def parse_storage_options(text: str) -> dict:
     """The value of --storage-options: a JSON object, passed to the fsspec filesystem."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         value = None
     if not isinstance(value, dict):
         raise UsageError("Expected --storage-options to be a JSON object such as "
-                         f"'{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'; received {_line(text)!r}")
+                         f"'{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'; received {clipped(_line(text))!r}")
     return value
+
+
+def clipped(text: str, most: int = 200) -> str:
+    """`text` for a one-line message: at most `most` characters, the rest counted."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text) - most} more characters)"
 
 
 class Remote:
@@ -118,32 +124,53 @@ class Remote:
     def check(self) -> None:
         """Read the location once, within CHECK_SECONDS, before any work; UsageError naming
         what to set when it cannot be read."""
+        if self.protocol in PACKAGES and not urlsplit(self.url).netloc:  # "s3://": s3fs would list every bucket
+            raise UsageError(f"Expected a URL with a bucket or host (s3://bucket/shards/); received {clipped(self.url)!r}")
         options = dict(self.storage_options)
         if self.protocol in S3:
             options["config_kwargs"] = {**options.get("config_kwargs", {}), **CHECK_BOTOCORE}
-        fs, root = self._connect(options)
-        if self.protocol in S3:
-            fs.retries = 1  # s3fs's own retries of a timed-out request (5), on top of botocore's
+        roots: list = []
+
+        def probe() -> dict:
+            # The filesystem is made in the probe too: some connect when made (ftp://), with no timeout
+            fs, root = self._connect(options)
+            roots.append(root)
+            if self.protocol in S3:
+                fs.retries = 1  # s3fs's own retries of a timed-out request (5), on top of botocore's
+            return fs.info(root)
+
         outcome: list = []
-        probe = threading.Thread(target=_capture, args=(lambda: fs.info(root), outcome), daemon=True)
-        probe.start()
-        probe.join(CHECK_SECONDS)
+        thread = threading.Thread(target=_capture, args=(probe, outcome), daemon=True)
+        thread.start()
+        thread.join(CHECK_SECONDS)
         if not outcome:
             raise UsageError(f"No answer from {self._endpoint()} within {CHECK_SECONDS:g} s "
                              f"for {self.url}; {self._endpoint_hint()}")
         info, error = outcome[0]
+        if isinstance(error, UsageError):  # `_connect`'s: a package to install, options it refused
+            raise error
         if error is not None:
-            raise UsageError(self._explain(error, root)) from error
+            raise UsageError(self._explain(error, roots[0] if roots else "")) from error
+        if info.get("type") not in ("file", "directory"):  # file:// to a FIFO, a socket: "other"
+            raise UsageError(f"{self.url} is neither a file nor a folder (fsspec says: {info.get('type')}); "
+                             "expected a shard or a folder of them")
         self._is_file = self._names_file(info)
 
     def list(self) -> list[tuple[str, int, int]]:
         """(path relative to the URL, size, stamp) of every object below it, sorted by path;
         for a URL naming one object, that object under its base name. Hidden names (a part
-        starting with ".") and folder markers are left out, as a local folder's are."""
+        starting with ".") and folder markers are left out, as a local folder's are, and so is
+        what is no file (`entries` names it)."""
+        return [(relative, size, stamp) for relative, size, stamp, error in self.entries() if error is None]
+
+    def entries(self, ignored=None) -> list[tuple[str, int, int, str | None]]:
+        """`list` as a local folder's listing gives it (`folder.Folder.entries`), with an error for
+        what the filesystem says is no file (type "other": a FIFO or a socket behind a file://
+        URL, never opened: it would block); `ignored` (a local cache's files) does not apply."""
         fs = self.fs
         if self.is_file:
             info = fs.info(self._root)
-            return [(self._base_name(), int(info["size"]), stamp(info))]
+            return [(self._base_name(), int(info["size"]), stamp(info), None)]
         prefix = self._root.rstrip("/") + "/"
         entries = []
         for name, info in fs.find(self._root, detail=True).items():
@@ -154,13 +181,10 @@ class Remote:
                 continue
             if info.get("size") is None:  # an HTTP folder listing gives names only
                 info = fs.info(name)
-            entries.append((relative, int(info["size"]), stamp(info)))
+            kind = info.get("type", "file")
+            error = None if kind == "file" else f"not a regular file (fsspec says: {kind})"
+            entries.append((relative, int(info.get("size") or 0), stamp(info), error))
         return sorted(entries)
-
-    def entries(self, ignored=None) -> list[tuple[str, int, int, None]]:
-        """`list` as a local folder's listing gives it (`folder.Folder.entries`): no errors, as
-        a store lists only what is there; `ignored` (a local cache's files) does not apply."""
-        return [(relative, size, stamp, None) for relative, size, stamp in self.list()]
 
     def stat(self, relative: str) -> tuple[int, int]:
         """(size, stamp) of the object at `relative`: what `list` gives, for one object named
@@ -170,8 +194,12 @@ class Remote:
 
     def open(self, relative: str = "") -> BinaryIO:
         """A readable, seekable binary file of the object at `relative` (a path from `list`;
-        "" for the URL itself) that re-opens it where it was when a connection drops."""
+        "" for the URL itself) that re-opens it where it was when a connection drops. A file://
+        URL's file is opened as a local one is (`files.open_regular`): without blocking, and
+        refused unless regular (fsspec's open of a FIFO waits for a writer for ever)."""
         path = self._path(relative)
+        if self.protocol in ("file", "local"):
+            return open_regular(path)
         shown = self.url if path == self._root else self.url.rstrip("/") + "/" + relative
         return RetryingFile(lambda: self.fs.open(path, "rb", block_size=BLOCK_SIZE), shown)
 
@@ -200,7 +228,7 @@ class Remote:
                              f"pip install 'bottleneck-features[{extra}]'") from error
         except (ValueError, TypeError) as error:
             raise UsageError(f"Cannot read {self.url} with --storage-options "
-                             f"{json.dumps(self.storage_options)} ({_line(error)})") from error
+                             f"{clipped(json.dumps(self.storage_options))} ({clipped(_line(error))})") from error
 
     def _endpoint(self) -> str:
         """The host a request goes to: the endpoint for object stores, the URL's host otherwise."""
@@ -241,7 +269,7 @@ class Remote:
                     "check the bucket's name and the endpoint (endpoint_url, AWS_ENDPOINT_URL)")
         if isinstance(error, FileNotFoundError):
             return f"Nothing at {self.url}; check the path (a folder's URL lists the objects below it)"
-        return f"Cannot read {self.url} ({type(error).__name__}: {reason})"
+        return f"Cannot read {self.url} ({type(error).__name__}: {clipped(reason)})"
 
 
 def open_url(url: str, storage_options: dict | None = None) -> BinaryIO:

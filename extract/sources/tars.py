@@ -16,9 +16,13 @@ error sample of key "" standing for the rest.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import re
 import tarfile
+import zlib
 from typing import BinaryIO, Iterator
 
 from extract.sources import Sample
@@ -67,9 +71,59 @@ class _Header(tarfile.TarInfo):
             raise tarfile.ReadError(f"a damaged member header ({error})") from None
 
 
-# What a damaged stream raises: tarfile's own errors (a gzip stream's too), the stream's
-# end inside a member, and `_ReadFailed`.
-DAMAGE = (tarfile.TarError, EOFError, OSError)
+# What a damaged stream raises: tarfile's own errors, the decompressors' (gzip's and bz2's are
+# OSErrors), the stream's end inside a member, and `_ReadFailed`.
+DAMAGE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+# A compressed tar by its first bytes, and what reads it.
+COMPRESSED = ((b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream, mode="rb")),
+              (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
+
+
+class _Prepended:
+    """The shard's bytes with `head`, read from it to choose a decompressor, put back in front."""
+
+    def __init__(self, head: bytes, source: _Source):
+        self._head, self._source = head, source
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._source.read(size)
+        if size is None or size < 0:
+            data, self._head = self._head + self._source.read(), b""
+            return data
+        data, self._head = self._head[:size], self._head[size:]
+        return data
+
+
+class _Decompressed:
+    """A compressed tar's bytes, decompressed here rather than by tarfile's stream mode, which
+    copies its whole buffer at each 10 KB step over a skipped member: a 3 GB member of zeros in
+    a 14 MB .tar.gz took 64 s to pass over (2.6 s this way). The compressed data ending early
+    ends the tar's bytes, as it did in tarfile: the tar's own end marker, or its absence
+    (`_Header`), tells a whole tar from a cut one."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        data = bytearray()
+        while size < 0 or len(data) < size:
+            try:  # read1: a buffered read(size) drops what it holds when the data ends short
+                piece = self._stream.read1(size - len(data) if size >= 0 else 1 << 20)
+            except EOFError:  # the compressed data cut short: what came before it stands
+                break
+            if not piece:
+                break
+            data += piece
+        return bytes(data)
+
+
+def _tar_bytes(source: _Source):
+    """The tar's bytes from the shard's: decompressed when its first bytes say gzip, bz2 or xz."""
+    head = source.read(6)
+    opener = next((opener for magic, opener in COMPRESSED if head.startswith(magic)), None)
+    stream = _Prepended(head, source)
+    return stream if opener is None else _Decompressed(opener(stream))
 
 
 class _Progress:
@@ -100,9 +154,8 @@ def tar_samples(file: BinaryIO, name: str, limit: int) -> Iterator[Sample]:
     an error sample, its member never read; `name` names the shard in messages."""
     progress = _Progress()
     try:
-        with tarfile.open(
-            fileobj=_Source(file), mode="r|*", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-        ) as tar:
+        with tarfile.open(fileobj=_tar_bytes(_Source(file)), mode="r|", tarinfo=_Header,
+                          encoding="utf-8", errors="surrogateescape") as tar:
             for sample in _grouped(tar, limit, progress):
                 yield sample
                 progress.samples += 1
