@@ -19,6 +19,13 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 from ray.cluster_utils import Cluster  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_at_a_time():
+    """The Ray test modules take turns (helpers.one_at_a_time), whichever workers run them."""
+    with helpers.one_at_a_time("ray"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tars(tmp_path_factory, weights_file):
     """Tars of four images (train/ and validation/ folders give the split, .cls the label),
