@@ -52,7 +52,8 @@ def image_features(paths: list[str], config: FeatureConfig, known: Collection[st
     one for the rest of it if it is cut short. `engine="ray"` reads and computes as a Ray
     Data job on the cluster at `address`."""
     if engine == "ray":
-        for batch in forward(paths, config, frozenset(known), batch_size, address=address):
+        for batch in forward(list(map(_input, paths)), config, frozenset(known), batch_size, address=address,
+                             storage_options=storage_options):
             yield [ImageFeatures(str(path), error or None, sha256 or None, features if key else None)
                    for path, error, sha256, key, features in zip(batch["path"], batch["error"], batch["sha256"],
                                                                  batch["key"], batch["features"])]

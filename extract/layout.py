@@ -10,16 +10,20 @@ labels file:
 - ``unlabeled``: any images below ``DATA``; label ``""``, split ``"unlabeled"``.
 - ``csv``: the images a labels CSV names (see `labels`), with its labels and splits (a
   missing split drawn by path hash, as in ``classes``); the other images are skipped.
+- ``shards``: WebDataset tars and Parquet files (`sources`), detected when the listing holds
+  them; each sample's label is its own, its split its shard's ``train/``, ``validation/`` or
+  ``test/`` folder's, else its own, else drawn by the hash of its stored path (`place_sample`,
+  as the samples are read). Image files beside shards are refused, but under ``unlabeled``.
 
 A cache inside ``DATA`` (``extract-features .`` with the default ``cache/features.h5``) is
 not data: its catalog, lock and shards are never listed, and the folder that holds only the
 cache is no class or split folder to the detection.
 
-Files are images by their name (`IMAGE_EXTENSIONS`); what is inside is the reader's
-business, so a WebP named ``.jpeg`` is read as WebP. Hidden entries are ignored,
-symbolic links are followed, but each real folder is listed once (a link back to a parent,
-or a second way into a folder, is a failure row naming the first) and no deeper than
-`MAX_DEPTH`; a FIFO, device or socket named like an image is a failure row, never opened.
+Files are images by their name (`IMAGE_EXTENSIONS`), shards by theirs (`sources.shard_kind`);
+what is inside is the reader's business, so a WebP named ``.jpeg`` is read as WebP. The
+listing is the location's (`sources.location`): a local folder's follows symbolic links but
+lists each real folder once, and a FIFO, device or socket named like an image is a failure
+row, never opened (`sources.folder`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import NamedTuple
 
 from extract.errors import UsageError
 from extract.sources import Sample, Shard, member_path, shard_kind
-from extract.sources.folder import Folder, _is_cache_entry, _is_utf8, _is_visible_dir
+from extract.sources.folder import Folder, is_cache_entry, is_utf8, is_visible_dir
 from extract.sources.location import open_location
 
 LAYOUTS = ("auto", "splits", "classes", "unlabeled", "shards")
@@ -75,11 +79,6 @@ class Scan:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unlistable
     not_in_labels: int = 0  # images skipped because the labels file does not name them (layout "csv")
     missing: list[str] = field(default_factory=list)  # what the labels file names but is no image here
-
-    @property
-    def root(self) -> Path:
-        """The local folder stored paths are relative to (a local location's)."""
-        return self.location.root
 
     @property
     def class_names(self) -> list[str]:
@@ -183,7 +182,7 @@ def place_sample(shard: Shard, sample: Sample) -> tuple[str, str] | str:
     if label is None or not label.strip():
         return ("no label (expected KEY.cls, a \"label\" in KEY.json, or a label column); pass --layout unlabeled "
                 "to store samples without labels")
-    if "\x00" in label or not _is_utf8(label):
+    if "\x00" in label or not is_utf8(label):
         return f"label {label!r} holds a character the cache cannot store (NUL, or text that is not UTF-8)"
     split = shard.split or sample.split
     if split is not None and split not in SPLIT_FOLDERS.values():  # a Parquet split column's "holdout"
@@ -205,8 +204,8 @@ def detect_layout(root: Path, ignored: tuple[str, str] | None = None) -> str:
     """`splits` if the top-level folders are split names, `classes` if they are anything
     else, `unlabeled` if there are none. The cache's entries and the top-level folder that
     holds nothing but the cache (`ignored`, as `_cache_entries` gives it) are no folders here."""
-    folders = sorted(entry.name for entry in os.scandir(root) if _is_visible_dir(entry)
-                     and not _is_cache_entry("", entry.name, ignored))
+    folders = sorted(entry.name for entry in os.scandir(root) if is_visible_dir(entry)
+                     and not is_cache_entry("", entry.name, ignored))
     top = ignored[0].split("/")[0] if ignored else ""
     if top in folders and _holds_only_cache(root, ignored):
         folders.remove(top)
@@ -281,7 +280,7 @@ def _holds_only_cache(root: Path, ignored: tuple[str, str]) -> bool:
         except OSError:
             return False
         last = depth == len(parts) - 1
-        if any((not _is_cache_entry(ignored[0], name, ignored)) if last else name != parts[depth + 1] for name in names):
+        if any((not is_cache_entry(ignored[0], name, ignored)) if last else name != parts[depth + 1] for name in names):
             return False
     return True
 

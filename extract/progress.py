@@ -31,12 +31,13 @@ class Tally:
     backend: str | None = None  # the Keras backend that computed
     start_seconds: float | None = None  # building the network and its first batch (local engine)
     images_per_second: float = 0.0
-    samples: dict[str, list[ImageFile]] = field(default_factory=dict)  # shard path -> its samples read so far, placed
+    samples: dict[str, dict[str, ImageFile]] = field(default_factory=dict)  # shard path -> its samples read, by path
     ended: dict[str, int] = field(default_factory=dict)  # shard path -> the samples it gave, read to its end; -1: not
 
     def sample(self, shard: str, image: ImageFile) -> None:
-        """A shard's sample met (its row, like a file's, waits until its features are stored)."""
-        self.samples.setdefault(shard, []).append(image)
+        """A shard's sample met (its row, like a file's, waits until its features are stored);
+        one met twice (a Ray task run again) counts once."""
+        self.samples.setdefault(shard, {})[image.path] = image
 
     def shard_ended(self, shard: str, samples: int, error: str | None) -> None:
         """A shard read to its end (`samples` given), or cut short by `error` (a failure row
@@ -48,8 +49,8 @@ class Tally:
     def complete(self, shard: str) -> bool:
         """Whether every sample of a shard is stored: read to its end, none failed, none still
         on its way to the network."""
-        samples = self.samples.get(shard, [])
-        return self.ended.get(shard, -1) == len(samples) and all(image.path in self.read for image in samples)
+        samples = self.samples.get(shard, {})
+        return self.ended.get(shard, -1) == len(samples) and all(path in self.read for path in samples)
 
     def count(self, keys) -> None:
         """Keys computed: an image's content key, or a view's (`sha256/augmentation/view`)."""

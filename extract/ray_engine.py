@@ -3,8 +3,10 @@ machine or a cluster of many, with or without GPUs.
 
 The driver plans as for the local engine (`runner`); Ray Data streams the rest:
 
-    images -> read tasks: `reader.load` (read, hash, decode, resize, views; failures are rows;
-              what the cache already has, by content, is hashed and not decoded)
+    images -> read tasks, one per unit (`_units`: a group of image files, or one shard read
+              in order, once): `reader.load` / `reader.load_bytes` (read, hash, decode,
+              resize, views; failures are rows; what the cache already has, by content, is
+              hashed and not decoded); a shard also gives an end row (`samples` it gave)
            -> the backbone in a pool of actors (`Backbone`, built in each actor from the
               weights file; one GPU per actor where there are GPUs)
            -> write tasks: each writes its rows as one immutable shard in the cache's folder
@@ -21,6 +23,7 @@ leaves complete shards, which the next run (with either engine) adopts.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -34,10 +37,12 @@ from extract.errors import UsageError
 from extract.featurize import Network, stack
 from extract.layout import ImageFile
 from extract.progress import Checkpoints, Tally
-from extract.reader import ViewRequest, load
+from extract.reader import Loaded, ViewRequest, load, load_bytes, shard_samples
 from extract.shards import TARGET_SHARD_BYTES, ShardInfo, view_key, write_shard
 from extract.sources import Shard
 from extract.sources.folder import Folder
+from extract.sources.location import Paths, is_url
+from extract.sources.remote import Remote
 from extract.writer import Writer
 
 # Rows a write task gathers into one shard, at most (fewer when they pass TARGET_SHARD_BYTES):
@@ -59,30 +64,31 @@ class RayEngine:
 
     def run(self, location, images: list[ImageFile], views: ViewRequest | None, workers: int,
             progress: bool, shards: list[Shard] = ()) -> Iterator[None]:
-        if shards:
-            raise UsageError("--engine ray does not read shards yet; use --engine local.")
-        if not images:
+        if not images and not shards:
             return
         with session(self.address):
-            yield from self._run(location, images, views, progress)
+            yield from self._run(location, [*images, *shards], views, progress)
 
-    def _run(self, location, images: list[ImageFile], views: ViewRequest | None, progress: bool) -> Iterator[None]:
+    def _run(self, location, items: list[ImageFile | Shard], views: ViewRequest | None,
+             progress: bool) -> Iterator[None]:
         import ray
 
         writer, config, tally = self.writer, self.config, self.tally
         known = ray.put(frozenset(writer.state.located) | frozenset(writer.pending.index))
         wanted = _Wanted(views.augmentation, views.per_image) if views else None
         row_bytes = int(np.prod(config.feature_shape)) * np.dtype(config.dtype).itemsize
-        dataset = stream(location, images, config, known, wanted, self.batch_size, self.actors).map_batches(
+        dataset = stream(location, items, config, known, wanted, self.batch_size, self.actors).map_batches(
             _write, batch_size=max(1, min(TARGET_SHARD_BYTES // row_bytes, SHARD_ROWS)), batch_format="numpy",
             fn_kwargs=dict(folder=str(writer.folder), base=str(writer.base), fingerprint=writer.fingerprint,
                            shape=tuple(config.feature_shape), dtype=config.dtype),
         )
         writer.begin()  # a --rebuild moves the old cache aside now: the tasks write into the new one
-        local = [location.root / images[0].path] if isinstance(location, Folder) else []
+        local = [location.root / items[0].path] if isinstance(location, Folder) else []  # one of DATA_DIR's files
         check_shared(writer.folder, [*local, *weights_file(config)])
+        check_readable(location)
         started = time.perf_counter()
-        bar = tqdm(total=len(images), unit="img", desc="extracting", disable=None if progress else True)
+        total = None if any(isinstance(item, Shard) for item in items) else len(items)  # samples: known as read
+        bar = tqdm(total=total, unit="img", desc="extracting", disable=None if progress else True)
         with bar, job_errors():
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(self._take(batch))
@@ -94,8 +100,10 @@ class RayEngine:
             tally.images_per_second = round(done / elapsed, 2)
 
     def _take(self, batch: dict[str, np.ndarray]) -> int:
-        """Take up one batch of finished rows: each shard once all its rows have come, then
-        what each image read. Returns the number of images in the batch."""
+        """Take up one batch of finished rows: each cache shard once all its rows have come, then
+        what each image (a file, a shard's sample) read, and each shard's end, as the local
+        engine does (`Tally.complete` counts, so the order of a shard's rows does not matter).
+        Returns the number of images in the batch."""
         for key, shard, row, rows, size, identity in zip(batch["key"], batch["shard"], batch["shard_row"],
                                                         batch["shard_rows"], batch["shard_bytes"], batch["shard_uuid"]):
             if shard:
@@ -107,13 +115,19 @@ class RayEngine:
                     del self._shards[shard]
         tally, images = self.tally, 0
         tally.count(key for key in batch["key"] if key)
-        for path, sha256, error, key, device in zip(batch["path"], batch["sha256"], batch["error"], batch["key"],
-                                                    batch["device"]):
+        for path, label, split, source, samples, sha256, error, key, device in zip(
+                *(batch[name] for name in ("path", "label", "split", "source", "samples", "sha256", "error", "key",
+                                           "device"))):
             if device:
                 tally.device, tally.backend = device, keras_backend()  # the driver's, which `stream` gives the actors
             if not path:
                 continue  # a view's row
+            if samples >= 0:
+                tally.shard_ended(path, int(samples), error or None)
+                continue
             images += 1
+            if source:
+                tally.sample(source, ImageFile(path, label, split, 0, 0))
             if error:
                 tally.failures.append((path, error))
             else:
@@ -121,15 +135,18 @@ class RayEngine:
         return images
 
 
-def stream(location, images: Iterable[ImageFile], config: FeatureConfig, known=frozenset(), wanted=None,
+def stream(location, items: Iterable[ImageFile | Shard], config: FeatureConfig, known=frozenset(), wanted=None,
            batch_size: int = 32, actors: int | None = None):
-    """The Ray Data dataset of read tasks feeding a pool of backbone actors: one row per
-    image (path, sha256, error, key, features, device) and one per view computed (its
-    `key`, no path). `key` is empty where nothing was computed: an error, or content
-    in `known` (a set, or a Ray reference to one)."""
+    """The Ray Data dataset of read tasks feeding a pool of backbone actors, in the order of
+    `items` (image files and shards of `location`): one row per image, a file or a shard's
+    sample (path, label, split, source: the shard a sample is from; sha256, error, key,
+    features, device), one per shard's end (its path, `samples`: how many it gave, and the
+    error for the rest, if any; -1 on every other row) and one per view computed (its
+    `key`, no path). `key` is empty where nothing was computed: an error, or content in
+    `known` (a set, or a Ray reference to one)."""
     import ray
 
-    items = [{"path": image.path, "label": image.label, "split": image.split} for image in images]
+    units = _units(items, batch_size)
     check_weights(config)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
@@ -141,18 +158,71 @@ def stream(location, images: Iterable[ImageFile], config: FeatureConfig, known=f
             f"Expected --ray-actors below the Ray cluster's {cpus} CPUs (one each, and one at least for the read "
             f"tasks); received {pool}. Lower --ray-actors, or add a node."
         )
+    # Files and shards are one dataset of units, a block each, so a read task takes one
+    # unit: a shard is read in order, once, by one task, and the units keep the order of
+    # `items` (which `forward` needs; two datasets unioned would not). A read task is a
+    # generator that gives up its rows every `batch_size` images, which leave it in blocks
+    # of Ray Data's target size: a shard of any length is never held whole in a task.
     # The reads are tasks and the backbone an actor pool that says how much memory it needs
     # (which also keeps Ray Data from fusing the reads into the actors, as it does when the
     # resources of a task stage and the next actor stage match). The actors run on the
     # driver's Keras backend, whatever the nodes' own environment says.
-    return ray.data.from_items(items).map_batches(
-        _read, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        fn_kwargs=dict(location=location, config=config, known=known, wanted=wanted),
+    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        _read, batch_size=1, batch_format="numpy", num_cpus=1,
+        fn_kwargs=dict(location=location, config=config, known=known, wanted=wanted, batch_size=batch_size),
     ).map_batches(
         Forward, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=dict(config=config),
         compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=1,
         memory=actor_memory(config, batch_size), runtime_env={"env_vars": {"KERAS_BACKEND": keras_backend()}},
     )
+
+
+def _units(items: Iterable[ImageFile | Shard], batch_size: int) -> list[dict]:
+    """The read tasks' work, in order: each shard alone, runs of image files `batch_size` at
+    a time (pickled: a Shard or a list of ImageFile, as `_read` takes them)."""
+    units, files = [], []
+    for item in items:
+        if isinstance(item, Shard) or len(files) == batch_size:
+            if files:
+                units.append(files)
+            files = []
+        if isinstance(item, Shard):
+            units.append(item)
+        else:
+            files.append(item)
+    if files:
+        units.append(files)
+    return [{"unit": pickle.dumps(unit)} for unit in units]
+
+
+def check_readable(location) -> None:
+    """Refuse, in one line, a URL that some node of the cluster cannot read. Each node reads
+    with its own credentials and network: the driver's environment (AWS_ACCESS_KEY_ID, say)
+    does not travel with the tasks, so a node without credentials would otherwise turn every
+    shard it reads into a failure row. Each alive node runs `Remote.check`, as the driver did."""
+    remote = getattr(location, "location", location)  # a brace pattern's `Selection` reads through its location
+    if not isinstance(remote, Remote):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_why_unreadable)
+    answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                       .remote(remote) for node in nodes])
+    for node, why in zip(nodes, answers):
+        if why:
+            raise UsageError(f"On Ray node {node.get('NodeManagerAddress')}: {why} (each node reads DATA_DIR with its "
+                             f"own credentials and network).")
+
+
+def _why_unreadable(remote: Remote) -> str | None:
+    """On one node: None if `remote` can be read from here, else why not (`Remote.check`'s line)."""
+    try:
+        remote.check()
+    except UsageError as error:
+        return str(error)
+    return None
 
 
 def actor_memory(config: FeatureConfig, batch_size: int) -> int:
@@ -161,21 +231,40 @@ def actor_memory(config: FeatureConfig, batch_size: int) -> int:
     return 2**30 + 2 * batch_size * config.input_size**2 * 64 * 4
 
 
-def forward(paths: list[str], config: FeatureConfig, known=frozenset(), batch_size: int = 32,
-            actors: int | None = None, address: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `stream` over image paths (relative to the current folder), in input
-    order, on the Ray cluster at `address` (as `connect`); `features` holds a row's
-    features where `key` is set (content in `known` is hashed, not computed)."""
+def forward(items: list[ImageFile | Shard], config: FeatureConfig, known=frozenset(), batch_size: int = 32,
+            actors: int | None = None, address: str | None = None,
+            storage_options: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `stream` over image files and shards (their paths relative to the current
+    folder, or URLs read with fsspec's `storage_options`), in input order, on the Ray
+    cluster at `address` (as `connect`); `features` holds a row's features where `key` is
+    set (content in `known` is hashed, not computed). A shard's end is a row only when it
+    carries an error: the rest of the shard, lost."""
     with session(address):
         import ray
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        readable = next((Path(path).absolute() for path in paths if os.path.isfile(path)), None)
+        readable = next((Path(item.path).absolute() for item in items if os.path.isfile(item.path)), None)
         check_shared(None, [*weights_file(config), *([readable] if readable else [])])
-        dataset = stream(Folder(Path.cwd()), [ImageFile(path, "", "", 0, 0) for path in paths], config, ray.put(known),
-                         None, batch_size, actors)
+        url = next((item.path for item in items if is_url(item.path)), None)
+        if url:
+            check_readable(Remote(url, storage_options))
+        dataset = stream(_Inputs(Path.cwd(), storage_options), items, config, ray.put(known), None, batch_size, actors)
         with job_errors():
-            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                inputs = (batch["samples"] < 0) | (batch["error"] != "")
+                yield {name: column[inputs] for name, column in batch.items()}
+
+
+class _Inputs(Paths):
+    """`location.Paths` with local paths taken from the driver's current folder (a worker's
+    is its own)."""
+
+    def __init__(self, folder: Path, storage_options: dict | None):
+        super().__init__(storage_options)
+        self.folder = folder
+
+    def open(self, path: str):
+        return super().open(path if is_url(path) else str(self.folder / path))
 
 
 class _Wanted:
@@ -210,26 +299,69 @@ def _known(known):
     return _KNOWN[known.hex()]
 
 
-def _read(batch: dict, location, config: FeatureConfig, known, wanted: _Wanted | None) -> dict:
-    """A read task: `reader.load` each image of the batch; an image's row, then its views'.
+def _read(batch: dict, location, config: FeatureConfig, known, wanted: _Wanted | None,
+          batch_size: int) -> Iterator[dict]:
+    """A read task over its unit (`_units`): `reader.load` each image file, or stream one
+    shard (`reader.shard_samples`) and `reader.load_bytes` each sample, then its end row;
+    an image's row, then its views'. Rows are given up `batch_size` images at a time.
     Pixels travel as they are made: an image's as uint8, a view's as float32 (`view`)."""
     known = _known(known)
     views = wanted.request(known) if wanted else None
-    rows = {"path": [], "sha256": [], "error": [], "key": [], "pixels": [], "view": []}
-    none, no_view = np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0, 3), np.float32)
-    for path, label, split in zip(batch["path"], batch["label"], batch["split"]):
-        loaded = load(location, ImageFile(str(path), str(label), str(split), 0, 0), config.input_size,
-                      config.interpolation, known, views, config.decode == "draft")
-        fresh = loaded.pixels is not None and not loaded.error and loaded.sha256 not in known
-        for column, value in zip(rows, (str(path), loaded.sha256 or "", loaded.error or "",
-                                        loaded.sha256 if fresh else "", loaded.pixels if fresh else none, no_view)):
-            rows[column].append(value)
+    arguments = (config.input_size, config.interpolation, known, views, config.decode == "draft")
+    for unit in map(pickle.loads, batch["unit"]):
+        rows = _Rows(known, wanted)
+        if not isinstance(unit, Shard):
+            for image in unit:
+                rows.add(load(location, image, *arguments))
+            yield rows.batch()
+            continue
+        count = 0
+        for image, data, error in shard_samples(location, unit):
+            if image.path == unit.path:
+                rows.end(unit.path, count, error)
+                break
+            count += 1
+            rows.add(Loaded(image, error=error) if data is None else load_bytes(image, data, *arguments), unit.path)
+            if rows.images == batch_size:
+                yield rows.batch()
+                rows = _Rows(known, wanted)
+        yield rows.batch()
+
+
+_NO_PIXELS, _NO_VIEW = np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0, 3), np.float32)  # a row with none to compute
+
+
+class _Rows:
+    """The rows a read task gives up next, as columns (see `stream`)."""
+
+    def __init__(self, known, wanted: _Wanted | None):
+        self.known, self.wanted, self.images = known, wanted, 0
+        self.columns = {name: [] for name in ("path", "label", "split", "source", "samples", "sha256", "error", "key",
+                                              "pixels", "view")}
+
+    def add(self, loaded: Loaded, source: str = "") -> None:
+        """An image's row (`source`: the shard of a sample), then its views'."""
+        image = loaded.image
+        fresh = loaded.pixels is not None and not loaded.error and loaded.sha256 not in self.known
+        self._row(image.path, image.label, image.split, source, -1, loaded.sha256 or "", loaded.error or "",
+                  loaded.sha256 if fresh else "", loaded.pixels if fresh else _NO_PIXELS, _NO_VIEW)
+        self.images += 1
         for number, pixels in loaded.views.items():
-            key = view_key(loaded.sha256, wanted.augmentation.fingerprint, number)
-            for column, value in zip(rows, ("", loaded.sha256, "", key, none, pixels)):
-                rows[column].append(value)
-    return {name: _tensor_column(values) if name in ("pixels", "view") else np.array(values, dtype=object)
-            for name, values in rows.items()}
+            key = view_key(loaded.sha256, self.wanted.augmentation.fingerprint, number)
+            self._row("", "", "", source, -1, loaded.sha256, "", key, _NO_PIXELS, pixels)
+
+    def end(self, shard: str, samples: int, error: str | None) -> None:
+        """A shard's end: the samples it gave, and why the rest was not read, if it was not."""
+        self._row(shard, "", "", "", samples, "", error or "", "", _NO_PIXELS, _NO_VIEW)
+
+    def _row(self, *values) -> None:
+        for column, value in zip(self.columns.values(), values):
+            column.append(value)
+
+    def batch(self) -> dict[str, np.ndarray]:
+        return {name: _tensor_column(values) if name in ("pixels", "view") else
+                np.array(values, dtype=np.int64 if name == "samples" else object)
+                for name, values in self.columns.items()}
 
 
 class Forward:
@@ -263,7 +395,7 @@ def _write(batch: dict, folder: str, base: str, fingerprint: str, shape: tuple, 
         if key and key not in first:
             first[key] = i
     n = len(keys)
-    out = {name: batch[name] for name in ("path", "sha256", "error", "key", "device")}
+    out = {name: column for name, column in batch.items() if name != "features"}
     out.update(shard=np.full(n, "", dtype=object), shard_row=np.zeros(n, np.int64), shard_rows=np.zeros(n, np.int64),
                shard_bytes=np.zeros(n, np.int64), shard_uuid=np.full(n, "", dtype=object))
     if first:

@@ -246,7 +246,7 @@ class _Commits:
         files, the samples of the shards not read, and those met so far in the shards read."""
         tally = self.tally
         met = [image for shard in self.run.shards if shard.path in tally.samples
-               for image in shard_rows(shard, tally.samples[shard.path], tally.complete(shard.path))]
+               for image in shard_rows(shard, list(tally.samples[shard.path].values()), tally.complete(shard.path))]
         return self.scan.images + self.run.kept + met if met or self.run.kept else self.scan.images
 
     def _backends(self) -> str | None:

@@ -27,6 +27,13 @@ from ray.cluster_utils import Cluster  # noqa: E402
 TIMEOUT = 300
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_at_a_time():
+    """The Ray test modules take turns (helpers.one_at_a_time), whichever workers run them."""
+    with helpers.one_at_a_time("ray"):
+        yield
+
+
 def arguments(data, cache, weights_file, *extra) -> list[str]:
     return [str(data), "--cache", str(cache), "--weights", str(weights_file), "--input-size", str(SIZE),
             "--pooling", "avg", "--json", *map(str, extra)]

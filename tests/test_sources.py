@@ -209,3 +209,59 @@ def test_stored_images_reads_samples_and_files_again_for_report_pages(dataset, t
     files = stored_images(str(dataset), ["train/cat/0.png", "train/cat/none.png"])
     assert files["train/cat/0.png"] == (dataset / "train/cat/0.png").read_bytes()
     assert "cannot read file" in files["train/cat/none.png"]
+
+
+def write_parquet(path: Path, images: list[Path], names: list[str] | None = None) -> Path:
+    """Images in the Hugging Face layout: image a struct of bytes and path; label an index into
+    the ClassLabel names of the file's metadata (or the class name itself, without `names`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = [image.parent.name for image in images]
+    table = pa.table({"image": [{"bytes": image.read_bytes(), "path": image.name} for image in images],
+                      "label": [names.index(label) for label in labels] if names else labels})
+    if names:
+        features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=3)
+    return path
+
+
+def test_parquet_gives_the_folder_features_and_class_names(extract, dataset, tmp_path):
+    pytest.importorskip("pyarrow")
+    for split in ("train", "validation"):
+        write_parquet(tmp_path / "pq" / split / "part-0.parquet", sorted((dataset / split).rglob("*.png")),
+                      names=["cat", "dog"])
+    folder = extract(dataset, cache=tmp_path / "folder.h5")
+    parquet = extract(tmp_path / "pq", cache=tmp_path / "pq.h5")
+    assert parquet.rows == folder.rows and parquet.failed == 0 and parquet.class_names == ["cat", "dog"]
+    by_folder, by_parquet = features_by_content(folder.cache), features_by_content(parquet.cache)
+    assert by_folder.keys() == by_parquet.keys()
+    for sha256, feature in by_folder.items():
+        np.testing.assert_array_equal(feature, by_parquet[sha256])
+    assert rows_of(parquet.cache)["train/part-0.parquet#0"][:2] == ("cat", "train")
+
+
+def test_a_parquet_file_without_an_image_column_is_refused_before_any_work(extract, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"picture": [b"x"], "label": ["cat"]}), tmp_path / "pq" / "a.parquet")
+    with pytest.raises(UsageError, match="no column 'image'; found columns picture, label"):
+        extract(tmp_path / "pq")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_sample_over_the_size_limit_is_a_failure_row_never_read_whole(extract, dataset, tmp_path, monkeypatch):
+    from extract import reader
+
+    images = sorted(dataset.rglob("*.png"))
+    small, large = sorted(images, key=lambda image: image.stat().st_size)[::len(images) - 1]
+    write_tar(tmp_path / "shards" / "a.tar", [("small", small.read_bytes(), "cat"), ("large", large.read_bytes(), "dog")])
+    monkeypatch.setattr(reader, "MAX_FILE_BYTES", small.stat().st_size)
+    summary = extract(tmp_path / "shards")
+    assert list(rows_of(summary.cache)) == ["a.tar#small"]
+    (path, reason), = summary.failures
+    assert path == "a.tar#large" and str(small.stat().st_size) in reason

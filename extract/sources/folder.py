@@ -71,11 +71,11 @@ def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, 
             return
         for entry in entries:
             name = entry.name
-            if name[0] == "." or (ignored is not None and _is_cache_entry(prefix, name, ignored)):
+            if name[0] == "." or (ignored is not None and is_cache_entry(prefix, name, ignored)):
                 continue
             path = prefix + name
-            if not (name.isascii() or _is_utf8(name)):  # the cache stores paths as UTF-8 text
-                if _is_visible_dir(entry):
+            if not (name.isascii() or is_utf8(name)):  # the cache stores paths as UTF-8 text
+                if is_visible_dir(entry):
                     found.append((_shown(path) + "/", None, "folder name is not valid UTF-8; not listed (rename it)"))
                 else:
                     found.append((_shown(path), None, "file name is not valid UTF-8 (rename it)"))
@@ -116,7 +116,7 @@ def walk(root: Path, ignored: tuple[str, str] | None = None) -> list[tuple[str, 
 _name = operator.attrgetter("name")
 
 
-def _is_visible_dir(entry: os.DirEntry) -> bool:
+def is_visible_dir(entry: os.DirEntry) -> bool:
     try:
         return not entry.name.startswith(".") and entry.is_dir()
     except OSError:
@@ -133,7 +133,7 @@ def _shown(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -141,7 +141,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _is_cache_entry(prefix: str, name: str, ignored: tuple[str, str] | None) -> bool:
+def is_cache_entry(prefix: str, name: str, ignored: tuple[str, str] | None) -> bool:
     """Whether `name` in the folder `prefix` is the cache's catalog, lock, temporary catalog,
     shard folder or a copy moved aside (`<catalog>`, `<catalog>.lock`, `.tmp-N`, `.shards`, `.replaced-T`)."""
     return ignored is not None and prefix == ignored[0] and (name == ignored[1] or name.startswith(ignored[1] + "."))
