@@ -179,7 +179,7 @@ def test_a_compressed_tar_is_decompressed_in_bounded_steps_not_by_tarfile(tmp_pa
     with open(tmp_path / "c.tar", "rb") as file:
         got = list(tar_samples(file, "c.tar", limit=100))
     assert [(s.key, s.label, s.error is None) for s in got] == [("a", None, False), ("b", "dog", True)]
-    assert kinds == ["tar"]
+    assert kinds in ([], ["tar"])  # tarfile, if it reads any of it (tars.py parses plain headers), reads tar bytes
 
 
 def test_score_images_on_a_file_url_of_a_folder_holding_a_fifo_gives_it_an_error_row(tmp_path):
