@@ -205,13 +205,11 @@ def _members(stream) -> Iterator[_Member]:
         if header.count(0) == tarfile.BLOCKSIZE:
             return  # the end marker
         member = _plain(header)
-        if member is not None and header[156:157] == tarfile.XHDTYPE:
+        if member is not None and header[156:157] == tarfile.XHDTYPE:  # pax records, then the member
             records = blocks.take(_padded(member[2]))
             header = blocks.take(tarfile.BLOCKSIZE)
             taken += records + header
-            times = (len(records) == _padded(member[2]) and PAX_TIMES.fullmatch(records, 0, member[2])
-                     and not records[member[2]:].strip(b"\0"))
-            member = _plain(header) if times and _lengths_right(records, member[2]) else None
+            member = _plain(header) if _times_only(records, member[2]) else None
         if member is None or header[156:157] == tarfile.XHDTYPE:
             yield from _tarfile_members(blocks.stream, at, taken + blocks.rest())
             return
@@ -225,8 +223,12 @@ def _padded(size: int) -> int:
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def _lengths_right(records: bytes, size: int) -> bool:
-    """Whether each of these pax records (`PAX_TIME`s) is as long as its length says."""
+def _times_only(records: bytes, size: int) -> bool:
+    """Whether a pax header's `size` bytes of records (padded) are all there, only times, each
+    as long as its length says, the padding NULs: records tarfile reads without effect on what
+    is read here. Anything else (a path, a size, a length of 0) is tarfile's to read."""
+    if len(records) != _padded(size) or not PAX_TIMES.fullmatch(records, 0, size) or records[size:].strip(b"\0"):
+        return False
     at = 0
     while at < size:
         record = PAX_TIME.match(records, at)
