@@ -20,8 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import glob
 import importlib
 import io
@@ -36,7 +34,6 @@ import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Iterator
 
 EXTRACT, TRAIN, SCORE = "extract.cli:run", "classify.train_cli:run", "classify.score_cli:run"
 SCRIPT = "helpers:run_script"  # start(SCRIPT, path): a Python script, as `python path` runs it
@@ -249,15 +246,3 @@ class BackboneKeeper:
             self.built[key] = self.backbone_class(config, *args, **options)
         return self.built[key]
 
-
-@contextlib.contextmanager
-def one_at_a_time(name: str) -> Iterator[None]:
-    """Hold a lock file shared by every test process of this machine while the block runs: two
-    Ray test modules on make test's two workers would start two Rays that each take the whole
-    machine (an actor was seen cancelled before it started), so they take turns."""
-    with open(Path(tempfile.gettempdir()) / f"bottleneck-features-tests-{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
