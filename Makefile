@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two workers, a test file each at a time (module fixtures, a Ray cluster, built once per file):
-# 6 min on two cores, against 12 min in one process (docs/testing.md).
+# 9 min on two cores (docs/testing.md).
 test: install
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
