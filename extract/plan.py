@@ -27,7 +27,7 @@ from extract.layout import ImageFile
 from extract.reader import ViewRequest
 from extract.schema import now
 from extract.shards import view_key
-from extract.sources import SEPARATOR, Shard
+from extract.sources import Shard, shard_of
 
 
 def to_read(images: Sequence[ImageFile], cached: CatalogRows,
@@ -53,7 +53,7 @@ def shards_to_read(shards: Sequence[Shard], cached: CatalogRows,
     by_path = {shard.path: shard for shard in shards}
     rows: dict[str, list[int]] = {}
     for row, path in enumerate(cached.path.tolist()):
-        shard = _shard_of(path, by_path)
+        shard = shard_of(path, by_path.__contains__)
         if shard is not None:
             rows.setdefault(shard, []).append(row)
     kept, reading = [], []
@@ -79,17 +79,6 @@ def shard_rows(shard: Shard, samples: list[ImageFile], complete: bool) -> list[I
     (next run reads the shard again; only what is not stored is computed)."""
     stamp = shard.stamp if complete else -1
     return [image._replace(size=shard.size, mtime_ns=stamp) for image in samples]
-
-
-def _shard_of(path: str, shards: dict[str, Shard]) -> str | None:
-    """The shard a stored path names (`shards/000012.tar#key`: "shards/000012.tar"), if listed.
-    A path may hold "#" in its shard's name or in its key: each split is tried."""
-    at = path.find(SEPARATOR)
-    while at >= 0:
-        if path[:at] in shards:
-            return path[:at]
-        at = path.find(SEPARATOR, at + 1)
-    return None
 
 
 def catalog_rows(images: Sequence[ImageFile], cached: CatalogRows, read: dict[str, str], failed: set[str]) -> CatalogRows:

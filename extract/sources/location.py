@@ -15,7 +15,7 @@ import re
 from typing import BinaryIO
 
 from extract.errors import UsageError
-from extract.files import not_regular, open_regular
+from extract.files import NotRegularFile, not_regular, open_regular
 from extract.sources.folder import Folder
 from extract.sources.remote import Remote, clipped, is_url, open_url
 
@@ -108,15 +108,10 @@ class Selection:
         return f"Selection({self.pattern!r})"
 
     def entries(self, ignored=None) -> list[tuple[str, int, int, str | None]]:
-        """The named files as the location lists them (a local folder: its safe listing; a URL:
-        each object asked for by name); a name it does not hold, a failure entry."""
-        if isinstance(self.location, Folder):
-            wanted = set(self.names)
-            found = [entry for entry in self.location.entries(ignored) if entry[0] in wanted]
-            missing = wanted - {entry[0] for entry in found}
-            entries = sorted(found + [(name, 0, 0, self._not_found) for name in missing])
-        else:
-            entries = sorted(map(self._entry, self.names))
+        """The named files, each asked for by name (`stat`: the work grows with the pattern,
+        not with what else the folder or bucket holds; an HTTP server need not list folders);
+        a name not there, or not a regular file, a failure entry."""
+        entries = sorted(map(self._entry, self.names))
         if all(error == self._not_found for _, _, _, error in entries):
             raise UsageError(f"None of the {len(self.names)} files the pattern {clipped(self.pattern)!r} names is "
                              f"there (first: {clipped(self.names[0])!r}); check the pattern.")
@@ -131,6 +126,8 @@ class Selection:
             return (name, *self.location.stat(name), None)
         except FileNotFoundError:
             return name, 0, 0, self._not_found
+        except NotRegularFile as error:
+            return name, 0, 0, error.strerror
         except OSError as error:
             return name, 0, 0, f"cannot read file: {error}"
 
