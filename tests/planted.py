@@ -2,8 +2,8 @@
 
     planted = write_planted(tmp_path / "data")   # train/ validation/ test/<class>/*.png
     planted.flipped      # training images filed under another class than the one they show
-    planted.exact        # (original, copy) pairs of equal bytes, within train and train -> validation
-    planted.near         # (original, copy) pairs: a training image resized and re-encoded into validation
+    planted.exact        # (original, copy) pairs of equal bytes: within train, train -> validation or test
+    planted.near         # (original, copy) pairs: a training image resized and re-encoded, into validation or test
     planted.outlier      # one image unlike every class
 
 The classes must separate even with the tests' random VGG16 weights at 32 px, so a class is
@@ -27,6 +27,7 @@ CLASSES = {"red": (0.0, "horizontal"), "lime": (0.25, "vertical"), "cyan": (0.5,
 PER_SPLIT = {"train": 40, "validation": 6, "test": 4}  # images per class
 FLIP_SHARE = 0.05  # of the training images
 EXACT_IN_TRAIN, EXACT_ACROSS, NEAR_ACROSS = 2, 2, 3
+HELD_OUT = ("validation", "test")  # copies across splits go to each in turn (test sorts before train)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Planted:
     root: Path
     flipped: dict[str, str] = field(default_factory=dict)  # path -> the class its image shows
     exact: list[tuple[str, str]] = field(default_factory=list)  # (original, copy), equal bytes
-    near: list[tuple[str, str]] = field(default_factory=list)  # (train original, validation copy)
+    near: list[tuple[str, str]] = field(default_factory=list)  # (train original, held-out copy)
     outlier: str = ""
 
     def paths(self, split: str | None = None) -> list[str]:
@@ -86,9 +87,9 @@ def near_copy(image: Image.Image) -> bytes:
 def write_planted(root: Path, seed: int = 0) -> Planted:
     """The classes of CLASSES in the splits layout under `root` (PER_SPLIT images of each),
     then the problems planted: FLIP_SHARE of the training images moved to another class's
-    folder, exact copies within train and from train to validation, near copies from train
-    to validation, one outlier in train. Problems never share an image, so each is found
-    (or missed) for itself."""
+    folder, exact copies within train and from train to the held-out splits (validation and
+    test in turn), near copies from train to them, one outlier in test. Problems never share
+    an image, so each is found (or missed) for itself."""
     planted = Planted(Path(root))
     originals = _write_classes(planted.root, seed)
     rng = np.random.default_rng(seed)
@@ -98,13 +99,13 @@ def write_planted(root: Path, seed: int = 0) -> Planted:
     for path in chosen[:flips]:
         planted.flipped[_flip(planted.root, path, rng)] = path.split("/")[1]
     used = flips
-    for count, split in ((EXACT_IN_TRAIN, "train"), (EXACT_ACROSS, "validation")):
-        for path in chosen[used : used + count]:
-            planted.exact.append((path, _copy(planted.root, path, split, (planted.root / path).read_bytes(), "png")))
-        used += count
-    for path in chosen[used : used + NEAR_ACROSS]:
+    for i, path in enumerate(chosen[used : used + EXACT_IN_TRAIN + EXACT_ACROSS]):
+        split = "train" if i < EXACT_IN_TRAIN else HELD_OUT[i % 2]
+        planted.exact.append((path, _copy(planted.root, path, split, (planted.root / path).read_bytes(), "png")))
+    used += EXACT_IN_TRAIN + EXACT_ACROSS
+    for i, path in enumerate(chosen[used : used + NEAR_ACROSS]):
         with Image.open(planted.root / path) as image:
-            planted.near.append((path, _copy(planted.root, path, "validation", near_copy(image), "jpg")))
+            planted.near.append((path, _copy(planted.root, path, HELD_OUT[i % 2], near_copy(image), "jpg")))
     planted.outlier = "test/red/outlier.png"
     outlier_image(seed).save(planted.root / planted.outlier)
     return planted
