@@ -11,13 +11,14 @@ them, each kind on its own images: resized (0.5x, 0.75x, 2x), re-encoded (JPEG q
 
 The features are what check-data compares: extract_features with pooling="avg" (one vector
 per image), L2-normalised, cosine = dot product; and, to compare, centred first (the mean
-vector of the set subtracted). The network's weights are random (seeded, as the tests'):
-ImageNet's cannot be downloaded here, so the numbers say how the pipeline behaves, not where
-ImageNet features put the line. For each input size and each of the two, the script prints
-the similarity of each kind of copy to its original and of each original to its nearest
-other original (percentiles), the threshold between them that classifies the most of both
-right, and the recall of copies and the false pairs (pairs of distinct images at or above
-it) at the candidate thresholds.
+vector of the set subtracted). The network's weights are random (seeded, as the tests'), or
+`--weights FILE`: ImageNet's could not be downloaded where this was measured, so its numbers
+say how the pipeline behaves, not where ImageNet features put the line.
+
+For each input size, raw and centred, the script prints the similarity of each kind of copy
+to its original and of each original to its nearest other original (percentiles), the
+threshold between them that classifies the most of both right, and the recall of copies and
+the false pairs (pairs of distinct images at or above it) at the candidate thresholds.
 """
 
 import argparse
@@ -174,9 +175,9 @@ def report(title: str, found: dict, images: int) -> None:
     print(f"  best threshold {threshold:.4f} ({share:.1%} of copies and nearest distinct images right); "
           f"lowest copy minus highest distinct: {gap:+.4f}")
     print(f"  {'threshold':>10}{'recall':>9}  false pairs (of {len(found['pairs'])} distinct pairs; per image)")
-    for t in (*CANDIDATES, round(threshold, 4)):
+    for t, mark in [*((t, "") for t in CANDIDATES), (round(threshold, 4), "  the best threshold")]:
         false = int((found["pairs"] >= t).sum())
-        print(f"  {t:>10}{(every_copy >= t).mean():>9.1%}  {false:>6} ({false / images:.2f})")
+        print(f"  {t:>10}{(every_copy >= t).mean():>9.1%}  {false:>6} ({false / images:.2f}){mark}")
 
 
 def main() -> None:
@@ -187,16 +188,19 @@ def main() -> None:
     parser.add_argument("--patterns", type=int, default=40)
     parser.add_argument("--per-kind", type=int, default=12, help="copies of each kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=Path, help="a VGG16 weights file (such as ImageNet's, downloaded by hand); "
+                                                     "default: random weights, seeded as the tests'")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="near-duplicates-"))
     try:
         originals = original_images(rng, args.digits, args.photos, args.patterns)
         copies = write_set(scratch / "images", originals, args.per_kind, rng)
-        weights = scratch / "vgg16_notop_random.h5"
-        write_weights(weights, 32)
+        weights = args.weights or scratch / "vgg16_notop_random.h5"
+        if not args.weights:
+            write_weights(weights, 32)
         print(f"{len(originals)} distinct images, {len(copies)} copies ({args.per_kind} of each of {len(KINDS)} kinds); "
-              f"VGG16 with random weights (seed 1234), pooling avg")
+              f"VGG16 weights {args.weights or 'random (seed 1234)'}, pooling avg")
         for size in args.sizes:
             paths, X = unit_vectors(scratch / "images", weights, size, scratch)
             report(f"{size} px, cosine", separation(paths, X, copies), len(originals))
