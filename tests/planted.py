@@ -24,7 +24,9 @@ from PIL import Image
 
 # class -> (hue in [0, 1), pattern)
 CLASSES = {"red": (0.0, "horizontal"), "lime": (0.25, "vertical"), "cyan": (0.5, "checks"), "violet": (0.75, "dots")}
-PER_SPLIT = {"train": 40, "validation": 6, "test": 4}  # images per class
+# images per class. 160 training images make 8 flips; with 6 (32 a class) two clean images
+# among the first six fail the 70% bar, which an earlier version of these images did for one seed of four
+PER_SPLIT = {"train": 40, "validation": 6, "test": 4}
 FLIP_SHARE = 0.05  # of the training images
 EXACT_IN_TRAIN, EXACT_ACROSS, NEAR_ACROSS = 2, 2, 3
 HELD_OUT = ("validation", "test")  # copies across splits go to each in turn (test sorts before train)
