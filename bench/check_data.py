@@ -38,8 +38,8 @@ def features(rows: int, d: int = FEATURES, seed: int = 0) -> tuple[np.ndarray, n
     centres = (groups[rng.integers(0, GROUPS, CENTRES)] + rng.normal(0, SPREAD, (CENTRES, d))).astype(np.float32)
     owner = rng.integers(0, CENTRES, rows)
     X = np.empty((rows, d), dtype=np.float32)
-    for start in range(0, rows, 50_000):  # generated in blocks, to hold little besides X
-        part = owner[start : start + 50_000]
+    for start in range(0, rows, 10_000):  # generated in blocks, to hold little besides X
+        part = owner[start : start + 10_000]
         X[start : start + len(part)] = np.maximum(centres[part] + rng.normal(0, NOISE, (len(part), d)), 0)
     return neighbours.vectors(X), owner
 
@@ -48,22 +48,32 @@ def peak_rss() -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
 
 
+def rss() -> str:
+    """Resident now: the features and the libraries, before the step measured."""
+    with open("/proc/self/statm") as file:
+        return f"{int(file.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30:.2f} GB"
+
+
 def recall(X: np.ndarray, graph_ids: np.ndarray, seed: int = 1) -> float:
     queries = np.random.default_rng(seed).choice(len(X), min(QUERIES, len(X)), replace=False)
-    similarities = X[queries] @ X.T
-    similarities[np.arange(len(queries)), queries] = -np.inf  # self excluded, as in the graph
-    exact = np.argpartition(-similarities, K, axis=1)[:, :K]
-    return float(np.mean([len(np.intersect1d(exact[i], graph_ids[q])) / K for i, q in enumerate(queries)]))
+    found = 0
+    for part in np.array_split(queries, 10):  # 100 queries at a time, to hold little
+        similarities = X[part] @ X.T
+        similarities[np.arange(len(part)), part] = -np.inf  # self excluded, as in the graph
+        exact = np.argpartition(-similarities, K, axis=1)[:, :K]
+        found += sum(len(np.intersect1d(exact[i], graph_ids[q])) for i, q in enumerate(part))
+    return found / (K * len(queries))
 
 
 def graph(args) -> None:
-    print(f"{'rows':>9} {'index':<58} {'seconds':>8} {'recall@10':>9} {'peak RSS':>9}")
+    print(f"{'rows':>9} {'index':<58} {'seconds':>8} {'recall@10':>9} {'RSS before':>10} {'peak RSS':>9}")
     for rows in args.rows:
         X, _ = features(rows)
+        before = rss()
         started = time.perf_counter()
         found = neighbours.knn_graph(lambda r: X[r], rows, X.shape[1], K, args.budget, exact_below=args.exact_below)
-        seconds = time.perf_counter() - started
-        print(f"{rows:>9,} {found.description[:58]:<58} {seconds:>8.1f} {recall(X, found.ids):>9.3f} {peak_rss():>9}", flush=True)
+        seconds, peak = time.perf_counter() - started, peak_rss()
+        print(f"{rows:>9,} {found.description[:58]:<58} {seconds:>8.1f} {recall(X, found.ids):>9.3f} {before:>10} {peak:>9}", flush=True)
 
 
 def probes(args) -> None:
@@ -87,6 +97,7 @@ def labels(args) -> None:
 
     for rows in args.rows:
         X, owner = features(rows)
+        before = rss()
         rng = np.random.default_rng(2)
         y = owner % CLASSES
         flipped = rng.choice(rows, rows // 20, replace=False)
@@ -96,10 +107,10 @@ def labels(args) -> None:
         probabilities = cross_val_predict(_head(args.head), X, y, cv=folds, method="predict_proba", n_jobs=1)
         fitted = time.perf_counter()
         order = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence")
-        done = time.perf_counter()
+        done, peak = time.perf_counter(), peak_rss()
         caught = len(np.intersect1d(order[: len(flipped)], flipped)) / len(flipped)
         print(f"{rows:,} rows x {X.shape[1]}, {args.head}: out-of-fold {fitted - started:.1f} s, cleanlab "
-              f"{done - fitted:.1f} s, {len(order):,} flagged, {caught:.0%} of the first N flipped; peak RSS {peak_rss()}",
+              f"{done - fitted:.1f} s, {len(order):,} flagged, {caught:.0%} of the first N flipped; RSS {before} before, peak {peak}",
               flush=True)
 
 

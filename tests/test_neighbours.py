@@ -146,3 +146,10 @@ def test_the_index_finds_a_querys_nearest_rows_and_pads_past_the_last(path):
     np.testing.assert_allclose(similarities[0], X[expected] @ query[0], rtol=1e-5)
     _, few = index(lambda rows: X[rows], 2, 16, BUDGET).search(query, 3)
     np.testing.assert_array_equal(few[0, 2], -1)
+
+
+def test_rows_whose_probed_lists_hold_fewer_than_k_are_searched_over_every_list(monkeypatch):
+    monkeypatch.setattr(neighbours, "PROBED_LISTS", 1)  # 50 lists of ~40 rows, one probed: many hold fewer than 31
+    X = clustered(2000, 16, centres=20)
+    found = graph(X, 30, exact_below=0)
+    assert (found.ids >= 0).all() and np.isfinite(found.similarities).all()
