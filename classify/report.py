@@ -53,7 +53,7 @@ figure.mistake, figure.thumb { width: ${thumbnail}px; margin: 0; font-size: 12px
 figure img, .missing { width: ${thumbnail}px; height: ${thumbnail}px; display: block; image-rendering: pixelated; }
 .missing { background: #eee; color: #888; display: flex; align-items: center; justify-content: center; text-align: center; }
 .wrong { color: #b00; } .note { color: #666; } img.plot { max-width: 100%; }
-.pair { display: flex; gap: 6px; padding: 6px; border: 2px solid #ddd; } .pair.leak { border-color: #b00; }
+.pair { display: flex; flex-wrap: wrap; gap: 6px; padding: 6px; width: calc(2 * ${thumbnail}px + 6px); border: 2px solid #ddd; } .pair.leak { border-color: #b00; }
 .pair > p { width: 100%; margin: 0; font-size: 12px; } .pairs { display: flex; flex-wrap: wrap; gap: 12px; }
 .bar { display: inline-block; height: .8em; background: #4c78a8; vertical-align: middle; }
 </style></head>
