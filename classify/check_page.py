@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from classify.evaluation import natural_order
 from classify.report import Thumbnails, escape, write_page
 from extract import describe
+
+if TYPE_CHECKING:  # check.py writes the page through this module
+    from classify.check import Check
 
 SHOWN = 48  # thumbnails per section at most (a duplicate pair shows two)
 CLASSES_SHOWN = 200  # rows of the balance table at most
@@ -29,8 +33,8 @@ COUNTS = (("label_issues", "label issues"), ("exact", "exact duplicate pairs"), 
           ("leaks", "pairs across train and validation or test (leaks)"), ("outliers", "outliers"))
 
 
-def write_check_page(path: Path, check) -> None:
-    """Write the page of `check` (a `check.Check`) to `path`, whole or not at all."""
+def write_check_page(path: Path, check: Check) -> None:
+    """Write the page of `check` to `path`, whole or not at all."""
     issues, pairs, outliers = check.label_issues[:SHOWN], check.duplicates[:SHOWN // 2], check.outliers[:SHOWN]
     thumbnails = Thumbnails(check.data_dir)
     thumbnails.read([row["path"] for row in issues] + [row[key] for row in pairs for key in ("path_a", "path_b")]
@@ -40,8 +44,8 @@ def write_check_page(path: Path, check) -> None:
     write_page(path, f"check-data: {check.images} images", "\n".join(body))
 
 
-def _overview(check) -> str:
-    reduced = f" Feature maps were reduced to vectors by {check.reduced}." if check.reduced else ""
+def _overview(check: Check) -> str:
+    reduced = f" Feature maps reduced to vectors: {check.reduced}." if check.reduced else ""
     facts = [
         f"Features: configuration <code>{escape(check.fingerprint)}</code> ({escape(describe(check.config))}), "
         f"from <code>{escape(check.data_dir or '?')}</code>.",
@@ -85,7 +89,7 @@ def _balance(classes: dict[str, dict[str, int]]) -> str:
     return f'<h2 id="balance">Class balance</h2>\n<table><tr>{head}</tr>{rows}</table>\n{more}'
 
 
-def _label_issues(check, rows: list[dict], thumbnails: Thumbnails) -> str:
+def _label_issues(check: Check, rows: list[dict], thumbnails: Thumbnails) -> str:
     title = '<h2 id="label-issues">Label issues</h2>\n'
     if check.label_head is None:
         why = "; ".join(check.notes) or "no reason recorded"
@@ -103,7 +107,7 @@ def _label_issues(check, rows: list[dict], thumbnails: Thumbnails) -> str:
             f'(lowest label quality) first.</p>\n<div class="grid">{"".join(figures)}</div>')
 
 
-def _duplicates(check, pairs: list[dict], thumbnails: Thumbnails) -> str:
+def _duplicates(check: Check, pairs: list[dict], thumbnails: Thumbnails) -> str:
     title = '<h2 id="duplicates">Duplicates</h2>\n'
     found = check.counts.get("exact", 0) + check.counts.get("near", 0)
     if not pairs:
@@ -123,7 +127,7 @@ def _duplicates(check, pairs: list[dict], thumbnails: Thumbnails) -> str:
             f'<div class="pairs">{"".join(shown)}</div>')
 
 
-def _outliers(check, rows: list[dict], thumbnails: Thumbnails) -> str:
+def _outliers(check: Check, rows: list[dict], thumbnails: Thumbnails) -> str:
     title = '<h2 id="outliers">Outliers</h2>\n'
     if not rows:
         return title + '<p class="note">No outliers ranked.</p>'
