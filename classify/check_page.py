@@ -39,12 +39,12 @@ def write_check_page(path: Path, check: Check) -> None:
     thumbnails = Thumbnails(check.data_dir)
     thumbnails.read([row["path"] for row in issues] + [row[key] for row in pairs for key in ("path_a", "path_b")]
                     + [row["path"] for row in outliers])
-    body = [_overview(check), _balance(check.classes), _label_issues(check, issues, thumbnails),
+    body = [_overview(check, _unread(thumbnails)), _balance(check.classes), _label_issues(check, issues, thumbnails),
             _duplicates(check, pairs, thumbnails), _outliers(check, outliers, thumbnails)]
     write_page(path, f"check-data: {check.images} images", "\n".join(body))
 
 
-def _overview(check: Check) -> str:
+def _overview(check: Check, unread: str) -> str:
     reduced = f" Feature maps reduced to vectors: {check.reduced}." if check.reduced else ""
     facts = [
         f"Features: configuration <code>{escape(check.fingerprint)}</code> ({escape(describe(check.config))}), "
@@ -54,7 +54,7 @@ def _overview(check: Check) -> str:
         f"Written {datetime.now().astimezone().isoformat(timespec='seconds')} into <code>{escape(check.out)}</code>, "
         "beside the CSV files that hold every row.",
     ]
-    facts += [f'<span class="note">{escape(note)}</span>' for note in check.notes]
+    facts += [f'<span class="note">{escape(note)}</span>' for note in [*check.notes, unread] if note]
     rows = "".join(f"<tr><td>{escape(title)}</td><td>{check.counts.get(key, 'n/a')}</td></tr>" for key, title in COUNTS)
     links = " · ".join(f'<a href="#{anchor}">{title}</a>' for anchor, title in (
         ("balance", "class balance"), ("label-issues", "label issues"), ("duplicates", "duplicates"),
@@ -102,7 +102,7 @@ def _label_issues(check: Check, rows: list[dict], thumbnails: Thumbnails) -> str
     figures = [_figure(thumbnails, row["path"], row["split"],
                        f'given <b>{escape(row["given_label"])}</b><br>'
                        f'<span class="wrong">suggested <b>{escape(row["suggested_label"])}</b></span><br>'
-                       f'label quality {row["score"]:.3f}') for row in rows]
+                       f'label quality {float(row["score"]):.3f}') for row in rows]
     return (title + f"<p>{found} labels look wrong ({how}); {_shown(rows, found)}, the most suspicious "
             f'(lowest label quality) first.</p>\n<div class="grid">{"".join(figures)}</div>')
 
@@ -115,7 +115,7 @@ def _duplicates(check: Check, pairs: list[dict], thumbnails: Thumbnails) -> str:
     shown = []
     for row in pairs:
         leak = str(row["leak"]).lower() == "true"  # a bool, or the CSV's word for it
-        what = f'{escape(row["kind"])}, similarity {row["similarity"]:.4f}'
+        what = f'{escape(row["kind"])}, similarity {float(row["similarity"]):.4f}'
         mark = '<b class="wrong">leak</b>: ' if leak else ""
         shown.append(f'<div class="pair{" leak" if leak else ""}" data-kind="{escape(row["kind"])}">'
                      f"<p>{mark}{what}</p>"
@@ -134,9 +134,19 @@ def _outliers(check: Check, rows: list[dict], thumbnails: Thumbnails) -> str:
     found = check.counts.get("outliers", len(check.outliers))
     figures = [_figure(thumbnails, row["path"], row["split"],
                        f'{escape(row["label"]) if row["label"] else "<i>(unlabeled)</i>"}<br>'
-                       f'mean distance {row["mean_distance"]:.4f}') for row in rows]
+                       f'mean distance {float(row["mean_distance"]):.4f}') for row in rows]
     return (title + f"<p>Each image's mean cosine distance to its {check.k} nearest neighbours, the largest first; "
             f'{_shown(rows, found)}.</p>\n<div class="grid">{"".join(figures)}</div>')
+
+
+def _unread(thumbnails: Thumbnails) -> str:
+    """A line on the images that could not be read again, with the reason when they share one
+    (a data folder gone since extraction: its grey boxes are too small to say so)."""
+    reasons = [data for data in thumbnails.images.values() if isinstance(data, str)]
+    if not reasons:
+        return ""
+    why = f": {reasons[0]}" if len(set(reasons)) == 1 else ""
+    return f"{len(reasons)} of {len(thumbnails.images)} images shown could not be read now{why}"
 
 
 def _figure(thumbnails: Thumbnails, path: str, split: str, caption: str = "") -> str:

@@ -51,7 +51,7 @@ th:first-child, td:first-child { text-align: left; } tr.best { background: #eef6
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
 figure.mistake, figure.thumb { width: ${thumbnail}px; margin: 0; font-size: 12px; overflow-wrap: anywhere; }
 figure img, .missing { width: ${thumbnail}px; height: ${thumbnail}px; display: block; image-rendering: pixelated; }
-.missing { background: #eee; color: #888; display: flex; align-items: center; justify-content: center; text-align: center; }
+.missing { background: #eee; color: #888; display: flex; align-items: safe center; justify-content: center; text-align: center; overflow: hidden; overflow-wrap: anywhere; }
 .wrong { color: #b00; } .note { color: #666; } img.plot { max-width: 100%; }
 .pair { display: flex; flex-wrap: wrap; gap: 6px; padding: 6px; width: calc(2 * ${thumbnail}px + 6px); border: 2px solid #ddd; } .pair.leak { border-color: #b00; }
 .pair > p { width: 100%; margin: 0; font-size: 12px; } .pairs { display: flex; flex-wrap: wrap; gap: 12px; }
@@ -244,7 +244,7 @@ class Thumbnails:
             return '<div class="missing">no data folder recorded</div>'
         data = self.images.get(relative, "not read")
         if isinstance(data, str):  # gone, not a regular file or too large since extraction
-            return f'<div class="missing">not readable now: {escape(data)}</div>'
+            return f'<div class="missing" title="{escape(data)}">not readable now: {escape(data)}</div>'
         try:
             pixels = decode_image(data, THUMBNAIL)
         except Exception as error:  # a file broken since extraction is a note, not a failed report

@@ -137,13 +137,16 @@ def test_names_are_escaped_and_shown_as_stored(extraction, tmp_path):
     assert "<script>" not in page and "<u>cat</u>" not in page and "<none>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#x27;\\u202egnp.exe\\udcff.png" in page
     assert "\u202e" not in page and "a&amp;b" in page and "&lt;u&gt;cat&lt;/u&gt;" in page
-    assert section(page, "label-issues").count('class="missing">not readable now') == 1  # no such file
+    assert section(page, "label-issues").count('class="missing" title="cannot read file: No such file') == 1
+    assert "1 of 9 images shown could not be read now: cannot read file: No such file" in section(page, "overview")
 
 
 def test_a_missing_data_folder_shows_grey_boxes(extraction, tmp_path):
     check = a_check(extraction, tmp_path, data_dir=str(tmp_path / "gone"))
     page = written(check, tmp_path)
-    assert jpegs(page) == [] and page.count('<div class="missing">not readable now') == 3 + 6 + 4
+    assert jpegs(page) == [] and page.count('<div class="missing" title=') == 3 + 6 + 4  # of 8 images
+    assert "8 of 8 images shown could not be read now: Expected DATA_DIR" in section(page, "overview")
+    assert "gone&#x27; does not exist." in section(page, "overview")  # the reason once, whole
     page = written(a_check(extraction, tmp_path, data_dir=None), tmp_path)
     assert jpegs(page) == [] and page.count('<div class="missing">no data folder recorded</div>') == 13
 
