@@ -137,7 +137,7 @@ def _leaderboard(board: list[dict]) -> str:
            f'<p class="note">Best first: validation accuracy, then macro-F1.</p>'
 
 
-def _mistakes(result, reader: "Thumbnails", best: bool) -> str:
+def _mistakes(result, reader: Thumbnails, best: bool) -> str:
     parts = [f"<h3>{escape(result.head)}{' (the best head)' if best else ''}</h3>"]
     for split, made in result.predictions.items():
         wrong = int((made.predicted != made.y).sum())
