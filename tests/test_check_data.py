@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
