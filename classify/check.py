@@ -227,7 +227,8 @@ def label_issues(X, labels, head: str = "logreg", folds: int = 5, seed: int = 0)
     with warnings.catch_warnings():  # a class smaller than the folds: sklearn warns, cleanlab copes
         warnings.simplefilter("ignore", UserWarning)
         probabilities = cross_val_predict(estimator, X, given, cv=splitter, method="predict_proba")
-        flagged = find_label_issues(given, probabilities, return_indices_ranked_by="self_confidence")
+        # n_jobs=1: cleanlab's own process pool would fork a process that holds TensorFlow's threads
+        flagged = find_label_issues(given, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)
     scores = get_label_quality_scores(given, probabilities)
     return np.asarray(flagged, dtype=np.int64), scores, classes[probabilities.argmax(axis=1)]
 
