@@ -31,6 +31,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from classify.evaluation import pyplot, natural_order
+from classify.splits import leak_note
 from extract import console, decode_image, describe, stored_images, write_aside
 
 REPORT = "report.html"
@@ -109,6 +110,8 @@ def _overview(training, splits) -> str:
     ]
     if training.streamed:
         facts.append("The features were streamed from the cache (larger than --memory-budget).")
+    if training.leaks:
+        facts.append(f'<b class="wrong">Warning:</b> {escape(leak_note(training.leaks))}')
     return "\n".join(f"<p>{fact}</p>" for fact in facts)
 
 
