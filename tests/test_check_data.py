@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
@@ -68,11 +67,18 @@ def test_json_counts_what_the_files_hold(cache, tmp_path):
     assert set(found["files"]) == set(FILES)
 
 
-def test_streamed_under_a_small_budget_finds_the_same(cache, tmp_path):
+def test_read_from_the_cache_a_block_at_a_time_finds_the_same(cache, tmp_path, monkeypatch):
+    import classify.check
     from classify.check import check_data
 
     held = check_data(cache, out=tmp_path / "held", k=3, page=False)
-    streamed = check_data(cache, out=tmp_path / "streamed", k=3, page=False, memory_budget="4K")
+    reads = []
+    real = classify.check.FeatureCache.features_at
+    monkeypatch.setattr(classify.check.FeatureCache, "features_at", lambda self, rows, views=None: (
+        reads.append(len(rows)), real(self, rows, views))[1])
+    monkeypatch.setattr(classify.check, "LOAD_SHARE", 2**40)  # the vectors never held: read a row at a time
+    streamed = check_data(cache, out=tmp_path / "streamed", k=3, page=False)
+    assert max(reads) == 1 and sum(reads) > 2 * 26
     assert held.counts == streamed.counts
     for name in ("duplicates.csv", "outliers.csv", "label_issues.csv"):
         assert (tmp_path / "held" / name).read_text() == (tmp_path / "streamed" / name).read_text()
