@@ -80,7 +80,7 @@ def _balance(classes: dict[str, dict[str, int]]) -> str:
     rows = "".join(
         f"<tr><td>{escape(label) if label else '<i>(unlabeled)</i>'}</td>"
         + "".join(f"<td>{classes[split].get(label, 0)}</td>" for split in splits)
-        + f'<td>{totals[label]}</td><td><span class="bar" style="width:{round(BAR * totals[label] / largest)}px">'
+        + f'<td>{totals[label]}</td><td class="bars"><span class="bar" style="width:{round(BAR * totals[label] / largest)}px">'
           "</span></td></tr>"
         for label in ordered[:CLASSES_SHOWN])
     smallest = min(totals, key=totals.get)
