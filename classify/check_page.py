@@ -30,7 +30,8 @@ CLASSES_SHOWN = 200  # rows of the balance table at most
 BAR = 240  # pixels of the largest class's bar
 SPLITS = ("train", "validation", "test")  # the balance table's first columns, in this order
 COUNTS = (("label_issues", "label issues"), ("exact", "exact duplicate pairs"), ("near", "near-duplicate pairs"),
-          ("leaks", "pairs across train and validation or test (leaks)"), ("outliers", "outliers"))
+          ("leaks", "pairs across train and validation or test (leaks)"),
+          ("outliers", "outliers (mean distance beyond the far fence)"))
 
 
 def write_check_page(path: Path, check: Check) -> None:
@@ -79,7 +80,7 @@ def _balance(classes: dict[str, dict[str, int]]) -> str:
     rows = "".join(
         f"<tr><td>{escape(label) if label else '<i>(unlabeled)</i>'}</td>"
         + "".join(f"<td>{classes[split].get(label, 0)}</td>" for split in splits)
-        + f'<td>{totals[label]}</td><td><span class="bar" style="width:{round(BAR * totals[label] / largest)}px">'
+        + f'<td>{totals[label]}</td><td class="bars"><span class="bar" style="width:{round(BAR * totals[label] / largest)}px">'
           "</span></td></tr>"
         for label in ordered[:CLASSES_SHOWN])
     smallest = min(totals, key=totals.get)
@@ -91,9 +92,8 @@ def _balance(classes: dict[str, dict[str, int]]) -> str:
 
 def _label_issues(check: Check, rows: list[dict], thumbnails: Thumbnails) -> str:
     title = '<h2 id="label-issues">Label issues</h2>\n'
-    if check.label_head is None:
-        why = "; ".join(check.notes) or "no reason recorded"
-        return title + f'<p class="note">Labels were not checked: {escape(why)}</p>'
+    if check.label_head is None:  # the notes say why (check_data writes one)
+        return title + "\n".join(f'<p class="note">{escape(note)}</p>' for note in check.notes or ["Labels not checked."])
     found = check.counts.get("label_issues", len(check.label_issues))
     how = (f"out-of-fold probabilities of {escape(check.label_head)} ({check.folds} folds), judged by cleanlab's "
            "confident learning")
@@ -135,8 +135,9 @@ def _outliers(check: Check, rows: list[dict], thumbnails: Thumbnails) -> str:
     figures = [_figure(thumbnails, row["path"], row["split"],
                        f'{escape(row["label"]) if row["label"] else "<i>(unlabeled)</i>"}<br>'
                        f'mean distance {float(row["mean_distance"]):.4f}') for row in rows]
-    return (title + f"<p>Each image's mean cosine distance to its {check.k} nearest neighbours, the largest first; "
-            f'{_shown(rows, found)}.</p>\n<div class="grid">{"".join(figures)}</div>')
+    return (title + f"<p>Each image's mean cosine distance to its {check.k} nearest neighbours: {found} beyond the far "
+            f"fence of them all (Q3 + 3 IQR) count as outliers. The {len(rows)} farthest shown, the farthest first.</p>\n"
+            f'<div class="grid">{"".join(figures)}</div>')
 
 
 def _unread(thumbnails: Thumbnails) -> str:

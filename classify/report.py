@@ -56,7 +56,7 @@ figure img, .missing { width: ${thumbnail}px; height: ${thumbnail}px; display: b
 .wrong { color: #b00; } .note { color: #666; } img.plot { max-width: 100%; }
 .pair { display: flex; flex-wrap: wrap; gap: 6px; padding: 6px; width: calc(2 * ${thumbnail}px + 6px); border: 2px solid #ddd; } .pair.leak { border-color: #b00; }
 .pair > p { width: 100%; margin: 0; font-size: 12px; } .pairs { display: flex; flex-wrap: wrap; gap: 12px; }
-.bar { display: inline-block; height: .8em; background: #4c78a8; vertical-align: middle; }
+.bar { display: inline-block; height: .8em; background: #4c78a8; vertical-align: middle; } td.bars { text-align: left; }
 </style></head>
 <body>
 <h1>$title</h1>

@@ -89,7 +89,8 @@ def test_the_page_shows_each_section_with_real_thumbnails(extraction, tmp_path):
     assert check.fingerprint in page and "input size 32" in page and extraction["data_dir"] in page
     counts = dict(re.findall(r"<tr><td>([^<]+)</td><td>(\d+)</td></tr>", section(page, "overview")))
     assert counts == {"label issues": "7", "exact duplicate pairs": "2", "near-duplicate pairs": "1",
-                      "pairs across train and validation or test (leaks)": "2", "outliers": "4"}
+                      "pairs across train and validation or test (leaks)": "2",
+                      "outliers (mean distance beyond the far fence)": "4"}
     assert "test split: none stored" in page
     issues = section(page, "label-issues")
     assert len(jpegs(issues)) == 3 and "7 labels look wrong" in issues and "the first 3 shown" in issues
@@ -152,13 +153,13 @@ def test_a_missing_data_folder_shows_grey_boxes(extraction, tmp_path):
 
 
 def test_an_empty_check_says_what_was_not_found(extraction, tmp_path):
-    note = "labels: not checked, the cache is unlabeled (no label issues)"
+    note = "Labels not checked: the cache is unlabeled; duplicates and outliers are."  # as check_data notes it
     check = a_check(extraction, tmp_path, label_issues=[], duplicates=[], outliers=[], label_head=None, folds=None,
                     counts={"exact": 0, "near": 0, "leaks": 0, "outliers": 0}, notes=[note],
                     classes={"train": {"": 12}})
     page = written(check, tmp_path)
     assert all(f'<h2 id="{name}">' in page for name in SECTIONS)
-    assert f"Labels were not checked: {note}" in section(page, "label-issues")
+    assert f'<p class="note">{note}</p>' in section(page, "label-issues")
     assert "<tr><td>label issues</td><td>n/a</td></tr>" in page
     assert "No exact or near duplicates" in page and "No outliers ranked" in page
     assert "<i>(unlabeled)</i>" in section(page, "balance") and "<figure" not in page
