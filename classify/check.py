@@ -122,6 +122,10 @@ def check_data(
     pairs, outliers = _duplicates(rows, graph, near_threshold), _outliers(graph)
     counts = {"images": len(rows.paths), "label_issues": len(issues.rows), "exact": int(pairs.exact.sum()),
               "near": int((~pairs.exact).sum()), "leaks": int(pairs.leak.sum()), "outliers": _far_out(outliers.scores)}
+    if counts["near"] > counts["images"]:
+        notes.append(f"{counts['near']:,} near-duplicate pairs among {counts['images']:,} images: --near-threshold "
+                     f"{near_threshold:g} looks too low for these features; raise it (random weights put every image "
+                     f"within a cosine of about 0.99 of the others: docs/check-data.md).")
     final = final or new_folder("check", DEFAULT_CHECKS_FOLDER)
     found = Check(final, *facts, len(rows.paths), rows.classes(), k, near_threshold, graph.description, vectors.reduced,
                   **_shown(rows, issues, pairs, outliers), counts=counts, notes=notes,

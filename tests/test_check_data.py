@@ -204,3 +204,15 @@ def test_an_unknown_configuration_and_a_missing_cache(cache, tmp_path):
     one_line(call(CHECK, "--cache", cache, "--config", "ffffffff", "--out", tmp_path / "out"), 1, "ffffffff")
     one_line(call(CHECK, "--cache", tmp_path / "none.h5", "--out", tmp_path / "out"), 1, "extract-features")
     assert not (tmp_path / "out").exists()
+
+
+def test_more_near_pairs_than_images_says_the_threshold_looks_too_low(cache, tmp_path):
+    """Random weights put every image within ~0.99 of the others: at 0.97 every neighbour is
+    'near'. The summary says so; a threshold above those similarities finds only the copies."""
+    done = call(CHECK, "--cache", cache, "--out", tmp_path / "low", "-k", "3", "--json")
+    found = json.loads(done.stdout)
+    assert found["counts"]["near"] > found["counts"]["images"]
+    assert any("--near-threshold 0.97 looks too low" in note for note in found["notes"])
+    done = call(CHECK, "--cache", cache, "--out", tmp_path / "high", "-k", "3", "--near-threshold", "0.99999", "--json")
+    found = json.loads(done.stdout)
+    assert found["counts"]["near"] <= found["counts"]["images"] and not found["notes"]
