@@ -4,8 +4,10 @@ their quality bars: test_check_quality.py; the page: test_check_page.py)."""
 import csv
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
@@ -216,3 +218,41 @@ def test_more_near_pairs_than_images_says_the_threshold_looks_too_low(cache, tmp
     done = call(CHECK, "--cache", cache, "--out", tmp_path / "high", "-k", "3", "--near-threshold", "0.99999", "--json")
     found = json.loads(done.stdout)
     assert found["counts"]["near"] <= found["counts"]["images"] and not found["notes"]
+
+
+def test_check_data_on_the_demo_digits_writes_the_four_files_and_the_page_renders(tmp_path, weights_file):
+    """The demo's 1,797 digits (make demo's data), extracted at 32 px with the test's random
+    weights; check-data at the near threshold measured for such features (docs/check-data.md);
+    check.html opened from disk by headless Chromium: not blank, every section, thumbnails."""
+    import sys
+
+    from extract import extract_features
+
+    subprocess.run([sys.executable, "demo/make_data.py", str(tmp_path / "data")], check=True, capture_output=True,
+                   cwd=Path(__file__).parent.parent)
+    extract_features(tmp_path / "data", tmp_path / "c.h5", input_size=SIZE, weights=weights_file, pooling="avg",
+                     progress=False)
+    done = call(CHECK, "--cache", tmp_path / "c.h5", "--out", tmp_path / "out", "--near-threshold", "0.998", "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["images"] == 1797 and sorted(path.name for path in (tmp_path / "out").iterdir()) == FILES
+    assert found["counts"]["label_issues"] == len(read(tmp_path / "out/label_issues.csv")) > 0
+    assert len(read(tmp_path / "out/outliers.csv")) == 1797
+    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(name)), None)
+    if browser is None:
+        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
+    page = tmp_path / "out/check.html"
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(common + [f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 20  # drawn, not blank
+    for section in ("overview", "balance", "label-issues", "duplicates", "outliers"):
+        assert f'id="{section}"' in dom
+    assert dom.count("data:image/jpeg;base64,") >= 48  # the label issues' and the outliers' thumbnails at least
