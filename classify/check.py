@@ -136,7 +136,7 @@ def check_data(
         if page:
             from classify.check_page import write_check_page  # matplotlib and PIL: only for the page
             write_check_page(partial / PAGE, found)
-        commit_folder(partial, final)
+        commit_folder(partial, final, "check")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         if out is None:
@@ -254,7 +254,9 @@ def _label_issues(rows: _Rows, vectors: _Vectors, head: str, folds: int, seed: i
     labeled = np.flatnonzero(rows.labels != "")
     classes, counts = np.unique(rows.labels[labeled], return_counts=True)
     why = ("the cache is unlabeled" if not len(labeled) else
-           f"every labeled image is of one class ({str(classes[0])!r})" if len(classes) < 2 else None)
+           f"every labeled image is of one class ({str(classes[0])!r})" if len(classes) < 2 else
+           "fewer than 2 classes hold 2 images or more, too few for out-of-fold predictions"
+           if np.sort(counts)[-2] < 2 else None)
     if why:
         notes.append(f"Labels not checked: {why}; duplicates and outliers are.")
         return _Ranked(np.empty(0, np.int64), np.empty(0), np.empty(0, str)), None

@@ -1,0 +1,79 @@
+"""check-data attacked as a hostile user would (docs/faults.md, "check-data, attacked"):
+features that are not finite, classes too small for out-of-fold predictions, two runs
+finishing into one --out. Each test failed before its fix."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CHECK, call, one_line
+
+HEADER = "path,split,given_label,suggested_label,score"
+
+
+def cache_of(path: Path, X: np.ndarray, labels, splits=None, precision="float32") -> Path:
+    """A cache of the rows `X` (one image each, distinct contents), written by the cache's own writer."""
+    from extract.recovery import open_stored
+    from extract.state import ConfigState, Row
+    from extract.writer import Writer
+
+    splits = splits or ["train"] * len(X)
+    hashes = [f"{row:064x}" for row in range(len(X))]
+    writer = Writer(open_stored(path, "hostile000000001"))
+    writer.append(hashes, X)
+    rows = {f"{split}/{label}/{row}.png": Row(digest, label, split, 1, 1)
+            for row, (digest, label, split) in enumerate(zip(hashes, labels, splits))}
+    attrs = {"feature_shape": list(X.shape[1:]), "dtype": str(X.dtype), "backbone": "vgg16", "weights": "random",
+             "weights_seed": 0, "input_size": 32, "interpolation": "bilinear", "pooling": "avg", "precision": precision}
+    writer.commit(ConfigState(attrs=attrs, rows=rows))
+    return path
+
+
+def two_blobs(n: int = 20, d: int = 8) -> tuple[np.ndarray, list[str]]:
+    X = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    X[: n // 2] += 3
+    return X, ["a"] * (n // 2) + ["b"] * (n - n // 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_row_with_an_infinity_is_an_outlier_not_a_failure(tmp_path, dtype):
+    X, labels = two_blobs()
+    X = X.astype(dtype)
+    X[3, 1] = np.inf  # a float16 extraction overflows to inf above 65504
+    cache = cache_of(tmp_path / "c.h5", X, labels, precision=dtype)
+    done = call(CHECK, "--cache", cache, "--out", tmp_path / "out", "-k", "3", "--quiet")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    outliers = (tmp_path / "out/outliers.csv").read_text().splitlines()
+    assert outliers[1].startswith("train/a/3.png,")  # similarity 0 to everything: the farthest
+
+
+@pytest.mark.parametrize("labels", [["a", "b", "c", "d"], ["a", "a", "b"]])
+def test_classes_too_small_for_folds_are_a_note_not_a_refusal(tmp_path, labels):
+    X, _ = two_blobs(len(labels))
+    cache = cache_of(tmp_path / "c.h5", X, labels)
+    done = call(CHECK, "--cache", cache, "--out", tmp_path / "out", "-k", "2")
+    assert done.returncode == 0, done.stderr
+    assert "Labels not checked" in done.stdout and "2 images or more" in done.stdout
+    assert (tmp_path / "out/label_issues.csv").read_text().splitlines() == [HEADER]
+    assert len((tmp_path / "out/outliers.csv").read_text().splitlines()) == len(labels) + 1
+
+
+def test_another_run_finishing_first_into_the_same_out_keeps_its_files(tmp_path, monkeypatch):
+    import classify.check
+
+    X, labels = two_blobs()
+    cache = cache_of(tmp_path / "c.h5", X, labels)
+    out = tmp_path / "out"
+    real = classify.check._write
+
+    def other_run_finishes_first(folder, *args):
+        real(folder, *args)
+        out.mkdir()
+        (out / "theirs.csv").write_text("kept")
+
+    monkeypatch.setattr(classify.check, "_write", other_run_finishes_first)
+    error = one_line(call(CHECK, "--cache", cache, "--out", out), 2, "another run", "check is not saved", "new --out")
+    assert "head" not in error and "trained" not in error
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith("out")] == ["out"]
+    assert [path.name for path in out.iterdir()] == ["theirs.csv"]
