@@ -104,8 +104,11 @@ def summary(check: Check) -> str:
 
 
 def format_neighbours(found) -> str:
+    """One line per neighbour: its path and label escaped (`console.printable`), so that a
+    file name holding a newline cannot break the table or forge a row of it."""
+    show = console.printable
     lines = [f"{'similarity':>10}  {'split':<10} {'label':<12} path"]
-    lines += [f"{n.similarity:>10.4f}  {n.split:<10} {n.label or '-':<12} {n.path}" for n in found]
+    lines += [f"{n.similarity:>10.4f}  {show(n.split):<10} {show(n.label) or '-':<12} {show(n.path)}" for n in found]
     return "\n".join(lines)
 
 

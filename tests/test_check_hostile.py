@@ -12,20 +12,23 @@ from helpers import CHECK, call, one_line
 HEADER = "path,split,given_label,suggested_label,score"
 
 
-def cache_of(path: Path, X: np.ndarray, labels, splits=None, precision="float32") -> Path:
-    """A cache of the rows `X` (one image each, distinct contents), written by the cache's own writer."""
+def cache_of(path: Path, X: np.ndarray, labels, splits=None, precision="float32", paths=None, hashes=None) -> Path:
+    """A cache of the rows `X` (one image each, distinct contents unless `hashes` says), written
+    by the cache's own writer."""
+    from extract import FeatureConfig, fingerprint
     from extract.recovery import open_stored
     from extract.state import ConfigState, Row
     from extract.writer import Writer
 
     splits = splits or ["train"] * len(X)
-    hashes = [f"{row:064x}" for row in range(len(X))]
-    writer = Writer(open_stored(path, "hostile000000001"))
-    writer.append(hashes, X)
-    rows = {f"{split}/{label}/{row}.png": Row(digest, label, split, 1, 1)
-            for row, (digest, label, split) in enumerate(zip(hashes, labels, splits))}
+    hashes = hashes or [f"{row:064x}" for row in range(len(X))]
     attrs = {"feature_shape": list(X.shape[1:]), "dtype": str(X.dtype), "backbone": "vgg16", "weights": "random",
              "weights_seed": 0, "input_size": 32, "interpolation": "bilinear", "pooling": "avg", "precision": precision}
+    key = fingerprint(FeatureConfig.from_facts(attrs, None).identity())  # as extract-features names it
+    writer = Writer(open_stored(path, key))
+    writer.append(hashes, X)
+    paths = paths or [f"{split}/{label}/{row}.png" for row, (label, split) in enumerate(zip(labels, splits))]
+    rows = {path: Row(digest, label, split, 1, 1) for path, digest, label, split in zip(paths, hashes, labels, splits)}
     writer.commit(ConfigState(attrs=attrs, rows=rows))
     return path
 
@@ -77,3 +80,19 @@ def test_another_run_finishing_first_into_the_same_out_keeps_its_files(tmp_path,
     assert "head" not in error and "trained" not in error
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith("out")] == ["out"]
     assert [path.name for path in out.iterdir()] == ["theirs.csv"]
+
+
+def test_a_name_holding_a_newline_cannot_forge_a_row_of_similar_to(tmp_path):
+    import hashlib
+
+    from conftest import make_image
+
+    image = make_image(tmp_path / "query.png")
+    X, labels = two_blobs(4)
+    forged = "x.png\n    1.0000  train      cat          trusted.png"
+    cache = cache_of(tmp_path / "c.h5", X, labels, paths=[forged, "b.png", "c.png", "d.png"],
+                     hashes=[hashlib.sha256(image.read_bytes()).hexdigest()] + [f"{row:064x}" for row in range(1, 4)])
+    done = call(CHECK, "--cache", cache, "--similar-to", image, "-k", "4")  # its content is cached: no network run
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5 and lines[1].endswith("x.png\\n    1.0000  train      cat          trusted.png")
