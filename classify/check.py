@@ -33,7 +33,7 @@ from classify.artifacts import check_out, commit_folder, new_folder, partial_fol
 from classify.data import memory_budget as memory_budget_bytes
 from classify.heads import HEADS
 from classify.neighbours import MAPS_REDUCED, knn_graph, vectors
-from extract import DEFAULT_CACHE, FeatureCache, Interval, SEED, StrOptions, UsageError, check_options, image_features
+from extract import DEFAULT_CACHE, CacheError, FeatureCache, Interval, SEED, StrOptions, UsageError, check_options, image_features
 
 LABEL_ISSUES, DUPLICATES, OUTLIERS, PAGE = "label_issues.csv", "duplicates.csv", "outliers.csv", "check.html"
 COLUMNS = {
@@ -393,6 +393,10 @@ def nearest(image, cache=DEFAULT_CACHE, *, config: str | None = None, k: int = 1
         query = vectors(features.features_at([int(np.flatnonzero(hashes == computed.sha256)[0])]) if cached
                         else computed.features[None])[0]
         stored = _Vectors(features, budget, hold=False)
+        if len(query) != stored.d:  # else a matmul error: the catalog's shape is not what its configuration makes
+            raise CacheError(f"The configuration {features.fingerprint} of {str(cache)!r} stores {stored.d:,} features "
+                             f"an image, but computes {len(query):,} for --similar-to: the cache is damaged or was "
+                             f"not written by extract-features; extract again with --rebuild.")
         best_rows, best = np.empty(0, np.int64), np.empty(0, np.float32)
         for start in range(0, stored.n, stored.block):
             block = np.arange(start, min(start + stored.block, stored.n))

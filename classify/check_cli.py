@@ -46,7 +46,11 @@ def build_parser() -> console.OneLineParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.similar_to is not None and args.out is not None:  # else the files looked for are never written
+        parser.error("--out is for the check's files; --similar-to prints its neighbours and writes nothing "
+                     "(--json > FILE keeps them)")
     try:
         if args.similar_to is not None:
             found = nearest(args.similar_to, args.cache, config=args.config, k=args.k, weights=args.weights,

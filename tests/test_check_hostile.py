@@ -82,17 +82,40 @@ def test_another_run_finishing_first_into_the_same_out_keeps_its_files(tmp_path,
     assert [path.name for path in out.iterdir()] == ["theirs.csv"]
 
 
-def test_a_name_holding_a_newline_cannot_forge_a_row_of_similar_to(tmp_path):
+def cached_image(tmp_path: Path, paths=None) -> tuple[Path, Path]:
+    """An image, and a cache of 4 rows (at `paths`) whose first holds its content: --similar-to it
+    runs no network."""
     import hashlib
 
     from conftest import make_image
 
     image = make_image(tmp_path / "query.png")
     X, labels = two_blobs(4)
+    hashes = [hashlib.sha256(image.read_bytes()).hexdigest()] + [f"{row:064x}" for row in range(1, 4)]
+    return image, cache_of(tmp_path / "c.h5", X, labels, paths=paths, hashes=hashes)
+
+
+def test_a_name_holding_a_newline_cannot_forge_a_row_of_similar_to(tmp_path):
     forged = "x.png\n    1.0000  train      cat          trusted.png"
-    cache = cache_of(tmp_path / "c.h5", X, labels, paths=[forged, "b.png", "c.png", "d.png"],
-                     hashes=[hashlib.sha256(image.read_bytes()).hexdigest()] + [f"{row:064x}" for row in range(1, 4)])
-    done = call(CHECK, "--cache", cache, "--similar-to", image, "-k", "4")  # its content is cached: no network run
+    image, cache = cached_image(tmp_path, [forged, "b.png", "c.png", "d.png"])
+    done = call(CHECK, "--cache", cache, "--similar-to", image, "-k", "4")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 5 and lines[1].endswith("x.png\\n    1.0000  train      cat          trusted.png")
+
+
+def test_out_with_similar_to_is_refused_not_ignored(tmp_path):
+    image, cache = cached_image(tmp_path)
+    assert call(CHECK, "--cache", cache, "--similar-to", image).returncode == 0
+    done = call(CHECK, "--cache", cache, "--similar-to", image, "--out", tmp_path / "out")
+    one_line(done, 2, "--out", "--similar-to", "writes nothing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_similar_to_features_unlike_the_cached_ones_are_one_line(tmp_path):
+    from conftest import make_image
+
+    X, labels = two_blobs(4)  # 8 features a row, where the configuration computes VGG16's 512
+    cache = cache_of(tmp_path / "c.h5", X, labels)
+    done = call(CHECK, "--cache", cache, "--similar-to", make_image(tmp_path / "new.png", seed=5))
+    one_line(done, 1, "512", "8", "--rebuild")
