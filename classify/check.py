@@ -305,12 +305,13 @@ def _duplicates(rows: _Rows, graph, threshold: float) -> _Pairs:
     other, similarity = graph.ids.ravel(), graph.similarities.ravel()
     near = (other >= 0) & (similarity >= threshold)
     query, other, similarity = query[near], other[near], similarity[near]
-    different = rows.sha256[query] != rows.sha256[other]
+    different = group[query] != group[other]  # content ids: the hashes, 256 bytes each, would take GBs here
     low, high = np.minimum(query, other)[different], np.maximum(query, other)[different]
-    pairs, first = np.unique(np.stack([low, high], axis=1), axis=0, return_index=True)
+    n = len(rows.paths)
+    pairs, first = np.unique(low * n + high, return_index=True)  # one int64 a pair: (low, high) order, lean
     near_similarity = similarity[different][first]
-    a = np.concatenate([exact_a, pairs[:, 0] if len(pairs) else np.empty(0, np.int64)]).astype(np.int64)
-    b = np.concatenate([exact_b, pairs[:, 1] if len(pairs) else np.empty(0, np.int64)]).astype(np.int64)
+    a = np.concatenate([exact_a, pairs // n]).astype(np.int64)
+    b = np.concatenate([exact_b, pairs % n]).astype(np.int64)
     similarity = np.concatenate([np.ones(len(exact_a)), near_similarity]).astype(np.float64)
     exact = np.arange(len(a)) < len(exact_a)
     training = rows.splits == "train"
@@ -318,7 +319,9 @@ def _duplicates(rows: _Rows, graph, threshold: float) -> _Pairs:
     leak = (training[a] & held_out[b]) | (held_out[a] & training[b])
     swap = leak & held_out[a]  # the training image first
     a, b = np.where(swap, b, a), np.where(swap, a, b)
-    order = np.lexsort((rows.paths[b], rows.paths[a], -similarity, ~exact, ~leak))
+    by_path = np.empty(n, np.int64)
+    by_path[np.argsort(rows.paths, kind="stable")] = np.arange(n)  # paths are unique: their ranks sort as they do
+    order = np.lexsort((by_path[b], by_path[a], -similarity, ~exact, ~leak))
     return _Pairs(a[order], b[order], similarity[order], exact[order], leak[order])
 
 

@@ -119,3 +119,27 @@ def test_similar_to_features_unlike_the_cached_ones_are_one_line(tmp_path):
     cache = cache_of(tmp_path / "c.h5", X, labels)
     done = call(CHECK, "--cache", cache, "--similar-to", make_image(tmp_path / "new.png", seed=5))
     one_line(done, 1, "512", "8", "--rebuild")
+
+
+def test_near_pairs_by_the_million_take_bytes_a_pair_not_the_hashes(tmp_path):
+    """-k 1000 with a low --near-threshold: every neighbour a near pair. Comparing the pairs'
+    contents by their SHA-256 strings (256 bytes each as numpy holds them) took 5.5 GB for
+    10,000 images (-k 1000, --memory-budget 1G); by content id, about 120 bytes a neighbour."""
+    import tracemalloc
+
+    from classify.check import _duplicates, _Rows
+    from classify.neighbours import Graph
+
+    n, k = 2000, 200
+    rows = _Rows(np.array([f"train/a/{row}.png" for row in range(n)]), np.array(["train"] * n), np.array(["a"] * n),
+                 np.array([f"{row:064x}" for row in range(n)]))
+    ids = (np.arange(n)[:, None] + np.arange(1, k + 1)[None, :]) % n  # each row's k next rows
+    graph = Graph(np.full((n, k), 0.5, np.float32), ids.astype(np.int64), "exact")
+    tracemalloc.start()
+    try:
+        pairs = _duplicates(rows, graph, 0.01)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(pairs.a) == n * k  # k < n / 2: every (row, one of its k next rows) is a pair of its own
+    assert peak < 200 * n * k, f"{peak / 2**20:.0f} MiB for {n * k:,} neighbours"  # 535 bytes each before
