@@ -319,16 +319,17 @@ def partial_folder(final: Path) -> Path:
                          f"choose another --out.") from None
 
 
-def commit_folder(partial: Path, final: Path) -> None:
-    """Rename the finished folder into place: atomic, and never over another run's head
-    (a rename onto a folder succeeds only if that folder is empty)."""
+def commit_folder(partial: Path, final: Path, what: str = "head") -> None:
+    """Rename the finished folder into place: atomic, and never over another run's `what`
+    ("head", "check": named in the refusal) (a rename onto a folder succeeds only if that
+    folder is empty)."""
     try:
         os.rename(partial, final)
     except OSError as error:
         if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise UsageError(
-                f"--out {str(final)!r} was written by another run while this one trained; this run's "
-                f"head is not saved. Run again with a new --out."
+                f"--out {str(final)!r} was written by another run while this one worked; this run's "
+                f"{what} is not saved. Run again with a new --out."
             ) from None
         raise
 

@@ -33,7 +33,7 @@ from classify.artifacts import check_out, commit_folder, new_folder, partial_fol
 from classify.data import memory_budget as memory_budget_bytes
 from classify.heads import HEADS
 from classify.neighbours import MAPS_REDUCED, knn_graph, vectors
-from extract import DEFAULT_CACHE, FeatureCache, Interval, SEED, StrOptions, UsageError, check_options, image_features
+from extract import DEFAULT_CACHE, CacheError, FeatureCache, Interval, SEED, StrOptions, UsageError, check_options, image_features
 
 LABEL_ISSUES, DUPLICATES, OUTLIERS, PAGE = "label_issues.csv", "duplicates.csv", "outliers.csv", "check.html"
 COLUMNS = {
@@ -136,7 +136,7 @@ def check_data(
         if page:
             from classify.check_page import write_check_page  # matplotlib and PIL: only for the page
             write_check_page(partial / PAGE, found)
-        commit_folder(partial, final)
+        commit_folder(partial, final, "check")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         if out is None:
@@ -254,7 +254,9 @@ def _label_issues(rows: _Rows, vectors: _Vectors, head: str, folds: int, seed: i
     labeled = np.flatnonzero(rows.labels != "")
     classes, counts = np.unique(rows.labels[labeled], return_counts=True)
     why = ("the cache is unlabeled" if not len(labeled) else
-           f"every labeled image is of one class ({str(classes[0])!r})" if len(classes) < 2 else None)
+           f"every labeled image is of one class ({str(classes[0])!r})" if len(classes) < 2 else
+           "fewer than 2 classes hold 2 images or more, too few for out-of-fold predictions"
+           if np.sort(counts)[-2] < 2 else None)
     if why:
         notes.append(f"Labels not checked: {why}; duplicates and outliers are.")
         return _Ranked(np.empty(0, np.int64), np.empty(0), np.empty(0, str)), None
@@ -303,12 +305,13 @@ def _duplicates(rows: _Rows, graph, threshold: float) -> _Pairs:
     other, similarity = graph.ids.ravel(), graph.similarities.ravel()
     near = (other >= 0) & (similarity >= threshold)
     query, other, similarity = query[near], other[near], similarity[near]
-    different = rows.sha256[query] != rows.sha256[other]
+    different = group[query] != group[other]  # content ids: the hashes, 256 bytes each, would take GBs here
     low, high = np.minimum(query, other)[different], np.maximum(query, other)[different]
-    pairs, first = np.unique(np.stack([low, high], axis=1), axis=0, return_index=True)
+    n = len(rows.paths)
+    pairs, first = np.unique(low * n + high, return_index=True)  # one int64 a pair: (low, high) order, lean
     near_similarity = similarity[different][first]
-    a = np.concatenate([exact_a, pairs[:, 0] if len(pairs) else np.empty(0, np.int64)]).astype(np.int64)
-    b = np.concatenate([exact_b, pairs[:, 1] if len(pairs) else np.empty(0, np.int64)]).astype(np.int64)
+    a = np.concatenate([exact_a, pairs // n]).astype(np.int64)
+    b = np.concatenate([exact_b, pairs % n]).astype(np.int64)
     similarity = np.concatenate([np.ones(len(exact_a)), near_similarity]).astype(np.float64)
     exact = np.arange(len(a)) < len(exact_a)
     training = rows.splits == "train"
@@ -316,7 +319,9 @@ def _duplicates(rows: _Rows, graph, threshold: float) -> _Pairs:
     leak = (training[a] & held_out[b]) | (held_out[a] & training[b])
     swap = leak & held_out[a]  # the training image first
     a, b = np.where(swap, b, a), np.where(swap, a, b)
-    order = np.lexsort((rows.paths[b], rows.paths[a], -similarity, ~exact, ~leak))
+    by_path = np.empty(n, np.int64)
+    by_path[np.argsort(rows.paths, kind="stable")] = np.arange(n)  # paths are unique: their ranks sort as they do
+    order = np.lexsort((by_path[b], by_path[a], -similarity, ~exact, ~leak))
     return _Pairs(a[order], b[order], similarity[order], exact[order], leak[order])
 
 
@@ -391,6 +396,10 @@ def nearest(image, cache=DEFAULT_CACHE, *, config: str | None = None, k: int = 1
         query = vectors(features.features_at([int(np.flatnonzero(hashes == computed.sha256)[0])]) if cached
                         else computed.features[None])[0]
         stored = _Vectors(features, budget, hold=False)
+        if len(query) != stored.d:  # else a matmul error: the catalog's shape is not what its configuration makes
+            raise CacheError(f"The configuration {features.fingerprint} of {str(cache)!r} stores {stored.d:,} features "
+                             f"an image, but computes {len(query):,} for --similar-to: the cache is damaged or was "
+                             f"not written by extract-features; extract again with --rebuild.")
         best_rows, best = np.empty(0, np.int64), np.empty(0, np.float32)
         for start in range(0, stored.n, stored.block):
             block = np.arange(start, min(start + stored.block, stored.n))

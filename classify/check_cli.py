@@ -46,7 +46,11 @@ def build_parser() -> console.OneLineParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.similar_to is not None and args.out is not None:  # else the files looked for are never written
+        parser.error("--out is for the check's files; --similar-to prints its neighbours and writes nothing "
+                     "(--json > FILE keeps them)")
     try:
         if args.similar_to is not None:
             found = nearest(args.similar_to, args.cache, config=args.config, k=args.k, weights=args.weights,
@@ -104,8 +108,11 @@ def summary(check: Check) -> str:
 
 
 def format_neighbours(found) -> str:
+    """One line per neighbour: its path and label escaped (`console.printable`), so that a
+    file name holding a newline cannot break the table or forge a row of it."""
+    show = console.printable
     lines = [f"{'similarity':>10}  {'split':<10} {'label':<12} path"]
-    lines += [f"{n.similarity:>10.4f}  {n.split:<10} {n.label or '-':<12} {n.path}" for n in found]
+    lines += [f"{n.similarity:>10.4f}  {show(n.split):<10} {show(n.label) or '-':<12} {show(n.path)}" for n in found]
     return "\n".join(lines)
 
 

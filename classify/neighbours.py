@@ -61,11 +61,13 @@ class Graph:
 def vectors(features) -> np.ndarray:
     """(n, d) features, or (n, h, w, c) maps, as float32 (n, d) unit rows: maps are reduced
     first as MAPS_REDUCED says, so that a map and its pooled vector compare the same. A row
-    of zeros stays zeros (similarity 0 to everything) rather than becoming NaN."""
+    of zeros, or one holding a NaN or an infinity (a broken extraction, a float16 overflow),
+    is zeros (similarity 0 to everything: an outlier) rather than NaN, which faiss and the
+    heads cannot take."""
     rows = np.asarray(features, dtype=np.float32)
     rows = rows.reshape(len(rows), -1) if rows.ndim < 3 else rows.reshape(len(rows), -1, rows.shape[-1]).mean(axis=1)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=np.isfinite(norms) & (norms > 0))
 
 
 class Index:
