@@ -39,6 +39,7 @@ import re
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -317,6 +318,22 @@ def partial_folder(final: Path) -> Path:
     except OSError as error:
         raise UsageError(f"Cannot write in {str(final.parent)!r} ({error.strerror or error}); "
                          f"choose another --out.") from None
+
+
+@contextmanager
+def written_whole(final: Path, made: bool, what: str = "head"):
+    """A partial folder beside `final` to write into (`partial_folder`), renamed to `final`
+    when the block ends (`commit_folder`), or removed, with `final` too when this run `made`
+    it, when the block raises: a run leaves its whole folder or nothing."""
+    partial = partial_folder(final)
+    try:
+        yield partial
+        commit_folder(partial, final, what)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if made:
+            remove_empty(final)
+        raise
 
 
 def commit_folder(partial: Path, final: Path, what: str = "head") -> None:

@@ -21,7 +21,6 @@ positions first); similarity is the cosine, the vectors' dot product.
 from __future__ import annotations
 
 import csv
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.artifacts import check_out, commit_folder, new_folder, partial_folder, recorded_config, remove_empty, spreadsheet_cell
+from classify.artifacts import check_out, new_folder, recorded_config, spreadsheet_cell, written_whole
 from classify.data import memory_budget as memory_budget_bytes
 from classify.heads import HEADS
 from classify.neighbours import MAPS_REDUCED, knn_graph, vectors
@@ -130,18 +129,11 @@ def check_data(
     found = Check(final, *facts, len(rows.paths), rows.classes(), k, near_threshold, graph.description, vectors.reduced,
                   **_shown(rows, issues, pairs, outliers), counts=counts, notes=notes,
                   label_head=head if folds_used else None, folds=folds_used)
-    partial = partial_folder(final)
-    try:
+    with written_whole(final, made=out is None, what="check") as partial:
         _write(partial, rows, issues, pairs, outliers)
         if page:
             from classify.check_page import write_check_page  # matplotlib and PIL: only for the page
             write_check_page(partial / PAGE, found)
-        commit_folder(partial, final, "check")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if out is None:
-            remove_empty(final)
-        raise
     return found
 
 

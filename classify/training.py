@@ -9,7 +9,6 @@ cross-validation, the leaderboard, head folders.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +23,7 @@ from sklearn.model_selection import ParameterGrid
 from tqdm import tqdm
 
 from classify.artifacts import (
-    DEFAULT_HEADS_FOLDER, check_out, commit_folder, new_folder, partial_folder, remove_empty, save_head,
+    DEFAULT_HEADS_FOLDER, check_out, new_folder, save_head, written_whole,
 )
 from classify.data import READ_SHARE, Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
@@ -167,15 +166,8 @@ def train_head(
             plans.update((name, replace(plan, streamed=streamed)) for name in group)
         names = [name for name in names if name in splits_of]
         final = final or new_folder("all" if len(names) > 1 else names[0], DEFAULT_HEADS_FOLDER)
-        partial = partial_folder(final)
-        try:
+        with written_whole(final, made=out is None) as partial:
             training = _train_all(names, splits_of, partial, final, plans, options, progress)
-            commit_folder(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            if out is None:
-                remove_empty(final)
-            raise
     return training
 
 

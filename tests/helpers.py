@@ -247,3 +247,29 @@ class BackboneKeeper:
             self.built[key] = self.backbone_class(config, *args, **options)
         return self.built[key]
 
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def render(page: Path, scratch: Path, width: int = 1280, height: int = 3000):
+    """A self-contained page opened from disk by headless Chromium (no server, no network):
+    (its screenshot as int16 RGB pixels, its DOM as text). Skips the test where there is no
+    Chromium (.ci/run installs Debian's chromium package)."""
+    import shutil
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+    if browser is None:
+        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+              f"--user-data-dir={scratch / 'profile'}", f"--window-size={width},{height}"]
+    shot = scratch / "shot.png"
+    subprocess.run(common + [f"--screenshot={shot}", Path(page).as_uri()], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(common + ["--dump-dom", Path(page).as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    with Image.open(shot) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16), dom

@@ -7,11 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SIZE, make_dataset, make_image, write_synthetic_cache
-from helpers import CHECK, TRAIN, call, one_line
+from helpers import CHECK, TRAIN, call, one_line, render
 
 FILES = ["check.html", "duplicates.csv", "label_issues.csv", "outliers.csv"]
 
@@ -238,20 +237,7 @@ def test_check_data_on_the_demo_digits_writes_the_four_files_and_the_page_render
     assert found["images"] == 1797 and sorted(path.name for path in (tmp_path / "out").iterdir()) == FILES
     assert found["counts"]["label_issues"] == len(read(tmp_path / "out/label_issues.csv")) > 0
     assert len(read(tmp_path / "out/outliers.csv")) == 1797
-    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                    if shutil.which(name)), None)
-    if browser is None:
-        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
-    page = tmp_path / "out/check.html"
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000"]
-    shot = tmp_path / "shot.png"
-    subprocess.run(common + [f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
-    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    pixels, dom = render(tmp_path / "out/check.html", tmp_path, height=2000)
     assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 20  # drawn, not blank
     for section in ("overview", "balance", "label-issues", "duplicates", "outliers"):
         assert f'id="{section}"' in dom

@@ -6,8 +6,6 @@ import base64
 import errno
 import io
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,8 @@ from PIL import Image
 from classify.check import Check
 from classify.check_page import CLASSES_SHOWN, SHOWN, write_check_page
 from conftest import SIZE, make_dataset
+from helpers import render
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 SECTIONS = ("overview", "balance", "label-issues", "duplicates", "outliers")
 
 
@@ -202,19 +200,8 @@ def test_a_page_that_cannot_be_written_leaves_the_old_one(extraction, tmp_path, 
 def test_the_page_renders_in_a_headless_browser(extraction, tmp_path):
     """Headless Chromium opens the page from disk (no server, no network) and takes a
     screenshot: not blank, the thumbnails drawn; its DOM holds every section and thumbnail."""
-    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
-    if browser is None:
-        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
     write_check_page(tmp_path / "check.html", a_check(extraction, tmp_path))
-    page = tmp_path / "check.html"
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000"]
-    shot = tmp_path / "shot.png"
-    subprocess.run(common + [f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
-    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
-
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    pixels, dom = render(tmp_path / "check.html", tmp_path)
     assert pixels.shape[:2] == (3000, 1280)
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # random blocks drawn, not blank
     leak_red = (np.abs(pixels - np.array([187, 0, 0])).max(axis=2) < 25).sum()  # the leaks' borders (#b00)

@@ -5,8 +5,6 @@ import base64
 import csv
 import io
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,9 +13,9 @@ from PIL import Image
 from classify import train_head
 from classify.evaluation import natural_order
 from conftest import write_synthetic_cache
+from helpers import render
 
 SPLITS = {"train": (("a", "b", "c"), 30), "validation": (("a", "b", "c"), 10), "test": (("a", "b", "c"), 10)}
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 def data_urls(page: str, kind: str) -> list[bytes]:
@@ -132,19 +130,8 @@ def test_bad_mistakes_value_is_refused(tmp_path):
 def test_the_report_renders_in_a_browser(tmp_path, augmented):
     """Headless Chromium opens the page from disk (no server, no network) and takes a
     screenshot: not blank, the map drawn; its DOM holds every head, thumbnails and the map."""
-    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
-    if browser is None:
-        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
     training = train_head(augmented, "all", out=tmp_path / "run", mistakes="all")
-    page = tmp_path / "run" / "report.html"
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000"]
-    shot = tmp_path / "shot.png"
-    subprocess.run(common + [f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
-    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
-
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    pixels, dom = render(tmp_path / "run" / "report.html", tmp_path)
     assert pixels.shape[:2] == (3000, 1280)
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # not a blank page
     orange = (np.abs(pixels - np.array([255, 127, 14])).max(axis=2) < 25).sum()  # the map's second class (tab10)
