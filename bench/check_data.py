@@ -32,16 +32,17 @@ GROUPS, SPREAD, NOISE = 100, 0.5, 1.0
 
 def features(rows: int, d: int = FEATURES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unit rows around CENTRES centres (themselves around GROUPS, so clusters overlap as
-    similar classes do), after a ReLU as VGG16's are; and each row's centre."""
+    similar classes do), after a ReLU as VGG16's are; and each row's group (its class's source)."""
     rng = np.random.default_rng(seed)
     groups = rng.normal(0, 1, (GROUPS, d))
-    centres = (groups[rng.integers(0, GROUPS, CENTRES)] + rng.normal(0, SPREAD, (CENTRES, d))).astype(np.float32)
+    group = rng.integers(0, GROUPS, CENTRES)
+    centres = (groups[group] + rng.normal(0, SPREAD, (CENTRES, d))).astype(np.float32)
     owner = rng.integers(0, CENTRES, rows)
     X = np.empty((rows, d), dtype=np.float32)
     for start in range(0, rows, 10_000):  # generated in blocks, to hold little besides X
         part = owner[start : start + 10_000]
         X[start : start + len(part)] = np.maximum(centres[part] + rng.normal(0, NOISE, (len(part), d)), 0)
-    return neighbours.vectors(X), owner
+    return neighbours.vectors(X), group[owner]
 
 
 def peak_rss() -> str:
@@ -91,15 +92,15 @@ def probes(args) -> None:
 
 def labels(args) -> None:
     """Out-of-fold probabilities of a 5-fold logreg, then cleanlab's find_label_issues,
-    with 5% of the labels flipped (CLASSES classes, each a group of centres)."""
+    with 5% of the labels flipped (CLASSES classes, each GROUPS / CLASSES groups of centres)."""
     from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     for rows in args.rows:
-        X, owner = features(rows)
+        X, group = features(rows)
         before = rss()
         rng = np.random.default_rng(2)
-        y = owner % CLASSES
+        y = group % CLASSES
         flipped = rng.choice(rows, rows // 20, replace=False)
         y[flipped] = (y[flipped] + rng.integers(1, CLASSES, len(flipped))) % CLASSES
         started = time.perf_counter()
@@ -115,18 +116,20 @@ def labels(args) -> None:
 
 
 def _head(name: str):
+    """check-data's heads (train-head's, as `--head` names them), and cheaper variants of logreg."""
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    heads = {
-        "logreg": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-        "logreg-100": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=100)),
-        "pca128-logreg": lambda: make_pipeline(StandardScaler(), PCA(128, random_state=0), LogisticRegression(max_iter=1000)),
-        "sgd": lambda: make_pipeline(StandardScaler(), SGDClassifier(loss="log_loss", random_state=0)),
+    from classify.heads import HEADS
+
+    variants = {
+        "logreg-100": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=100, random_state=0)),
+        "pca128-logreg": lambda: make_pipeline(StandardScaler(), PCA(128, random_state=0),
+                                               LogisticRegression(max_iter=1000, random_state=0)),
     }
-    return heads[name]()
+    return variants[name]() if name in variants else HEADS[name].build(random_state=0)
 
 
 def main() -> None:
@@ -136,7 +139,7 @@ def main() -> None:
     parser.add_argument("--exact-below", type=int, default=neighbours.EXACT_BELOW)
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--lists-per-root", type=float, default=neighbours.LISTS_PER_ROOT, help="IVF lists per sqrt(rows)")
-    parser.add_argument("--head", default="logreg", choices=["logreg", "logreg-100", "pca128-logreg", "sgd"])
+    parser.add_argument("--head", default="logreg", help="logreg, sgd-logreg (train-head's), logreg-100, pca128-logreg")
     parser.add_argument("--budget", type=int, default=8 * 2**30, help="bytes")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start", flush=True)
