@@ -8,7 +8,8 @@
 
 Each run is one step in one process (peak RSS is the process's: run one size per process to
 read it for that size). The features are like VGG16's pooled ones: non-negative (a ReLU),
-rows drawn around CENTRES random centres with noise, so that neighbours exist and matter.
+rows drawn with noise around CENTRES centres that lie around GROUPS groups, so that
+neighbours exist and matter, and classes (10 groups each) separate.
 Recall@10: of each of QUERIES sampled rows' 10 exact nearest others (numpy over all rows),
 the share the graph holds.
 """
@@ -41,8 +42,8 @@ def features(rows: int, d: int = FEATURES, seed: int = 0) -> tuple[np.ndarray, n
     X = np.empty((rows, d), dtype=np.float32)
     for start in range(0, rows, 10_000):  # generated in blocks, to hold little besides X
         part = owner[start : start + 10_000]
-        X[start : start + len(part)] = np.maximum(centres[part] + rng.normal(0, NOISE, (len(part), d)), 0)
-    return neighbours.vectors(X), group[owner]
+        X[start : start + len(part)] = neighbours.vectors(np.maximum(centres[part] + rng.normal(0, NOISE, (len(part), d)), 0))
+    return X, group[owner]
 
 
 def peak_rss() -> str:
@@ -74,7 +75,8 @@ def graph(args) -> None:
         started = time.perf_counter()
         found = neighbours.knn_graph(lambda r: X[r], rows, X.shape[1], K, args.budget, exact_below=args.exact_below)
         seconds, peak = time.perf_counter() - started, peak_rss()
-        print(f"{rows:>9,} {found.description[:58]:<58} {seconds:>8.1f} {recall(X, found.ids):>9.3f} {before:>10} {peak:>9}", flush=True)
+        print(f"{rows:>9,} {found.description[:58]:<58} {seconds:>8.1f} {recall(X, found.ids):>9.3f} "
+              f"{before:>10} {peak:>9}", flush=True)
 
 
 def probes(args) -> None:
@@ -87,7 +89,8 @@ def probes(args) -> None:
         started = time.perf_counter()
         found = neighbours.knn_graph(lambda r: X[r], len(X), X.shape[1], K, args.budget, exact_below=0)
         lists = found.description.split(" lists")[0].split(", ")[1]
-        print(f"{len(X):>9,} {lists:>6} {probed:>6} {time.perf_counter() - started:>8.1f} {recall(X, found.ids):>9.3f}", flush=True)
+        seconds = time.perf_counter() - started
+        print(f"{len(X):>9,} {lists:>6} {probed:>6} {seconds:>8.1f} {recall(X, found.ids):>9.3f}", flush=True)
 
 
 def labels(args) -> None:
@@ -111,7 +114,8 @@ def labels(args) -> None:
         done, peak = time.perf_counter(), peak_rss()
         caught = len(np.intersect1d(order[: len(flipped)], flipped)) / len(flipped)
         print(f"{rows:,} rows x {X.shape[1]}, {args.head}: out-of-fold {fitted - started:.1f} s, cleanlab "
-              f"{done - fitted:.1f} s, {len(order):,} flagged, {caught:.0%} of the first N flipped; RSS {before} before, peak {peak}",
+              f"{done - fitted:.1f} s, {len(order):,} flagged, {caught:.0%} of the first N flipped; "
+              f"RSS {before} before, peak {peak}",
               flush=True)
 
 
@@ -138,7 +142,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000])
     parser.add_argument("--exact-below", type=int, default=neighbours.EXACT_BELOW)
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--lists-per-root", type=float, default=neighbours.LISTS_PER_ROOT, help="IVF lists per sqrt(rows)")
+    parser.add_argument("--lists-per-root", type=float, default=neighbours.LISTS_PER_ROOT,
+                        help="IVF lists per sqrt(rows)")
     parser.add_argument("--head", default="logreg", help="logreg, sgd-logreg (train-head's), logreg-100, pca128-logreg")
     parser.add_argument("--budget", type=int, default=8 * 2**30, help="bytes")
     args = parser.parse_args()

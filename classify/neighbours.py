@@ -11,8 +11,8 @@ Similarity is cosine: the inner product of unit rows. faiss finds them: an exact
 `IndexFlatIP` below EXACT_BELOW rows, above it an inverted file (`IndexIVFFlat`: the rows
 grouped around centroids learned from a seeded sample, and each query compared with the rows
 of its PROBED_LISTS nearest groups), which keeps 100,000 rows of 512 within a minute on two
-cores (16 s; exact: 92 s; docs/performance.md, "check-data"). faiss is a core dependency, so scikit-learn's
-NearestNeighbors is not used for small sets: one code path.
+cores (16 s; exact: 92 s; docs/performance.md, "check-data"). faiss is a core dependency, so
+scikit-learn's NearestNeighbors is not used for small sets: one code path.
 
 Features are read through `read(rows)` (sorted row numbers -> their unit rows), a block at a
 time, twice: once to fill the index, once to search it. What is held at once is the index,
@@ -41,6 +41,7 @@ PROBED_LISTS = 8  # the groups each query is compared with: recall@10 0.997 with
 RECALL = "recall@10 0.999 on 100,000 synthetic rows"  # what bench/check_data.py measured with these settings
 TRAIN_PER_LIST = 40  # sample rows per centroid the IVF index learns from (faiss asks for at least 39)
 BLOCK_SHARE = 4  # one block holds at most 1/BLOCK_SHARE of the budget left after the index and graph
+MIN_BLOCK_ROWS = 1024  # a budget that allows fewer rows a block is refused: faiss's per-call costs would rule
 FAISS_SCRATCH = 4096 * 1024 * 4  # bytes faiss's exact search uses for one tile of similarities
 _GRAPH_ROW = 4 + 8  # bytes per neighbour in a graph: a float32 similarity and an int64 id
 
@@ -131,8 +132,8 @@ class _Plan:
         held = n * d * 4 + (n * 8 + lists * d * 4 if lists else 0) + n * k * _GRAPH_ROW + FAISS_SCRATCH
         per_row = d * 4 + (k + 1) * _GRAPH_ROW  # a row read, and what its search returns
         block_rows = min(n, (budget - held) // (BLOCK_SHARE * per_row))
-        if block_rows < min(n, 1024):
-            needed = held + BLOCK_SHARE * per_row * min(n, 1024)
+        if block_rows < min(n, MIN_BLOCK_ROWS):
+            needed = held + BLOCK_SHARE * per_row * min(n, MIN_BLOCK_ROWS)
             raise UsageError(f"Finding neighbours among {n:,} rows of {d:,} features needs {gigabytes(needed)} "
                              f"(the index{', the graph' if k else ''} and a block of rows); received a memory "
                              f"budget of {gigabytes(budget)}: give --memory-budget {_budget(needed)} or more.")
@@ -150,7 +151,8 @@ def _build(read: Read, plan: _Plan, seed: int, bar) -> Index:
         found.cp.seed, found.nprobe = seed, min(PROBED_LISTS, plan.lists)
         sample = np.random.default_rng(seed).choice(plan.n, min(plan.n, TRAIN_PER_LIST * plan.lists), replace=False)
         found.train(_read(read, np.sort(sample), plan.d))
-        description = f"IVF, {plan.lists:,} lists, {found.nprobe} probed (faiss IndexIVFFlat); {RECALL} in bench/check_data.py"
+        description = (f"IVF, {plan.lists:,} lists, {found.nprobe} probed (faiss IndexIVFFlat); "
+                       f"{RECALL} in bench/check_data.py")
     for rows in _blocks(plan.n, plan.block_rows):
         found.add(_read(read, rows, plan.d))
         bar.update(len(rows))
