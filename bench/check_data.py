@@ -42,7 +42,8 @@ def features(rows: int, d: int = FEATURES, seed: int = 0) -> tuple[np.ndarray, n
     X = np.empty((rows, d), dtype=np.float32)
     for start in range(0, rows, 10_000):  # generated in blocks, to hold little besides X
         part = owner[start : start + 10_000]
-        X[start : start + len(part)] = neighbours.vectors(np.maximum(centres[part] + rng.normal(0, NOISE, (len(part), d)), 0))
+        noisy = centres[part] + rng.normal(0, NOISE, (len(part), d))
+        X[start : start + len(part)] = neighbours.vectors(np.maximum(noisy, 0))
     return X, group[owner]
 
 
