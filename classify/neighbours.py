@@ -143,7 +143,7 @@ class _Plan:
 
 
 def _build(read: Read, plan: _Plan, seed: int, bar) -> Index:
-    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
+    faiss.omp_set_num_threads(_cores())
     if not plan.lists:
         found, description = faiss.IndexFlatIP(plan.d), "exact (faiss IndexFlatIP)"
     else:
@@ -157,6 +157,11 @@ def _build(read: Read, plan: _Plan, seed: int, bar) -> Index:
         found.add(_read(read, rows, plan.d))
         bar.update(len(rows))
     return Index(found, description)
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, where Linux says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _blocks(n: int, size: int):
