@@ -10,11 +10,14 @@ dense head as one of them), `finetune` (VGG16's block5 tuned with it, from cache
 rows in memory or read from the cache a window at a time), `splits` (a cache's rows split
 for training), `training` (fitting, search, cross-validation, the leaderboard),
 `evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
-loading), `scoring` (new images -> predictions), `export` (backbone + head as one Keras
-model), `train_cli` and `score_cli` (the train-head and score-images commands).
+loading), `report` (report.html), `scoring` (new images -> predictions), `export` (backbone +
+head as one Keras model), `check` (check-data: label issues, duplicates, outliers, `nearest`),
+`neighbours` (its nearest-neighbour graph), `check_page` (check.html), `train_cli`,
+`score_cli` and `check_cli` (the commands).
 """
 
 from classify.artifacts import LoadedHead, load_head
+from classify.check import Check, Neighbour, check_data, nearest
 from classify.export import export_model
 from classify.scoring import ScoreRow, score_images
 from classify.heads import HEADS
@@ -23,6 +26,6 @@ from classify.keras_head import KerasMLPClassifier
 from classify.training import HeadResult, HeadWarning, Training, train_head
 
 __all__ = [
-    "HEADS", "HeadResult", "HeadWarning", "KerasFinetuneClassifier", "KerasMLPClassifier", "LoadedHead", "ScoreRow", "Training",
-    "export_model", "load_head", "score_images", "train_head",
+    "HEADS", "Check", "HeadResult", "HeadWarning", "KerasFinetuneClassifier", "KerasMLPClassifier", "LoadedHead",
+    "Neighbour", "ScoreRow", "Training", "check_data", "export_model", "load_head", "nearest", "score_images", "train_head",
 ]

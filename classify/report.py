@@ -10,6 +10,10 @@
 Every picture is inside the page (PNG or JPEG as data: URLs), so the file can be mailed or
 attached to a ticket; nothing is fetched when it is opened. Plots are the head folders' own
 PNG files (evaluation.py draws them) and a map drawn here with matplotlib.
+
+What every page of the project shares (check-data's check.html too: `check_page.py`) is here,
+so the pages look alike and embed pictures one way: `page` (the HTML around a body, one
+style), `Thumbnails` (cached images read again and inlined), `png_url` and `escape`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from classify.evaluation import pyplot, natural_order
-from extract import decode_image, describe, stored_images, write_aside
+from classify.splits import leak_note
+from extract import console, decode_image, describe, stored_images, write_aside
 
 REPORT = "report.html"
 MISTAKES_SHOWN = 24  # thumbnails per head and split
@@ -45,10 +50,13 @@ h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; } 
 table { border-collapse: collapse; } th, td { padding: .3em .8em; text-align: right; border-bottom: 1px solid #eee; }
 th:first-child, td:first-child { text-align: left; } tr.best { background: #eef6ee; font-weight: 600; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
-figure.mistake { width: ${thumbnail}px; margin: 0; font-size: 12px; overflow-wrap: anywhere; }
-figure.mistake img, .missing { width: ${thumbnail}px; height: ${thumbnail}px; display: block; image-rendering: pixelated; }
-.missing { background: #eee; color: #888; display: flex; align-items: center; justify-content: center; text-align: center; }
+figure.mistake, figure.thumb { width: ${thumbnail}px; margin: 0; font-size: 12px; overflow-wrap: anywhere; }
+figure img, .missing { width: ${thumbnail}px; height: ${thumbnail}px; display: block; image-rendering: pixelated; }
+.missing { background: #eee; color: #888; display: flex; align-items: safe center; justify-content: center; text-align: center; overflow: hidden; overflow-wrap: anywhere; }
 .wrong { color: #b00; } .note { color: #666; } img.plot { max-width: 100%; }
+.pair { display: flex; flex-wrap: wrap; gap: 6px; padding: 6px; width: calc(2 * ${thumbnail}px + 6px); border: 2px solid #ddd; } .pair.leak { border-color: #b00; }
+.pair > p { width: 100%; margin: 0; font-size: 12px; } .pairs { display: flex; flex-wrap: wrap; gap: 12px; }
+.bar { display: inline-block; height: .8em; background: #4c78a8; vertical-align: middle; } td.bars { text-align: left; }
 </style></head>
 <body>
 <h1>$title</h1>
@@ -65,7 +73,7 @@ def write_report(path: Path, training, splits, folders: dict, mistakes: str = "b
     best = board[0]["head"]
     results = {result.head: result for result in training.results}
     order = [row["head"] for row in board]
-    reader = _Thumbnails(splits)
+    reader = Thumbnails(splits.data_dir)
     body = [_overview(training, splits), _leaderboard(board), "<h2 id=\"mistakes\">Mistakes</h2>"]
     for name in (order if mistakes == "all" else [best]):
         body.append(_mistakes(results[name], reader, best=name == best))
@@ -73,9 +81,20 @@ def write_report(path: Path, training, splits, folders: dict, mistakes: str = "b
     for name in order:
         body.append(_head(results[name], Path(folders[name]), training))
     title = f"train-head: {', '.join(order) if len(order) <= 3 else f'{len(order)} heads'}"
-    page = PAGE.substitute(title=html.escape(title), body="\n".join(body), thumbnail=THUMBNAIL)
-    with write_aside(path, f"{str(path)!r}") as aside:  # whole or not at all (a full disk leaves no half page)
-        Path(aside).write_text(page, encoding="utf-8")
+    write_page(path, title, "\n".join(body))
+
+
+def page(title: str, body: str) -> str:
+    """The whole HTML document around `body` (HTML, escaped already), with every page's
+    style; `title` is text, escaped here."""
+    return PAGE.substitute(title=escape(title), body=body, thumbnail=THUMBNAIL)
+
+
+def write_page(path: Path, title: str, body: str) -> None:
+    """`page(title, body)` written to `path` whole or not at all (a full disk leaves no half page)."""
+    text = page(title, body)
+    with write_aside(path, f"{str(path)!r}") as aside:
+        Path(aside).write_text(text, encoding="utf-8")
 
 
 def _overview(training, splits) -> str:
@@ -83,14 +102,16 @@ def _overview(training, splits) -> str:
     validation = ("the cache's validation split" if training.validation_source == "stored"
                   else "a stratified share drawn from the training split")
     facts = [
-        f"Features: configuration <code>{_e(training.fingerprint)}</code> ({_e(describe(splits.config))}), "
-        f"from <code>{_e(splits.data_dir or '?')}</code>.",
+        f"Features: configuration <code>{escape(training.fingerprint)}</code> ({escape(describe(splits.config))}), "
+        f"from <code>{escape(splits.data_dir or '?')}</code>.",
         f"Trained on {training.training_images} images{views}; scored on {validation}"
         f"{' and the test split' if splits.test is not None else ''}.",
-        f"Written {datetime.now().astimezone().isoformat(timespec='seconds')} into <code>{_e(training.folder)}</code>.",
+        f"Written {datetime.now().astimezone().isoformat(timespec='seconds')} into <code>{escape(training.folder)}</code>.",
     ]
     if training.streamed:
         facts.append("The features were streamed from the cache (larger than --memory-budget).")
+    if training.leaks:
+        facts.append(f'<b class="wrong">Warning:</b> {escape(leak_note(training.leaks))}')
     return "\n".join(f"<p>{fact}</p>" for fact in facts)
 
 
@@ -109,18 +130,18 @@ def _leaderboard(board: list[dict]) -> str:
         if key == "cv_accuracy_mean":
             text += f" ± {row['cv_accuracy_std']:.4f}"
         if key == "head":
-            return f'<a href="#head-{_e(value)}">{_e(value)}</a>'
+            return f'<a href="#head-{escape(value)}">{escape(value)}</a>'
         return text
 
-    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in columns)
+    head = "".join(f"<th>{escape(title)}</th>" for _, title, _ in columns)
     rows = "".join(f'<tr{" class=best" if i == 0 else ""}>' + "".join(f"<td>{cell(row, key, form)}</td>" for key, _, form in columns)
                    + "</tr>" for i, row in enumerate(board))
     return f'<h2 id="leaderboard">Leaderboard</h2>\n<table><tr>{head}</tr>{rows}</table>\n' \
            f'<p class="note">Best first: validation accuracy, then macro-F1.</p>'
 
 
-def _mistakes(result, reader: "_Thumbnails", best: bool) -> str:
-    parts = [f"<h3>{_e(result.head)}{' (the best head)' if best else ''}</h3>"]
+def _mistakes(result, reader: Thumbnails, best: bool) -> str:
+    parts = [f"<h3>{escape(result.head)}{' (the best head)' if best else ''}</h3>"]
     for split, made in result.predictions.items():
         wrong = int((made.predicted != made.y).sum())
         shown = made.mistakes(MISTAKES_SHOWN)
@@ -134,10 +155,10 @@ def _mistakes(result, reader: "_Thumbnails", best: bool) -> str:
             probability = "" if confidence[i] != confidence[i] else f" ({confidence[i]:.1%})"
             figures.append(
                 f'<figure class="mistake">{reader.html(made.paths[i])}<figcaption>'
-                f'<code>{_e(made.paths[i])}</code><br>true <b>{_e(made.y[i])}</b><br>'
-                f'<span class="wrong">predicted <b>{_e(made.predicted[i])}</b>{probability}</span></figcaption></figure>')
+                f'<code>{escape(made.paths[i])}</code><br>true <b>{escape(made.y[i])}</b><br>'
+                f'<span class="wrong">predicted <b>{escape(made.predicted[i])}</b>{probability}</span></figcaption></figure>')
         if figures:
-            parts.append(f'<div class="grid" data-head="{_e(result.head)}" data-split="{split}">{"".join(figures)}</div>')
+            parts.append(f'<div class="grid" data-head="{escape(result.head)}" data-split="{split}">{"".join(figures)}</div>')
     return "\n".join(parts)
 
 
@@ -184,13 +205,13 @@ def _map(splits, best, seed: int) -> str:
     plt.close(figure)
     sample = f"{len(X)} of {len(rows)} images, drawn at random" if len(X) < len(rows) else f"all {len(X)} images"
     return (f'<h2 id="map">Map of the validation features</h2>\n'
-            f'<img id="map-image" class="plot" alt="map of the validation features" src="{_png(picture.getvalue())}">\n'
+            f'<img id="map-image" class="plot" alt="map of the validation features" src="{png_url(picture.getvalue())}">\n'
             f'<p class="note">{how} of the features ({sample}), coloured by true class; circled: the images '
-            f'{_e(best.head)} got wrong. Near points have similar features; distances between far groups mean little.</p>')
+            f'{escape(best.head)} got wrong. Near points have similar features; distances between far groups mean little.</p>')
 
 
 def _head(result, folder: Path, training) -> str:
-    parts = [f'<h2 id="head-{_e(result.head)}">{_e(result.head)}</h2>']
+    parts = [f'<h2 id="head-{escape(result.head)}">{escape(result.head)}</h2>']
     for split in result.scores:
         parts.append(_picture(folder / f"confusion_{split}.png", f"confusion matrix of {result.head} on {split}"))
     curve = folder / "learning_curve.png"
@@ -202,41 +223,50 @@ def _head(result, folder: Path, training) -> str:
 
 
 def _picture(path: Path, alt: str) -> str:
-    return f'<img class="plot" alt="{_e(alt)}" src="{_png(path.read_bytes())}">'
+    return f'<img class="plot" alt="{escape(alt)}" src="{png_url(path.read_bytes())}">'
 
 
-class _Thumbnails:
-    """Thumbnails of cached images, read again from where they came from (a data folder, a
-    shard, a URL: `extract.stored_images`) and resized to a square, as the network saw them.
-    An image gone or unreadable since says so instead."""
+class Thumbnails:
+    """Thumbnails of cached images, read again from where they came from (`data_dir`, the
+    cache's data folder: a folder, shards, a URL: `extract.stored_images`) and resized to a
+    square, as the network saw them. An image gone or unreadable since says so instead, in
+    the grey box of the same size."""
 
-    def __init__(self, splits):
-        self.data_dir = splits.data_dir
+    def __init__(self, data_dir: str | None):
+        self.data_dir = data_dir
         self.images: dict[str, bytes | str] = {}
 
     def read(self, paths: list[str]) -> None:
         """Read the images of `paths` not read yet, together (a shard is read once for all of its)."""
         if self.data_dir:
-            self.images.update(stored_images(self.data_dir, [path for path in paths if path not in self.images]))
+            wanted = [path for path in dict.fromkeys(paths) if path not in self.images]
+            self.images.update(stored_images(self.data_dir, wanted))
 
     def html(self, relative: str) -> str:
         if not self.data_dir:
             return '<div class="missing">no data folder recorded</div>'
         data = self.images.get(relative, "not read")
         if isinstance(data, str):  # gone, not a regular file or too large since extraction
-            return f'<div class="missing">not readable now: {_e(data)}</div>'
+            return f'<div class="missing" title="{escape(data)}">not readable now: {escape(data)}</div>'
         try:
             pixels = decode_image(data, THUMBNAIL)
         except Exception as error:  # a file broken since extraction is a note, not a failed report
-            return f'<div class="missing">not readable now: {_e(type(error).__name__)}</div>'
+            return f'<div class="missing">not readable now: {escape(type(error).__name__)}</div>'
         jpeg = io.BytesIO()
         Image.fromarray(pixels).save(jpeg, format="JPEG", quality=85)
-        return f'<img alt="{_e(relative)}" src="data:image/jpeg;base64,{base64.b64encode(jpeg.getvalue()).decode()}">'
+        return f'<img alt="{escape(relative)}" src="data:image/jpeg;base64,{base64.b64encode(jpeg.getvalue()).decode()}">'
 
 
-def _png(data: bytes) -> str:
+def png_url(data: bytes) -> str:
+    """A PNG file's bytes as a data: URL, for an <img> that needs nothing fetched."""
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+def escape(value) -> str:
+    """`value` as text safe in HTML, in an element or a quoted attribute: its characters
+    escaped (<, &, quotes), and what would not show as itself (control and format characters
+    such as a bidi override, bytes that were not UTF-8) written as Python escapes, as the
+    console writes them (`console.printable`): a path shown is the path stored, and the page
+    can be written as UTF-8 whatever a name holds."""
+    return html.escape(console.printable(str(value)), quote=True)
+

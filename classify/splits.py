@@ -42,6 +42,7 @@ class Splits:
     data_dir: str | None = None  # where extract-features read the images
     base: object = None  # the checked FeatureConfig of cached maps below block5_pool (see `classify.finetune`)
     computed_from: dict | None = None  # the cached configuration these features were computed from (`through`)
+    leaks: int = 0  # validation and test images whose content is a training image's (exact copies)
 
     @property
     def training_views(self) -> int:
@@ -157,9 +158,19 @@ def _split(features: FeatureCache, cache, validation_fraction: float, seed: int,
         views_of = np.array([position[row] for row in views.row[keep]], dtype=np.int64)
         train_set = images(train_rows, views.entry[keep], views_of)
         augmentation = dict(views.augmentation, views_per_image=views.views_per_image)
-    return Splits(train_set, images(validation_rows), images(np.flatnonzero(test)) if test.any() else None,
+    test_rows = np.flatnonzero(test)
+    hashes = features.sha256()
+    leaks = int(np.isin(hashes[np.concatenate([validation_rows, test_rows])], hashes[train_rows]).sum())
+    return Splits(train_set, images(validation_rows), images(test_rows) if test.any() else None,
                   len(train_rows), "drawn" if drawn else "stored", fingerprint, facts, augmentation, features,
-                  features.paths(), features.config.get("data_dir"))
+                  features.paths(), features.config.get("data_dir"), leaks=leaks)
+
+
+def leak_note(leaks: int) -> str:
+    """Words for validation and test images that are exact copies of training images."""
+    copies = "s are exact copies of training images" if leaks != 1 else " is an exact copy of a training image"
+    return (f"{leaks} validation/test image{copies}, so the scores are inflated; check-data lists every pair "
+            f"(duplicates.csv).")
 
 
 def image_folds(labels: np.ndarray, images: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

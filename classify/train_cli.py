@@ -14,6 +14,7 @@ from classify.export import EXPORTABLE, export_model, labels_path
 from classify.heads import HEADS
 from classify.report import MISTAKES
 from classify.scoring import cache_files
+from classify.splits import leak_note
 from classify.training import HeadWarning, Training, train_head
 from extract import (
     DEFAULT_CACHE, ExtractError, UsageError, console, describe, list_configs, overwrites, version,
@@ -165,6 +166,7 @@ def to_dict(training: Training) -> dict:
         "training_images": training.training_images,
         "training_views": training.training_views,
         "streamed": training.streamed,
+        "leaks": training.leaks,
         "report": training.report and str(training.report),
         "leaderboard": training.leaderboard(),
         "results": {result.head: {"scores": result.scores, "params": result.params, "search": result.search,
@@ -175,6 +177,8 @@ def to_dict(training: Training) -> dict:
 def format_training(training: Training, features: str = "") -> str:
     """The results in words, under `features` (a line saying which features they are)."""
     lines = [features]
+    if training.leaks:
+        lines.append(f"warning: {leak_note(training.leaks)}")
     if training.validation_source == "drawn":
         lines.append("(no validation split in the cache: a stratified share of the training images was held out)")
     if training.streamed:

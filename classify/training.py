@@ -89,6 +89,7 @@ class Training:
     training_images: int = 0
     training_views: int = 0  # augmented views the heads trained on (0: none)
     streamed: bool = False  # the features were read from the cache as the heads trained, not held in memory
+    leaks: int = 0  # validation and test images that are exact copies of training images
     report: Path | None = None  # the run's report.html, once written
 
     def leaderboard(self) -> list[dict]:
@@ -218,7 +219,7 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
         raise UsageError("No head could be trained on these data (see the warnings); add training images.")
     plan = plans[names[0]]
     training = Training(results, final, splits.fingerprint, splits.validation_source, splits.training_images,
-                        splits.training_views, any(plans[result.head].streamed for result in results))
+                        splits.training_views, any(plans[result.head].streamed for result in results), splits.leaks)
     if len(names) > 1:
         (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
     if plan.report:

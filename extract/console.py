@@ -1,4 +1,4 @@
-"""The console side the three commands share (extract-features, train-head, score-images):
+"""The console side the commands share (extract-features, train-head, score-images, check-data):
 the argument parser, text safe for a terminal, the failure line, the exit statuses and the
 console-script entry point. docs/exit-status.md is the table in words:
 

@@ -35,12 +35,13 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-EXTRACT, TRAIN, SCORE = "extract.cli:run", "classify.train_cli:run", "classify.score_cli:run"
+EXTRACT, TRAIN, SCORE, CHECK = "extract.cli:run", "classify.train_cli:run", "classify.score_cli:run", "classify.check_cli:run"
 SCRIPT = "helpers:run_script"  # start(SCRIPT, path): a Python script, as `python path` runs it
-MAINS = {EXTRACT: "extract.cli:main", TRAIN: "classify.train_cli:main", SCORE: "classify.score_cli:main"}
-NAMES = {EXTRACT: "extract-features", TRAIN: "train-head", SCORE: "score-images"}
+MAINS = {EXTRACT: "extract.cli:main", TRAIN: "classify.train_cli:main", SCORE: "classify.score_cli:main",
+         CHECK: "classify.check_cli:main"}
+NAMES = {EXTRACT: "extract-features", TRAIN: "train-head", SCORE: "score-images", CHECK: "check-data"}
 # what the forked processes find imported
-WARM = ["keras", "extract.cli", "classify.train_cli", "classify.score_cli", "helpers"]
+WARM = ["keras", "extract.cli", "classify.train_cli", "classify.score_cli", "classify.check_cli", "helpers"]
 
 
 def _function(entry: str):

@@ -15,8 +15,8 @@ Which snippets, by the fence's info string:
   MIN_COMMANDS commands run, or more than MAX_NOT_RUN are marked.
 - Any other fence (a bare one, bash, console, ...) fails the test: pick one of the above.
 
-How: a python snippet, and a sh line that is one plain call of extract-features, train-head or
-score-images (no variable, pipe, redirection, glob or ~ for bash to expand), runs as a process of
+How: a python snippet, and a sh line that is one plain call of extract-features, train-head,
+score-images or check-data (no variable, pipe, redirection, glob or ~ for bash to expand), runs as a process of
 its own forked from a warm interpreter (tests/helpers.py: the same entry point the installed
 command calls, without the seconds TensorFlow's import costs); every other line runs in bash.
 
@@ -210,7 +210,8 @@ def environment(folder: Path) -> dict:
     return env
 
 
-COMMANDS = {"extract-features": helpers.EXTRACT, "train-head": helpers.TRAIN, "score-images": helpers.SCORE}
+COMMANDS = {"extract-features": helpers.EXTRACT, "train-head": helpers.TRAIN, "score-images": helpers.SCORE,
+            "check-data": helpers.CHECK}
 SHELL_SYNTAX = re.compile(r"""[$`|&;<>(){}*?\[\]~"'\\]""")
 
 
@@ -220,7 +221,7 @@ def run(args, folder: Path, input: str = "") -> subprocess.CompletedProcess:
 
 
 def plain_call(line: str) -> list[str] | None:
-    """The words of a sh line that is one plain call of one of the three commands (the same
+    """The words of a sh line that is one plain call of one of the commands (the same
     words bash would pass it), else None."""
     code = re.sub(r"(?:^|\s)#.*$", "", line).strip()
     if SHELL_SYNTAX.search(code):
