@@ -1,10 +1,11 @@
 """check-data's two heavy steps on synthetic features: the k=10 neighbour graph
-(classify.neighbours) and the label-issue step (out-of-fold logreg + cleanlab).
+(classify.neighbours) and the label-issue step (classify.check.label_issues: out-of-fold
+logreg + cleanlab).
 
     python bench/check_data.py graph --rows 100000            # seconds, peak RSS, recall@10
     python bench/check_data.py graph --rows 10000 30000 --exact-below 1000000000   # exact only
     python bench/check_data.py probes --rows 100000 --probes 4 8 16 32   # recall against nprobe
-    python bench/check_data.py labels --rows 100000           # out-of-fold logreg + cleanlab
+    python bench/check_data.py labels --rows 100000 --head logreg   # out-of-fold logreg + cleanlab
 
 Each run is one step in one process (peak RSS is the process's: run one size per process to
 read it for that size). The features are like VGG16's pooled ones: non-negative (a ReLU),
@@ -95,11 +96,12 @@ def probes(args) -> None:
 
 
 def labels(args) -> None:
-    """Out-of-fold probabilities of a 5-fold logreg, then cleanlab's find_label_issues,
-    with 5% of the labels flipped (CLASSES classes, each GROUPS / CLASSES groups of centres)."""
-    from cleanlab.filter import find_label_issues
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    """check-data's label step (`classify.check.label_issues`: out-of-fold probabilities of a
+    5-fold head, then cleanlab's find_label_issues), with 5% of the labels flipped (CLASSES
+    classes, each GROUPS / CLASSES groups of centres)."""
+    from classify.check import label_issues
 
+    _register_variants()
     for rows in args.rows:
         X, group = features(rows)
         before = rss()
@@ -108,33 +110,30 @@ def labels(args) -> None:
         flipped = rng.choice(rows, rows // 20, replace=False)
         y[flipped] = (y[flipped] + rng.integers(1, CLASSES, len(flipped))) % CLASSES
         started = time.perf_counter()
-        folds = StratifiedKFold(5, shuffle=True, random_state=0)
-        probabilities = cross_val_predict(_head(args.head), X, y, cv=folds, method="predict_proba", n_jobs=1)
-        fitted = time.perf_counter()
-        order = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence")
-        done, peak = time.perf_counter(), peak_rss()
+        order, _, _ = label_issues(X, y.astype(str), head=args.head, folds=5, seed=0)
+        seconds, peak = time.perf_counter() - started, peak_rss()
         caught = len(np.intersect1d(order[: len(flipped)], flipped)) / len(flipped)
-        print(f"{rows:,} rows x {X.shape[1]}, {args.head}: out-of-fold {fitted - started:.1f} s, cleanlab "
-              f"{done - fitted:.1f} s, {len(order):,} flagged, {caught:.0%} of the first N flipped; "
-              f"RSS {before} before, peak {peak}",
-              flush=True)
+        print(f"{rows:,} rows x {X.shape[1]}, {args.head}: {seconds:.1f} s, {len(order):,} flagged, "
+              f"{caught:.0%} of the first N flipped; RSS {before} before, peak {peak}", flush=True)
 
 
-def _head(name: str):
-    """check-data's heads (train-head's, as `--head` names them), and cheaper variants of logreg."""
+def _register_variants() -> None:
+    """Cheaper logregs, as heads of this process only, for `--head` to compare."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from classify.heads import HEADS
+    from classify.heads import head
 
-    variants = {
-        "logreg-100": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=100, random_state=0)),
-        "pca128-logreg": lambda: make_pipeline(StandardScaler(), PCA(128, random_state=0),
-                                               LogisticRegression(max_iter=1000, random_state=0)),
-    }
-    return variants[name]() if name in variants else HEADS[name].build(random_state=0)
+    @head("logreg-100", "logreg, at most 100 lbfgs iterations", grid={})
+    def logreg_100(random_state=None, class_weight=None):
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=100, random_state=random_state))
+
+    @head("pca128-logreg", "standardize, PCA to 128, logreg", grid={})
+    def pca128_logreg(random_state=None, class_weight=None):
+        return make_pipeline(StandardScaler(), PCA(128, random_state=random_state),
+                             LogisticRegression(max_iter=1000, random_state=random_state))
 
 
 def main() -> None:
