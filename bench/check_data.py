@@ -1,14 +1,16 @@
 """check-data's two heavy steps on synthetic features: the k=10 neighbour graph
-(classify.neighbours) and the label-issue step (out-of-fold logreg + cleanlab).
+(classify.neighbours) and the label-issue step (classify.check.label_issues: out-of-fold
+logreg + cleanlab).
 
     python bench/check_data.py graph --rows 100000            # seconds, peak RSS, recall@10
     python bench/check_data.py graph --rows 10000 30000 --exact-below 1000000000   # exact only
     python bench/check_data.py probes --rows 100000 --probes 4 8 16 32   # recall against nprobe
-    python bench/check_data.py labels --rows 100000           # out-of-fold logreg + cleanlab
+    python bench/check_data.py labels --rows 100000 --head logreg   # out-of-fold logreg + cleanlab
 
 Each run is one step in one process (peak RSS is the process's: run one size per process to
 read it for that size). The features are like VGG16's pooled ones: non-negative (a ReLU),
-rows drawn around CENTRES random centres with noise, so that neighbours exist and matter.
+rows drawn with noise around CENTRES centres that lie around GROUPS groups, so that
+neighbours exist and matter, and classes (10 groups each) separate.
 Recall@10: of each of QUERIES sampled rows' 10 exact nearest others (numpy over all rows),
 the share the graph holds.
 """
@@ -32,16 +34,18 @@ GROUPS, SPREAD, NOISE = 100, 0.5, 1.0
 
 def features(rows: int, d: int = FEATURES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unit rows around CENTRES centres (themselves around GROUPS, so clusters overlap as
-    similar classes do), after a ReLU as VGG16's are; and each row's centre."""
+    similar classes do), after a ReLU as VGG16's are; and each row's group (its class's source)."""
     rng = np.random.default_rng(seed)
     groups = rng.normal(0, 1, (GROUPS, d))
-    centres = (groups[rng.integers(0, GROUPS, CENTRES)] + rng.normal(0, SPREAD, (CENTRES, d))).astype(np.float32)
+    group = rng.integers(0, GROUPS, CENTRES)
+    centres = (groups[group] + rng.normal(0, SPREAD, (CENTRES, d))).astype(np.float32)
     owner = rng.integers(0, CENTRES, rows)
     X = np.empty((rows, d), dtype=np.float32)
     for start in range(0, rows, 10_000):  # generated in blocks, to hold little besides X
         part = owner[start : start + 10_000]
-        X[start : start + len(part)] = np.maximum(centres[part] + rng.normal(0, NOISE, (len(part), d)), 0)
-    return neighbours.vectors(X), owner
+        noisy = centres[part] + rng.normal(0, NOISE, (len(part), d))
+        X[start : start + len(part)] = neighbours.vectors(np.maximum(noisy, 0))
+    return X, group[owner]
 
 
 def peak_rss() -> str:
@@ -54,26 +58,33 @@ def rss() -> str:
         return f"{int(file.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30:.2f} GB"
 
 
-def recall(X: np.ndarray, graph_ids: np.ndarray, seed: int = 1) -> float:
+def recall(X: np.ndarray, graph, seed: int = 1) -> tuple[float, float]:
+    """Recall@10 of the graph on QUERIES sampled rows, and the largest difference between a
+    similarity it gives and the true one of the same pair."""
     queries = np.random.default_rng(seed).choice(len(X), min(QUERIES, len(X)), replace=False)
-    found = 0
+    found, error = 0, 0.0
     for part in np.array_split(queries, 10):  # 100 queries at a time, to hold little
         similarities = X[part] @ X.T
+        given = np.take_along_axis(similarities, graph.ids[part], axis=1)
+        error = max(error, float(np.abs(given - graph.similarities[part]).max()))
         similarities[np.arange(len(part)), part] = -np.inf  # self excluded, as in the graph
         exact = np.argpartition(-similarities, K, axis=1)[:, :K]
-        found += sum(len(np.intersect1d(exact[i], graph_ids[q])) for i, q in enumerate(part))
-    return found / (K * len(queries))
+        found += sum(len(np.intersect1d(exact[i], graph.ids[q])) for i, q in enumerate(part))
+    return found / (K * len(queries)), error
 
 
 def graph(args) -> None:
-    print(f"{'rows':>9} {'index':<58} {'seconds':>8} {'recall@10':>9} {'RSS before':>10} {'peak RSS':>9}")
+    print(f"{'rows':>9} {'index':<58} {'seconds':>8} {'recall@10':>9} {'sim error':>9} {'RSS before':>10} "
+          f"{'peak RSS':>9}")
     for rows in args.rows:
         X, _ = features(rows)
         before = rss()
         started = time.perf_counter()
         found = neighbours.knn_graph(lambda r: X[r], rows, X.shape[1], K, args.budget, exact_below=args.exact_below)
         seconds, peak = time.perf_counter() - started, peak_rss()
-        print(f"{rows:>9,} {found.description[:58]:<58} {seconds:>8.1f} {recall(X, found.ids):>9.3f} {before:>10} {peak:>9}", flush=True)
+        share, error = recall(X, found)
+        print(f"{rows:>9,} {found.description[:58]:<58} {seconds:>8.1f} {share:>9.3f} {error:>9.4f} "
+              f"{before:>10} {peak:>9}", flush=True)
 
 
 def probes(args) -> None:
@@ -86,47 +97,49 @@ def probes(args) -> None:
         started = time.perf_counter()
         found = neighbours.knn_graph(lambda r: X[r], len(X), X.shape[1], K, args.budget, exact_below=0)
         lists = found.description.split(" lists")[0].split(", ")[1]
-        print(f"{len(X):>9,} {lists:>6} {probed:>6} {time.perf_counter() - started:>8.1f} {recall(X, found.ids):>9.3f}", flush=True)
+        seconds = time.perf_counter() - started
+        print(f"{len(X):>9,} {lists:>6} {probed:>6} {seconds:>8.1f} {recall(X, found)[0]:>9.3f}", flush=True)
 
 
 def labels(args) -> None:
-    """Out-of-fold probabilities of a 5-fold logreg, then cleanlab's find_label_issues,
-    with 5% of the labels flipped (CLASSES classes, each a group of centres)."""
-    from cleanlab.filter import find_label_issues
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    """check-data's label step (`classify.check.label_issues`: out-of-fold probabilities of a
+    5-fold head, then cleanlab's find_label_issues), with 5% of the labels flipped (CLASSES
+    classes, each GROUPS / CLASSES groups of centres)."""
+    from classify.check import label_issues
 
+    _register_variants()
     for rows in args.rows:
-        X, owner = features(rows)
+        X, group = features(rows)
         before = rss()
         rng = np.random.default_rng(2)
-        y = owner % CLASSES
+        y = group % CLASSES
         flipped = rng.choice(rows, rows // 20, replace=False)
         y[flipped] = (y[flipped] + rng.integers(1, CLASSES, len(flipped))) % CLASSES
         started = time.perf_counter()
-        folds = StratifiedKFold(5, shuffle=True, random_state=0)
-        probabilities = cross_val_predict(_head(args.head), X, y, cv=folds, method="predict_proba", n_jobs=1)
-        fitted = time.perf_counter()
-        order = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence")
-        done, peak = time.perf_counter(), peak_rss()
+        order, _, _ = label_issues(X, y.astype(str), head=args.head, folds=5, seed=0)
+        seconds, peak = time.perf_counter() - started, peak_rss()
         caught = len(np.intersect1d(order[: len(flipped)], flipped)) / len(flipped)
-        print(f"{rows:,} rows x {X.shape[1]}, {args.head}: out-of-fold {fitted - started:.1f} s, cleanlab "
-              f"{done - fitted:.1f} s, {len(order):,} flagged, {caught:.0%} of the first N flipped; RSS {before} before, peak {peak}",
-              flush=True)
+        print(f"{rows:,} rows x {X.shape[1]}, {args.head}: {seconds:.1f} s, {len(order):,} flagged, "
+              f"{caught:.0%} of the first N flipped; RSS {before} before, peak {peak}", flush=True)
 
 
-def _head(name: str):
+def _register_variants() -> None:
+    """Cheaper logregs, as heads of this process only, for `--head` to compare."""
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    heads = {
-        "logreg": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-        "logreg-100": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=100)),
-        "pca128-logreg": lambda: make_pipeline(StandardScaler(), PCA(128, random_state=0), LogisticRegression(max_iter=1000)),
-        "sgd": lambda: make_pipeline(StandardScaler(), SGDClassifier(loss="log_loss", random_state=0)),
-    }
-    return heads[name]()
+    from classify.heads import head
+
+    @head("logreg-100", "logreg, at most 100 lbfgs iterations", grid={})
+    def logreg_100(random_state=None, class_weight=None):
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=100, random_state=random_state))
+
+    @head("pca128-logreg", "standardize, PCA to 128, logreg", grid={})
+    def pca128_logreg(random_state=None, class_weight=None):
+        return make_pipeline(StandardScaler(), PCA(128, random_state=random_state),
+                             LogisticRegression(max_iter=1000, random_state=random_state))
 
 
 def main() -> None:
@@ -135,8 +148,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000])
     parser.add_argument("--exact-below", type=int, default=neighbours.EXACT_BELOW)
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--lists-per-root", type=float, default=neighbours.LISTS_PER_ROOT, help="IVF lists per sqrt(rows)")
-    parser.add_argument("--head", default="logreg", choices=["logreg", "logreg-100", "pca128-logreg", "sgd"])
+    parser.add_argument("--lists-per-root", type=float, default=neighbours.LISTS_PER_ROOT,
+                        help="IVF lists per sqrt(rows)")
+    parser.add_argument("--head", default="logreg", help="logreg, sgd-logreg (train-head's), logreg-100, pca128-logreg")
     parser.add_argument("--budget", type=int, default=8 * 2**30, help="bytes")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start", flush=True)

@@ -10,9 +10,9 @@ others (outliers, near duplicates) and the cached images most like a given one.
 Similarity is cosine: the inner product of unit rows. faiss finds them: an exact
 `IndexFlatIP` below EXACT_BELOW rows, above it an inverted file (`IndexIVFFlat`: the rows
 grouped around centroids learned from a seeded sample, and each query compared with the rows
-of its PROBED_LISTS nearest groups), which is what keeps 100,000 rows within a minute on two
-cores (docs/performance.md, "check-data"). faiss is a core dependency, so scikit-learn's
-NearestNeighbors is not used for small sets: one code path.
+of its PROBED_LISTS nearest groups), which keeps 100,000 rows of 512 within a minute on two
+cores (16 s; exact: 92 s; docs/performance.md, "check-data"). faiss is a core dependency, so
+scikit-learn's NearestNeighbors is not used for small sets: one code path.
 
 Features are read through `read(rows)` (sorted row numbers -> their unit rows), a block at a
 time, twice: once to fill the index, once to search it. What is held at once is the index,
@@ -35,12 +35,13 @@ from classify.data import gigabytes
 from extract import UsageError
 
 MAPS_REDUCED = "feature maps averaged over their positions (global average pooling): one value per channel"
-EXACT_BELOW = 50_000  # rows; at and above it an IVF index (bench/check_data.py measures the crossing)
+EXACT_BELOW = 20_000  # rows; exact costs under 2 s below it, IVF 1.6x less at it and 4x less at 50,000 (performance.md)
 LISTS_PER_ROOT = 4  # the IVF index groups n rows around LISTS_PER_ROOT * sqrt(n) centroids
-PROBED_LISTS = 8  # the groups each query is compared with (bench/check_data.py: recall against exact)
-RECALL = "recall@10 0.97 at 100,000 rows"  # what bench/check_data.py measured with these settings
+PROBED_LISTS = 8  # the groups each query is compared with: recall@10 0.997 with 4, 0.999 with 8, 1.000 with 16
+RECALL = "recall@10 0.999 on 100,000 synthetic rows"  # what bench/check_data.py measured with these settings
 TRAIN_PER_LIST = 40  # sample rows per centroid the IVF index learns from (faiss asks for at least 39)
 BLOCK_SHARE = 4  # one block holds at most 1/BLOCK_SHARE of the budget left after the index and graph
+MIN_BLOCK_ROWS = 1024  # a budget that allows fewer rows a block is refused: faiss's per-call costs would rule
 FAISS_SCRATCH = 4096 * 1024 * 4  # bytes faiss's exact search uses for one tile of similarities
 _GRAPH_ROW = 4 + 8  # bytes per neighbour in a graph: a float32 similarity and an int64 id
 
@@ -133,8 +134,8 @@ class _Plan:
         held = n * d * 4 + (n * 8 + lists * d * 4 if lists else 0) + n * k * _GRAPH_ROW + FAISS_SCRATCH
         per_row = d * 4 + (k + 1) * _GRAPH_ROW  # a row read, and what its search returns
         block_rows = min(n, (budget - held) // (BLOCK_SHARE * per_row))
-        if block_rows < min(n, 1024):
-            needed = held + BLOCK_SHARE * per_row * min(n, 1024)
+        if block_rows < min(n, MIN_BLOCK_ROWS):
+            needed = held + BLOCK_SHARE * per_row * min(n, MIN_BLOCK_ROWS)
             raise UsageError(f"Finding neighbours among {n:,} rows of {d:,} features needs {gigabytes(needed)} "
                              f"(the index{', the graph' if k else ''} and a block of rows); received a memory "
                              f"budget of {gigabytes(budget)}: give --memory-budget {_budget(needed)} or more.")
@@ -144,7 +145,7 @@ class _Plan:
 
 
 def _build(read: Read, plan: _Plan, seed: int, bar) -> Index:
-    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
+    faiss.omp_set_num_threads(_cores())
     if not plan.lists:
         found, description = faiss.IndexFlatIP(plan.d), "exact (faiss IndexFlatIP)"
     else:
@@ -153,11 +154,16 @@ def _build(read: Read, plan: _Plan, seed: int, bar) -> Index:
         sample = np.random.default_rng(seed).choice(plan.n, min(plan.n, TRAIN_PER_LIST * plan.lists), replace=False)
         found.train(_read(read, np.sort(sample), plan.d))
         description = (f"IVF, {plan.lists:,} lists, {found.nprobe} probed (faiss IndexIVFFlat); "
-                       f"{RECALL} measured in bench/check_data.py")
+                       f"{RECALL} in bench/check_data.py")
     for rows in _blocks(plan.n, plan.block_rows):
         found.add(_read(read, rows, plan.d))
         bar.update(len(rows))
     return Index(found, description)
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, where Linux says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _blocks(n: int, size: int):

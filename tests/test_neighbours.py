@@ -128,7 +128,8 @@ def test_fewer_rows_than_k_pad_with_minus_one(path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_one_feature_all_equal_rows_and_zero_rows_still_give_k_others(path):
-    for X in (vectors(np.random.default_rng(0).normal(size=(50, 1))), vectors(np.ones((50, 6))), np.zeros((50, 6), np.float32)):
+    one_feature = vectors(np.random.default_rng(0).normal(size=(50, 1)))
+    for X in (one_feature, vectors(np.ones((50, 6))), np.zeros((50, 6), np.float32)):
         found = graph(X, 4, exact_below=PATHS[path])
         assert (found.ids >= 0).all() and not (found.ids == np.arange(50)[:, None]).any()
         assert np.isfinite(found.similarities).all()
