@@ -116,7 +116,8 @@ def check_data(
         vectors = _Vectors(features, budget)
         vectors.refuse_all_equal(rows)
         issues, folds_used = _label_issues(rows, vectors, head, folds, seed, notes)
-        graph = knn_graph(vectors.read, len(rows.paths), vectors.d, k, budget, seed, progress)
+        held = 0 if vectors.held is None else vectors.held.nbytes  # the graph gets what they leave
+        graph = knn_graph(vectors.read, len(rows.paths), vectors.d, k, budget - held, seed, progress)
         facts = features.fingerprint, dict(features.config), features.config.get("data_dir")
     pairs, outliers = _duplicates(rows, graph, near_threshold), _outliers(graph)
     counts = {"images": len(rows.paths), "label_issues": len(issues.rows), "exact": int(pairs.exact.sum()),

@@ -25,14 +25,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
 from classify.data import gigabytes
 from extract import UsageError
+
+if TYPE_CHECKING:
+    import faiss
 
 MAPS_REDUCED = "feature maps averaged over their positions (global average pooling): one value per channel"
 EXACT_BELOW = 20_000  # rows; exact costs under 2 s below it, IVF 1.6x less at it and 4x less at 50,000 (performance.md)
@@ -83,6 +85,8 @@ class Index:
         found = min(k, self.found.ntotal)
         similarities, ids = self.found.search(queries, found) if found else _empty(len(queries), 0)
         short = (ids < 0).any(axis=1)
+        import faiss
+
         if short.any() and isinstance(self.found, faiss.IndexIVF):  # its probed lists held too few rows
             similarities[short], ids[short] = self._search_all_lists(queries[short], found)
         similarities[ids < 0] = np.nan
@@ -90,6 +94,8 @@ class Index:
         return np.hstack([similarities, missing[0]]), np.hstack([ids, missing[1]])
 
     def _search_all_lists(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
         parameters = faiss.SearchParametersIVF(nprobe=self.found.nlist)
         return self.found.search(queries, k, params=parameters)
 
@@ -145,6 +151,8 @@ class _Plan:
 
 
 def _build(read: Read, plan: _Plan, seed: int, bar) -> Index:
+    import faiss  # here, not at import: `import classify` does not pay for it (0.1-0.25 s)
+
     faiss.omp_set_num_threads(_cores())
     if not plan.lists:
         found, description = faiss.IndexFlatIP(plan.d), "exact (faiss IndexFlatIP)"
