@@ -1,5 +1,5 @@
 """check-data's two heavy steps on synthetic features: the k=10 neighbour graph
-(classify.neighbours) and the label-issue step (classify.check.label_issues: out-of-fold
+(classify.neighbours) and the label-issue step (classify.findings.label_issues: out-of-fold
 logreg + cleanlab).
 
     python bench/check_data.py graph --rows 100000            # seconds, peak RSS, recall@10
@@ -102,10 +102,10 @@ def probes(args) -> None:
 
 
 def labels(args) -> None:
-    """check-data's label step (`classify.check.label_issues`: out-of-fold probabilities of a
+    """check-data's label step (`classify.findings.label_issues`: out-of-fold probabilities of a
     5-fold head, then cleanlab's find_label_issues), with 5% of the labels flipped (CLASSES
     classes, each GROUPS / CLASSES groups of centres)."""
-    from classify.check import label_issues
+    from classify.findings import label_issues
 
     _register_variants()
     for rows in args.rows:

@@ -11,13 +11,14 @@ rows in memory or read from the cache a window at a time), `splits` (a cache's r
 for training), `training` (fitting, search, cross-validation, the leaderboard),
 `evaluation` (sklearn.metrics scores and plots), `artifacts` (head folders, checked
 loading), `report` (report.html), `scoring` (new images -> predictions), `export` (backbone +
-head as one Keras model), `check` (check-data: label issues, duplicates, outliers, `nearest`),
-`neighbours` (its nearest-neighbour graph), `check_page` (check.html), `train_cli`,
+head as one Keras model), `check` (check-data: reads a cache, `nearest`), `findings` (label issues, duplicates,
+outliers on arrays; `Check`), `neighbours` (the nearest-neighbour graph), `check_page` (check.html), `train_cli`,
 `score_cli` and `check_cli` (the commands).
 """
 
 from classify.artifacts import LoadedHead, load_head
-from classify.check import Check, Neighbour, check_data, nearest
+from classify.check import Neighbour, check_data, nearest
+from classify.findings import Check
 from classify.export import export_model
 from classify.scoring import ScoreRow, score_images
 from classify.heads import HEADS

@@ -7,9 +7,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from classify.check import (
-    DUPLICATES, LABEL_HEADS, LABEL_ISSUES, NEAR_THRESHOLD, OUTLIERS, PAGE, Check, check_data, nearest,
-)
+from classify.check import LABEL_HEADS, NEAR_THRESHOLD, check_data, nearest
+from classify.findings import DUPLICATES, LABEL_ISSUES, OUTLIERS, PAGE, Check
 from extract import DEFAULT_CACHE, ExtractError, console, version
 
 PROG = "check-data"

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from classify.evaluation import natural_order
+from classify.findings import Check
 from classify.report import Thumbnails, escape, write_page
 from extract import describe
-
-if TYPE_CHECKING:  # check.py writes the page through this module
-    from classify.check import Check
 
 SHOWN = 48  # thumbnails per section at most (a duplicate pair shows two)
 CLASSES_SHOWN = 200  # rows of the balance table at most

@@ -68,14 +68,14 @@ def test_another_run_finishing_first_into_the_same_out_keeps_its_files(tmp_path,
     X, labels = two_blobs()
     cache = cache_of(tmp_path / "c.h5", X, labels)
     out = tmp_path / "out"
-    real = classify.check._write
+    real = classify.check.write_csvs
 
     def other_run_finishes_first(folder, *args):
         real(folder, *args)
         out.mkdir()
         (out / "theirs.csv").write_text("kept")
 
-    monkeypatch.setattr(classify.check, "_write", other_run_finishes_first)
+    monkeypatch.setattr(classify.check, "write_csvs", other_run_finishes_first)
     error = one_line(call(CHECK, "--cache", cache, "--out", out), 2, "another run", "check is not saved", "new --out")
     assert "head" not in error and "trained" not in error
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith("out")] == ["out"]
@@ -127,17 +127,17 @@ def test_near_pairs_by_the_million_take_bytes_a_pair_not_the_hashes(tmp_path):
     10,000 images (-k 1000, --memory-budget 1G); by content id, about 120 bytes a neighbour."""
     import tracemalloc
 
-    from classify.check import _duplicates, _Rows
+    from classify.findings import Images, duplicates
     from classify.neighbours import Graph
 
     n, k = 2000, 200
-    rows = _Rows(np.array([f"train/a/{row}.png" for row in range(n)]), np.array(["train"] * n), np.array(["a"] * n),
+    rows = Images(np.array([f"train/a/{row}.png" for row in range(n)]), np.array(["train"] * n), np.array(["a"] * n),
                  np.array([f"{row:064x}" for row in range(n)]))
     ids = (np.arange(n)[:, None] + np.arange(1, k + 1)[None, :]) % n  # each row's k next rows
     graph = Graph(np.full((n, k), 0.5, np.float32), ids.astype(np.int64), "exact")
     tracemalloc.start()
     try:
-        pairs = _duplicates(rows, graph, 0.01)
+        pairs = duplicates(rows, graph, 0.01)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classify.check import Check
+from classify.findings import Check
 from classify.check_page import CLASSES_SHOWN, SHOWN, write_check_page
 from conftest import SIZE, make_dataset
 from helpers import render

@@ -15,7 +15,8 @@ import pytest
 from conftest import SIZE
 from planted import write_planted
 
-from classify.check import DUPLICATES, LABEL_ISSUES, OUTLIERS, check_data
+from classify.check import check_data
+from classify.findings import DUPLICATES, LABEL_ISSUES, OUTLIERS
 
 # Random weights, 32 px: the planted near copies measure >= 0.9986 and the nearest distinct
 # images <= 0.9972 (seeds 0-3); bench/near_duplicates.py's mixed set puts the line near 0.998 too.
