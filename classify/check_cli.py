@@ -90,12 +90,11 @@ def summary(check: Check) -> str:
     counts = check.counts
     classes = {label for split in check.classes.values() for label in split if label}
     labels = (f"{counts['label_issues']} label issue{'s' * (counts['label_issues'] != 1)} "
-              f"({check.label_head} out-of-fold over {check.folds} folds, cleanlab)" if check.label_head
-              else "labels not checked")
+              f"({check.label_head} out-of-fold over {check.folds} folds, cleanlab); " if check.label_head else "")
     pairs = counts["exact"] + counts["near"]
     sentences = [
         f"Checked {check.images} images of configuration {check.fingerprint} ({len(classes)} classes).",
-        f"Found {labels}; {pairs} duplicate pair{'s' * (pairs != 1)}: {counts['exact']} exact, {counts['near']} near "
+        f"Found {labels}{pairs} duplicate pair{'s' * (pairs != 1)}: {counts['exact']} exact, {counts['near']} near "
         f"(cosine >= {check.near_threshold:g}), {counts['leaks']} of them between train and validation or test "
         f"(leaks); {counts['outliers']} outlier{'s' * (counts['outliers'] != 1)} (mean distance to {check.k} "
         f"neighbours beyond the far fence).",
