@@ -124,17 +124,13 @@ def duplicates(rows: Images, graph, threshold: float) -> Pairs:
     """Exact copies (a group of m images with one content is m - 1 pairs: each with the
     group's first training image, else its first image) and near ones (neighbours at or
     above `threshold`, of different contents; each pair once)."""
-    a, b = [], []
     _, group, sizes = np.unique(rows.sha256, return_inverse=True, return_counts=True)
-    for members in np.split(np.argsort(group, kind="stable"), np.cumsum(sizes)[:-1]):
-        if len(members) > 1:
-            training = members[rows.splits[members] == "train"]
-            anchor = training[0] if len(training) else members[0]
-            others = members[members != anchor]
-            a.append(np.full(len(others), anchor))
-            b.append(others)
-    exact_a = np.concatenate(a) if a else np.empty(0, np.int64)
-    exact_b = np.concatenate(b) if b else np.empty(0, np.int64)
+    copied = np.flatnonzero(sizes[group] > 1)  # rows whose content another row has too
+    copied = copied[np.lexsort((copied, rows.splits[copied] != "train", group[copied]))]  # each group's anchor first
+    starts = np.ones(len(copied), dtype=bool)
+    starts[1:] = group[copied][1:] != group[copied][:-1]
+    anchor = copied[np.maximum.accumulate(np.where(starts, np.arange(len(copied)), 0))]
+    exact_a, exact_b = anchor[~starts], copied[~starts]
     query = np.repeat(np.arange(len(graph.ids)), graph.ids.shape[1])
     other, similarity = graph.ids.ravel(), graph.similarities.ravel()
     near = (other >= 0) & (similarity >= threshold)
