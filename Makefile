@@ -21,12 +21,12 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed-core: pyproject.toml | $(BIN)/python
-	@echo "make: installing the project and what it runs (TensorFlow, Keras, scikit-learn, ...: 2.4 GB; 45 s on two cores from a fast mirror, longer on a slow network)"
+	@echo "make: installing the project and what it runs (TensorFlow, Keras, scikit-learn, ...: about 2.4 GB; 47 s here from a fast mirror, plus the download on yours)"
 	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-core
-	@echo "make: installing the test and Ray extras (pytest, JAX, Ray, pyarrow, moto, ...: about 1 GB more)"
+	@echo "make: installing the test and Ray extras (pytest, JAX, Ray, pyarrow, moto, ...: about 1 GB more; 158 s here)"
 	$(PIP_INSTALL) -e '.[test,ray]'
 	touch $@
 

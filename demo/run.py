@@ -46,7 +46,8 @@ DATA, CACHE, HEADS = "data/demo", "cache/demo.h5", Path("heads/demo")
 STATE = HEADS / "state.json"  # the cache state the heads were trained on, and what the run printed
 INPUT_SIZE = 64  # keeps the first demo run near a minute on two CPU cores
 POOLING = "avg"
-NEAR_THRESHOLD_RANDOM = 0.998  # check-data's near duplicates on random weights (docs/check-data.md)
+# check-data's near-duplicate threshold on random weights, by input size (measured: docs/check-data.md)
+NEAR_THRESHOLDS_RANDOM = {32: "0.998", 64: "0.9987"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     weights = _extract(options.weights, config)
     last = _last_run(cache_state(CACHE))
     if last is not None:
-        print(f"\nNothing new to compute: {CACHE} holds what it held at the end of the last demo run, so its "
-              f"results stand (heads in {HEADS}/; `make clean` removes them and the cache to start over):")
+        print(f"\nNothing new to compute: {CACHE} holds what it held at the end of the last demo run, whose "
+              f"results follow (heads in {HEADS}/; `make clean` removes them, the cache and the images to start over):")
         print(last["results"])
     else:
         shutil.rmtree(HEADS, ignore_errors=True)  # the demo's own heads, trained on a cache that has changed since
         last = _train_and_score(weights, config)
         STATE.write_text(json.dumps(dict(last, cache=cache_state(CACHE)), indent=1))
-    print(next_commands(last["best"], weights))
+    print(next_commands(last["best"], weights, options.input_size))
     return 0
 
 
@@ -140,7 +141,6 @@ def _train_and_score(weights: str, config: dict) -> dict:
     say(f"\nTraining every head on the cached features (train-head --head all --cache {CACHE} --out {HEADS}/all):")
     training = train_head(CACHE, "all", out=HEADS / "all", augment=False)
     say(format_training(training))
-    say(f"report: {training.report}")
     best = training.leaderboard()[0]
     rows = list(score_images([f"{DATA}/test"], best["folder"], cache=CACHE))
     correct = sum(row.label == Path(row.path).parent.name for row in rows if row.status == "ok")
@@ -162,11 +162,12 @@ def _train_and_score(weights: str, config: dict) -> dict:
     return {"results": "\n".join(lines), "best": str(best["folder"])}
 
 
-def next_commands(best: str, weights: str) -> str:
+def next_commands(best: str, weights: str, input_size: int) -> str:
     """The demo's steps as commands to run next, each on the demo's cache (not the default
     one: see the module's docstring); check-data's near-duplicate threshold is raised on
-    weights that are not ImageNet's (docs/check-data.md)."""
-    near = [] if weights == "imagenet" else ["--near-threshold", str(NEAR_THRESHOLD_RANDOM)]
+    weights that are not ImageNet's, where one was measured (docs/check-data.md)."""
+    threshold = None if weights == "imagenet" else NEAR_THRESHOLDS_RANDOM.get(input_size)
+    near = [] if threshold is None else ["--near-threshold", threshold]
     commands = [
         ["train-head", "--head", "mlp", "--cache", CACHE],
         ["score-images", f"{DATA}/test", "--head", best, "--cache", CACHE, "--output", "scores.csv"],
