@@ -9,7 +9,6 @@ cross-validation, the leaderboard, head folders.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +34,7 @@ from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
 from extract import (
-    DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, describe, package_versions,
+    DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, console, describe, package_versions,
 )
 
 
@@ -157,7 +156,7 @@ def train_head(
     with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment,
                      read_bytes=budget // READ_SHARE) as splits:
         if progress:
-            print(splits_line(cache, splits), file=sys.stderr)
+            console.terminal_line(splits_line(cache, splits))
         tuning = [name for name in names if HEADS[name].tunes]
         sets = feature_sets(names, tuning, head == "all", splits, cache, weights)
         plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, False, report, mistakes)
@@ -236,7 +235,7 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
         (partial / LEADERBOARD).write_text(json.dumps(training.leaderboard(), indent=2))
     if plan.report:
         if progress:
-            terminal_line(f"drawing {REPORT} (t-SNE map of the features) ...")
+            console.terminal_line(f"drawing {REPORT} (t-SNE map of the features) ...")
         folders = {result.head: partial / (result.head if len(names) > 1 else "") for result in results}
         try:
             write_report(partial / REPORT, training, splits, folders, plan.mistakes, plan.seed)
@@ -245,13 +244,6 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
             warnings.warn(f"{REPORT} not written ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
                           f"the heads are saved.", HeadWarning)
     return training
-
-
-def terminal_line(line: str) -> None:
-    """A line of progress on stderr where it is a terminal, as tqdm's bars (disable=None)."""
-    stream = sys.stderr
-    if stream is not None and getattr(stream, "isatty", lambda: False)():
-        print(line, file=stream, flush=True)
 
 
 def _options(name: str, options: dict) -> dict:

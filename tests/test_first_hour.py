@@ -13,8 +13,11 @@ from conftest import SIZE, blobs, make_dataset, write_synthetic_cache
 from classify import load_head
 from classify.data import Rows
 from classify.keras_head import KerasMLPClassifier
+from classify.score_cli import main as score_main
+from classify.train_cli import main as train_main
 from classify.training import train_head
 from extract import UsageError, extract_features
+from extract.cli import main as extract_main
 
 SPLITS = {"train": (("a", "b"), 20), "validation": (("a", "b"), 6)}
 
@@ -50,18 +53,47 @@ def test_epochs_are_silent_off_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_train_head_names_the_cache_configuration_and_rows_first(cache, tmp_path):
-    done = helpers.call(helpers.TRAIN, "--cache", cache, "--head", "logreg", "--no-report", "--out", tmp_path / "run")
-    first = done.stderr.splitlines()[0]
-    assert done.returncode == 0
+def test_finetune_shows_the_epochs_of_each_of_its_steps_on_a_terminal(tmp_path, weights_file, monkeypatch):
+    make_dataset(tmp_path / "data", per_class=4)
+    extract_features(tmp_path / "data", tmp_path / "b4.h5", input_size=48, weights=weights_file, layer="block4_pool",
+                     progress=False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    train_head(tmp_path / "b4.h5", "finetune", out=tmp_path / "head", epochs=2, head_epochs=3, early_stopping=False,
+               report=False, progress=True)
+    shown = sys.stderr.getvalue()
+    assert "finetune, head alone" in shown and "3/3" in shown
+    assert "finetune, block5 and head" in shown and "2/2" in shown
+
+
+def test_train_head_names_the_cache_configuration_and_rows_first(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert train_main(["--cache", str(cache), "--head", "logreg", "--no-report", "--out", str(tmp_path / "run")]) == 0
+    first = sys.stderr.getvalue().splitlines()[0]
     assert f"training on {str(cache)!r}" in first and "configuration synthetic0000001" in first
     assert "input size 32" in first and "40 training images, 12 validation" in first
 
 
-def test_train_head_quiet_names_nothing(cache, tmp_path):
-    done = helpers.call(helpers.TRAIN, "--cache", cache, "--head", "logreg", "--no-report", "--quiet",
-                        "--out", tmp_path / "run")
-    assert done.returncode == 0 and done.stderr == ""
+def test_extract_features_and_score_images_name_what_they_work_on(tmp_path, weights_file, monkeypatch):
+    make_dataset(tmp_path / "data", per_class=3)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert extract_main([str(tmp_path / "data"), "--cache", str(tmp_path / "c.h5"), "--weights", str(weights_file),
+                         "--input-size", str(SIZE), "--pooling", "avg"]) == 0
+    assert sys.stderr.getvalue().startswith(f"extracting {tmp_path / 'data'} into {tmp_path / 'c.h5'}: weights ")
+    assert f"input size {SIZE}, pooling avg" in sys.stderr.getvalue().splitlines()[0]
+    train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "head", report=False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert score_main([str(tmp_path / "data"), "--head", str(tmp_path / "head"), "--cache", str(tmp_path / "c.h5"),
+                       "--output", str(tmp_path / "s.csv")]) == 0
+    first = sys.stderr.getvalue().splitlines()[0]
+    assert first.startswith(f"scoring with {tmp_path / 'head'} (logreg head on configuration ")
+    assert f"features reused from --cache {tmp_path / 'c.h5'}" in first
+
+
+def test_train_head_quiet_names_nothing_even_on_a_terminal(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert train_main(["--cache", str(cache), "--head", "mlp", "--epochs", "2", "--quiet",
+                       "--out", str(tmp_path / "run")]) == 0
+    assert sys.stderr.getvalue() == ""
 
 
 def test_a_line_says_the_report_is_being_drawn_on_a_terminal(cache, tmp_path, monkeypatch):
