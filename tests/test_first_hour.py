@@ -80,7 +80,10 @@ def test_extract_features_and_score_images_name_what_they_work_on(tmp_path, weig
                          "--input-size", str(SIZE), "--pooling", "avg"]) == 0
     assert sys.stderr.getvalue().startswith(f"extracting {tmp_path / 'data'} into {tmp_path / 'c.h5'}: weights ")
     assert f"input size {SIZE}, pooling avg" in sys.stderr.getvalue().splitlines()[0]
-    train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "head", report=False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert train_main(["--cache", str(tmp_path / "c.h5"), "--head", "logreg", "--no-report",
+                       "--out", str(tmp_path / "head")]) == 0
+    assert f"extracted from {str(tmp_path / 'data')!r}" in sys.stderr.getvalue().splitlines()[0]
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert score_main([str(tmp_path / "data"), "--head", str(tmp_path / "head"), "--cache", str(tmp_path / "c.h5"),
                        "--output", str(tmp_path / "s.csv")]) == 0
