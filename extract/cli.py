@@ -177,7 +177,7 @@ def start_line(args) -> str:
     weights = args.weights + (f" (seed {args.seed})" if args.weights == "random" else "")
     layer = "" if args.layer == TOP_LAYER else f", layer {args.layer}"
     return (f"extracting {args.data_dir} into {args.cache}: weights {weights}, input size {args.input_size}, "
-                     f"pooling {args.pooling}{layer}")
+            f"pooling {args.pooling}{layer}")
 
 
 def format_summary(summary: ExtractSummary) -> str:
