@@ -60,6 +60,7 @@ PREDICTIONS = "predictions.csv"
 TOP_K = 3  # labels per image in predictions.csv
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 DEFAULT_HEADS_FOLDER = "heads"
+LEADERBOARD = "leaderboard.json"  # beside the heads of a --head all run, best first
 MAX_FILE_BYTES = 4 * 2**30  # the most read or hashed of one head file (a large random forest is ~100 MB)
 MAX_INFO_BYTES = 16 * 2**20  # head.json: classes, configuration, scores, arguments (1,000 classes: ~100 KB)
 MAX_SUMS_BYTES = 2**20  # SHA256SUMS: two lines a file
@@ -168,7 +169,8 @@ def load_head(folder) -> LoadedHead:
         if (folder / INFO).exists():
             raise UsageError(f"{str(folder)!r} has no {SUMS} (written by train-head since this version, covering "
                              f"{INFO} too); retrain the head.")
-        raise UsageError(f"{str(folder)!r} is not a head folder written by train-head (no {SUMS}).")
+        raise UsageError(_run_folder_note(folder) or
+                         f"{str(folder)!r} is not a head folder written by train-head (no {SUMS}).")
     recorded, sizes = _read_sums(folder / SUMS)
     for name in (INFO, ARTIFACT):
         if name not in recorded:
@@ -200,6 +202,26 @@ def load_head(folder) -> LoadedHead:
         raise UsageError(f"{str(folder / INFO)!r} lists the classes {info['classes']!r}, but the model predicts "
                          f"{classes!r}; refusing to relabel its predictions. Retrain the head.")
     return LoadedHead(folder, estimator, info)
+
+
+def _run_folder_note(folder: Path) -> str:
+    """Where `folder` is a run of `train-head --head all` (its heads in folders inside it and
+    leaderboard.json), a message naming them and the best; else ""."""
+    try:
+        heads = sorted(child.name for child in folder.iterdir() if (child / SUMS).is_file())
+    except OSError:  # unreadable: the plain message says enough
+        return ""
+    if not heads:
+        return ""
+    best = None
+    try:
+        best = json.loads((folder / LEADERBOARD).read_text())[0]["head"]
+    except (OSError, ValueError, LookupError, TypeError):  # no leaderboard: the heads are still named
+        pass
+    best = best if best in heads else None
+    where = str(folder / (best or heads[0]))
+    return (f"{str(folder)!r} is a folder of {len(heads)} heads ({', '.join(heads)}), not one head; pass one of "
+            f"them, e.g. --head {where!r}" + (" (the best on the leaderboard)." if best else "."))
 
 
 def _read_sums(path: Path) -> tuple[dict[str, str], dict[str, int]]:

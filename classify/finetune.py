@@ -89,7 +89,8 @@ class KerasFinetuneClassifier(KerasMLPClassifier):
         self.head_learning_rate = head_learning_rate
         self.base = base
 
-    def fit_rows(self, rows: Rows, validation: Rows | None = None):
+    def fit_rows(self, rows: Rows, validation: Rows | None = None, progress: str | None = None):
+        """As the mlp's (`KerasMLPClassifier.fit_rows`), in two steps, each its own bar of epochs."""
         base = self.base
         if not (isinstance(base, FeatureConfig) and base.is_map_below_top):
             raise ValueError(f"Expected base= the FeatureConfig of unpooled maps below block5_pool; received {base!r}.")
@@ -108,7 +109,7 @@ class KerasFinetuneClassifier(KerasMLPClassifier):
         frozen_rows = _held(rows.through(frozen, frozen.n_features), rows)
         frozen_validation = None if validation is None else _held(validation.through(frozen, frozen.n_features), rows)
         if self.head_epochs:
-            head.fit_rows(frozen_rows, frozen_validation)
+            head.fit_rows(frozen_rows, frozen_validation, progress=_step(progress, "head alone"))
             first = head.history_
         else:  # the head as built, untrained
             head.classes_ = self.classes_
@@ -126,13 +127,18 @@ class KerasFinetuneClassifier(KerasMLPClassifier):
             metrics=["accuracy"],
         )
         second = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random,
-                             _kept_loss(first, self.early_stopping))
+                             _kept_loss(first, self.early_stopping), progress=_step(progress, "block5 and head"))
         if not np.isfinite(second["loss"][-1]) and not self.early_stopping:
             raise ValueError(f"block5's training diverged (a training loss of {second['loss'][-1]}) at "
                              f"--learning-rate {self.learning_rate}; lower it, or keep early stopping on")
         self.history_ = {name: first.get(name, []) + values for name, values in second.items()}
         self.history_["fine_tuning_from"] = [len(first.get("loss", []))]  # epochs of the first step
         return self
+
+
+def _step(progress: str | None, step: str) -> str | None:
+    """The name of one step's bar of epochs: "finetune, head alone" (None: no bar)."""
+    return None if progress is None else f"{progress}, {step}"
 
 
 def _kept_loss(history: dict, early_stopping: bool) -> float | None:

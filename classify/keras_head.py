@@ -28,6 +28,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
+from tqdm import tqdm
+
 from classify.data import Reader, Rows
 from extract import Interval, check_options, import_keras
 
@@ -95,13 +97,15 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         validation = None if validation_data is None else Rows.from_arrays(*validation_data)
         return self.fit_rows(Rows.from_arrays(X, y, image_index), validation)
 
-    def fit_rows(self, rows: Rows, validation: Rows | None = None):
+    def fit_rows(self, rows: Rows, validation: Rows | None = None, progress: str | None = None):
         """Train on `rows` (a `classify.data.Rows`: in memory, or read from the cache a
         window at a time), scoring `validation` after each epoch. Rows of one image
-        (`rows.images`) are its views: each epoch uses one of them."""
+        (`rows.images`) are its views: each epoch uses one of them. `progress`: the name
+        of a bar of epochs on stderr when it is a terminal (`_epoch_bar`); None, silent."""
         keras, random, rows, y_index, validation = self._prepare(rows, validation)
         self.model_ = self._build(keras, rows.n_features, len(self.classes_), _moments(rows) if self.standardize else None)
-        self.history_ = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random)
+        self.history_ = self._train(keras, self.model_, rows, y_index, validation, self.epochs, random,
+                                    progress=progress)
         return self
 
     def _prepare(self, rows: Rows, validation: Rows | None):
@@ -142,15 +146,16 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
             ) from None
 
     def _train(self, keras, model, rows: Rows, y_index, validation: Rows | None, epochs: int, random,
-               best_loss: float | None = None) -> dict:
+               best_loss: float | None = None, progress: str | None = None) -> dict:
         """`model.fit` on `rows` (batches read as the model takes them, see `_batches`),
         scoring `validation` after each epoch; its history. With early stopping and
         `best_loss`, the model's weights as they are now score `best_loss` on validation,
-        and are kept unless an epoch beats them."""
+        and are kept unless an epoch beats them. `progress`: as `fit_rows` takes it."""
         callbacks = [_early_stopping(keras, self.patience, best_loss)] if self.early_stopping else []
         batches = _batches(keras, rows, y_index, len(self.classes_), self.batch_size, _epoch_orders(rows, random), model)
         validation = self._validation(keras, validation, model)
-        callbacks.append(_paced(keras, batches, validation))
+        bar = _epoch_bar(keras, epochs, progress)
+        callbacks += [_paced(keras, batches, validation), bar]
         try:
             with _without_retracing_notes():
                 history = model.fit(
@@ -163,6 +168,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
                     shuffle=False,  # the batches are shuffled already: see classify.data
                 )
         finally:
+            bar.close()
             for data in (batches, validation):
                 if data is not None:
                     data.taken(None)
@@ -364,6 +370,35 @@ def _paced(keras, batches, validation):
                 validation.taken(batch + 1)
 
     return Paced()
+
+
+def _epoch_bar(keras, epochs: int, name: str | None):
+    """A callback showing training as a bar of epochs on stderr, updated as each ends:
+    `name`, epoch i/n, the time left (tqdm's estimate), the epoch's loss and validation
+    accuracy. Nothing where `name` is None or stderr is not a terminal (tqdm's disable=None);
+    `close` it once training ends, whether it ended well or not."""
+
+    class EpochBar(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.bar = tqdm(total=epochs, unit="epoch", desc=name, leave=False,
+                            disable=None if name is not None else True)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.set_postfix_str(epoch_note(logs or {}), refresh=False)
+            self.bar.update(1)
+
+        def close(self):
+            self.bar.close()
+
+    return EpochBar()
+
+
+def epoch_note(logs: dict) -> str:
+    """An epoch's results in words, as Keras logs them: "loss 0.4215, val acc 0.9250"."""
+    notes = [f"{label} {logs[key]:.4f}" for key, label in (("loss", "loss"), ("val_accuracy", "val acc"))
+             if key in logs]
+    return ", ".join(notes)
 
 
 def _model_to_bytes(model) -> bytes:

@@ -12,7 +12,8 @@ import sys
 from classify.artifacts import load_head, spreadsheet_cell
 from classify.scoring import score_images
 from extract import (
-    DEFAULT_CACHE, ENGINES, ExtractError, UsageError, console, parse_storage_options, streamed, version, write_aside,
+    DEFAULT_CACHE, ENGINES, ExtractError, UsageError, console, describe, parse_storage_options, streamed, version,
+    write_aside,
 )
 
 PROG = "score-images"
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
                 raise UsageError("stdout is closed; pass --output FILE.")
             storage_options = None if args.storage_options is None else parse_storage_options(args.storage_options)
             head = load_head(args.head)
+            if not args.quiet:
+                console.terminal_line(start_line(head, args.cache))
             rows = score_images(args.paths, head, cache=args.cache or DEFAULT_CACHE,
                                 cache_required=args.cache is not None, weights=args.weights, top_k=args.top_k,
                                 batch_size=args.batch_size, engine=args.engine, ray_address=args.ray_address,
@@ -88,6 +91,13 @@ def main(argv=None) -> int:
     if counts["ok"] == 0:
         return console.fail(PROG, "no image could be scored.", console.FAILED)
     return console.DONE
+
+
+def start_line(head, cache: str | None) -> str:
+    """What the run works on, said before it starts: the head, its features, the cache reused."""
+    reused = f"--cache {cache}" if cache else f"{DEFAULT_CACHE}, where it holds them"
+    return (f"scoring with {head.folder} ({head.info['head']} head on configuration {head.fingerprint}: "
+            f"{describe(head.info['feature_config'])}); features reused from {reused}")
 
 
 def _interrupted(output: str | None) -> str:

@@ -156,6 +156,9 @@ class _CachedFeatures:
         self.path, self.key, self.usable = cache, key, False
         if cache is None or not (required or Path(cache).is_file()):
             return
+        if not Path(cache).exists():  # scoring needs no cache: extracting one is not the fix
+            raise UsageError(f"No feature cache at --cache {str(cache)!r}. Scoring needs none (it only reuses the "
+                             f"features a cache holds): leave out --cache, or name the cache that exists.")
         configurations = [config["fingerprint"] for config in list_configs(cache)]
         self.usable = key in configurations
         if not self.usable and required and computed_from and computed_from.get("fingerprint") in configurations:

@@ -23,7 +23,7 @@ from sklearn.model_selection import ParameterGrid
 from tqdm import tqdm
 
 from classify.artifacts import (
-    DEFAULT_HEADS_FOLDER, check_out, new_folder, save_head, written_whole,
+    DEFAULT_HEADS_FOLDER, LEADERBOARD, check_out, new_folder, save_head, written_whole,
 )
 from classify.data import READ_SHARE, Rows, gigabytes
 from classify.data import memory_budget as memory_budget_bytes
@@ -33,7 +33,9 @@ from classify.heads import HEADS
 from classify.keras_head import KerasMLPClassifier
 from classify.report import MISTAKES, REPORT, write_report
 from classify.splits import HeadWarning, Splits, image_folds, load_splits
-from extract import DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, package_versions
+from extract import (
+    DEFAULT_CACHE, SEED, Interval, StrOptions, UsageError, check_options, console, describe, package_versions,
+)
 
 
 def _option(name: str) -> str:
@@ -153,6 +155,8 @@ def train_head(
     final = check_out(out)
     with load_splits(cache, config, validation_fraction, seed, folds=cv, augment=augment,
                      read_bytes=budget // READ_SHARE) as splits:
+        if progress:
+            console.terminal_line(splits_line(cache, splits))
         tuning = [name for name in names if HEADS[name].tunes]
         sets = feature_sets(names, tuning, head == "all", splits, cache, weights)
         plan = _Plan(search, cv, class_weight, seed, validation_fraction, augment, False, report, mistakes)
@@ -169,6 +173,21 @@ def train_head(
         with written_whole(final, made=out is None) as partial:
             training = _train_all(names, splits_of, partial, final, plans, options, progress)
     return training
+
+
+def splits_line(cache, splits: Splits) -> str:
+    """What a run trains on, in one line, said before it starts (a forgotten --cache or
+    --config shows at once): the cache, the folder its images were read from, the
+    configuration, the rows of each split."""
+    rows = [f"{splits.training_images} training images"
+            + (f" (and {splits.training_views} views of them)" if splits.training_views else ""),
+            f"{len(splits.validation)} validation"
+            + (" (held out of the training images)" if splits.validation_source == "drawn" else "")]
+    if splits.test is not None:
+        rows.append(f"{len(splits.test)} test")
+    source = f", extracted from {splits.data_dir!r}" if splits.data_dir else ""
+    return (f"training on {str(cache)!r}{source}: configuration {splits.fingerprint} ({describe(splits.config)}); "
+            f"{', '.join(rows)}")
 
 
 def _streaming(names: list[str], head: str, splits: Splits, budget: int, given) -> list[str]:
@@ -199,7 +218,7 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
     for name in bar:
         bar.set_postfix_str(name)
         try:
-            fitted = _fit_one(name, splits_of[name], plans[name], _options(name, options))
+            fitted = _fit_one(name, splits_of[name], plans[name], _options(name, options), progress)
         except _CannotTrain as error:
             if len(names) == 1:
                 raise UsageError(str(error)) from None
@@ -213,8 +232,10 @@ def _train_all(names, splits_of: dict[str, Splits], partial: Path, final: Path, 
     training = Training(results, final, splits.fingerprint, splits.validation_source, splits.training_images,
                         splits.training_views, any(plans[result.head].streamed for result in results), splits.leaks)
     if len(names) > 1:
-        (partial / "leaderboard.json").write_text(json.dumps(training.leaderboard(), indent=2))
+        (partial / LEADERBOARD).write_text(json.dumps(training.leaderboard(), indent=2))
     if plan.report:
+        if progress:
+            console.terminal_line(f"drawing {REPORT} (t-SNE map of the features) ...")
         folders = {result.head: partial / (result.head if len(names) > 1 else "") for result in results}
         try:
             write_report(partial / REPORT, training, splits, folders, plan.mistakes, plan.seed)
@@ -264,7 +285,7 @@ class _Fitted:
     predictions: dict  # split -> Predictions
 
 
-def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
+def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict, progress: bool = False) -> _Fitted:
     spec = HEADS[name]
     if plan.class_weight and not spec.class_weights:
         warnings.warn(f"{name} has no class weights; --class-weight {plan.class_weight} is ignored for it.", HeadWarning)
@@ -281,7 +302,7 @@ def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
             estimator.set_params(**best)
         cross_validation = _cross_validate(estimator, splits, plan.cv, plan.seed) if plan.cv else None
         started = time.perf_counter()
-        fit(estimator, splits.train, splits.validation)
+        fit(estimator, splits.train, splits.validation, name if progress else None)
         fit_seconds = time.perf_counter() - started
         scored = {"validation": splits.validation, "test": splits.test}
         scored = {split: rows for split, rows in scored.items() if rows is not None}
@@ -295,9 +316,12 @@ def _fit_one(name: str, splits: Splits, plan: _Plan, options: dict) -> _Fitted:
     return _Fitted(name, estimator, scores, fit_seconds, plan, options, cross_validation, table, made)
 
 
-def fit(estimator, rows: Rows, validation: Rows | None = None):
+def fit(estimator, rows: Rows, validation: Rows | None = None, progress: str | None = None):
     """Fit a head on `rows`: one that streams (`fit_rows`) reads them as it goes and
-    scores `validation` as it learns (the mlp); the others take them in memory."""
+    scores `validation` as it learns (the mlp); the others take them in memory. A Keras
+    head shows its epochs on a terminal as a bar named `progress` (None: silent)."""
+    if isinstance(estimator, KerasMLPClassifier):  # the finetune head too
+        return estimator.fit_rows(rows, validation, progress=progress)
     if hasattr(estimator, "fit_rows"):
         return estimator.fit_rows(rows, validation)
     return estimator.fit(rows.X, rows.y)

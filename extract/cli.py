@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not (args.quiet or args.json):
+        console.terminal_line(start_line(args))
     try:
         # What libraries print while it runs (Ray: "a worker died") goes to stderr: stdout is for --json.
         with contextlib.redirect_stdout(sys.stderr):
@@ -168,6 +170,14 @@ def _augmentation(args) -> Augmentation | None:
     given = {name: getattr(args, name) for name in ("shear", "zoom", "flip", "rotation", "shift")}
     given = {name: value for name, value in given.items() if value is not None}
     return Augmentation(seed=args.seed, **given) if given or args.augment else None
+
+
+def start_line(args) -> str:
+    """What the run works on, said before it starts (a forgotten --cache shows at once)."""
+    weights = args.weights + (f" (seed {args.seed})" if args.weights == "random" else "")
+    layer = "" if args.layer == TOP_LAYER else f", layer {args.layer}"
+    return (f"extracting {args.data_dir} into {args.cache}: weights {weights}, input size {args.input_size}, "
+            f"pooling {args.pooling}{layer}")
 
 
 def format_summary(summary: ExtractSummary) -> str:

@@ -45,6 +45,14 @@ def printable(text: str, keep: str = "") -> str:
                    for char in text)
 
 
+def terminal_line(line: str) -> None:
+    """A line of progress on stderr where it is a terminal, as tqdm's bars (disable=None):
+    in a log, or under a test, errors stay one line."""
+    stream = sys.stderr
+    if stream is not None and getattr(stream, "isatty", lambda: False)():
+        print(printable(line), file=stream, flush=True)
+
+
 def why(error: Exception) -> str:
     """What went wrong with a write or read, in a few words: the OS's reason (`strerror`) where
     there is one, else the error's own text on one line, cut to 200 characters."""

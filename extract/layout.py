@@ -42,10 +42,9 @@ from extract.sources.location import open_location
 LAYOUTS = ("auto", "splits", "classes", "unlabeled", "shards")
 SPLITS = ("train", "validation", "test", "unlabeled")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .webp .tif .tiff "
-    ".ppm .pgm .pbm .pnm .tga .ico .avif .qoi".split()
-)
+IMAGE_ENDINGS = tuple((".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .webp .tif .tiff "
+                       ".ppm .pgm .pbm .pnm .tga .ico .avif .qoi").split())  # the commonest first, for messages
+IMAGE_EXTENSIONS = frozenset(IMAGE_ENDINGS)
 
 
 class ImageFile(NamedTuple):  # a tuple: made once per file on every run, so it must be cheap
@@ -155,10 +154,22 @@ def scan_folder(data_dir, layout: str = "auto", validation_percent: float = 20.0
             )
     if not scan.images and not scan.shards and not scan.failures:
         raise UsageError(
-            f"Found no images in {location.url!r} (layout {layout!r}); expected image files (.jpg, .png, ...) "
-            f"in the layout README describes, or shards (.tar, .parquet)."
+            f"Found no images in {location.url!r} (layout {layout!r}){_skipped_note(scan.skipped)}; expected image "
+            f"files ({image_extensions()}, in any case) in the layout README describes, or shards (.tar, .parquet)."
         )
     return scan
+
+
+def image_extensions() -> str:
+    """The file name endings read as images, in words for a message: ".jpg, .jpeg ... or .qoi"."""
+    return f"{', '.join(IMAGE_ENDINGS[:-1])} or {IMAGE_ENDINGS[-1]}"
+
+
+def _skipped_note(skipped: list[str]) -> str:
+    """What the folder held instead of images, for the empty-folder message ("" when nothing)."""
+    if not skipped:
+        return ""
+    return f"; it holds {len(skipped)} other file{'s' if len(skipped) > 1 else ''} (such as {skipped[0]!r})"
 
 
 def _refuse_shards_read_as_files(entries: list[tuple[str, int, int, str | None]], layout: str, url: str) -> None:
