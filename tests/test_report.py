@@ -158,8 +158,8 @@ def test_the_report_renders_in_a_browser(tmp_path, augmented):
 MEASURE = """<script>
 var found = {};
 for (const id of ["random-weights", "leaderboard", "mistakes", "map", "map-image", "heads"]) {
-  const box = document.getElementById(id).getBoundingClientRect();
-  found[id] = [box.top + scrollY, box.bottom + scrollY];
+  const box = document.getElementById(id)?.getBoundingClientRect();
+  found[id] = box ? [box.top + scrollY, box.bottom + scrollY] : null;
 }
 const root = document.documentElement;
 found.page = {height: root.scrollHeight, width: root.scrollWidth, window: [innerWidth, innerHeight]};
@@ -200,6 +200,7 @@ def test_the_report_reads_at_a_glance(tmp_path_factory, width, height):
     assert all(len(made.mistakes(24)) == 24 for made in training.best.predictions.values())
     found, pixels = measure(tmp_path / "run" / "report.html", tmp_path, width, height)
     order = ["random-weights", "leaderboard", "mistakes", "map", "map-image", "heads"]
+    assert all(found[name] for name in order), found
     assert [found[name][0] for name in order] == sorted(found[name][0] for name in order)
     assert found["map-image"][1] <= 2 * height, found
     assert found["page"]["height"] <= 4 * height, found  # eight folded heads below the map
