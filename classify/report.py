@@ -54,7 +54,7 @@ PAGE = string.Template("""<!DOCTYPE html>
 <title>$title</title>
 <style>
 body { font: 15px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; margin: 0 0 .4em; overflow-wrap: anywhere; } h2 { margin-top: 1.5em; border-bottom: 1px solid #ddd; } h3 { margin: 1em 0 .3em; }
+h1 { font-size: 1.5em; margin: 0 0 .4em; overflow-wrap: anywhere; } h2 { margin-top: 1.2em; border-bottom: 1px solid #ddd; } h3 { margin: 1em 0 .3em; }
 p { margin: .4em 0; } code { overflow-wrap: anywhere; }
 table { border-collapse: collapse; } th, td { padding: .2em .8em; text-align: right; border-bottom: 1px solid #eee; }
 th:first-child, td:first-child { text-align: left; } tr.best { background: #eef6ee; font-weight: 600; }
@@ -225,7 +225,7 @@ def _map(splits, best, seed: int) -> str:
     plt = pyplot()
     from matplotlib.colors import to_hex
 
-    figure, axes = plt.subplots(figsize=(MAP_WIDTH / 100, 0.75 * MAP_WIDTH / 100))
+    figure, axes = plt.subplots(figsize=(MAP_WIDTH / 100, 0.7 * MAP_WIDTH / 100))
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
     legend = []
     for rank, position in enumerate(natural_order(classes)):
@@ -255,10 +255,12 @@ def _map(splits, best, seed: int) -> str:
 
 
 def _head(result, row: dict, folder: Path, training) -> str:
-    """One head folded: its name and validation accuracy shown, its pictures inside."""
+    """One head folded: its name and validation accuracy shown, its pictures inside. The
+    leaderboard's link points inside the fold, not at it: a browser opens a <details> to
+    show the target of a link, not to show the <details> itself."""
     accuracy = row.get("validation_accuracy")
     summary = f"<b>{escape(result.head)}</b>" + ("" if accuracy is None else f": validation accuracy {accuracy:.4f}")
-    parts = [f'<details class="head" id="head-{escape(result.head)}"><summary>{summary}</summary>']
+    parts = [f'<details class="head"><summary>{summary}</summary><div id="head-{escape(result.head)}">']
     for split in result.scores:
         parts.append(_picture(folder / f"confusion_{split}.png", f"confusion matrix of {result.head} on {split}"))
     curve = folder / "learning_curve.png"
@@ -266,7 +268,7 @@ def _head(result, row: dict, folder: Path, training) -> str:
         note = (" Training accuracy is measured on the augmented views it trained on (one per image each epoch), "
                 "validation accuracy on the images." if training.training_views else "")
         parts.append(_picture(curve, f"learning curve of {result.head}") + f'<p class="note">Learning curve.{note}</p>')
-    return "\n".join(parts) + "</details>"
+    return "\n".join(parts) + "</div></details>"
 
 
 def _picture(path: Path, alt: str) -> str:
