@@ -15,6 +15,11 @@ Which snippets, by the fence's info string:
   MIN_COMMANDS commands run, or more than MAX_NOT_RUN are marked.
 - Any other fence (a bare one, bash, console, ...) fails the test: pick one of the above.
 
+Which configuration: after a page's snippets ran, the README's cache, `cache/features.h5`, holds
+exactly the configurations the page means to make: the one the folder starts with, unless the
+page says otherwise with `<!-- configurations: N (which) -->` (a snippet that drops an option, such as
+`pooling="avg"`, adds a configuration silently and the next snippet trains on that one).
+
 How: a python snippet, and a sh line that is one plain call of extract-features, train-head,
 score-images or check-data (no variable, pipe, redirection, glob or ~ for bash to expand), runs as a process of
 its own forked from a warm interpreter (tests/helpers.py: the same entry point the installed
@@ -60,6 +65,7 @@ import pytest
 
 import helpers
 from conftest import make_image
+from extract import describe, list_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -67,6 +73,7 @@ RUN = ("python", "sh")
 NOT_CODE = ("text",)
 NOT_RUN = re.compile(r"^<!--\s*not run:\s*(?P<reason>.*?)\s*-->\s*$")
 EXPECTED_EXIT = re.compile(r"#\s*exit (\d+)\b")
+CONFIGURATIONS = re.compile(r"^<!--\s*configurations:\s*(\d+)\b.*-->\s*$", re.M)
 TEST_INPUT_SIZE = 32
 DOWNLOADED = "Downloads/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 TIMEOUT = 300  # seconds, per command
@@ -170,6 +177,13 @@ def shell_commands(code: str) -> list[tuple[int, str]]:
         if command and not command.startswith("#"):
             commands.append((first, command))
     return commands
+
+
+def configurations_meant(page: Path) -> int:
+    """How many configurations the page means cache/features.h5 to hold once it ran: 1, or
+    what its `<!-- configurations: N -->` says."""
+    said = CONFIGURATIONS.findall(page.read_text(encoding="utf-8"))
+    return int(said[0]) if said else 1
 
 
 def expected_status(command: str) -> int:
@@ -300,6 +314,12 @@ def test_snippets_run_as_written(page, prepared, weights_file, tmp_path):
                 f"--- as run:\n{as_run}\n--- output:\n{tail(done.stdout + done.stderr)}")
             if expected:  # an error's point is its one line
                 assert done.stderr.strip(), f"{snippet.where}: `{command}` failed without saying why"
+
+    made = [describe(facts) for facts in list_configs(folder / "cache" / "features.h5")]
+    assert len(made) == configurations_meant(page), (
+        f"{page.relative_to(ROOT)}: after its snippets, cache/features.h5 holds {len(made)} configurations "
+        f"({'; '.join(made)}); the page means {configurations_meant(page)}. Give each snippet the options of the "
+        "configuration it means, or say <!-- configurations: N --> on the page.")
 
 
 def test_not_run_snippets_are_few_and_explained():

@@ -3,7 +3,9 @@ files and, where Chromium is installed, in a real browser."""
 
 import base64
 import csv
+import html
 import io
+import json
 import re
 
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image
 
 from classify import train_head
 from classify.evaluation import natural_order
+from classify.report import path_html
 from conftest import write_synthetic_cache
 from helpers import render
 
@@ -25,6 +28,10 @@ def data_urls(page: str, kind: str) -> list[bytes]:
 def test_natural_order_puts_2_before_10():
     names = ["10", "2", "img10", "img9", "B", "a", "1"]
     assert [names[i] for i in natural_order(names)] == ["1", "2", "10", "a", "B", "img9", "img10"]
+
+
+def test_captions_wrap_after_a_separator_not_inside_a_name():
+    assert path_html("validation/<b>/0 1.png") == "validation/<wbr>&lt;b&gt;/<wbr>0 1.png"
 
 
 def test_predictions_csv_holds_every_scored_image(tmp_path):
@@ -75,7 +82,11 @@ def test_the_report_shows_each_head_its_mistakes_and_a_map(tmp_path):
         assert Image.open(io.BytesIO(picture)).size[0] > 200
     # the synthetic cache has no image files: each mistake says so instead of a thumbnail
     assert page.count('class="missing"') == page.count('<figure class="mistake">') > 0
-    assert "http://" not in page and "https://" not in page  # nothing to fetch
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # nothing to fetch or run
+    assert 'id="random-weights"' in page  # the synthetic cache says weights "random": the page says so first
+    assert page.index('id="random-weights"') < page.index('id="leaderboard"') < page.index('id="mistakes"') \
+        < page.index('id="map"') < page.index('id="heads"')
+    assert page.count('<details class="head"><summary>') == len(training.results)  # folded
 
 
 def test_every_heads_mistakes_on_request(tmp_path):
@@ -112,6 +123,8 @@ def test_thumbnails_show_the_images_and_a_gone_file_says_so(tmp_path, weights_fi
     assert len(thumbnails) == len(wrong)
     assert all(Image.open(io.BytesIO(thumbnail)).size == (112, 112) for thumbnail in thumbnails)
     assert str(made.paths[wrong[0]]) in page
+    assert path_html(made.paths[wrong[0]]) in page and "/<wbr>" in path_html(made.paths[wrong[0]])
+    assert "random-weights" not in page  # a weights file: no warning
 
     (data / made.paths[wrong[0]]).unlink()
     train_head(tmp_path / "c.h5", "logreg", out=tmp_path / "again")
@@ -140,6 +153,59 @@ def test_the_report_renders_in_a_browser(tmp_path, augmented):
         assert f'id="head-{result.head}"' in dom
     assert dom.count('<figure class="mistake">') >= 1 and dom.count("data:image/jpeg;base64,") >= 1
     assert 'id="map-image"' in dom
+
+
+MEASURE = """<script>
+var found = {};
+for (const id of ["random-weights", "leaderboard", "mistakes", "map", "map-image", "heads"]) {
+  const box = document.getElementById(id)?.getBoundingClientRect();
+  found[id] = box ? [box.top + scrollY, box.bottom + scrollY] : null;
+}
+const root = document.documentElement;
+found.page = {height: root.scrollHeight, width: root.scrollWidth, window: [innerWidth, innerHeight]};
+found.wider = [...document.body.querySelectorAll("*")].filter(e => e.getBoundingClientRect().right > innerWidth + 0.5
+  && !e.closest(".scroll, .strip")).map(e => e.tagName + "." + e.className);
+parent.document.getElementById("measured").textContent = JSON.stringify(found);
+</script>"""
+SMALLEST_WINDOW = 500  # Chromium's narrowest window, in CSS pixels
+
+
+def measure(page, scratch, width: int, height: int) -> tuple[dict, np.ndarray]:
+    """Where the report's parts lie in a viewport of `width` x `height` CSS pixels, and its
+    screenshot. The page is shown in an iframe of that size (a phone's width is narrower
+    than Chromium's narrowest window), as a copy with a script added at its end that writes
+    the positions into the outer page's DOM (the report itself holds no script)."""
+    measured = page.read_text().replace("</body>", MEASURE + "</body>")
+    outer = scratch / f"measured-{width}.html"
+    outer.write_text(f'<!DOCTYPE html><html><body style="margin:0"><iframe width="{width}" height="{height}" '
+                     f'style="border:0; display:block" srcdoc="{html.escape(measured, quote=True)}"></iframe>'
+                     '<pre id="measured"></pre></body></html>')
+    pixels, dom = render(outer, scratch, max(width, SMALLEST_WINDOW), height + 100)
+    found = json.loads(html.unescape(re.search(r'<pre id="measured">(.*?)</pre>', dom, re.S).group(1)))
+    assert found["page"]["window"] == [width, height]
+    return found, pixels[:height, :width]
+
+
+@pytest.mark.parametrize("width, height", [(1400, 900), (400, 800)], ids=["desktop", "phone"])
+def test_the_report_reads_at_a_glance(tmp_path_factory, width, height):
+    """Issue 33: the page was 12,500 px tall, its leaderboard overflowed a phone's width. The
+    warning, the leaderboard, the best head's mistakes (24 on each of two splits here, the
+    most a page shows) and the whole map lie within the first two screens; the heads'
+    matrices are folded below; nothing but the boxes that scroll sideways is wider than the
+    window."""
+    tmp_path = tmp_path_factory.mktemp(f"glance{width}")
+    splits = {split: (tuple("0123456789"), count) for split, count in (("train", 40), ("validation", 20), ("test", 20))}
+    cache = write_synthetic_cache(tmp_path / "c.h5", splits, spread=12.0)
+    training = train_head(cache, "all", out=tmp_path / "run")
+    assert all(len(made.mistakes(24)) == 24 for made in training.best.predictions.values())
+    found, pixels = measure(tmp_path / "run" / "report.html", tmp_path, width, height)
+    order = ["random-weights", "leaderboard", "mistakes", "map", "map-image", "heads"]
+    assert all(found[name] for name in order), found
+    assert [found[name][0] for name in order] == sorted(found[name][0] for name in order)
+    assert found["map-image"][1] <= 2 * height, found
+    assert found["page"]["height"] <= 4 * height, found  # eight folded heads below the map
+    assert found["page"]["width"] == width and found["wider"] == [], found
+    assert pixels.std() > 20  # drawn, not blank
 
 
 def test_a_report_that_cannot_be_written_warns_and_keeps_the_heads(tmp_path, monkeypatch):
