@@ -20,9 +20,10 @@ from PIL import Image
 
 from classify import train_head
 from demo.make_data import main as make_data
-from demo.run import CACHE, DATA, OPTIONS
+from demo.run import CACHE, DATA, INPUT_SIZE, POOLING
 from extract import WeightsUnavailableError, extract_features
 
+OPTIONS = dict(input_size=INPUT_SIZE, pooling=POOLING)  # make demo's
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 WIDTH, HEIGHT = 1280, 2000  # the window, in CSS pixels: the warning, the leaderboard, the mistakes and the map
 SHOWN_WIDTH = 960  # the picture's width in the README

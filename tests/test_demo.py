@@ -84,3 +84,16 @@ def test_the_random_weights_note_keeps_the_url_whole(monkeypatch):
     url = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     note = random_weights_note(f"cannot download {url}: no network.")
     assert any(url in line for line in note.splitlines())
+
+
+def test_the_report_picture_script_follows_the_demo():
+    """demo/report_png.py (docs/report.png) takes the demo's data, cache and options from
+    demo/run.py: it must still import when the demo changes (it once asked for a name the
+    demo no longer had)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import demo.report_png as r; print(r.OPTIONS, r.CACHE)"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'input_size': 64" in done.stdout and "cache/demo.h5" in done.stdout
