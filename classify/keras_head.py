@@ -381,8 +381,8 @@ def _epoch_bar(keras, epochs: int, name: str | None):
     class EpochBar(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.bar = tqdm(total=epochs, unit="epoch", desc=name, leave=False,
-                            disable=None if name is not None else True)
+            self.bar = tqdm(total=epochs, unit="epoch", desc=name, leave=False, mininterval=0, miniters=1,
+                            disable=None if name is not None else True)  # every epoch drawn, however fast
 
         def on_epoch_end(self, epoch, logs=None):
             self.bar.set_postfix_str(epoch_note(logs or {}), refresh=False)
