@@ -31,7 +31,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-core
 	touch $@
 
 # Two workers, a test file each at a time (module fixtures, a Ray cluster, built once per file):
-# 9 min on two cores (docs/testing.md).
+# 10-12 min on two cores (docs/testing.md).
 test: install
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
