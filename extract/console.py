@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import unicodedata
 from typing import Callable
 
@@ -82,14 +81,10 @@ def run(main: Callable[[], int], prog: str) -> int:
     """A command's console-script entry point, up to its exit: returns the status of
     `main()`, except that SIGTERM (a batch scheduler's stop) is Ctrl-C, Ctrl-C that `main`
     does not handle is one line and 130, and a reader of stdout that went away ends
-    quietly with 0. TensorFlow's start-up and retracing notes are kept off stderr.
-    Ctrl-C that a library turned into an error of its own (TensorFlow, caught in the middle
-    of `model.fit`, raised a TypeError) is still an interruption: one line and 130."""
+    quietly with 0. TensorFlow's start-up and retracing notes are kept off stderr."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    _INTERRUPTED.clear()
     signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     try:
         status = main()
         if sys.stdout is not None:
@@ -100,17 +95,9 @@ def run(main: Callable[[], int], prog: str) -> int:
         return DONE
     except KeyboardInterrupt:
         return interrupted(prog)
-    except Exception:
-        if _INTERRUPTED.is_set():
-            return interrupted(prog)
-        raise
-
-
-_INTERRUPTED = threading.Event()  # a SIGINT or SIGTERM arrived during this command
 
 
 def _interrupt(signum, frame):
-    _INTERRUPTED.set()
     raise KeyboardInterrupt
 
 

@@ -152,31 +152,3 @@ def test_printable_escapes_what_a_terminal_would_act_on(text, shown):
 
 def test_printable_keeps_what_it_is_told_to():
     assert printable("one\ntwo\x1b", keep="\n") == "one\ntwo\\x1b"
-
-
-def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_130(capsys):
-    """TensorFlow caught a Ctrl-C in the middle of `model.fit` and raised a TypeError ("Failed
-    to convert elements of (None,) to Tensor"): train-head printed a traceback, once in a
-    loaded suite. An error after a SIGINT is the interruption it came from: one line, 130."""
-    from extract import console
-
-    def main():
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the handler raises here
-        except KeyboardInterrupt:
-            raise TypeError("Failed to convert elements of (None,) to Tensor.") from None
-        return 0
-
-    def fails():
-        raise TypeError("a real bug")
-
-    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        assert console.run(main, "train-head") == 130
-        assert capsys.readouterr().err == "train-head: interrupted.\n"
-        with pytest.raises(TypeError, match="a real bug"):  # without a Ctrl-C, an error stays an error
-            console.run(fails, "train-head")
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
